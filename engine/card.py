@@ -1,0 +1,980 @@
+"""The `.lora.arrow` card: an Arrow IPC file holding one LoRA adapter.
+
+Theory of operation
+-------------------
+A card is an uncompressed Arrow IPC *file* with one row per adapted module and
+these columns (see docs/format.md for the byte-exact definition):
+
+    module: utf8, rank: int32, alpha: float64, in_features: int64,
+    out_features: int64, lora_a: list<T>, lora_b: list<T>
+
+where T is float32, float16 or uint16 (the raw words of bfloat16; the header
+records the dtype). The header is canonical JSON in the schema metadata under
+the key ``loraflight``.
+
+``LoRACard.open`` maps the file and checks structure only (schema, offsets,
+every shape against its buffer, header limits); tensors come out as numpy
+views into the mapping. ``verify`` checks values (finite), the digest, and a
+signature when asked. Nothing here imports torch; ``torch_tensors`` imports it
+lazily.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime as _dt
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import CardError, TrustError
+
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+METADATA_KEY = b"loraflight"
+CARD_SUFFIX = ".lora.arrow"
+
+# Limits: a reader never trusts a count it has not checked against these.
+MAX_HEADER_BYTES = 1 << 20  # 1 MiB of header JSON
+MAX_ROWS = 100_000
+MAX_RANK = 4096
+MAX_FEATURES = 1 << 20
+MAX_NAME_LEN = 128
+MAX_MODULE_LEN = 512
+MAX_TAGS = 64
+MAX_TAG_LEN = 64
+MAX_DESCRIPTION = 64 * 1024
+MAX_LINEAGE = 64
+BATCH_TARGET_BYTES = 4 << 20  # 4 MiB record batches: Flight's sweet spot here
+
+SCALINGS = ("standard", "rslora")  # alpha/r and alpha/sqrt(r)
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),  # raw 16-bit words; torch views them as bfloat16
+}
+_ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MODULE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_DOMAIN = b"loraflight-card-v1\x00"
+_SIGN_DOMAIN = b"loraflight-sig-v1\x00"
+_UNSIGNED_KEYS = ("digest", "signature", "signer", "signer_key")
+
+
+def card_schema(dtype: str, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
+    """The Arrow schema of a card of `dtype` (metadata optional)."""
+    value = _ARROW_VALUE[dtype]
+    fields = [
+        pa.field("module", pa.utf8(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("alpha", pa.float64(), nullable=False),
+        pa.field("in_features", pa.int64(), nullable=False),
+        pa.field("out_features", pa.int64(), nullable=False),
+        pa.field("lora_a", pa.list_(pa.field("item", value, nullable=False)), nullable=False),
+        pa.field("lora_b", pa.list_(pa.field("item", value, nullable=False)), nullable=False),
+    ]
+    return pa.schema(fields, metadata=dict(metadata) if metadata else None)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def check_name(name: object, what: str = "card name") -> str:
+    """Return `name` if it is a safe card name, else raise CardError saying why."""
+    if not isinstance(name, str) or not name:
+        raise CardError(f"{what} must be a non-empty string, got {name!r}")
+    if len(name) > MAX_NAME_LEN:
+        raise CardError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME_LEN}")
+    if not name.isprintable() or not name.isascii():
+        raise CardError(
+            f"{what} {name!r} has non-printable or non-ASCII characters; use letters, digits, '.', '_', '-'"
+        )
+    if not _NAME_RE.match(name) or ".." in name:
+        raise CardError(
+            f"{what} {name!r} could escape a directory or is not allowed: use letters, digits, '.', '_', '-', "
+            "starting with a letter or digit, and no '..'"
+        )
+    return name
+
+
+def check_module_name(module: object) -> str:
+    if not isinstance(module, str) or not module:
+        raise CardError(f"module name must be a non-empty string, got {module!r}")
+    if len(module) > MAX_MODULE_LEN:
+        raise CardError(f"module name of {len(module)} characters exceeds the limit of {MAX_MODULE_LEN}")
+    if not module.isascii() or not module.isprintable() or not _MODULE_RE.match(module):
+        raise CardError(f"module name {module!r} is not a module path (letters, digits, '_', '.', '-')")
+    return module
+
+
+def check_digest(digest: object) -> str:
+    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        raise CardError(f"digest {digest!r} is not 64 lowercase hex characters")
+    return digest
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def base_fingerprint(shapes: Iterable[tuple[str, int, int]]) -> str:
+    """Hash of the targeted modules' names and shapes: (module, in_features, out_features).
+
+    Order does not matter; see docs/format.md for the exact encoding.
+    """
+    h = hashlib.sha256(b"loraflight-base-v1\x00")
+    for module, fin, fout in sorted((m, int(i), int(o)) for m, i, o in shapes):
+        h.update(f"{module}\x00{fin}\x00{fout}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- header
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class CardHeader:
+    """The card's header (schema metadata). `extra` keeps keys a newer minor version added."""
+
+    name: str
+    version: int
+    dtype: str
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    base_model: str | None = None
+    base_fingerprint: str | None = None
+    scaling: str = "standard"
+    author: str = ""
+    created: str = ""
+    lineage: tuple[str, ...] = ()
+    peft: Mapping[str, Any] | None = None  # PEFT config fields kept for an exact export
+    format: str = FORMAT_VERSION
+    digest: str = ""
+    signature: str | None = None
+    signer: str | None = None
+    signer_key: str | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    # -- (de)serialisation
+    def signed_part(self) -> dict[str, Any]:
+        """The header as hashed by the digest: everything but digest and signature fields."""
+        d: dict[str, Any] = dict(self.extra)
+        d.update(
+            format=self.format,
+            name=self.name,
+            version=self.version,
+            dtype=self.dtype,
+            description=self.description,
+            tags=list(self.tags),
+            base_model=self.base_model,
+            base_fingerprint=self.base_fingerprint,
+            scaling=self.scaling,
+            author=self.author,
+            created=self.created,
+            lineage=list(self.lineage),
+        )
+        if self.peft is not None:
+            d["peft"] = _plain(self.peft)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.signed_part()
+        d["digest"] = self.digest
+        if self.signature is not None:
+            d.update(signature=self.signature, signer=self.signer, signer_key=self.signer_key)
+        return d
+
+    def to_json(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> CardHeader:
+        """Validate a header dict; every problem is reported together."""
+        if not isinstance(raw, Mapping):
+            raise CardError("card header is not a JSON object")
+        problems: list[str] = []
+        fmt = raw.get("format")
+        if not isinstance(fmt, str) or not re.match(r"^\d+\.\d+$", fmt):
+            raise CardError(f"card header has no valid format version (got {fmt!r}); expected 'major.minor'")
+        major = int(fmt.split(".")[0])
+        if major != FORMAT_MAJOR:
+            raise CardError(
+                f"card format {fmt} has major version {major}; this loraflight reads major {FORMAT_MAJOR}: "
+                "upgrade loraflight to read it"
+            )
+
+        def want(key: str, typ: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+            if key not in raw:
+                if required:
+                    problems.append(f"header field {key!r} is missing")
+                return default
+            v = raw[key]
+            if v is None and not required:
+                return default
+            if (typ is int and isinstance(v, bool)) or not isinstance(v, typ):
+                problems.append(
+                    f"header field {key!r} has type {type(v).__name__}, expected {_typename(typ)}"
+                )
+                return default
+            return v
+
+        name = want("name", str, "", required=True)
+        version = want("version", int, 0, required=True)
+        dtype = want("dtype", str, "", required=True)
+        description = want("description", str, "")
+        tags = want("tags", list, [])
+        base_model = want("base_model", str)
+        fingerprint = want("base_fingerprint", str)
+        scaling = want("scaling", str, "standard")
+        author = want("author", str, "")
+        created = want("created", str, "")
+        lineage = want("lineage", list, [])
+        peft = want("peft", dict)
+        digest = want("digest", str, "")
+        signature = want("signature", str)
+        signer = want("signer", str)
+        signer_key = want("signer_key", str)
+
+        if name:
+            try:
+                check_name(name)
+            except CardError as e:
+                problems.append(str(e))
+        if isinstance(version, int) and not isinstance(version, bool) and not 1 <= version < 2**53:
+            problems.append(f"version must be a positive integer, got {version}")
+        if dtype and dtype not in DTYPES:
+            problems.append(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if len(description) > MAX_DESCRIPTION:
+            problems.append(f"description is {len(description)} characters; the limit is {MAX_DESCRIPTION}")
+        if len(tags) > MAX_TAGS or not all(
+            isinstance(t, str) and 0 < len(t) <= MAX_TAG_LEN and t.isprintable() for t in tags
+        ):
+            problems.append(
+                f"tags must be at most {MAX_TAGS} printable strings of 1..{MAX_TAG_LEN} characters"
+            )
+        if scaling not in SCALINGS:
+            problems.append(f"scaling {scaling!r} is not one of {', '.join(SCALINGS)}")
+        if len(lineage) > MAX_LINEAGE or not all(isinstance(x, str) and _DIGEST_RE.match(x) for x in lineage):
+            problems.append(f"lineage must be at most {MAX_LINEAGE} digests (64 lowercase hex characters)")
+        if fingerprint is not None and not _DIGEST_RE.match(fingerprint):
+            problems.append("base_fingerprint must be 64 lowercase hex characters")
+        if digest and not _DIGEST_RE.match(digest):
+            problems.append("digest must be 64 lowercase hex characters")
+        for key, v in (("base_model", base_model), ("author", author), ("created", created)):
+            if v is not None and (len(v) > 1024 or not v.isprintable()):
+                problems.append(f"header field {key!r} must be printable and at most 1024 characters")
+        if (signature is None) != (signer_key is None):
+            problems.append("signature and signer_key must both be present or both absent")
+        if problems:
+            raise CardError("invalid card header: " + "; ".join(problems))
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = {k: v for k, v in raw.items() if k not in known}
+        return cls(
+            name=name,
+            version=version,
+            dtype=dtype,
+            description=description,
+            tags=tuple(tags),
+            base_model=base_model,
+            base_fingerprint=fingerprint,
+            scaling=scaling,
+            author=author,
+            created=created,
+            lineage=tuple(lineage),
+            peft=peft,
+            format=fmt,
+            digest=digest,
+            signature=signature,
+            signer=signer,
+            signer_key=signer_key,
+            extra=extra,
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CardHeader:
+        if len(data) > MAX_HEADER_BYTES:
+            raise CardError(
+                f"card header is {len(data)} bytes; the limit is {MAX_HEADER_BYTES} (metadata too large)"
+            )
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CardError(f"card header is not valid UTF-8 JSON: {e}") from None
+        return cls.from_dict(raw)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def unsigned(self) -> CardHeader:
+        return dataclasses.replace(self, signature=None, signer=None, signer_key=None)
+
+
+def _typename(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(x.__name__ for x in t)
+    return t.__name__
+
+
+def _plain(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, so a header compares equal after reading."""
+    return json.loads(canonical_json(obj))
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys, no spaces, UTF-8, no NaN (docs/format.md)."""
+    try:
+        return json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+    except (TypeError, ValueError) as e:
+        raise CardError(f"header cannot be encoded as canonical JSON: {e}") from None
+
+
+# --------------------------------------------------------------------------- module rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleLoRA:
+    """One adapted Linear: A (rank, in_features) and B (out_features, rank) as numpy arrays.
+
+    For bfloat16 cards the arrays hold the raw 16-bit words (dtype uint16).
+    Arrays of an opened card are read-only views into the mapped file.
+    """
+
+    module: str
+    rank: int
+    alpha: float
+    a: np.ndarray
+    b: np.ndarray
+
+    @property
+    def in_features(self) -> int:
+        return int(self.a.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.b.shape[0])
+
+    def scale(self, scaling: str) -> float:
+        return self.alpha / math.sqrt(self.rank) if scaling == "rslora" else self.alpha / self.rank
+
+
+# --------------------------------------------------------------------------- digest
+
+
+class CardDigest:
+    """Incremental canonical digest: header first, then record batches in order.
+
+    Lets a receiver hash a card while it arrives (docs/format.md, "Digest").
+    """
+
+    def __init__(self, header: CardHeader, num_rows: int) -> None:
+        self._h = hashlib.sha256(_DIGEST_DOMAIN)
+        head = canonical_json(header.signed_part())
+        self._h.update(struct.pack("<Q", len(head)))
+        self._h.update(head)
+        self._h.update(struct.pack("<Q", num_rows))
+        self._dtype = header.dtype.encode()
+
+    def update_row(self, module: str, rank: int, alpha: float, fin: int, fout: int, a: Any, b: Any) -> None:
+        h = self._h
+        name = module.encode()
+        h.update(struct.pack("<I", len(name)))
+        h.update(name)
+        h.update(struct.pack("<IdQQ", rank, alpha, fin, fout))
+        h.update(struct.pack("<B", len(self._dtype)))
+        h.update(self._dtype)
+        for t in (a, b):
+            mv = memoryview(t).cast("B")
+            h.update(struct.pack("<Q", mv.nbytes))
+            h.update(mv)
+
+    def update_batch(self, batch: pa.RecordBatch) -> None:
+        for m in _batch_rows(batch, self._dtype.decode()):
+            self.update_row(m.module, m.rank, m.alpha, m.in_features, m.out_features, _c(m.a), _c(m.b))
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _c(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def compute_digest(header: CardHeader, modules: Sequence[ModuleLoRA]) -> str:
+    d = CardDigest(header, len(modules))
+    for m in modules:
+        d.update_row(m.module, m.rank, m.alpha, m.in_features, m.out_features, _c(m.a), _c(m.b))
+    return d.hexdigest()
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _np_view(buf: pa.Buffer | None, dtype: np.dtype[Any], start: int, count: int, what: str) -> np.ndarray:
+    if buf is None:
+        if count == 0:
+            return np.empty(0, dtype)
+        raise CardError(f"{what}: data buffer is missing")
+    need = (start + count) * dtype.itemsize
+    if start < 0 or count < 0 or need > buf.size:
+        raise CardError(f"{what}: offsets point past the data buffer ({need} > {buf.size} bytes)")
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=start * dtype.itemsize)
+
+
+def _offsets(arr: pa.ListArray, what: str) -> np.ndarray:
+    buf = arr.buffers()[1]
+    n = len(arr)
+    if buf is None or buf.size < (arr.offset + n + 1) * 4:
+        raise CardError(f"{what}: offsets buffer is missing or shorter than the row count")
+    off = np.frombuffer(buf, dtype="<i4", count=n + 1, offset=arr.offset * 4)
+    if n and (off[0] < 0 or np.any(np.diff(off) < 0)):
+        raise CardError(f"{what}: offsets are negative or not increasing")
+    return off
+
+
+def _batch_rows(batch: pa.RecordBatch, dtype: str) -> list[ModuleLoRA]:
+    """Structural checks of one batch and zero-copy numpy views of its rows."""
+    n = batch.num_rows
+    cols = batch.columns
+    for i, c in enumerate(cols):
+        if c.null_count:
+            raise CardError(f"column {batch.schema.field(i).name!r} has nulls; a card has none")
+    modules = cols[0].to_pylist()
+    ranks = np.asarray(cols[1].to_numpy(zero_copy_only=False), dtype=np.int64)
+    alphas = np.asarray(cols[2].to_numpy(zero_copy_only=False), dtype=np.float64)
+    fins = np.asarray(cols[3].to_numpy(zero_copy_only=False), dtype=np.int64)
+    fouts = np.asarray(cols[4].to_numpy(zero_copy_only=False), dtype=np.int64)
+    bad = np.flatnonzero((ranks < 1) | (ranks > MAX_RANK))
+    if bad.size:
+        i = int(bad[0])
+        raise CardError(
+            f"module {modules[i]!r}: rank {int(ranks[i])} is 0, negative or absurd (limit {MAX_RANK})"
+        )
+    bad = np.flatnonzero((fins < 1) | (fins > MAX_FEATURES) | (fouts < 1) | (fouts > MAX_FEATURES))
+    if bad.size:
+        i = int(bad[0])
+        raise CardError(
+            f"module {modules[i]!r}: shape in={int(fins[i])} out={int(fouts[i])} is out of range 1..{MAX_FEATURES}"
+        )
+    bad = np.flatnonzero(~np.isfinite(alphas))
+    if bad.size:
+        raise CardError(f"module {modules[int(bad[0])]!r}: alpha is not finite")
+    npdt = DTYPES[dtype]
+    rows: list[ModuleLoRA] = []
+    views = []
+    for col, (rows_of, cols_of), label in (
+        (cols[5], (ranks, fins), "lora_a"),
+        (cols[6], (fouts, ranks), "lora_b"),
+    ):
+        off = _offsets(col, label)
+        want = rows_of * cols_of
+        got = np.diff(off).astype(np.int64)
+        bad = np.flatnonzero(got != want)
+        if bad.size:
+            i = int(bad[0])
+            raise CardError(
+                f"module {modules[i]!r}: {label} holds {int(got[i])} values but its shape "
+                f"({int(rows_of[i])}, {int(cols_of[i])}) needs {int(want[i])} (shape disagrees with its bytes)"
+            )
+        values = col.values
+        vbufs = values.buffers()
+        if len(vbufs) < 2:
+            raise CardError(f"{label}: value buffer is missing")
+        flat = _np_view(vbufs[1], npdt, values.offset + int(off[0]), int(off[-1] - off[0]) if n else 0, label)
+        views.append((flat, off - off[0]))
+    (fa, oa), (fb, ob) = views
+    for i in range(n):
+        module = modules[i]
+        check_module_name(module)
+        r, fi, fo = int(ranks[i]), int(fins[i]), int(fouts[i])
+        a = fa[oa[i] : oa[i + 1]].reshape(r, fi)
+        b = fb[ob[i] : ob[i + 1]].reshape(fo, r)
+        rows.append(ModuleLoRA(module, r, float(alphas[i]), a, b))
+    return rows
+
+
+def _check_schema(schema: pa.Schema) -> CardHeader:
+    meta = schema.metadata or {}
+    raw = meta.get(METADATA_KEY)
+    if raw is None:
+        raise CardError("not a loraflight card: the schema metadata has no 'loraflight' header")
+    if sum(len(k) + len(v) for k, v in meta.items()) > MAX_HEADER_BYTES + 4096:
+        raise CardError(f"schema metadata is larger than {MAX_HEADER_BYTES} bytes (metadata too large)")
+    header = CardHeader.from_json(raw)
+    expect = card_schema(header.dtype)
+    if not schema.remove_metadata().equals(expect):
+        raise CardError(
+            f"wrong schema for a {header.dtype} card: got ({_schema_str(schema)}), "
+            f"expected ({_schema_str(expect)})"
+        )
+    return header
+
+
+def _schema_str(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+# --------------------------------------------------------------------------- the card
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """What `LoRACard.verify` established."""
+
+    digest: str
+    signed: bool
+    signer: str | None
+    trusted: bool | None  # None: no trust decision was asked for
+
+    @property
+    def status(self) -> str:
+        if not self.signed:
+            return "unsigned"
+        if self.trusted is None:
+            return f"signed by {self.signer} (signature valid)"
+        return f"signed by {self.signer} ({'trusted' if self.trusted else 'NOT trusted'})"
+
+
+class LoRACard:
+    """An immutable LoRA adapter card: a header plus one row per adapted module."""
+
+    def __init__(
+        self, header: CardHeader, batches: Sequence[pa.RecordBatch], path: Path | None = None
+    ) -> None:
+        self._header = header
+        self._batches = list(batches)
+        self._path = path
+        rows: list[ModuleLoRA] = []
+        for b in self._batches:
+            rows.extend(_batch_rows(b, header.dtype))
+        if len(rows) > MAX_ROWS:
+            raise CardError(f"card has {len(rows)} modules; the limit is {MAX_ROWS}")
+        if not rows:
+            raise CardError("card has no modules")
+        seen: set[str] = set()
+        for m in rows:
+            if m.module in seen:
+                raise CardError(f"module {m.module!r} appears twice")
+            seen.add(m.module)
+        self._modules = rows
+
+    # -- construction
+    @classmethod
+    def build(
+        cls,
+        modules: Iterable[ModuleLoRA],
+        *,
+        name: str,
+        version: int = 1,
+        dtype: str | None = None,
+        description: str = "",
+        tags: Iterable[str] = (),
+        base_model: str | None = None,
+        base_fingerprint: str | None = None,
+        scaling: str = "standard",
+        author: str = "",
+        created: str | None = None,
+        lineage: Iterable[str] = (),
+        peft: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> LoRACard:
+        """Make a card in memory from numpy arrays (bfloat16 as uint16 words with dtype='bfloat16')."""
+        mods = list(modules)
+        if not mods:
+            raise CardError("a card needs at least one module")
+        if dtype is None:
+            dts = {m.a.dtype.str for m in mods} | {m.b.dtype.str for m in mods}
+            inferred = [k for k, v in DTYPES.items() if v.str in dts and k != "bfloat16"]
+            if len(dts) != 1 or len(inferred) != 1:
+                raise CardError(f"cannot infer one dtype from arrays of {sorted(dts)}; pass dtype=")
+            dtype = inferred[0]
+        if dtype not in DTYPES:
+            raise CardError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        npdt = DTYPES[dtype]
+        norm: list[ModuleLoRA] = []
+        for m in mods:
+            check_module_name(m.module)
+            a, b = np.asarray(m.a), np.asarray(m.b)
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != m.rank or b.shape[1] != m.rank:
+                raise CardError(
+                    f"module {m.module!r}: A {a.shape} and B {b.shape} do not fit rank {m.rank} "
+                    "(A must be (rank, in_features), B (out_features, rank))"
+                )
+            if a.dtype.itemsize != npdt.itemsize or b.dtype.itemsize != npdt.itemsize:
+                raise CardError(
+                    f"module {m.module!r}: arrays of {a.dtype}/{b.dtype} do not match dtype {dtype}"
+                )
+            norm.append(
+                ModuleLoRA(
+                    m.module,
+                    int(m.rank),
+                    float(m.alpha),
+                    a.astype(npdt, copy=False),
+                    b.astype(npdt, copy=False),
+                )
+            )
+        header = CardHeader.from_dict(
+            {
+                **(dict(extra) if extra else {}),
+                "format": FORMAT_VERSION,
+                "name": name,
+                "version": version,
+                "dtype": dtype,
+                "description": description,
+                "tags": list(tags),
+                "base_model": base_model,
+                "base_fingerprint": base_fingerprint,
+                "scaling": scaling,
+                "author": author,
+                "created": created if created is not None else _now(),
+                "lineage": list(lineage),
+                "peft": _plain(peft) if peft is not None else None,
+            }
+        )
+        header = dataclasses.replace(header, digest=compute_digest(header, norm))
+        return cls(header, _to_batches(norm, header))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> LoRACard:
+        """Map a card file and check its structure; no tensor byte is read or copied."""
+        p = Path(path)
+        try:
+            mm = pa.memory_map(str(p), "r")
+        except FileNotFoundError:
+            raise CardError(f"{p}: no such card file") from None
+        except (OSError, pa.ArrowException) as e:
+            raise CardError(f"{p}: cannot map the file: {e}") from None
+        try:
+            try:
+                reader = pa.ipc.open_file(mm)
+                schema = reader.schema
+            except (pa.ArrowException, OSError, ValueError) as e:
+                raise CardError(f"{p}: not an Arrow IPC file or truncated: {e}") from None
+            header = _check_schema(schema)
+            n = reader.num_record_batches
+            if n > MAX_ROWS:
+                raise CardError(f"{p}: footer lists {n} record batches; the limit is {MAX_ROWS}")
+            batches = []
+            for i in range(n):
+                try:
+                    b = reader.get_batch(i)
+                    b.validate(full=False)
+                except (pa.ArrowException, OSError, ValueError, IndexError) as e:
+                    raise CardError(f"{p}: record batch {i} is corrupt or truncated: {e}") from None
+                batches.append(b)
+            if sum(b.num_rows for b in batches) > MAX_ROWS:
+                raise CardError(f"{p}: more than {MAX_ROWS} module rows")
+            try:
+                return cls(header, batches, path=p)
+            except CardError as e:
+                raise CardError(f"{p}: {e}") from None
+        except CardError:
+            mm.close()
+            raise
+
+    @classmethod
+    def from_table(
+        cls, table: pa.Table | Sequence[pa.RecordBatch], schema: pa.Schema | None = None
+    ) -> LoRACard:
+        """Structurally check batches received from elsewhere (e.g. Flight) and wrap them."""
+        if isinstance(table, pa.Table):
+            schema = table.schema
+            batches = table.to_batches()
+        else:
+            batches = list(table)
+            if schema is None:
+                if not batches:
+                    raise CardError("no record batches and no schema")
+                schema = batches[0].schema
+        header = _check_schema(schema)
+        return cls(header, [pa.record_batch(b.columns, schema=schema) for b in batches])
+
+    # -- accessors
+    @property
+    def header(self) -> CardHeader:
+        return self._header
+
+    @property
+    def name(self) -> str:
+        return self._header.name
+
+    @property
+    def version(self) -> int:
+        return self._header.version
+
+    @property
+    def ref(self) -> str:
+        return self._header.ref
+
+    @property
+    def digest(self) -> str:
+        return self._header.digest
+
+    @property
+    def dtype(self) -> str:
+        return self._header.dtype
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def modules(self) -> list[ModuleLoRA]:
+        return list(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[ModuleLoRA]:
+        return iter(self._modules)
+
+    def __getitem__(self, module: str) -> ModuleLoRA:
+        for m in self._modules:
+            if m.module == module:
+                return m
+        raise KeyError(module)
+
+    @property
+    def batches(self) -> list[pa.RecordBatch]:
+        return list(self._batches)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return card_schema(self.dtype, {METADATA_KEY: self._header.to_json()})
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_batches(self._batches, schema=self.schema)
+
+    @property
+    def tensor_nbytes(self) -> int:
+        return sum(m.a.nbytes + m.b.nbytes for m in self._modules)
+
+    @property
+    def shapes(self) -> list[tuple[str, int, int]]:
+        """(module, in_features, out_features) per row: what the base fingerprint hashes."""
+        return [(m.module, m.in_features, m.out_features) for m in self._modules]
+
+    def __repr__(self) -> str:
+        return f"LoRACard({self.ref}, {len(self)} modules, {self.dtype}, digest={self.digest[:12]})"
+
+    # -- verification
+    def compute_digest(self) -> str:
+        return compute_digest(self._header, self._modules)
+
+    def check_values(self) -> None:
+        """Raise CardError naming the first module with a NaN or Inf."""
+        for m in self._modules:
+            for label, arr in (("lora_a", m.a), ("lora_b", m.b)):
+                if not _all_finite(arr, self.dtype):
+                    raise CardError(f"module {m.module!r}: {label} has NaN or Inf values")
+
+    def verify(
+        self,
+        *,
+        trusted: Iterable[str] | None = None,
+        require_signed: bool = False,
+    ) -> Verification:
+        """Check values, digest and (when present or required) the signature.
+
+        `trusted` is a set of public keys (base64 raw Ed25519) or signer ids; when given,
+        the card must be signed by one of them.
+        """
+        self.check_values()
+        digest = self.compute_digest()
+        if digest != self._header.digest:
+            raise CardError(
+                f"{self.ref}: digest mismatch: the header says {self._header.digest[:16]}… but the content "
+                f"hashes to {digest[:16]}…; the card was tampered with or corrupted"
+            )
+        signed = self._header.signature is not None
+        if signed:
+            _verify_signature(self._header)
+        elif require_signed or trusted is not None:
+            raise TrustError(f"{self.ref} is unsigned, but a signature by a trusted key is required")
+        trusted_ok: bool | None = None
+        if trusted is not None:
+            tset = set(trusted)
+            trusted_ok = self._header.signer_key in tset or self._header.signer in tset
+            if not trusted_ok:
+                raise TrustError(
+                    f"{self.ref} is signed by {self._header.signer}, which is not a trusted key; "
+                    "add its public key with 'loraflight trust add' if you trust it"
+                )
+        return Verification(digest, signed, self._header.signer, trusted_ok)
+
+    # -- signing
+    def sign(self, key: Any) -> LoRACard:
+        """A copy of this card signed with an Ed25519 private key (see `engine.keys`)."""
+        from .keys import public_key_b64, signer_id
+
+        sig = key.sign(_SIGN_DOMAIN + bytes.fromhex(self.digest))
+        pub = public_key_b64(key.public_key())
+        header = dataclasses.replace(
+            self._header,
+            signature=base64.b64encode(sig).decode(),
+            signer=signer_id(pub),
+            signer_key=pub,
+        )
+        return self._with_header(header)
+
+    def _with_header(self, header: CardHeader) -> LoRACard:
+        schema = card_schema(header.dtype, {METADATA_KEY: header.to_json()})
+        batches = [pa.record_batch(b.columns, schema=schema) for b in self._batches]
+        card = LoRACard.__new__(LoRACard)
+        card._header, card._batches, card._path, card._modules = header, batches, None, self._modules
+        return card
+
+    # -- writing
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically: temp file in the same directory, fsync, rename, fsync the directory."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=CARD_SUFFIX, dir=p.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self.write_to(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+            fsync_dir(p.parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return p
+
+    def write_to(self, f: Any) -> None:
+        """Write the IPC file bytes to a binary file object (not atomic; see `write`)."""
+        schema = self.schema
+        opts = pa.ipc.IpcWriteOptions(compression=None)
+        with pa.ipc.new_file(f, schema, options=opts) as w:
+            for b in self._batches:
+                w.write_batch(pa.record_batch(b.columns, schema=schema))
+
+    def to_bytes(self) -> bytes:
+        sink = pa.BufferOutputStream()
+        self.write_to(sink)
+        return sink.getvalue().to_pybytes()
+
+    # -- torch (lazy)
+    def torch_tensors(self, module: str | None = None) -> dict[str, tuple[Any, Any]]:
+        """{module: (A, B)} as torch tensors sharing memory with the card (read-only; do not write)."""
+        import torch
+
+        out = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for m in self._modules:
+                if module is not None and m.module != module:
+                    continue
+                a, b = torch.from_numpy(m.a), torch.from_numpy(m.b)
+                if self.dtype == "bfloat16":
+                    a, b = a.view(torch.bfloat16), b.view(torch.bfloat16)
+                out[m.module] = (a, b)
+        return out
+
+    def matches(self, pattern: str) -> bool:
+        return fnmatch.fnmatchcase(self.name, pattern)
+
+
+def _all_finite(arr: np.ndarray, dtype: str) -> bool:
+    if dtype == "bfloat16":
+        # exponent bits all ones = Inf or NaN
+        return not bool(np.any((arr & 0x7F80) == 0x7F80))
+    return bool(np.isfinite(arr).all())
+
+
+def _verify_signature(header: CardHeader) -> None:
+    from cryptography.exceptions import InvalidSignature
+
+    from .keys import load_public_b64, signer_id
+
+    assert header.signature is not None and header.signer_key is not None
+    try:
+        pub = load_public_b64(header.signer_key)
+        sig = base64.b64decode(header.signature, validate=True)
+    except (ValueError, TypeError) as e:
+        raise TrustError(f"{header.ref}: signature or signer key is malformed: {e}") from None
+    if header.signer != signer_id(header.signer_key):
+        raise TrustError(f"{header.ref}: signer id {header.signer!r} does not match the signer key")
+    try:
+        pub.verify(sig, _SIGN_DOMAIN + bytes.fromhex(header.digest))
+    except InvalidSignature:
+        raise TrustError(
+            f"{header.ref}: bad signature: it does not match the digest and signer key"
+        ) from None
+
+
+def _to_batches(mods: Sequence[ModuleLoRA], header: CardHeader) -> list[pa.RecordBatch]:
+    schema = card_schema(header.dtype, {METADATA_KEY: header.to_json()})
+    value_type = _ARROW_VALUE[header.dtype]
+    groups: list[list[ModuleLoRA]] = [[]]
+    size = 0
+    for m in mods:
+        nb = m.a.nbytes + m.b.nbytes
+        if groups[-1] and size + nb > BATCH_TARGET_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(m)
+        size += nb
+    batches = []
+    for g in groups:
+        cols: list[pa.Array] = [
+            pa.array([m.module for m in g], pa.utf8()),
+            pa.array([m.rank for m in g], pa.int32()),
+            pa.array([m.alpha for m in g], pa.float64()),
+            pa.array([m.in_features for m in g], pa.int64()),
+            pa.array([m.out_features for m in g], pa.int64()),
+        ]
+        for get in (lambda m: m.a, lambda m: m.b):
+            parts = [np.ascontiguousarray(get(m)).reshape(-1) for m in g]
+            off = np.zeros(len(g) + 1, dtype=np.int32)
+            np.cumsum([p.size for p in parts], out=off[1:])
+            if off[-1] >= 2**31 - 1:
+                raise CardError("one record batch would exceed 2^31 values; reduce module sizes")
+            flat = np.concatenate(parts) if parts else np.empty(0, DTYPES[header.dtype])
+            values = pa.array(flat.view(DTYPES[header.dtype]), type=value_type)
+            cols.append(
+                pa.ListArray.from_arrays(pa.array(off, pa.int32()), values, type=schema.field(len(cols)).type)
+            )
+        batches.append(pa.record_batch(cols, schema=schema))
+    return batches
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename in it survives a crash."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def open_card(path: str | os.PathLike[str]) -> LoRACard:
+    return LoRACard.open(path)

@@ -1,0 +1,68 @@
+"""The `loraflight` command line: one Typer app; each area registers its commands.
+
+Errors a user can cause print one line (`error: ...`) and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import typer
+
+from engine.errors import LoraflightError
+
+from ._app import app, card_app, keys_app, trust_app
+
+# Each module adds its commands to the apps in _app; imported for that side effect.
+_COMMAND_MODULES = ("card_cmds", "net_cmds", "node_cmds", "author_cmds")
+
+
+def _register() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    logging.basicConfig(
+        level=os.environ.get("LORAFLIGHT_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    _register()
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="loraflight")
+    except LoraflightError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 1
+    except typer.Exit as e:
+        return int(e.exit_code or 0)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as e:  # click usage errors arrive as ClickException
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Exit):
+            return int(e.exit_code or 0)
+        raise
+    return int(rv) if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+__all__ = ["app", "card_app", "console_main", "keys_app", "main", "trust_app"]
+
+
+def console_main() -> None:
+    sys.exit(main())
