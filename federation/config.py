@@ -1,0 +1,635 @@
+# ruff: noqa: RUF009  (`_f` wraps dataclasses.field with help metadata; it builds no shared default)
+"""The node's one configuration schema: a dataclass tree read from TOML, environment and flags.
+
+Precedence: flags > environment (``LORAFLIGHT_<SECTION>_<KEY>``) > TOML file > defaults.
+Every key has exactly one dotted path (``discovery.peers``), one environment name
+(``LORAFLIGHT_DISCOVERY_PEERS``) and one flag (``--peer``); `KEYS` lists them all, and
+`docs/operations.md` documents them. `load_config` collects *every* problem (unknown keys,
+wrong types, invalid values) and raises one `ConfigError` listing them all.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from engine.errors import ConfigError
+
+ENV_PREFIX = "LORAFLIGHT_"
+DEFAULT_PORT = 8815
+_FLEET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _f(default: Any, help: str, flag: str | None = None, env: str | None = None) -> Any:
+    """A schema field: its default, one-line help, and optional custom flag / env names."""
+    meta = {"help": help, "flag": flag, "env": env}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TLSConfig:
+    cert: str = _f("", "PEM certificate this node serves with (enables TLS: listen on grpc+tls://)")
+    key: str = _f("", "PEM private key of tls.cert")
+    ca: str = _f(
+        "", "PEM CA bundle: verifies peers' server certificates (and client certs with verify_client)"
+    )
+    client_cert: str = _f("", "PEM client certificate presented to peers (mutual TLS)")
+    client_key: str = _f("", "PEM private key of tls.client_cert")
+    verify_client: bool = _f(False, "require clients to present a certificate signed by tls.ca (mutual TLS)")
+
+
+@dataclass
+class TokensConfig:
+    write: list[str] = _f(
+        [], "bearer tokens allowed to publish/delete (writes are refused when empty)", flag="--write-token"
+    )
+    read: list[str] = _f([], "bearer tokens required to read (empty: reads are open)", flag="--read-token")
+    peer: str = _f("", "bearer token this node presents when it reads from peers", flag="--peer-token")
+
+
+@dataclass
+class TrustConfig:
+    entry: str = _f(
+        "open", "what may enter the store: 'open' (digest checked) or 'signed' (trusted signature)"
+    )
+    keys: list[str] = _f(
+        [], "trusted signing keys: base64 Ed25519 public keys or paths to .pub files", flag="--trust-key"
+    )
+    engine: str = _f("signed", "what the node hot-loads: 'signed' (by a key in engine_keys/keys) or 'any'")
+    engine_keys: list[str] = _f(
+        [], "keys trusted for hot-loading (empty: the same as trust.keys)", flag="--engine-trust-key"
+    )
+
+
+@dataclass
+class DiscoveryConfig:
+    enabled: bool = _f(True, "find peers with Zeroconf/mDNS", flag="--discovery/--no-discovery")
+    interfaces: list[str] = _f(
+        [],
+        "interface names or IPv4 addresses for mDNS (empty: every up multicast interface)",
+        flag="--interface",
+    )
+    peers: list[str] = _f(
+        [], "static peers, grpc://host:port (always used, also without mDNS)", flag="--peer"
+    )
+    dns: list[str] = _f(
+        [], "DNS names resolved to peers (A/AAAA), host:port, e.g. a headless Service", flag="--dns-peer"
+    )
+
+
+@dataclass
+class SyncConfig:
+    enabled: bool = _f(True, "pull matching cards from peers", flag="--sync/--no-sync")
+    base_models: list[str] = _f(
+        [], "only cards for these base model ids (empty: any)", flag="--sync-base-model"
+    )
+    tags: list[str] = _f([], "only cards carrying one of these tags (empty: any)", flag="--sync-tag")
+    names: list[str] = _f(
+        [], "only cards whose name matches one of these globs (empty: any)", flag="--sync-name"
+    )
+    concurrency: int = _f(4, "concurrent fetches")
+
+
+@dataclass
+class EngineConfig:
+    base_model: str = _f(
+        "", "base model to hot-load into: 'minilm', 'tiny:SEED', or a Hugging Face folder (empty: no engine)"
+    )
+    hot_load: bool = _f(
+        True, "hot-load synced cards that match the base model", flag="--hot-load/--no-hot-load"
+    )
+    device: str = _f("cpu", "torch device of the engine ('cpu', 'cuda', 'cuda:1')")
+
+
+@dataclass
+class IntervalsConfig:
+    health: float = _f(5.0, "seconds between health calls to each live peer")
+    health_timeout: float = _f(2.0, "timeout of one health call, seconds")
+    failures: int = _f(3, "consecutive failed health calls before a peer is dropped")
+    probe: float = _f(15.0, "seconds between probes of dropped peers")
+    poll: float = _f(60.0, "safety poll: seconds between full syncs when no change was announced")
+    dns: float = _f(30.0, "seconds between re-resolutions of DNS peers")
+
+
+@dataclass
+class MetricsConfig:
+    port: int = _f(-1, "Prometheus metrics HTTP port (-1: off, 0: any free port)")
+    host: str = _f("127.0.0.1", "address the metrics server binds")
+
+
+@dataclass
+class LogConfig:
+    format: str = _f("text", "log format: 'text' or 'json' (one object per line)")
+    level: str = _f("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+
+
+@dataclass
+class NodeConfig:
+    store: str = _f("~/.local/share/loraflight", "store directory (cards, index, node identity, epoch)")
+    store_max_bytes: int = _f(0, "size cap of fetched cards in bytes, LRU-evicted (0: no cap)")
+    listen: str = _f(f"grpc://0.0.0.0:{DEFAULT_PORT}", "Flight address to listen on (port 0: any free port)")
+    advertise: list[str] = _f([], "addresses peers should use (empty: derived from listen and interfaces)")
+    fleet: str = _f("default", "fleet id: nodes sync only with peers of the same fleet")
+    export_dir: str = _f("", "write every stored card as a PEFT folder here (for vLLM, LoRAX); empty: off")
+    status_file: str = _f("", "write a JSON status (peers, cards, loaded adapters) here on every change")
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def get(self, path: str) -> Any:
+        obj: Any = self
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def set(self, path: str, value: Any) -> None:
+        *head, last = path.split(".")
+        obj: Any = self
+        for part in head:
+            obj = getattr(obj, part)
+        setattr(obj, last, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The config as TOML text (round-trips through `load_config`)."""
+        lines: list[str] = []
+        tables: list[str] = []
+        for k in KEYS:
+            if "." not in k.path:
+                lines.append(f"{k.path} = {_toml_value(self.get(k.path))}")
+        for section in _SECTIONS:
+            tables.append(f"\n[{section}]")
+            for k in KEYS:
+                if k.path.startswith(section + "."):
+                    tables.append(f"{k.name} = {_toml_value(self.get(k.path))}")
+        return "\n".join(lines + tables) + "\n"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls.cert)
+
+    @property
+    def store_path(self) -> Path:
+        return Path(os.path.expanduser(self.store))
+
+
+def _toml_value(v: Any) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(json.dumps(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: where it lives and how each source names it."""
+
+    path: str  # "discovery.peers"
+    type: type  # str, int, float, bool or list
+    default: Any
+    help: str
+    env: str  # LORAFLIGHT_DISCOVERY_PEERS
+    flag: str  # "--peer" or "--discovery/--no-discovery"
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def param(self) -> str:
+        """Python identifier for the CLI parameter."""
+        return self.path.replace(".", "__")
+
+    @property
+    def flag_names(self) -> list[str]:
+        return self.flag.split("/")
+
+
+def _keys() -> tuple[tuple[Key, ...], tuple[str, ...]]:
+    keys: list[Key] = []
+    sections: list[str] = []
+    type_of = {"str": str, "int": int, "float": float, "bool": bool, "list[str]": list}
+    root = NodeConfig()
+    for f in dataclasses.fields(NodeConfig):
+        if dataclasses.is_dataclass(getattr(root, f.name)):
+            sections.append(f.name)
+            sub = getattr(root, f.name)
+            for g in dataclasses.fields(sub):
+                keys.append(
+                    _key(f"{f.name}.{g.name}", type_of[str(g.type)], getattr(sub, g.name), g.metadata)
+                )
+        else:
+            keys.append(_key(f.name, type_of[str(f.type)], getattr(root, f.name), f.metadata))
+    return tuple(keys), tuple(sections)
+
+
+def _key(path: str, typ: type, default: Any, meta: Mapping[str, Any]) -> Key:
+    env = meta.get("env") or ENV_PREFIX + path.replace(".", "_").upper()
+    flag = meta.get("flag") or "--" + path.replace(".", "-").replace("_", "-")
+    if typ is bool and "/" not in flag:
+        flag = f"{flag}/--no-{flag[2:]}"
+    return Key(path, typ, default, meta["help"], env, flag)
+
+
+KEYS, _SECTIONS = _keys()
+KEYS_BY_PATH = {k.path: k for k in KEYS}
+
+
+# ---------------------------------------------------------------- parsing each source
+
+
+def _coerce(key: Key, value: Any, source: str, problems: list[str]) -> Any:
+    """A value from TOML or flags, checked against the key's type; None after a problem."""
+    t = key.type
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+    elif t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif t is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif t is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list | tuple) and all(isinstance(x, str) for x in value):
+            return list(value)
+    elif isinstance(value, str):
+        return value
+    tname = "list of strings" if t is list else t.__name__
+    problems.append(f"{key.path}: expected {tname}, got {type(value).__name__} {value!r} (from {source})")
+    return None
+
+
+def _parse_env(key: Key, raw: str, problems: list[str]) -> Any:
+    t = key.type
+    src = f"environment {key.env}"
+    try:
+        if t is bool:
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if t is int:
+            return int(raw.strip())
+        if t is float:
+            return float(raw.strip())
+    except ValueError:
+        want = "true/false (1/0, yes/no, on/off)" if t is bool else t.__name__
+        problems.append(f"{key.path}: expected {want}, got {raw!r} (from {src})")
+        return None
+    if t is list:
+        return [x.strip() for x in raw.split(",") if x.strip()]
+    return raw
+
+
+def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        problems.append(f"config file {path} does not exist")
+        return {}
+    except OSError as e:
+        problems.append(f"config file {path} cannot be read: {e.strerror or e}")
+        return {}
+    except tomllib.TOMLDecodeError as e:
+        problems.append(f"config file {path} is not valid TOML: {e}")
+        return {}
+    return flatten_toml(data, str(path), problems)
+
+
+def flatten_toml(data: Mapping[str, Any], source: str, problems: list[str]) -> dict[str, Any]:
+    """Nested TOML tables to {dotted path: value}; unknown keys become problems."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in _SECTIONS:
+            if not isinstance(v, dict):
+                problems.append(f"{k}: expected a table [{k}], got {type(v).__name__} (in {source})")
+                continue
+            for k2, v2 in v.items():
+                path = f"{k}.{k2}"
+                if path not in KEYS_BY_PATH:
+                    known = ", ".join(x.name for x in KEYS if x.path.startswith(k + "."))
+                    problems.append(f"unknown key {path!r} in {source} (keys of [{k}]: {known})")
+                    continue
+                out[path] = v2
+        elif k in KEYS_BY_PATH:
+            out[k] = v
+        else:
+            problems.append(
+                f"unknown key {k!r} in {source} (top-level keys: "
+                + ", ".join(x.path for x in KEYS if "." not in x.path)
+                + "; tables: "
+                + ", ".join(_SECTIONS)
+                + ")"
+            )
+    return out
+
+
+def load_config(
+    file: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    base: NodeConfig | None = None,
+) -> NodeConfig:
+    """Build and validate a config: flags > environment > file > `base` (defaults).
+
+    `flags` maps dotted paths (or `Key.param` names) to values; None means "not given".
+    `env` defaults to `os.environ`; the file may also be named by ``LORAFLIGHT_CONFIG``.
+    Raises `ConfigError` listing every problem found.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    cfg = dataclasses.replace(base) if base is not None else NodeConfig()
+    if base is not None:  # deep copy the sections
+        for s in _SECTIONS:
+            cfg.set(s, dataclasses.replace(base.get(s)))
+        for k in KEYS:
+            if k.type is list:
+                cfg.set(k.path, list(base.get(k.path)))
+    if file is None and env.get(ENV_PREFIX + "CONFIG"):
+        file = env[ENV_PREFIX + "CONFIG"]
+    if file is not None:
+        for path, value in _read_toml(Path(file), problems).items():
+            v = _coerce(KEYS_BY_PATH[path], value, str(file), problems)
+            if v is not None:
+                cfg.set(path, v)
+    known_env = {k.env for k in KEYS} | {ENV_PREFIX + "CONFIG"}
+    for k in KEYS:
+        if k.env in env:
+            v = _parse_env(k, env[k.env], problems)
+            if v is not None:
+                cfg.set(k.path, v)
+    for name in env:
+        # A misspelt LORAFLIGHT_ variable would silently do nothing: name it.
+        if name.startswith(ENV_PREFIX) and name not in known_env and name not in _ENV_OTHER:
+            problems.append(f"unknown environment variable {name} (see `loraflight node run --help`)")
+    by_param = {k.param: k for k in KEYS}
+    for name, value in (flags or {}).items():
+        key = KEYS_BY_PATH.get(name) or by_param.get(name)
+        if key is None:
+            problems.append(f"unknown flag for key {name!r}")
+            continue
+        if value is None or (key.type is list and value == () and not isinstance(value, list)):
+            continue
+        v = _coerce(key, value, f"flag {key.flag_names[0]}", problems)
+        if v is not None:
+            cfg.set(key.path, v)
+    problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(_format(problems, file))
+    return cfg
+
+
+# Environment variables with the prefix that are not config keys (read elsewhere).
+_ENV_OTHER = frozenset({"LORAFLIGHT_LOG_LEVEL", "LORAFLIGHT_HOME", "LORAFLIGHT_TRUST_DIR"})
+
+
+def _format(problems: list[str], file: Any) -> str:
+    where = f" ({file})" if file else ""
+    head = f"invalid configuration{where}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"
+    return head + "\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def parse_uri(
+    uri: str, what: str, problems: list[str], *, allow_port0: bool = False
+) -> tuple[str, int] | None:
+    """Check a ``grpc://host:port`` / ``grpc+tls://host:port`` address; (host, port) or None."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as e:
+        problems.append(f"{what}: {uri!r} is not a valid address ({e}); use grpc://host:port")
+        return None
+    if parts.scheme not in ("grpc", "grpc+tcp", "grpc+tls"):
+        problems.append(f"{what}: {uri!r} must start with grpc:// or grpc+tls://")
+        return None
+    if not parts.hostname:
+        problems.append(f"{what}: {uri!r} has no host; use grpc://host:port")
+        return None
+    if port is None or (port == 0 and not allow_port0):
+        problems.append(f"{what}: {uri!r} needs a port (grpc://host:port)")
+        return None
+    return parts.hostname, port
+
+
+def parse_hostport(value: str, what: str, problems: list[str]) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` (DNS peers); default port 8815 when omitted."""
+    v = value.strip()
+    if "://" in v:
+        problems.append(
+            f"{what}: {value!r} should be a DNS name with an optional port (host:port), not a URI"
+        )
+        return None
+    host, port = v, DEFAULT_PORT
+    if v.startswith("["):
+        end = v.find("]")
+        host, rest = v[1:end], v[end + 1 :]
+        if rest.startswith(":"):
+            try:
+                port = int(rest[1:])
+            except ValueError:
+                problems.append(f"{what}: {value!r} has a bad port")
+                return None
+    elif v.count(":") == 1:
+        host, p = v.split(":")
+        try:
+            port = int(p)
+        except ValueError:
+            problems.append(f"{what}: {value!r} has a bad port")
+            return None
+    if not host or not (0 < port < 65536):
+        problems.append(f"{what}: {value!r} needs a host and a port in 1..65535")
+        return None
+    return host, port
+
+
+def key_problem(value: str) -> str | None:
+    """None when `value` is a base64 Ed25519 public key or a readable .pub file."""
+    v = value.strip()
+    try:
+        raw = base64.b64decode(v, validate=True)
+        if len(raw) == 32:
+            return None
+    except (binascii.Error, ValueError):
+        pass
+    p = Path(os.path.expanduser(v))
+    if p.is_file():
+        try:
+            from engine import keys
+
+            keys.public_b64_from_file(p)
+            return None
+        except Exception as e:
+            return f"{v!r} is not an Ed25519 public key file: {e}"
+    return f"{v!r} is neither a base64 Ed25519 public key (32 bytes) nor an existing .pub file"
+
+
+def resolve_keys(values: Iterable[str]) -> list[str]:
+    """Trust entries (base64 keys or .pub paths) as base64 public keys."""
+    from engine import keys
+
+    out = []
+    for v in values:
+        p = Path(os.path.expanduser(v.strip()))
+        out.append(keys.public_b64_from_file(p) if p.is_file() else v.strip())
+    return out
+
+
+def validate(cfg: NodeConfig) -> list[str]:
+    """Every problem in a config (empty when it is valid)."""
+    p: list[str] = []
+    if not cfg.store.strip():
+        p.append("store: empty; give a directory for the card store")
+    if cfg.store_max_bytes < 0:
+        p.append(f"store_max_bytes: {cfg.store_max_bytes} is negative; use 0 for no cap")
+    lis = parse_uri(cfg.listen, "listen", p, allow_port0=True)
+    if lis and urlsplit(cfg.listen).scheme == "grpc+tls" and not cfg.tls.cert:
+        p.append("listen: grpc+tls:// needs tls.cert and tls.key")
+    for a in cfg.advertise:
+        ad = parse_uri(a, "advertise", p)
+        if ad and ad[0] in ("0.0.0.0", "::"):
+            p.append(f"advertise: {a!r} is a wildcard address; peers need a reachable host")
+    if not _FLEET_RE.match(cfg.fleet):
+        p.append(f"fleet: {cfg.fleet!r} must be 1-63 characters of letters, digits, '.', '_', '-'")
+    # TLS
+    t = cfg.tls
+    if bool(t.cert) != bool(t.key):
+        p.append("tls: cert and key go together; set both tls.cert and tls.key or neither")
+    if bool(t.client_cert) != bool(t.client_key):
+        p.append("tls: client_cert and client_key go together; set both or neither")
+    if t.verify_client and not t.ca:
+        p.append("tls.verify_client: needs tls.ca (the CA that signed client certificates)")
+    if t.verify_client and not t.cert:
+        p.append("tls.verify_client: needs TLS on (tls.cert and tls.key)")
+    for name in ("cert", "key", "ca", "client_cert", "client_key"):
+        v = getattr(t, name)
+        if v and not Path(os.path.expanduser(v)).is_file():
+            p.append(f"tls.{name}: file {v!r} does not exist")
+    # tokens
+    for kind in ("write", "read"):
+        for tok in getattr(cfg.tokens, kind):
+            if not tok or any(c.isspace() for c in tok):
+                p.append(f"tokens.{kind}: tokens must be non-empty without whitespace")
+            elif len(tok) < 8:
+                p.append(f"tokens.{kind}: a token shorter than 8 characters is too easy to guess")
+    if cfg.tokens.peer and any(c.isspace() for c in cfg.tokens.peer):
+        p.append("tokens.peer: no whitespace allowed")
+    # trust
+    if cfg.trust.entry not in ("open", "signed"):
+        p.append(f"trust.entry: {cfg.trust.entry!r} is not 'open' or 'signed'")
+    if cfg.trust.engine not in ("signed", "any"):
+        p.append(f"trust.engine: {cfg.trust.engine!r} is not 'signed' or 'any'")
+    for kind in ("keys", "engine_keys"):
+        for v in getattr(cfg.trust, kind):
+            msg = key_problem(v)
+            if msg:
+                p.append(f"trust.{kind}: {msg}")
+    if cfg.trust.entry == "signed" and not cfg.trust.keys:
+        p.append("trust.entry = 'signed' but trust.keys is empty: no card could ever enter the store")
+    # discovery
+    for i in cfg.discovery.interfaces:
+        if not i.strip() or len(i) > 64:
+            p.append(f"discovery.interfaces: {i!r} is not an interface name or address")
+    for peer in cfg.discovery.peers:
+        parse_uri(peer, "discovery.peers", p)
+    for d in cfg.discovery.dns:
+        parse_hostport(d, "discovery.dns", p)
+    # sync
+    if not 1 <= cfg.sync.concurrency <= 64:
+        p.append(f"sync.concurrency: {cfg.sync.concurrency} is outside 1..64")
+    # engine
+    if cfg.engine.base_model:
+        bm = cfg.engine.base_model
+        if not (bm == "minilm" or re.fullmatch(r"tiny(:\d+)?", bm) or Path(os.path.expanduser(bm)).is_dir()):
+            p.append(f"engine.base_model: {bm!r} is not 'minilm', 'tiny:SEED' or an existing model folder")
+        if (
+            cfg.engine.hot_load
+            and cfg.trust.engine == "signed"
+            and not (cfg.trust.engine_keys or cfg.trust.keys)
+        ):
+            p.append(
+                "engine: hot-load with trust.engine = 'signed' needs trust.engine_keys or trust.keys "
+                "(or trust.engine = 'any'); otherwise nothing would ever load"
+            )
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.engine.device):
+        p.append(f"engine.device: {cfg.engine.device!r} is not cpu, cuda, cuda:N or mps")
+    # intervals
+    iv = cfg.intervals
+    for name in ("health", "health_timeout", "probe", "poll", "dns"):
+        v = getattr(iv, name)
+        if not (0 < v <= 86400):
+            p.append(f"intervals.{name}: {v} must be > 0 and at most 86400 seconds")
+    if not 1 <= iv.failures <= 1000:
+        p.append(f"intervals.failures: {iv.failures} is outside 1..1000")
+    # metrics, log
+    if not -1 <= cfg.metrics.port <= 65535:
+        p.append(f"metrics.port: {cfg.metrics.port} is outside -1..65535 (-1: off)")
+    if cfg.log.format not in ("text", "json"):
+        p.append(f"log.format: {cfg.log.format!r} is not 'text' or 'json'")
+    if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        p.append(f"log.level: {cfg.log.level!r} is not DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return p
+
+
+def check_file(path: str | os.PathLike[str]) -> NodeConfig:
+    """Validate one TOML file alone (no environment, no flags): what `node check-config` runs."""
+    return load_config(path, env={})
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "KEYS",
+    "KEYS_BY_PATH",
+    "DiscoveryConfig",
+    "EngineConfig",
+    "IntervalsConfig",
+    "Key",
+    "LogConfig",
+    "MetricsConfig",
+    "NodeConfig",
+    "SyncConfig",
+    "TLSConfig",
+    "TokensConfig",
+    "TrustConfig",
+    "check_file",
+    "load_config",
+    "parse_hostport",
+    "parse_uri",
+    "resolve_keys",
+    "validate",
+]

@@ -1,0 +1,293 @@
+"""The peer table: who this node syncs with, and whether they are alive.
+
+Peers come from three sources: mDNS announcements, static URIs, and DNS names. Each peer is
+keyed by its node id once known (from TXT or from its `node-info`), so the same node reached
+over several addresses or sources is one peer. Liveness is judged by `node-info` calls with a
+timeout (never by mDNS TTLs): after `failures` consecutive failures a peer is *dropped*; dropped
+peers are probed every `probe` seconds and come back on the first success. A peer that says
+goodbye over mDNS leaves at once (unless a static or DNS entry also names it).
+
+The table holds no sockets: the caller passes a `probe(uri, timeout) -> PeerInfo` function and
+drives `due()` / `record()` from its own loop, so the logic is tested without a network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .discovery import Announcement
+
+log = logging.getLogger(__name__)
+
+LIVE = "live"
+DROPPED = "dropped"
+PENDING = "pending"  # known address, never answered yet
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a successful probe (`node-info`) says about a peer."""
+
+    node_id: str
+    fleet: str
+    epoch: int
+    proto: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Peer:
+    key: str  # node id, or "uri:<uri>" until the id is known
+    node_id: str | None
+    uris: list[str]
+    sources: set[str]  # "mdns", "static", "dns:<name>"
+    fleet: str | None = None
+    epoch: int = -1
+    state: str = PENDING
+    failures: int = 0
+    last_ok: float = 0.0
+    last_try: float = float("-inf")
+    first_seen: float = 0.0
+    uri: str | None = None  # the address that answered last
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "uri": self.uri or (self.uris[0] if self.uris else None),
+            "uris": list(self.uris),
+            "sources": sorted(self.sources),
+            "fleet": self.fleet,
+            "epoch": self.epoch,
+            "state": self.state,
+            "failures": self.failures,
+            "last_ok": self.last_ok,
+        }
+
+
+# Events handed to `on_event`: ("added" | "dropped" | "removed" | "back" | "epoch", peer)
+EventCallback = Callable[[str, Peer], None]
+
+
+class PeerTable:
+    """Thread-safe table of peers with liveness bookkeeping."""
+
+    def __init__(
+        self,
+        *,
+        self_id: str,
+        fleet: str,
+        health_interval: float = 5.0,
+        probe_interval: float = 15.0,
+        failures: int = 3,
+        forget_after: float = 3600.0,
+        on_event: EventCallback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.self_id = self_id
+        self.fleet = fleet
+        self.health_interval = health_interval
+        self.probe_interval = probe_interval
+        self.max_failures = failures
+        self.forget_after = forget_after
+        self._on_event = on_event
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._peers: dict[str, Peer] = {}
+
+    # -- inputs
+
+    def announce(self, event: str, ann: Announcement) -> None:
+        """An mDNS event from `Discovery` (quick: safe to call on its loop)."""
+        if ann.node_id == self.self_id:
+            return
+        if event == "removed":
+            self._goodbye(ann.node_id)
+            return
+        if ann.fleet != self.fleet:
+            return
+        with self._lock:
+            peer = self._peers.get(ann.node_id)
+            if peer is None:
+                peer = self._merge_uris(ann.node_id, list(ann.uris), "mdns")
+                peer.fleet = ann.fleet
+                peer.epoch = ann.epoch
+                # An announced peer is presumed live: the first health call confirms it.
+                peer.state = LIVE
+                peer.uri = ann.uris[0]
+                self._emit("added", peer)
+                return
+            peer.sources.add("mdns")
+            for u in ann.uris:
+                if u not in peer.uris:
+                    peer.uris.append(u)
+            if peer.state == DROPPED:
+                # It announced itself again (a restart): probe it at once.
+                peer.last_try = float("-inf")
+            if ann.epoch > peer.epoch:
+                peer.epoch = ann.epoch
+                if peer.state == LIVE:
+                    self._emit("epoch", peer)
+
+    def set_static(self, source: str, uris: Iterable[str]) -> None:
+        """Replace the URIs a static or DNS source names (e.g. after re-resolving a DNS name)."""
+        uris = list(dict.fromkeys(uris))
+        with self._lock:
+            for peer in list(self._peers.values()):
+                if source in peer.sources and not any(u in uris for u in peer.uris):
+                    peer.sources.discard(source)
+                    if not peer.sources:
+                        del self._peers[peer.key]
+                        self._emit("removed", peer)
+            for u in uris:
+                holder = self.find_uri(u)
+                if holder is None:
+                    self._merge_uris(None, [u], source)
+                else:
+                    holder.sources.add(source)
+
+    def _merge_uris(self, node_id: str | None, uris: list[str], source: str) -> Peer:
+        key = node_id or f"uri:{uris[0]}"
+        now = self._clock()
+        peer = Peer(key=key, node_id=node_id, uris=uris, sources={source}, first_seen=now)
+        self._peers[key] = peer
+        return peer
+
+    def _goodbye(self, node_id: str) -> None:
+        with self._lock:
+            peer = self._peers.get(node_id)
+            if peer is None:
+                return
+            peer.sources.discard("mdns")
+            if not peer.sources:
+                del self._peers[node_id]
+                log.info("peer %s said goodbye", node_id)
+                self._emit("removed", peer)
+
+    # -- liveness
+
+    def due(self) -> list[tuple[Peer, list[str]]]:
+        """Peers whose health call (live) or probe (dropped, pending) is due, with URIs to try."""
+        now = self._clock()
+        out = []
+        with self._lock:
+            for peer in list(self._peers.values()):
+                if (
+                    peer.state == DROPPED
+                    and peer.sources == {"mdns"}
+                    and now - peer.last_ok > self.forget_after
+                ):
+                    del self._peers[peer.key]
+                    self._emit("removed", peer)
+                    continue
+                every = self.health_interval if peer.state == LIVE else self.probe_interval
+                if peer.state == PENDING or now - peer.last_try >= every:
+                    if peer.state == PENDING and now - peer.last_try < min(every, self.health_interval):
+                        continue
+                    peer.last_try = now
+                    uris = ([peer.uri] if peer.uri else []) + [u for u in peer.uris if u != peer.uri]
+                    out.append((peer, uris))
+        return out
+
+    def record(self, peer: Peer, uri: str | None, info: PeerInfo | None, error: str = "") -> None:
+        """The outcome of one health call / probe of `peer` (info None = it failed)."""
+        with self._lock:
+            if self._peers.get(peer.key) is not peer:
+                # Merged or removed meanwhile: apply to whatever now holds this node.
+                current = self._peers.get(info.node_id) if info else None
+                if current is None:
+                    return
+                peer = current
+            if info is None:
+                peer.failures += 1
+                if peer.state == LIVE and peer.failures >= self.max_failures:
+                    peer.state = DROPPED
+                    log.info(
+                        "peer %s dropped after %d failed health calls: %s", peer.key, peer.failures, error
+                    )
+                    self._emit("dropped", peer)
+                return
+            if info.node_id == self.self_id or info.fleet != self.fleet:
+                if info.fleet != self.fleet:
+                    log.warning(
+                        "peer %s (%s) belongs to fleet %r, not %r: ignored",
+                        uri,
+                        info.node_id,
+                        info.fleet,
+                        self.fleet,
+                    )
+                # A static URI that leads to ourselves or another fleet: keep it, never sync with it.
+                peer.state = DROPPED
+                peer.failures = self.max_failures
+                peer.fleet = info.fleet
+                peer.node_id = info.node_id
+                return
+            if peer.node_id is None:
+                other = self._peers.get(info.node_id)
+                if other is not None and other is not peer:
+                    # Same node reached through another source: fold this entry into it.
+                    del self._peers[peer.key]
+                    for u in peer.uris:
+                        if u not in other.uris:
+                            other.uris.append(u)
+                    other.sources |= peer.sources
+                    peer = other
+                else:
+                    del self._peers[peer.key]
+                    peer.key = peer.node_id = info.node_id
+                    self._peers[peer.key] = peer
+            was = peer.state
+            peer.state = LIVE
+            peer.failures = 0
+            peer.last_ok = self._clock()
+            peer.uri = uri
+            peer.fleet = info.fleet
+            newer = info.epoch > peer.epoch
+            peer.epoch = max(peer.epoch, info.epoch)
+            if was == PENDING:
+                self._emit("added", peer)
+            elif was == DROPPED:
+                log.info("peer %s is back", peer.key)
+                self._emit("back", peer)
+            elif newer:
+                self._emit("epoch", peer)
+
+    # -- queries
+
+    def live(self) -> list[Peer]:
+        with self._lock:
+            return [p for p in self._peers.values() if p.state == LIVE and p.node_id]
+
+    def get(self, node_id: str) -> Peer | None:
+        with self._lock:
+            return self._peers.get(node_id)
+
+    def find_uri(self, uri: str) -> Peer | None:
+        with self._lock:
+            for p in self._peers.values():
+                if uri in p.uris or p.uri == uri:
+                    return p
+        return None
+
+    def all(self) -> list[Peer]:
+        with self._lock:
+            return list(self._peers.values())
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [p.to_dict() for p in sorted(self._peers.values(), key=lambda p: p.key)]
+
+    def _emit(self, event: str, peer: Peer) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event, peer)
+        except Exception:
+            log.exception("peer event handler failed (%s %s)", event, peer.key)
+
+
+__all__ = ["DROPPED", "LIVE", "PENDING", "Peer", "PeerInfo", "PeerTable"]
