@@ -70,8 +70,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
 }
 _ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_MODULE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_MODULE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST_DOMAIN = b"loraflight-card-v1\x00"
 _SIGN_DOMAIN = b"loraflight-sig-v1\x00"
@@ -316,10 +316,16 @@ class CardHeader:
                 f"card header is {len(data)} bytes; the limit is {MAX_HEADER_BYTES} (metadata too large)"
             )
         try:
-            raw = json.loads(data.decode("utf-8"))
+            raw = json.loads(
+                data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_object
+            )
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CardError(f"card header is not valid UTF-8 JSON: {e}") from None
-        return cls.from_dict(raw)
+        except ValueError as e:  # duplicate keys, NaN/Infinity, absurdly long integers
+            raise CardError(f"card header is not canonical-encodable JSON: {e}") from None
+        header = cls.from_dict(raw)
+        header.to_json()  # raises CardError for what canonical JSON cannot encode (lone surrogates)
+        return header
 
     @property
     def ref(self) -> str:
@@ -327,6 +333,19 @@ class CardHeader:
 
     def unsigned(self) -> CardHeader:
         return dataclasses.replace(self, signature=None, signer=None, signer_key=None)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in a card header")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {dup!r} in a JSON object")
+    return d
 
 
 def _typename(t: type | tuple[type, ...]) -> str:
@@ -439,7 +458,10 @@ def _np_view(buf: pa.Buffer | None, dtype: np.dtype[Any], start: int, count: int
     need = (start + count) * dtype.itemsize
     if start < 0 or count < 0 or need > buf.size:
         raise CardError(f"{what}: offsets point past the data buffer ({need} > {buf.size} bytes)")
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=start * dtype.itemsize)
+    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=start * dtype.itemsize)
+    if not arr.flags.aligned:
+        raise CardError(f"{what}: tensor data is not aligned to its {dtype.itemsize}-byte element size")
+    return arr
 
 
 def _offsets(arr: pa.ListArray, what: str) -> np.ndarray:
@@ -454,45 +476,34 @@ def _offsets(arr: pa.ListArray, what: str) -> np.ndarray:
 
 
 def _batch_rows(batch: pa.RecordBatch, dtype: str) -> list[ModuleLoRA]:
-    """Structural checks of one batch and zero-copy numpy views of its rows."""
+    """Structural checks of one batch and zero-copy numpy views of its rows.
+
+    Checks run over whole columns first (cheap, vectorised); the per-row loop only slices.
+    """
     n = batch.num_rows
     cols = batch.columns
     for i, c in enumerate(cols):
         if c.null_count:
             raise CardError(f"column {batch.schema.field(i).name!r} has nulls; a card has none")
     modules = cols[0].to_pylist()
-    ranks = np.asarray(cols[1].to_numpy(zero_copy_only=False), dtype=np.int64)
-    alphas = np.asarray(cols[2].to_numpy(zero_copy_only=False), dtype=np.float64)
-    fins = np.asarray(cols[3].to_numpy(zero_copy_only=False), dtype=np.int64)
-    fouts = np.asarray(cols[4].to_numpy(zero_copy_only=False), dtype=np.int64)
-    bad = np.flatnonzero((ranks < 1) | (ranks > MAX_RANK))
-    if bad.size:
-        i = int(bad[0])
-        raise CardError(
-            f"module {modules[i]!r}: rank {int(ranks[i])} is 0, negative or absurd (limit {MAX_RANK})"
-        )
-    bad = np.flatnonzero((fins < 1) | (fins > MAX_FEATURES) | (fouts < 1) | (fouts > MAX_FEATURES))
-    if bad.size:
-        i = int(bad[0])
-        raise CardError(
-            f"module {modules[i]!r}: shape in={int(fins[i])} out={int(fouts[i])} is out of range 1..{MAX_FEATURES}"
-        )
-    bad = np.flatnonzero(~np.isfinite(alphas))
-    if bad.size:
-        raise CardError(f"module {modules[int(bad[0])]!r}: alpha is not finite")
+    ranks = cols[1].to_numpy().astype(np.int64)
+    alphas = cols[2].to_numpy()
+    fins = cols[3].to_numpy()
+    fouts = cols[4].to_numpy()
+    if n:
+        _check_rows(modules, ranks, alphas, fins, fouts)
     npdt = DTYPES[dtype]
-    rows: list[ModuleLoRA] = []
-    views = []
+    flats = []
+    offs = []
     for col, (rows_of, cols_of), label in (
         (cols[5], (ranks, fins), "lora_a"),
         (cols[6], (fouts, ranks), "lora_b"),
     ):
         off = _offsets(col, label)
-        want = rows_of * cols_of
         got = np.diff(off).astype(np.int64)
-        bad = np.flatnonzero(got != want)
-        if bad.size:
-            i = int(bad[0])
+        want = rows_of * cols_of
+        if n and not np.array_equal(got, want):
+            i = int(np.flatnonzero(got != want)[0])
             raise CardError(
                 f"module {modules[i]!r}: {label} holds {int(got[i])} values but its shape "
                 f"({int(rows_of[i])}, {int(cols_of[i])}) needs {int(want[i])} (shape disagrees with its bytes)"
@@ -501,17 +512,48 @@ def _batch_rows(batch: pa.RecordBatch, dtype: str) -> list[ModuleLoRA]:
         vbufs = values.buffers()
         if len(vbufs) < 2:
             raise CardError(f"{label}: value buffer is missing")
-        flat = _np_view(vbufs[1], npdt, values.offset + int(off[0]), int(off[-1] - off[0]) if n else 0, label)
-        views.append((flat, off - off[0]))
-    (fa, oa), (fb, ob) = views
-    for i in range(n):
-        module = modules[i]
-        check_module_name(module)
-        r, fi, fo = int(ranks[i]), int(fins[i]), int(fouts[i])
-        a = fa[oa[i] : oa[i + 1]].reshape(r, fi)
-        b = fb[ob[i] : ob[i + 1]].reshape(fo, r)
-        rows.append(ModuleLoRA(module, r, float(alphas[i]), a, b))
-    return rows
+        start = int(off[0]) if n else 0
+        flats.append(_np_view(vbufs[1], npdt, values.offset + start, int(off[-1]) - start if n else 0, label))
+        offs.append((off - start).tolist())
+    fa, fb = flats
+    oa, ob = offs
+    # Plain Python ints from here: numpy scalars cost more than the views themselves.
+    rl, fil, fol, al = ranks.tolist(), fins.tolist(), fouts.tolist(), alphas.tolist()
+    return [
+        ModuleLoRA(
+            modules[i],
+            rl[i],
+            al[i],
+            fa[oa[i] : oa[i + 1]].reshape(rl[i], fil[i]),
+            fb[ob[i] : ob[i + 1]].reshape(fol[i], rl[i]),
+        )
+        for i in range(n)
+    ]
+
+
+def _check_rows(
+    modules: list[Any], ranks: np.ndarray, alphas: np.ndarray, fins: np.ndarray, fouts: np.ndarray
+) -> None:
+    """Names, ranks, shapes and alphas of one batch's rows against the limits."""
+    match = _MODULE_RE.match
+    for module in modules:
+        if not isinstance(module, str) or len(module) > MAX_MODULE_LEN or not match(module):
+            check_module_name(module)
+    if ranks.min() < 1 or ranks.max() > MAX_RANK:
+        i = int(np.flatnonzero((ranks < 1) | (ranks > MAX_RANK))[0])
+        raise CardError(
+            f"module {modules[i]!r}: rank {int(ranks[i])} is 0, negative or absurd (limit {MAX_RANK})"
+        )
+    if min(fins.min(), fouts.min()) < 1 or max(fins.max(), fouts.max()) > MAX_FEATURES:
+        i = int(np.flatnonzero((fins < 1) | (fins > MAX_FEATURES) | (fouts < 1) | (fouts > MAX_FEATURES))[0])
+        raise CardError(
+            f"module {modules[i]!r}: shape in={int(fins[i])} out={int(fouts[i])} "
+            f"is out of range 1..{MAX_FEATURES}"
+        )
+    if not np.isfinite(alphas).all():
+        raise CardError(
+            f"module {modules[int(np.flatnonzero(~np.isfinite(alphas))[0])]!r}: alpha is not finite"
+        )
 
 
 def _check_schema(schema: pa.Schema) -> CardHeader:
@@ -532,7 +574,14 @@ def _check_schema(schema: pa.Schema) -> CardHeader:
 
 
 def _schema_str(schema: pa.Schema) -> str:
-    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+    parts = []
+    for i in range(len(schema)):
+        try:
+            f = schema.field(i)
+            parts.append(f"{f.name}: {f.type}")
+        except (UnicodeDecodeError, pa.ArrowException, ValueError):
+            parts.append(f"<field {i} with an undecodable name>")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- the card
@@ -611,7 +660,6 @@ class LoRACard:
             dtype = inferred[0]
         if dtype not in DTYPES:
             raise CardError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        npdt = DTYPES[dtype]
         norm: list[ModuleLoRA] = []
         for m in mods:
             check_module_name(m.module)
@@ -621,17 +669,13 @@ class LoRACard:
                     f"module {m.module!r}: A {a.shape} and B {b.shape} do not fit rank {m.rank} "
                     "(A must be (rank, in_features), B (out_features, rank))"
                 )
-            if a.dtype.itemsize != npdt.itemsize or b.dtype.itemsize != npdt.itemsize:
-                raise CardError(
-                    f"module {m.module!r}: arrays of {a.dtype}/{b.dtype} do not match dtype {dtype}"
-                )
             norm.append(
                 ModuleLoRA(
                     m.module,
                     int(m.rank),
                     float(m.alpha),
-                    a.astype(npdt, copy=False),
-                    b.astype(npdt, copy=False),
+                    _as_storage(a, dtype, f"module {m.module!r} lora_a"),
+                    _as_storage(b, dtype, f"module {m.module!r} lora_b"),
                 )
             )
         header = CardHeader.from_dict(
@@ -679,7 +723,7 @@ class LoRACard:
             for i in range(n):
                 try:
                     b = reader.get_batch(i)
-                    b.validate(full=False)
+                    b.validate(full=True)
                 except (pa.ArrowException, OSError, ValueError, IndexError) as e:
                     raise CardError(f"{p}: record batch {i} is corrupt or truncated: {e}") from None
                 batches.append(b)
@@ -708,7 +752,21 @@ class LoRACard:
                     raise CardError("no record batches and no schema")
                 schema = batches[0].schema
         header = _check_schema(schema)
-        return cls(header, [pa.record_batch(b.columns, schema=schema) for b in batches])
+        if len(batches) > MAX_ROWS:
+            raise CardError(f"{len(batches)} record batches; the limit is {MAX_ROWS}")
+        plain = schema.remove_metadata()
+        checked = []
+        for i, b in enumerate(batches):
+            try:
+                if not b.schema.remove_metadata().equals(plain):
+                    raise CardError(f"record batch {i} has a schema other than the card's")
+                b.validate(full=True)
+                checked.append(pa.record_batch(b.columns, schema=schema))
+            except (pa.ArrowException, ValueError, IndexError) as e:
+                if isinstance(e, CardError):
+                    raise
+                raise CardError(f"record batch {i} is corrupt: {e}") from None
+        return cls(header, checked)
 
     # -- accessors
     @property
@@ -898,11 +956,48 @@ class LoRACard:
         return fnmatch.fnmatchcase(self.name, pattern)
 
 
-def _all_finite(arr: np.ndarray, dtype: str) -> bool:
+# Exponent bits all ones means Inf or NaN, for each storage type (as unsigned words).
+_EXP_MASK: dict[str, tuple[np.dtype[Any], int]] = {
+    "float32": (np.dtype("<u4"), 0x7F800000),
+    "float16": (np.dtype("<u2"), 0x7C00),
+    "bfloat16": (np.dtype("<u2"), 0x7F80),
+}
+_FINITE_CHUNK = 1 << 18  # elements per pass: bounded scratch memory, stays in cache
+
+
+def _as_storage(arr: np.ndarray, dtype: str, what: str) -> np.ndarray:
+    """`arr` in the card's storage dtype, never converting values between kinds.
+
+    float32/float16 take float arrays of that width (any byte order); bfloat16 takes the raw
+    16-bit words (uint16 or int16), since numpy has no bfloat16.
+    """
+    npdt = DTYPES[dtype]
     if dtype == "bfloat16":
-        # exponent bits all ones = Inf or NaN
-        return not bool(np.any((arr & 0x7F80) == 0x7F80))
-    return bool(np.isfinite(arr).all())
+        if arr.dtype.kind not in "ui" or arr.dtype.itemsize != 2:
+            raise CardError(
+                f"{what}: a bfloat16 card takes the raw 16-bit words as uint16, got {arr.dtype} "
+                "(from torch: tensor.view(torch.uint16).numpy() or .view(torch.int16))"
+            )
+        return arr.view(arr.dtype.str[0] + "u2").astype(npdt, copy=False)
+    if arr.dtype.kind != "f" or arr.dtype.itemsize != npdt.itemsize:
+        raise CardError(f"{what}: array of {arr.dtype} does not match the card dtype {dtype}")
+    return arr.astype(npdt, copy=False)
+
+
+def _all_finite(arr: np.ndarray, dtype: str) -> bool:
+    """True when no element is NaN or Inf; scans the bits in chunks with one small scratch buffer."""
+    wdt, mask = _EXP_MASK[dtype]
+    flat = np.ascontiguousarray(arr).reshape(-1).view(wdt)
+    if flat.size == 0:
+        return True
+    scratch = np.empty(min(flat.size, _FINITE_CHUNK), wdt)
+    for i in range(0, flat.size, _FINITE_CHUNK):
+        chunk = flat[i : i + _FINITE_CHUNK]
+        out = scratch[: chunk.size]
+        np.bitwise_and(chunk, mask, out=out)
+        if int(out.max()) == mask:
+            return False
+    return True
 
 
 def _verify_signature(header: CardHeader) -> None:
