@@ -1,0 +1,509 @@
+"""Hugging Face PEFT adapter folders <-> cards, exactly (imports no torch).
+
+A PEFT LoRA folder is `adapter_config.json` plus `adapter_model.safetensors` with tensors
+named `base_model.model.<module>.lora_A.weight` (rank, in_features) and
+`...lora_B.weight` (out_features, rank). The safetensors file is parsed and written here
+directly (it is an 8-byte length, a JSON header and raw little-endian bytes), so bfloat16
+needs no torch: its 16-bit words go into the card untouched.
+
+What a card cannot represent is refused with the config key or tensor named, never dropped:
+DoRA, `modules_to_save`, trained biases, embedding or convolution LoRA, and any config key
+this module does not understand that is set to a non-default value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import mmap
+import os
+import re
+import struct
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .card import (
+    MAX_NAME_LEN,
+    LoRACard,
+    ModuleLoRA,
+    base_fingerprint,
+    canonical_json,
+    check_name,
+    fsync_dir,
+)
+from .errors import CardError
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ST_HEADER = 100_000_000  # the safetensors format's own limit on its JSON header
+
+_ST_DTYPES: dict[str, tuple[str, np.dtype[Any]]] = {
+    "F32": ("float32", np.dtype("<f4")),
+    "F16": ("float16", np.dtype("<f2")),
+    "BF16": ("bfloat16", np.dtype("<u2")),
+}
+_CARD_TO_ST = {card: st for st, (card, _) in _ST_DTYPES.items()}
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight\Z")
+
+# adapter_config.json keys that are handled here or do not change what the adapter computes.
+_HANDLED_KEYS = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "r",
+        "lora_alpha",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "lora_dropout",  # training only
+        "init_lora_weights",  # checked below: some initialisations rewrite base weights
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "peft_version",
+        "megatron_core",  # a module path, only used together with megatron_config
+        "qalora_group_size",  # only used together with use_qalora
+        "ensure_weight_tying",
+        "bias",  # checked below
+        "use_dora",  # checked below
+        "modules_to_save",  # checked below
+    }
+)
+# Keys whose non-default value a card cannot represent, with the reason given to the user.
+_REFUSED_KEYS = {
+    "use_dora": "DoRA (use_dora) adds a magnitude vector per module; a card holds plain LoRA only",
+    "modules_to_save": "modules_to_save trains whole modules besides LoRA; a card holds LoRA A/B only",
+    "lora_bias": "lora_bias trains a bias on lora_B; a card holds no biases",
+    "fan_in_fan_out": "fan_in_fan_out marks Conv1D (GPT-2 style) targets; a card targets nn.Linear",
+    "layer_replication": "layer_replication changes the base model's layers",
+    "trainable_token_indices": "trainable_token_indices trains embedding rows; a card holds LoRA A/B only",
+    "target_parameters": "target_parameters adapts raw parameters, not nn.Linear modules",
+    "use_qalora": "QA-LoRA (use_qalora) pools inputs; a card holds plain LoRA",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) changes when the adapter applies",
+    "arrow_config": "Arrow routing (arrow_config) mixes several adapters; a card holds one",
+    "megatron_config": "megatron_config targets Megatron parallel layers, not nn.Linear",
+}
+# init_lora_weights values that rewrite the base model's weights when the adapter is created.
+_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> dict[str, tuple[str, np.ndarray]]:
+    """{key: (safetensors dtype, array)} from a safetensors file, bf16 as uint16 words (copies)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CardError(f"{p}: not a safetensors file (shorter than 8 bytes)")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise CardError(f"{p}: no such file") from None
+    except OSError as e:
+        raise CardError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        (n,) = struct.unpack_from("<Q", mm, 0)
+        if n > MAX_ST_HEADER or 8 + n > size:
+            raise CardError(f"{p}: safetensors header length {n} is larger than the file or the format limit")
+        try:
+            header = json.loads(bytes(mm[8 : 8 + n]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CardError(f"{p}: safetensors header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise CardError(f"{p}: safetensors header is not a JSON object")
+        data_start = 8 + n
+        data_len = size - data_start
+        out: dict[str, tuple[str, np.ndarray]] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if not isinstance(info, dict):
+                raise CardError(f"{p}: tensor {key!r} has no description")
+            st_dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            if st_dtype not in _ST_DTYPES:
+                raise CardError(
+                    f"{p}: tensor {key!r} has dtype {st_dtype!r}; a card holds F32, F16 or BF16 "
+                    "(convert the adapter to one of them first)"
+                )
+            if (
+                not isinstance(shape, list)
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**40 for x in shape)
+                or not isinstance(offs, list)
+                or len(offs) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in offs)
+            ):
+                raise CardError(f"{p}: tensor {key!r} has a malformed shape or data_offsets")
+            npdt = _ST_DTYPES[st_dtype][1]
+            begin, end = offs
+            count = math.prod(shape)
+            if not 0 <= begin <= end <= data_len or end - begin != count * npdt.itemsize:
+                raise CardError(
+                    f"{p}: tensor {key!r} of shape {shape} ({st_dtype}) does not fit its byte range "
+                    f"{begin}..{end} of {data_len} data bytes"
+                )
+            arr = np.frombuffer(mm, dtype=npdt, count=count, offset=data_start + begin).reshape(shape).copy()
+            out[key] = (st_dtype, arr)
+        return out
+    finally:
+        mm.close()
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, tuple[str, np.ndarray]],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write {key: (safetensors dtype, array)} as a safetensors file, atomically."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    pos = 0
+    order = sorted(tensors)
+    for key in order:
+        st_dtype, arr = tensors[key]
+        nbytes = arr.size * _ST_DTYPES[st_dtype][1].itemsize
+        header[key] = {"dtype": st_dtype, "shape": list(arr.shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # data starts 8-byte aligned
+
+    def body(f: Any) -> None:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for key in order:
+            st_dtype, arr = tensors[key]
+            f.write(np.ascontiguousarray(arr, dtype=_ST_DTYPES[st_dtype][1]).tobytes())
+
+    return _atomic_write(Path(path), body)
+
+
+def _atomic_write(path: Path, body: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            body(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- config rules
+
+
+def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern matching the key's end."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
+
+
+def module_rank_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
+    """The rank and alpha PEFT gives `module` under `config` (rank_pattern / alpha_pattern)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern, module), config.get("r", 8))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), config.get("lora_alpha", 8))
+    return int(r), float(alpha)
+
+
+def _truthy(v: Any) -> bool:
+    return v not in (None, False, "", [], {}, 0)
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Refuse, naming the key, what a card cannot represent exactly."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CardError(f"adapter is peft_type={config.get('peft_type')!r}; a card holds LoRA adapters only")
+    for key, why in _REFUSED_KEYS.items():
+        if _truthy(config.get(key)):
+            raise CardError(f"cannot convert: {key}={config.get(key)!r}: {why}")
+    bias = config.get("bias", "none")
+    if bias not in (None, "none"):
+        raise CardError(f"cannot convert: bias={bias!r} trains biases; a card holds LoRA A/B only")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise CardError(
+            f"cannot convert: init_lora_weights={init!r} rewrites the base model's weights when the adapter "
+            "loads; convert it to plain LoRA first (PEFT save_pretrained with "
+            "path_initial_model_for_weight_conversion)"
+        )
+    unknown = sorted(k for k in config if k not in _HANDLED_KEYS and k not in _REFUSED_KEYS)
+    for k in unknown:
+        if _truthy(config[k]):
+            raise CardError(
+                f"cannot convert: adapter_config.json sets {k}={config[k]!r}, which this loraflight does not "
+                "understand; refusing rather than dropping it"
+            )
+    for key in ("r", "lora_alpha"):
+        v = config.get(key, 8)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise CardError(f"adapter_config.json {key}={v!r} is not a number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise CardError(f"adapter_config.json {key} must be an object")
+
+
+def _refuse_tensor(key: str) -> CardError:
+    if "lora_magnitude_vector" in key:
+        return CardError(f"cannot convert: tensor {key!r} is a DoRA magnitude vector (use_dora); refused")
+    if "lora_embedding_A" in key or "lora_embedding_B" in key:
+        return CardError(f"cannot convert: tensor {key!r} is an embedding LoRA (non-Linear target); refused")
+    if key.endswith(".bias"):
+        return CardError(f"cannot convert: tensor {key!r} is a trained bias; a card holds no biases")
+    if "modules_to_save" in key:
+        return CardError(f"cannot convert: tensor {key!r} belongs to modules_to_save; refused")
+    return CardError(
+        f"cannot convert: tensor {key!r} is not a LoRA A/B weight of a Linear module "
+        f"({KEY_PREFIX}<module>.lora_A.weight / .lora_B.weight); refused rather than dropped"
+    )
+
+
+# --------------------------------------------------------------------------- import
+
+
+def sanitize_name(raw: str) -> str:
+    """A safe card name from a folder name: other characters become '-'."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", raw)
+    s = re.sub(r"\.{2,}", ".", s).lstrip("._-")[:MAX_NAME_LEN].rstrip(".")
+    return s or "adapter"
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise CardError(f"{path}: no such file: a PEFT adapter folder has {CONFIG_NAME}") from None
+    except OSError as e:
+        raise CardError(f"{path}: cannot read: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise CardError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        cfg = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CardError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CardError(f"{path} is not a JSON object")
+    return cfg
+
+
+def from_peft(
+    directory: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    version: int = 1,
+    description: str = "",
+    tags: Iterable[str] = (),
+    base_model: str | None = None,
+    author: str = "",
+    created: str | None = None,
+    lineage: Iterable[str] = (),
+) -> LoRACard:
+    """Import a PEFT LoRA adapter folder as a card (exactly, or not at all)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CardError(f"{d} is not a directory (expected a PEFT adapter folder)")
+    cfg = _load_config(d / CONFIG_NAME)
+    check_config(cfg)
+    weights = d / WEIGHTS_NAME
+    if not weights.exists():
+        if (d / "adapter_model.bin").exists():
+            raise CardError(
+                f"{d} holds adapter_model.bin (pickle), which loraflight never loads; "
+                "re-save the adapter with safe_serialization=True"
+            )
+        raise CardError(f"{d}: no {WEIGHTS_NAME}")
+    tensors = read_safetensors(weights)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    dtypes: set[str] = set()
+    for key, (st_dtype, arr) in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise _refuse_tensor(key)
+        if arr.ndim != 2:
+            raise CardError(
+                f"cannot convert: tensor {key!r} has shape {list(arr.shape)}: a convolution LoRA "
+                "(non-Linear target); a card holds nn.Linear LoRA only"
+            )
+        pairs.setdefault(m["module"], {})[m["ab"]] = arr
+        dtypes.add(st_dtype)
+    if not pairs:
+        raise CardError(f"{weights} holds no LoRA tensors")
+    if len(dtypes) != 1:
+        raise CardError(f"{weights} mixes dtypes {sorted(dtypes)}; a card holds one dtype")
+    card_dtype = _ST_DTYPES[dtypes.pop()][0]
+    rslora = bool(cfg.get("use_rslora", False))
+    modules = []
+    for module in sorted(pairs):
+        ab = pairs[module]
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise CardError(f"{weights}: module {module!r} has no {missing} tensor")
+        a, b = ab["A"], ab["B"]
+        if a.shape[0] != b.shape[1]:
+            raise CardError(
+                f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on rank"
+            )
+        r, alpha = module_rank_alpha(cfg, module)
+        if a.shape[0] != r:
+            raise CardError(
+                f"module {module!r}: tensors have rank {a.shape[0]} but adapter_config.json gives r={r} "
+                "(r / rank_pattern); the folder is inconsistent"
+            )
+        modules.append(ModuleLoRA(module, r, alpha, a, b))
+    peft_cfg = {k: v for k, v in cfg.items() if k != "base_model_name_or_path"}
+    shapes = [(m.module, m.in_features, m.out_features) for m in modules]
+    card = LoRACard.build(
+        modules,
+        name=check_name(name) if name is not None else sanitize_name(d.resolve().name),
+        version=version,
+        dtype=card_dtype,
+        description=description,
+        tags=tags,
+        base_model=base_model if base_model is not None else cfg.get("base_model_name_or_path") or None,
+        base_fingerprint=base_fingerprint(shapes),
+        scaling="rslora" if rslora else "standard",
+        author=author,
+        created=created,
+        lineage=lineage,
+        peft=peft_cfg,
+    )
+    card.check_values()
+    return card
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _config_fits(cfg: Mapping[str, Any], card: LoRACard) -> bool:
+    """True when PEFT reading `cfg` gives every module of `card` its rank, alpha and scaling."""
+    try:
+        check_config(cfg)
+        if bool(cfg.get("use_rslora", False)) != (card.header.scaling == "rslora"):
+            return False
+        for m in card:
+            r, alpha = module_rank_alpha(cfg, m.module)
+            if r != m.rank or alpha != m.alpha or not _targets(cfg, m.module):
+                return False
+    except (CardError, re.error, TypeError, ValueError):
+        return False
+    return True
+
+
+def _targets(cfg: Mapping[str, Any], module: str) -> bool:
+    """Whether PEFT's target_modules (list, regex string or 'all-linear') selects `module`."""
+    t = cfg.get("target_modules")
+    if isinstance(t, str):
+        return t == "all-linear" or re.fullmatch(t, module) is not None
+    if isinstance(t, list):
+        return any(module == x or module.endswith("." + x) for x in t)
+    return False
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def peft_config_for(card: LoRACard) -> dict[str, Any]:
+    """The adapter_config.json that makes PEFT build exactly this card's modules."""
+    stored = card.header.peft
+    if stored is not None and _config_fits(stored, card):
+        cfg = dict(stored)
+    else:
+        if stored is not None:
+            log.info(
+                "%s: stored PEFT config does not describe the card's modules; writing a new one", card.ref
+            )
+        ranks = Counter(m.rank for m in card)
+        alphas = Counter(m.alpha for m in card)
+        r = min(ranks, key=lambda k: (-ranks[k], k))
+        alpha = min(alphas, key=lambda k: (-alphas[k], k))
+        cfg = {
+            "peft_type": "LORA",
+            "task_type": None,
+            "r": r,
+            "lora_alpha": _num(alpha),
+            # Exact module paths, escaped: PEFT matches patterns as regexes against the path's end.
+            "rank_pattern": {re.escape(m.module): m.rank for m in card if m.rank != r},
+            "alpha_pattern": {re.escape(m.module): _num(m.alpha) for m in card if m.alpha != alpha},
+            "target_modules": sorted(m.module for m in card),
+            "use_rslora": card.header.scaling == "rslora",
+            "bias": "none",
+            "lora_dropout": 0.0,
+            "fan_in_fan_out": False,
+            "use_dora": False,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+    cfg["base_model_name_or_path"] = card.header.base_model
+    return cfg
+
+
+def to_peft(card: LoRACard, directory: str | os.PathLike[str], *, verify: bool = True) -> Path:
+    """Write `card` as a PEFT adapter folder that `PeftModel.from_pretrained` loads to the same tensors.
+
+    The card is verified first (values, digest, signature if signed) unless `verify=False`.
+    Each file is written to a temporary name and renamed; returns the folder.
+    """
+    if verify:
+        card.verify()
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise CardError(f"{d} exists and is not a directory")
+    st_dtype = _CARD_TO_ST[card.dtype]
+    tensors = {}
+    for m in card:
+        tensors[f"{KEY_PREFIX}{m.module}.lora_A.weight"] = (st_dtype, m.a)
+        tensors[f"{KEY_PREFIX}{m.module}.lora_B.weight"] = (st_dtype, m.b)
+    cfg = peft_config_for(card)
+    d.mkdir(parents=True, exist_ok=True)
+    write_safetensors(d / WEIGHTS_NAME, tensors, {"format": "pt"})
+    text = json.dumps(json.loads(canonical_json(cfg)), indent=2, sort_keys=True) + "\n"
+    _atomic_write(d / CONFIG_NAME, lambda f: f.write(text.encode()))
+    return d
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "check_config",
+    "from_peft",
+    "get_pattern_key",
+    "module_rank_alpha",
+    "peft_config_for",
+    "read_safetensors",
+    "sanitize_name",
+    "to_peft",
+    "write_safetensors",
+]
