@@ -1,0 +1,774 @@
+"""`Engine`: hot-load LoRA cards into a live PyTorch model.
+
+Theory of operation
+-------------------
+Loaded adapters live in a dict of immutable records (`_Adapter`: per model
+module an ``(A, B·scale)`` pair, already cast to the layer's dtype and moved to
+its device). Every change (load, swap, unload, activate, merge) builds a
+*candidate* adapter dict, derives from it a new immutable ``Snapshot`` (see
+``engine._lora``) and any merged weights, and only then commits: new wrapped
+layers are put into the model, the snapshot reference is swapped, and layers
+no longer needed get their original module objects back. If anything fails
+before the commit, nothing has changed.
+
+A forward pre-hook on the model captures the snapshot once per forward; the
+wrapped layers read that capture, so a forward sees one whole adapter set.
+Putting original modules back is deferred while any forward is in flight
+(a forward that started with an adapter must still find its wrapped layers);
+the last forward to finish does it.
+
+Lineage: a card whose header lists parent digests is loaded *on top of* its
+parents. Each parent is an already-loaded adapter with that digest, or a card
+returned by ``resolver(digest)``, which is then loaded inactive and marked
+``auto``. A child's effect is its parents' deltas plus its own; activating
+the child applies all of them (once each, even if a parent is also active).
+Unloading a child also unloads the ``auto`` parents nothing else needs;
+unloading a parent that still has loaded children is refused.
+
+Module names: a card's module paths are relative to the model it was made
+for. They are mapped onto the wrapped model by the first rule under which
+*every* module resolves: (1) as written; (2) with a PEFT ``base_model.model.``
+prefix removed; (3) with 1 to 3 leading components removed (the card says
+``model.layers.0…``, you wrapped the inner ``model``); (4) with a prefix added
+that the model has (the card says ``layers.0…``, you wrapped the whole
+``LlamaForCausalLM``). If no rule resolves all of them, the error lists the
+missing modules under the rule that resolved the most.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._lora import Delta, LoRALinear, RowPlan, Shared, Slot, Snapshot, combine, merged_weight
+from ._torchio import TORCH_DTYPES, card_tensors, dtype_name
+from .card import LoRACard, base_fingerprint
+from .errors import CardError, EngineError, LoraflightError
+
+log = logging.getLogger(__name__)
+
+_PEFT_PREFIX = "base_model.model."
+_MAX_LINEAGE_DEPTH = 32
+_VERIFY_IN_THREAD_BYTES = 1 << 20  # hash big cards in a helper thread while tensors are copied
+
+Resolver = Callable[[str], "LoRACard | str | os.PathLike[str] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Adapter:
+    name: str
+    ref: str
+    digest: str
+    version: int
+    card_dtype: str
+    deltas: dict[str, Delta]  # model module path -> (A, B·scale), own weights only
+    parents: tuple[str, ...]  # names of direct lineage parents (loaded adapters)
+    auto: bool  # loaded as someone's lineage parent
+    active: bool
+    last_used: float
+    nbytes: int
+    device: str
+    dtype: str
+
+
+@dataclasses.dataclass
+class _Plan:
+    mapping: dict[str, str]  # card module -> model module path
+    targets: dict[str, tuple[torch.device, torch.dtype]]  # card module -> where its weights go
+
+
+class Engine:
+    """Hot-load `.lora.arrow` cards into a live `torch.nn.Module` (see docs/engine.md)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_model: str | None = None,
+        *,
+        max_adapters: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise EngineError(f"Engine wraps a torch.nn.Module, got {type(model).__name__}")
+        if max_adapters is not None and (not isinstance(max_adapters, int) or max_adapters < 1):
+            raise EngineError(f"max_adapters must be a positive integer or None, got {max_adapters!r}")
+        self.model = model
+        self.base_model = base_model
+        self.max_adapters = max_adapters
+        self.evictions = 0
+        self._lock = threading.RLock()
+        self._shared = Shared()
+        self._mixed_var: contextvars.ContextVar[tuple[str | None, ...] | None] = contextvars.ContextVar(
+            "loraflight_mixed", default=None
+        )
+        self._adapters: dict[str, _Adapter] = {}
+        self._merged: tuple[str, ...] = ()
+        self._wrappers: dict[str, LoRALinear] = {}
+        self._merged_cache: dict[str, tuple[tuple[int, ...], nn.Parameter]] = {}
+        self._next_key = 0
+        self._flight_lock = threading.Lock()
+        self._inflight = 0
+        self._pending: dict[str, LoRALinear] = {}
+        self._tls = threading.local()
+        self._last_forward = 0.0
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre_hook),
+            model.register_forward_hook(self._post_hook, always_call=True),
+        ]
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """name -> {ref, digest, version, modules, dtype, device, active, merged, last_used, ...}."""
+        with self._lock:
+            merged = self._merged_set(self._adapters, self._merged)
+            out = {}
+            for n, a in self._adapters.items():
+                out[n] = {
+                    "ref": a.ref,
+                    "digest": a.digest,
+                    "version": a.version,
+                    "modules": tuple(a.deltas),
+                    "dtype": a.dtype,
+                    "card_dtype": a.card_dtype,
+                    "device": a.device,
+                    "active": a.active,
+                    "merged": n in merged,
+                    "last_used": self._used(a),
+                    "parents": a.parents,
+                    "auto": a.auto,
+                    "nbytes": a.nbytes,
+                }
+            return out
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """Names of the active adapters (their lineage parents apply too)."""
+        with self._lock:
+            return tuple(n for n, a in self._adapters.items() if a.active)
+
+    @property
+    def merged(self) -> tuple[str, ...]:
+        with self._lock:
+            return self._merged
+
+    def __repr__(self) -> str:
+        return f"Engine({type(self.model).__name__}, adapters={list(self._adapters)}, active={list(self.active)})"
+
+    def _used(self, a: _Adapter) -> float:
+        return max(a.last_used, self._last_forward) if a.active else a.last_used
+
+    # ------------------------------------------------------------------ load
+    def load(
+        self,
+        card_or_path: LoRACard | str | os.PathLike[str],
+        name: str | None = None,
+        activate: bool = True,
+        trust: Iterable[str] | None = None,
+        resolver: Resolver | None = None,
+    ) -> str:
+        """Load a card (or a card file) and return the adapter's name (default: the card's name).
+
+        The card is verified (finite values, digest; with `trust`, a signature by one of those
+        keys or signer ids) and checked against the model before anything changes. A name
+        already loaded is swapped in place. `resolver(digest)` supplies lineage parents.
+        """
+        card = _as_card(card_or_path)
+        trusted = None if trust is None else list(trust)
+        with self._lock:
+            cand = dict(self._adapters)
+            name = self._load_into(cand, card, name, activate, trusted, resolver, auto=False, depth=0)
+            if self.max_adapters is not None:
+                self._evict(cand, keep=name)
+            self._commit(cand, self._merged)
+            log.info("loaded %s as %r (%d modules)", card.ref, name, len(card))
+            return name
+
+    def _load_into(
+        self,
+        cand: dict[str, _Adapter],
+        card: LoRACard,
+        name: str | None,
+        activate: bool,
+        trusted: list[str] | None,
+        resolver: Resolver | None,
+        *,
+        auto: bool,
+        depth: int,
+    ) -> str:
+        name = card.name if name is None else name
+        if not isinstance(name, str) or not name:
+            raise EngineError(f"adapter name must be a non-empty string, got {name!r}")
+        if depth > _MAX_LINEAGE_DEPTH:
+            raise EngineError(f"lineage of {card.ref} is deeper than {_MAX_LINEAGE_DEPTH} levels")
+        old = cand.get(name)
+        now = time.monotonic()
+        if old is not None and old.digest == card.digest and trusted is None:
+            cand[name] = dataclasses.replace(
+                old, active=old.active or activate, last_used=now, auto=old.auto and auto
+            )
+            return name
+        # 1. lineage parents: all found (loaded or from the resolver) before anything else
+        parent_slots: list[str | LoRACard] = []
+        missing = []
+        for dg in card.header.lineage:
+            found = next((n for n, a in cand.items() if a.digest == dg), None)
+            if found is not None:
+                if found == name:
+                    raise EngineError(
+                        f"card {card.ref} lists {cand[name].ref} (loaded as {name!r}) as a lineage parent; "
+                        f"load the child under another name (name=...) so the parent stays loaded"
+                    )
+                parent_slots.append(found)
+                continue
+            got = resolver(dg) if resolver is not None else None
+            if got is None:
+                missing.append(dg)
+                continue
+            pc = _as_card(got)
+            if pc.digest != dg:
+                raise EngineError(
+                    f"resolver returned {pc.ref} (digest {pc.digest[:16]}…) for lineage parent {dg[:16]}… "
+                    f"of {card.ref}; it must return the card with that digest"
+                )
+            parent_slots.append(pc)
+        if missing:
+            raise EngineError(
+                f"card {card.ref} stacks on lineage parent(s) {', '.join(missing)} that are not loaded"
+                + ("" if resolver is not None else " and no resolver= was given")
+                + "; load the parents first or pass resolver=digest->card"
+            )
+        # 2. the child must fit before any parent is loaded
+        plan = self._plan(card)
+        # 3. parents (inactive, auto), then the child's tensors
+        parents: list[str] = []
+        for p in parent_slots:
+            if isinstance(p, str):
+                parents.append(p)
+            else:
+                pname = _free_name(cand, p)
+                parents.append(
+                    self._load_into(cand, p, pname, False, trusted, resolver, auto=True, depth=depth + 1)
+                )
+        deltas = self._prepare(card, plan, trusted)
+        first = next(iter(deltas.values()))[0]
+        cand[name] = _Adapter(
+            name=name,
+            ref=card.ref,
+            digest=card.digest,
+            version=card.version,
+            card_dtype=card.dtype,
+            deltas=deltas,
+            parents=tuple(dict.fromkeys(parents)),
+            auto=auto if old is None else (old.auto and auto),
+            active=activate or (old.active if old is not None else False),
+            last_used=now,
+            nbytes=sum(
+                a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in deltas.values()
+            ),
+            device=str(first.device),
+            dtype=dtype_name(first.dtype),
+        )
+        return name
+
+    def _plan(self, card: LoRACard) -> _Plan:
+        """Check the card against the model; all problems in one EngineError."""
+        problems: list[str] = []
+        hdr = card.header
+        if self.base_model is not None and hdr.base_model is not None and hdr.base_model != self.base_model:
+            problems.append(
+                f"the card is for base model {hdr.base_model!r} but this engine serves {self.base_model!r}"
+            )
+        mapping, missing, rule = self._map_modules([m.module for m in card])
+        if missing:
+            problems.append(
+                f"{len(missing)} module(s) not found in the model ({rule}): "
+                + ", ".join(repr(m) for m in missing[:10])
+                + (" …" if len(missing) > 10 else "")
+            )
+        targets: dict[str, tuple[torch.device, torch.dtype]] = {}
+        shapes: list[tuple[str, int, int]] = []
+        for m in card:
+            path = mapping.get(m.module)
+            if path is None:
+                continue
+            mod = self.model.get_submodule(path)
+            base = mod.base_layer if isinstance(mod, LoRALinear) else mod
+            if not isinstance(base, nn.Linear):
+                problems.append(f"module {path!r} is a {type(base).__name__}, not an nn.Linear")
+                continue
+            shapes.append((m.module, int(base.in_features), int(base.out_features)))
+            if (base.in_features, base.out_features) != (m.in_features, m.out_features):
+                problems.append(
+                    f"module {path!r}: the card's shape (in={m.in_features}, out={m.out_features}) does not "
+                    f"fit the layer (in={base.in_features}, out={base.out_features})"
+                )
+                continue
+            w = base.weight
+            if w.dtype not in TORCH_DTYPES.values():
+                problems.append(
+                    f"module {path!r} has {w.dtype} weights; only float32/float16/bfloat16 are supported"
+                )
+                continue
+            targets[m.module] = (w.device, w.dtype)
+        if hdr.base_fingerprint is not None and not problems:
+            have = base_fingerprint(shapes)
+            if have != hdr.base_fingerprint:
+                problems.append(
+                    f"base fingerprint mismatch: the card was made for a base whose targeted modules hash to "
+                    f"{hdr.base_fingerprint[:16]}…, this model's hash to {have[:16]}…; use the card's base "
+                    f"model{f' ({hdr.base_model})' if hdr.base_model else ''}"
+                )
+        if problems:
+            raise EngineError(
+                f"card {card.ref} does not fit the model; nothing was changed:\n  - "
+                + "\n  - ".join(problems)
+            )
+        return _Plan(mapping, targets)
+
+    def _map_modules(self, names: list[str]) -> tuple[dict[str, str], list[str], str]:
+        model = self.model
+
+        def exists(path: str) -> bool:
+            if not path:
+                return False
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                return False
+            return True
+
+        def attempt(fn: Callable[[str], str | None]) -> dict[str, str]:
+            out = {}
+            for n in names:
+                p = fn(n)
+                if p is not None and exists(p):
+                    out[n] = p
+            return out
+
+        rules: list[tuple[str, Callable[[str], str | None]]] = [("names as written", _same)]
+        if any(n.startswith(_PEFT_PREFIX) for n in names):
+            rules.append(("PEFT prefix removed", _strip_peft))
+        for k in (1, 2, 3):
+            rules.append((f"PEFT prefix and {k} leading component(s) removed", _dropper(k)))
+        best: tuple[dict[str, str], str] = ({}, "names as written")
+        for label, fn in rules:
+            got = attempt(fn)
+            if len(got) == len(names):
+                return got, [], label
+            if len(got) > len(best[0]):
+                best = (got, label)
+        # (4) a prefix the model has: find where the first card module sits in the model
+        first = _strip_peft(names[0])
+        prefixes = [p[: -len(first)] for p, _ in model.named_modules() if p.endswith("." + first)]
+        for pre in prefixes[:8]:
+            got = attempt(_prefixer(pre))
+            if len(got) == len(names):
+                return got, [], f"prefix {pre!r} added"
+            if len(got) > len(best[0]):
+                best = (got, f"prefix {pre!r} added")
+        mapping, label = best
+        return mapping, [n for n in names if n not in mapping], label
+
+    def _prepare(self, card: LoRACard, plan: _Plan, trusted: list[str] | None) -> dict[str, Delta]:
+        """Verify the card (in a helper thread when big) while copying its tensors to their layers."""
+        errors: list[BaseException] = []
+
+        def verify() -> None:
+            try:
+                card.verify(trusted=trusted)
+            except LoraflightError as e:
+                errors.append(e)
+            except Exception as e:  # a corrupt card must not crash the caller with a bare error
+                errors.append(CardError(f"{card.ref}: verification failed: {e}"))
+
+        worker = None
+        if card.tensor_nbytes >= _VERIFY_IN_THREAD_BYTES:
+            worker = threading.Thread(target=verify, name="loraflight-verify", daemon=True)
+            worker.start()
+        else:
+            verify()
+        try:
+            groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+            for mod, tgt in plan.targets.items():
+                groups.setdefault(tgt, []).append(mod)
+            tensors: dict[str, Delta] = {}
+            for (dev, dt), mods in groups.items():
+                only = None if len(groups) == 1 else mods
+                tensors.update(card_tensors(card, dev, dt, scale=True, modules=only))
+        finally:
+            if worker is not None:
+                worker.join()
+        if errors:
+            raise errors[0]
+        narrowing = any(TORCH_DTYPES[card.dtype] != dt for _, dt in plan.targets.values())
+        if narrowing:
+            for mod, (a, b) in tensors.items():
+                if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+                    raise CardError(
+                        f"{card.ref}: module {mod!r} overflows to Inf when cast to the layer's "
+                        f"{dtype_name(a.dtype)}; use a card in the model's dtype"
+                    )
+        return {plan.mapping[m]: ab for m, ab in tensors.items()}
+
+    # ------------------------------------------------------------------ activate / unload / merge
+    def activate(self, *names: str, exclusive: bool = False) -> None:
+        """Make adapters active (added to the active set; `exclusive=True`: only these)."""
+        with self._lock:
+            self._check_names(names)
+            now = time.monotonic()
+            cand = {}
+            for n, a in self._adapters.items():
+                on = n in names or (a.active and not exclusive)
+                cand[n] = dataclasses.replace(a, active=on, last_used=now if n in names else a.last_used)
+            merged = tuple(m for m in self._merged if cand[m].active)
+            self._commit(cand, merged)
+
+    def deactivate(self, *names: str) -> None:
+        """Deactivate adapters (no names: all). A merged adapter is unmerged first."""
+        with self._lock:
+            self._check_names(names)
+            off = set(names) if names else set(self._adapters)
+            cand = {
+                n: dataclasses.replace(a, active=a.active and n not in off) for n, a in self._adapters.items()
+            }
+            merged = tuple(m for m in self._merged if m not in off)
+            self._commit(cand, merged)
+
+    def unload(self, name: str | None = None) -> None:
+        """Unload one adapter (and the auto-loaded parents only it needed), or all (None).
+
+        Once nothing is loaded, the model holds its original module objects again and
+        its ``state_dict()`` is bitwise what it was before the engine touched it.
+        """
+        with self._lock:
+            if name is None:
+                self._commit({}, ())
+                log.info("unloaded all adapters")
+                return
+            self._check_names((name,))
+            children = [n for n, a in self._adapters.items() if name in a.parents]
+            if children:
+                raise EngineError(
+                    f"adapter {name!r} is a lineage parent of {', '.join(map(repr, children))}; unload those first"
+                )
+            cand = dict(self._adapters)
+            _remove(cand, name)
+            self._commit(cand, tuple(m for m in self._merged if m in cand))
+            log.info("unloaded %r", name)
+
+    def merge(self, name: str | None = None) -> None:
+        """Merge an adapter (None: all active ones) into the weights for base-speed forwards.
+
+        Safe: the merged weight is built in a copy (float32 for 16-bit layers), checked finite,
+        then assigned; the original Parameter is kept, so unmerge/unload restore it bitwise.
+        """
+        with self._lock:
+            if name is None:
+                names = tuple(n for n, a in self._adapters.items() if a.active)
+                if not names:
+                    raise EngineError("merge(): no adapter is active; name one or activate one first")
+            else:
+                self._check_names((name,))
+                names = (name,)
+            cand = {
+                n: dataclasses.replace(a, active=a.active or n in names) for n, a in self._adapters.items()
+            }
+            self._commit(cand, tuple(dict.fromkeys((*self._merged, *names))))
+
+    def unmerge(self) -> None:
+        """Put the original weights back; merged adapters stay active, unmerged."""
+        with self._lock:
+            self._commit(dict(self._adapters), ())
+
+    def close(self) -> None:
+        """Unload everything and remove the engine's hooks from the model."""
+        with self._lock:
+            self._commit({}, ())
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+
+    def _check_names(self, names: Iterable[str]) -> None:
+        unknown = [n for n in names if n not in self._adapters]
+        if unknown:
+            raise EngineError(
+                f"no adapter named {', '.join(map(repr, unknown))} is loaded; loaded: {sorted(self._adapters) or 'none'}"
+            )
+
+    def _evict(self, cand: dict[str, _Adapter], keep: str) -> None:
+        assert self.max_adapters is not None
+        protect = set(_lineage(cand, keep))
+        for _ in range(len(cand) + 1):
+            users = [n for n, a in cand.items() if not a.auto]
+            if len(users) <= self.max_adapters:
+                return
+            has_children = {p for a in cand.values() for p in a.parents}
+            victims = [n for n in users if n not in protect and n not in has_children]
+            if not victims:
+                raise EngineError(
+                    f"cannot load {keep!r}: max_adapters={self.max_adapters} is reached and every loaded "
+                    "adapter is needed (lineage); unload one or raise max_adapters"
+                )
+            victim = min(victims, key=lambda n: self._used(cand[n]))
+            _remove(cand, victim)
+            self.evictions += 1
+            log.info("max_adapters=%d: unloaded least recently used %r", self.max_adapters, victim)
+
+    # ------------------------------------------------------------------ commit
+    def _commit(self, cand: dict[str, _Adapter], merged: tuple[str, ...]) -> None:
+        """Make `cand` the loaded set: build everything first, then swap it in."""
+        needed = {m for a in cand.values() for m in a.deltas}
+        new_wrappers: dict[str, LoRALinear] = {}
+        revived: dict[str, LoRALinear] = {}
+        with self._flight_lock:
+            for m in needed:
+                if m not in self._wrappers and m in self._pending:
+                    revived[m] = self._pending[m]
+        for m in sorted(needed):
+            if m in self._wrappers or m in revived:
+                continue
+            base = self.model.get_submodule(m)
+            if not isinstance(base, nn.Linear):
+                raise EngineError(f"module {m!r} is a {type(base).__name__}, not an nn.Linear")
+            new_wrappers[m] = LoRALinear(base, self._next_key + len(new_wrappers), self._shared)
+        wrappers = {m: w for m, w in {**self._wrappers, **revived, **new_wrappers}.items() if m in needed}
+
+        merged_all = self._merged_set(cand, merged)
+        eff: dict[str, list[str]] = {n: _lineage(cand, n) for n in cand}
+        active_order = list(
+            dict.fromkeys(x for n, a in cand.items() if a.active or n in merged_all for x in eff[n])
+        )
+        merged_order = [x for x in active_order if x in merged_all]
+        unmerged = [x for x in active_order if x not in merged_all]
+
+        # merged weights first: this is the step that can fail (non-finite)
+        params: dict[str, nn.Parameter] = {}
+        merged_cache: dict[str, tuple[tuple[int, ...], nn.Parameter]] = {}
+        for m, w in wrappers.items():
+            ds = [cand[n].deltas[m] for n in merged_order if m in cand[n].deltas]
+            if not ds:
+                continue
+            ident = tuple(id(t) for d in ds for t in d)
+            cached = self._merged_cache.get(m)
+            if cached is not None and cached[0] == ident:
+                params[m] = cached[1]
+            else:
+                mw = merged_weight(w.base_layer.weight, ds)
+                if not bool(torch.isfinite(mw).all()):
+                    raise EngineError(
+                        f"merging {', '.join(merged_order)} into {m!r} gives non-finite weights "
+                        f"(overflow in {dtype_name(mw.dtype)}); nothing was changed"
+                    )
+                params[m] = nn.Parameter(mw, requires_grad=False)
+            merged_cache[m] = (ident, params[m])
+
+        slots: dict[int, Slot] = {}
+        for m, w in wrappers.items():
+            per_adapter = {}
+            for n in cand:
+                ds = [cand[x].deltas[m] for x in eff[n] if m in cand[x].deltas]
+                if ds:
+                    per_adapter[n] = combine(ds)
+            delta = combine([cand[n].deltas[m] for n in unmerged if m in cand[n].deltas])
+            weight = params.get(m, w.base_layer.weight)
+            slots[w.key] = Slot(weight, w.base_layer.bias, delta, per_adapter)  # type: ignore[arg-type]
+        snap = Snapshot(slots=slots, merged=bool(params), names=frozenset(cand))
+
+        # ---- commit: nothing below can fail on bad input
+        with self._flight_lock:
+            for m, w in revived.items():
+                if self._pending.pop(m, None) is None:  # a finished forward put the original back
+                    parent, attr = self._parent_of(m)
+                    setattr(parent, attr, w)
+        for m, w in new_wrappers.items():
+            parent, attr = self._parent_of(m)
+            setattr(parent, attr, w)
+        self._next_key += len(new_wrappers)
+        for m, w in wrappers.items():
+            p = params.get(m, w.base_layer.weight)
+            if w.weight is not p:
+                w.weight = p
+        released = {m: w for m, w in self._wrappers.items() if m not in needed}
+        for w in released.values():
+            if w.weight is not w.base_layer.weight:
+                w.weight = w.base_layer.weight
+        self._wrappers = wrappers
+        self._adapters = cand
+        self._merged = tuple(m for m in merged if m in cand)
+        self._merged_cache = merged_cache
+        self._shared.state = snap
+        if released:
+            with self._flight_lock:
+                self._pending.update(released)
+                if self._inflight == 0:
+                    self._restore_pending()
+
+    @staticmethod
+    def _merged_set(cand: dict[str, _Adapter], merged: Sequence[str]) -> set[str]:
+        out: set[str] = set()
+        for n in merged:
+            if n in cand:
+                out.update(_lineage(cand, n))
+        return out
+
+    def _parent_of(self, path: str) -> tuple[nn.Module, str]:
+        head, _, attr = path.rpartition(".")
+        return (self.model.get_submodule(head) if head else self.model), attr
+
+    def _restore_pending(self) -> None:
+        """Put original modules back (caller holds _flight_lock and no forward is in flight)."""
+        for m, w in self._pending.items():
+            parent, attr = self._parent_of(m)
+            if getattr(parent, attr, None) is w:
+                setattr(parent, attr, w.base_layer)
+        self._pending.clear()
+
+    # ------------------------------------------------------------------ forward hooks
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        stack = getattr(self._tls, "stack", None)
+        if stack is None:
+            stack = self._tls.stack = []
+        rows = self._mixed_var.get()
+        try:
+            with self._flight_lock:
+                snap = self._shared.state
+                if rows is not None:
+                    snap = _with_rows(snap, rows)
+                self._inflight += 1
+        except BaseException:
+            stack.append(None)  # the post hook still runs (always_call) and pops this
+            raise
+        stack.append(self._shared.var.set(snap))
+        self._last_forward = time.monotonic()
+
+    def _post_hook(self, module: nn.Module, args: Any, result: Any) -> None:
+        stack = getattr(self._tls, "stack", None)
+        if not stack:
+            return
+        token = stack.pop()
+        if token is None:
+            return
+        self._shared.var.reset(token)
+        with self._flight_lock:
+            self._inflight -= 1
+            if self._inflight == 0 and self._pending:
+                self._restore_pending()
+
+    # ------------------------------------------------------------------ mixed batches
+    @contextlib.contextmanager
+    def mixed(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Within this block, row i of the model's batch uses adapter names[i] (None: base)."""
+        rows = tuple(names)
+        with self._lock:
+            self._check_names([n for n in rows if n is not None])
+            if self._merged:
+                raise EngineError("mixed batches need unmerged adapters; call unmerge() first")
+            now = time.monotonic()
+            for n in set(rows) - {None}:
+                assert n is not None
+                self._adapters[n] = dataclasses.replace(self._adapters[n], last_used=now)
+        token = self._mixed_var.set(rows)
+        try:
+            yield
+        finally:
+            self._mixed_var.reset(token)
+
+    def forward_mixed(self, names: Sequence[str | None], *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` with row i using adapter names[i] (None: base)."""
+        with self.mixed(names):
+            return self.model(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _same(n: str) -> str:
+    return n
+
+
+def _strip_peft(n: str) -> str:
+    return n[len(_PEFT_PREFIX) :] if n.startswith(_PEFT_PREFIX) else n
+
+
+def _dropper(k: int) -> Callable[[str], str | None]:
+    def fn(n: str) -> str | None:
+        return ".".join(_strip_peft(n).split(".")[k:]) or None
+
+    return fn
+
+
+def _prefixer(prefix: str) -> Callable[[str], str]:
+    def fn(n: str) -> str:
+        return prefix + _strip_peft(n)
+
+    return fn
+
+
+def _as_card(obj: Any) -> LoRACard:
+    if isinstance(obj, LoRACard):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return LoRACard.open(obj)
+    raise EngineError(f"expected a LoRACard or a card file path, got {type(obj).__name__}")
+
+
+def _free_name(cand: dict[str, _Adapter], card: LoRACard) -> str:
+    for n in (card.name, card.ref, f"{card.ref}#{card.digest[:12]}"):
+        if n not in cand:
+            return n
+    return f"{card.ref}#{card.digest}"
+
+
+def _lineage(cand: dict[str, _Adapter], name: str) -> list[str]:
+    """Ancestors first (each once), then `name`."""
+    out: dict[str, None] = {}
+
+    def visit(n: str, depth: int) -> None:
+        if n in out or depth > _MAX_LINEAGE_DEPTH or n not in cand:
+            return
+        for p in cand[n].parents:
+            visit(p, depth + 1)
+        out[n] = None
+
+    visit(name, 0)
+    return list(out)
+
+
+def _remove(cand: dict[str, _Adapter], name: str) -> None:
+    """Drop `name` and then every auto-loaded parent that nothing left needs."""
+    cand.pop(name, None)
+    for _ in range(len(cand) + 1):
+        needed = {p for a in cand.values() for p in a.parents}
+        orphans = [n for n, a in cand.items() if a.auto and n not in needed and not a.active]
+        if not orphans:
+            return
+        for n in orphans:
+            cand.pop(n)
+
+
+def _with_rows(snap: Snapshot, rows: tuple[str | None, ...]) -> Snapshot:
+    if snap.merged:
+        raise EngineError("mixed batches need unmerged adapters; call unmerge() first")
+    names = tuple(dict.fromkeys(n for n in rows if n is not None))
+    unknown = [n for n in names if n not in snap.names]
+    if unknown:
+        raise EngineError(f"mixed batch names adapter(s) {unknown} that are not loaded")
+    index = tuple(0 if n is None else names.index(n) + 1 for n in rows)
+    return Snapshot(
+        slots=snap.slots,
+        merged=False,
+        names=snap.names,
+        rows=RowPlan(names, index),
+        _stacks=snap._stacks,
+        _memo_lock=snap._memo_lock,
+    )

@@ -1,0 +1,223 @@
+"""Card ⇄ torch: copy a card's A/B into device tensors, build a card from torch tensors.
+
+Public helpers (used by the engine and by authoring):
+
+- ``card_tensors(card, device=None, dtype=None, *, scale=False)`` → ``{module: (A, B)}``
+  owned tensors (A: (rank, in), B: (out, rank)); ``scale=True`` folds the module's
+  LoRA scale (alpha/r or alpha/sqrt(r)) into B.
+- ``card_from_tensors(modules, *, name, alpha=None, dtype=None, **header)`` → ``LoRACard``.
+- ``model_shapes(model, modules)`` / ``model_fingerprint(model, modules)``: the
+  (module, in, out) triples and base fingerprint of a model's Linear layers.
+
+Copies go batch by batch: a card's A matrices of one record batch lie end to end
+in one Arrow buffer, so one ``copy_`` moves (and casts) all of them at once.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .card import DTYPES, LoRACard, ModuleLoRA, base_fingerprint
+from .errors import CardError, EngineError
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """'float32' | 'float16' | 'bfloat16' for a torch dtype or one of those names."""
+    if isinstance(dtype, str):
+        if dtype not in TORCH_DTYPES:
+            raise CardError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+        return dtype
+    if dtype not in _NAMES:
+        raise CardError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    return _NAMES[dtype]
+
+
+def _np_to_torch(arr: np.ndarray, card_dtype: str) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only map: we only read from it
+        t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if card_dtype == "bfloat16" else t
+
+
+def _flat_values(batch: Any, col: str, dtype: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(values, offsets) of a list column when its values are one contiguous run, else None."""
+    arr = batch.column(col)
+    offs = arr.offsets.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    if len(offs) == 0:
+        return None
+    values = arr.values
+    try:
+        flat = values.to_numpy(zero_copy_only=True)
+    except Exception:  # pyarrow raises ArrowInvalid for odd layouts: take the per-module path
+        return None
+    flat = flat.view(DTYPES[dtype])
+    return flat[int(offs[0]) : int(offs[-1])], offs - offs[0]
+
+
+def card_tensors(
+    card: LoRACard,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    scale: bool = False,
+    modules: Iterable[str] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copy a card's A and B into fresh tensors on `device` in `dtype` (default: the card's).
+
+    A is (rank, in_features), B is (out_features, rank), both contiguous views into
+    one buffer per record batch. With ``scale=True``, B is multiplied by the module's
+    LoRA scale, so ``x @ A.T @ B.T`` is the whole delta. ``modules`` restricts the copy.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    tdt = TORCH_DTYPES[dtype_name(dtype)] if dtype is not None else TORCH_DTYPES[card.dtype]
+    want = set(modules) if modules is not None else None
+    scaling = card.header.scaling
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    rows = iter(card.modules)
+    for batch in card.batches:
+        n = batch.num_rows
+        mods: list[ModuleLoRA] = [next(rows) for _ in range(n)]
+        fa = _flat_values(batch, "lora_a", card.dtype)
+        fb = _flat_values(batch, "lora_b", card.dtype)
+        bulk = fa is not None and fb is not None and (want is None or all(m.module in want for m in mods))
+        if bulk:
+            assert fa is not None and fb is not None
+            (va, oa), (vb, ob) = fa, fb
+            ok = all(
+                int(oa[i + 1] - oa[i]) == m.a.size and int(ob[i + 1] - ob[i]) == m.b.size
+                for i, m in enumerate(mods)
+            )
+            if ok:
+                buf_a = torch.empty(va.size, dtype=tdt, device=dev)
+                buf_b = torch.empty(vb.size, dtype=tdt, device=dev)
+                buf_a.copy_(_np_to_torch(va, card.dtype))
+                buf_b.copy_(_np_to_torch(vb, card.dtype))
+                for i, m in enumerate(mods):
+                    a = buf_a[int(oa[i]) : int(oa[i + 1])].view(m.a.shape)
+                    b = buf_b[int(ob[i]) : int(ob[i + 1])].view(m.b.shape)
+                    out[m.module] = (a, b)
+                if scale:
+                    scales = {m.scale(scaling) for m in mods}
+                    if len(scales) == 1:
+                        s = scales.pop()
+                        if s != 1.0:
+                            buf_b.mul_(s)
+                    else:
+                        for m in mods:
+                            s = m.scale(scaling)
+                            if s != 1.0:
+                                out[m.module][1].mul_(s)
+                continue
+        for m in mods:
+            if want is not None and m.module not in want:
+                continue
+            a = torch.empty(m.a.shape, dtype=tdt, device=dev)
+            b = torch.empty(m.b.shape, dtype=tdt, device=dev)
+            a.copy_(_np_to_torch(np.ascontiguousarray(m.a), card.dtype))
+            b.copy_(_np_to_torch(np.ascontiguousarray(m.b), card.dtype))
+            if scale:
+                s = m.scale(scaling)
+                if s != 1.0:
+                    b.mul_(s)
+            out[m.module] = (a, b)
+    return out
+
+
+def tensor_to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A CPU numpy copy of `t` and its card dtype name (bfloat16 as uint16 words)."""
+    t = t.detach().to("cpu").contiguous()
+    name = dtype_name(t.dtype)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16).copy(), name
+    return t.numpy().copy(), name
+
+
+def card_from_tensors(
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    name: str,
+    alpha: float | Mapping[str, float] | None = None,
+    dtype: torch.dtype | str | None = None,
+    **header: Any,
+) -> LoRACard:
+    """Build a card from ``{module: (A (rank, in), B (out, rank))}`` torch tensors.
+
+    `alpha`: one value for all modules, a per-module mapping, or None (alpha = rank,
+    i.e. scale 1 under the standard rule). `dtype`: the card's dtype (default: the
+    tensors'; all must agree); tensors are cast to it, bf16 stored as its raw words.
+    Other keyword arguments go to ``LoRACard.build`` (version, description, tags,
+    base_model, base_fingerprint, scaling, author, lineage, peft, extra, created).
+    """
+    if not modules:
+        raise CardError("card_from_tensors needs at least one module")
+    if dtype is None:
+        dts = {t.dtype for ab in modules.values() for t in ab}
+        if len(dts) != 1:
+            raise CardError(f"tensors have several dtypes {sorted(map(str, dts))}; pass dtype=")
+        target = TORCH_DTYPES[dtype_name(dts.pop())]
+    else:
+        target = TORCH_DTYPES[dtype_name(dtype)]
+    rows = []
+    for module, (a, b) in modules.items():
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise CardError(
+                f"module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
+                "(A must be (rank, in_features), B (out_features, rank))"
+            )
+        rank = int(a.shape[0])
+        if alpha is None:
+            al = float(rank)
+        elif isinstance(alpha, Mapping):
+            if module not in alpha:
+                raise CardError(f"module {module!r} has no alpha in the alpha mapping")
+            al = float(alpha[module])
+        else:
+            al = float(alpha)
+        na, _ = tensor_to_numpy(a.to(target))
+        nb, _ = tensor_to_numpy(b.to(target))
+        rows.append(ModuleLoRA(module, rank, al, na, nb))
+    return LoRACard.build(rows, name=name, dtype=_NAMES[target], **header)
+
+
+def resolve_linear(model: nn.Module, module: str) -> nn.Linear:
+    """The nn.Linear at `module` in `model`, or EngineError saying what is there instead."""
+    try:
+        m = model.get_submodule(module)
+    except AttributeError:
+        raise EngineError(f"module {module!r} does not exist in the model") from None
+    base = getattr(m, "base_layer", m)  # an engine-wrapped layer reports its base
+    if not isinstance(base, nn.Linear):
+        raise EngineError(f"module {module!r} is a {type(m).__name__}, not an nn.Linear")
+    return base
+
+
+def model_shapes(model: nn.Module, modules: Iterable[str]) -> list[tuple[str, int, int]]:
+    """(module, in_features, out_features) of each named Linear in `model`."""
+    out = []
+    for name in modules:
+        lin = resolve_linear(model, name)
+        out.append((name, int(lin.in_features), int(lin.out_features)))
+    return out
+
+
+def model_fingerprint(model: nn.Module, modules: Iterable[str]) -> str:
+    """`engine.card.base_fingerprint` of the named Linear layers of `model`."""
+    return base_fingerprint(model_shapes(model, modules))
+
+
+def lora_scale(rank: int, alpha: float, scaling: str) -> float:
+    return alpha / math.sqrt(rank) if scaling == "rslora" else alpha / rank
