@@ -1,0 +1,796 @@
+"""Train a LoRA card from examples: contrastive pairs (embedding models) or prompt/completion (causal LMs).
+
+Theory of operation
+-------------------
+`LoRAInjection` freezes every parameter of the model it is given, then replaces each targeted
+`nn.Linear` by a `LoRATrainLinear` that keeps the original Linear as `base` and adds two trainable
+matrices: y = base(x) + scale · (dropout(x) @ Aᵀ) @ Bᵀ, scale = alpha/r (or alpha/√r for rsLoRA),
+the same math the engine runs at inference. A starts Kaiming-uniform from the seed, B at zero, so
+the wrapped model starts exactly at the base model. Only A and B are handed to the optimiser, and
+every step checks that no other parameter received a gradient. `restore()` puts the original
+modules and `requires_grad` flags back; base weights are never written.
+
+`train_card` splits the records deterministically (seeded), evaluates the held-out split, trains,
+evaluates again, and emits a card with `LoRACard.build` (module names relative to the model given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..card import DTYPES, MAX_RANK, SCALINGS, LoRACard, ModuleLoRA, base_fingerprint
+from ..errors import TrainingError
+from ._arrays import from_float
+
+log = logging.getLogger(__name__)
+
+KINDS = ("pairs", "completion")
+PRIMARY_METRIC = {"pairs": "margin", "completion": "loss"}
+HIGHER_IS_BETTER = {"margin": True, "loss": False}
+# Used when target_modules is None: the attention projections of BERT- and Llama-style models.
+DEFAULT_TARGETS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")
+MAX_LISTED_PROBLEMS = 100
+MAX_RECORDS = 1_000_000
+MAX_LINE_BYTES = 1 << 20
+
+
+def _problems_error(what: str, problems: list[str]) -> TrainingError:
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    tail = f"\n  … and {more} more" if more > 0 else ""
+    return TrainingError(
+        f"{what} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
+        + "\n  ".join(shown)
+        + tail
+    )
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How to train a card. `validate()` reports every problem at once."""
+
+    kind: str = "pairs"  # "pairs" (contrastive, embedding model) or "completion" (causal LM)
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA alpha; scale = alpha/r (or alpha/sqrt(r) with scaling="rslora")
+    dropout: float = 0.0  # dropout on the LoRA branch's input
+    target_modules: tuple[str, ...] | None = (
+        None  # Linear names or name suffixes; None = attention projections
+    )
+    scaling: str = "standard"  # "standard" or "rslora"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 16
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many optimiser steps (None: all epochs)
+    eval_fraction: float = 0.2  # share of records held out for the before/after evaluation
+    max_length: int = 64  # tokens per text (pairs) or per prompt+completion (completion)
+    temperature: float = 0.05  # InfoNCE temperature (pairs)
+    grad_clip: float | None = 1.0  # max gradient norm; None = no clipping
+    dtype: str = "float32"  # the card's dtype
+
+    def validate(self) -> TrainConfig:
+        """Return self, or raise TrainingError listing every invalid field."""
+        p: list[str] = []
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        if self.kind not in KINDS:
+            p.append(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if not is_int(self.rank) or not 1 <= self.rank <= MAX_RANK:
+            p.append(f"rank must be an integer in 1..{MAX_RANK}, got {self.rank!r}")
+        if not is_num(self.alpha) or self.alpha <= 0:
+            p.append(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        if not is_num(self.dropout) or not 0 <= self.dropout < 1:
+            p.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            tm = self.target_modules
+            if isinstance(tm, str) or not isinstance(tm, Sequence) or not tm:
+                p.append("target_modules must be a non-empty list of module names (or None for the default)")
+            elif not all(isinstance(t, str) and t.strip() for t in tm):
+                p.append(f"target_modules must hold non-empty strings, got {list(tm)!r}")
+        if self.scaling not in SCALINGS:
+            p.append(f"scaling {self.scaling!r} is not one of {', '.join(SCALINGS)}")
+        if not is_num(self.learning_rate) or not 0 < self.learning_rate <= 1:
+            p.append(f"learning_rate must be in (0, 1], got {self.learning_rate!r}")
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            p.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not is_int(self.epochs) or not 1 <= self.epochs <= 10_000:
+            p.append(f"epochs must be an integer in 1..10000, got {self.epochs!r}")
+        min_batch = 2 if self.kind == "pairs" else 1
+        if not is_int(self.batch_size) or not min_batch <= self.batch_size <= 65_536:
+            why = (
+                " (contrastive pairs need at least 2 for in-batch negatives)" if self.kind == "pairs" else ""
+            )
+            p.append(f"batch_size must be an integer in {min_batch}..65536{why}, got {self.batch_size!r}")
+        if not is_int(self.seed) or self.seed < 0:
+            p.append(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
+            p.append(f"max_steps must be None or an integer >= 1, got {self.max_steps!r}")
+        if not is_num(self.eval_fraction) or not 0 < self.eval_fraction < 1:
+            p.append(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        if not is_int(self.max_length) or not 4 <= self.max_length <= 8192:
+            p.append(f"max_length must be an integer in 4..8192, got {self.max_length!r}")
+        if not is_num(self.temperature) or self.temperature <= 0:
+            p.append(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.grad_clip is not None and (not is_num(self.grad_clip) or self.grad_clip <= 0):
+            p.append(f"grad_clip must be None or a number > 0, got {self.grad_clip!r}")
+        if self.dtype not in DTYPES:
+            p.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if p:
+            raise _problems_error("invalid training config", p)
+        return self
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping (e.g. a JSON/TOML file); unknown keys are problems too."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        kw = {k: v for k, v in raw.items() if k in known}
+        if isinstance(kw.get("target_modules"), list):
+            kw["target_modules"] = tuple(kw["target_modules"])
+        cfg = cls(**kw)
+        try:
+            cfg.validate()
+        except TrainingError as e:
+            if unknown:
+                raise TrainingError(f"{e}\n  unknown config keys: {', '.join(unknown)}") from None
+            raise
+        if unknown:
+            raise _problems_error(
+                "invalid training config",
+                [f"unknown config key {k!r} (known: {', '.join(sorted(known))})" for k in unknown],
+            )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["target_modules"] is not None:
+            d["target_modules"] = list(d["target_modules"])
+        return d
+
+
+# --------------------------------------------------------------------------- data
+
+_FIELDS = {"pairs": ({"anchor", "positive"}, {"negative"}), "completion": ({"prompt", "completion"}, set())}
+
+
+def load_dataset(
+    path_or_records: str | os.PathLike[str] | Iterable[Mapping[str, Any]], kind: str = "pairs"
+) -> list[dict[str, str]]:
+    """Read and validate a JSONL file (or an iterable of dicts): every bad line is reported together.
+
+    pairs: {"anchor": str, "positive": str, "negative"?: str}; completion: {"prompt": str, "completion": str}.
+    Blank lines are skipped. Raises TrainingError naming each problem with its line number.
+    """
+    if kind not in KINDS:
+        raise TrainingError(f"dataset kind {kind!r} is not one of {', '.join(KINDS)}")
+    problems: list[str] = []
+    out: list[dict[str, str]] = []
+    if isinstance(path_or_records, str | os.PathLike):
+        path = Path(path_or_records)
+        source = str(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise TrainingError(f"{path}: no such dataset file") from None
+        except OSError as e:
+            raise TrainingError(f"{path}: cannot read the dataset: {e}") from None
+        items: Iterator[tuple[str, Any]] = _parse_jsonl(data, problems)
+    else:
+        source = "records"
+        items = ((f"record {i}", r) for i, r in enumerate(path_or_records, 1))
+    required, optional = _FIELDS[kind]
+    count = 0
+    for where, rec in items:
+        count += 1
+        if count > MAX_RECORDS:
+            problems.append(f"more than {MAX_RECORDS} records; split the dataset")
+            break
+        if not isinstance(rec, Mapping):
+            problems.append(
+                f"{where}: expected a JSON object with {', '.join(sorted(required))}, got {type(rec).__name__}"
+            )
+            continue
+        bad = False
+        missing = sorted(required - set(rec))
+        if missing:
+            problems.append(
+                f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+            )
+            bad = True
+        unknown = sorted(set(map(str, rec)) - required - optional)
+        if unknown:
+            allowed = ", ".join(sorted(required | optional))
+            problems.append(
+                f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (a {kind} record has {allowed})"
+            )
+            bad = True
+        for k in sorted((required | optional) & set(rec)):
+            v = rec[k]
+            if not isinstance(v, str):
+                problems.append(f"{where}: field {k!r} must be a string, got {type(v).__name__}")
+                bad = True
+            elif not v.strip():
+                problems.append(f"{where}: field {k!r} is empty")
+                bad = True
+        if not bad:
+            out.append({k: rec[k] for k in (required | optional) if k in rec})
+    if not problems and not out:
+        raise TrainingError(f"{source}: the dataset is empty: expected one JSON object per line")
+    if problems:
+        raise _problems_error(f"{source}: bad training data", problems)
+    return out
+
+
+def _parse_jsonl(data: bytes, problems: list[str]) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        where = f"line {n}"
+        if len(line) > MAX_LINE_BYTES:
+            problems.append(f"{where}: longer than {MAX_LINE_BYTES} bytes")
+            continue
+        try:
+            yield where, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            problems.append(f"{where}: not valid UTF-8")
+        except (json.JSONDecodeError, RecursionError) as e:
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            problems.append(f"{where}: malformed JSON ({msg})")
+
+
+def split_records(
+    records: Sequence[Mapping[str, str]], eval_fraction: float, seed: int, kind: str = "pairs"
+) -> tuple[list[Any], list[Any]]:
+    """(train, held_out), a seeded shuffle; both sides large enough for `kind`."""
+    need = 2 if kind == "pairs" else 1
+    n = len(records)
+    if n < 2 * need:
+        raise TrainingError(
+            f"{n} record(s) is too few: need at least {2 * need} to hold out an evaluation split "
+            f"({'pairs need 2 per side for negatives' if kind == 'pairs' else '1 per side'})"
+        )
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(need, round(n * eval_fraction)), n - need)
+    held = [records[i] for i in order[:n_eval]]
+    train = [records[i] for i in order[n_eval:]]
+    return train, held
+
+
+# --------------------------------------------------------------------------- LoRA wrapper
+
+_torch: Any = None
+
+
+def _t() -> Any:
+    global _torch
+    if _torch is None:
+        import torch
+
+        _torch = torch
+    return _torch
+
+
+def _make_wrapper_class() -> Any:
+    torch = _t()
+    nn = torch.nn
+    module_base: Any = nn.Module
+
+    class LoRATrainLinear(module_base):
+        """A frozen Linear plus trainable A (r, in) and B (out, r): y = base(x) + s·(drop(x) Aᵀ) Bᵀ."""
+
+        def __init__(
+            self, base: Any, rank: int, alpha: float, dropout: float, scaling: str, generator: Any
+        ) -> None:
+            super().__init__()
+            self.base = base
+            self.rank = rank
+            self.alpha = float(alpha)
+            self.scale = alpha / math.sqrt(rank) if scaling == "rslora" else alpha / rank
+            dev = base.weight.device
+            self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=torch.float32, device=dev))
+            self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=dev))
+            with torch.no_grad():
+                # PEFT's init: A ~ kaiming_uniform(a=√5) = U(-1/√in, 1/√in); B = 0 so training starts at the base.
+                bound = 1.0 / math.sqrt(base.in_features)
+                a = (
+                    torch.rand(rank, base.in_features, generator=generator, dtype=torch.float32) * (2 * bound)
+                    - bound
+                )
+                self.lora_A.copy_(a.to(dev))
+            self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        def forward(self, x: Any) -> Any:
+            y = self.base(x)
+            h = self.lora_dropout(x).to(self.lora_A.dtype)
+            return y + (self.scale * ((h @ self.lora_A.t()) @ self.lora_B.t())).to(y.dtype)
+
+    return LoRATrainLinear
+
+
+_WRAPPER: Any = None
+
+
+def lora_train_linear_class() -> Any:
+    """The trainable LoRA wrapper class (built on first use so importing this module needs no torch)."""
+    global _WRAPPER
+    if _WRAPPER is None:
+        _WRAPPER = _make_wrapper_class()
+    return _WRAPPER
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamReport:
+    """Parameter counts while LoRA is attached: trainable must equal lora."""
+
+    trainable: int
+    frozen: int
+    lora: int
+    total: int
+    modules: int  # number of adapted Linear modules
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable / self.total if self.total else 0.0
+        return (
+            f"trainable {self.trainable:,} ({share:.3f} %) = LoRA {self.lora:,} over {self.modules} modules; "
+            f"frozen {self.frozen:,}; total {self.total:,}"
+        )
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+class LoRAInjection:
+    """Attach trainable LoRA to a model's Linear modules; `restore()` undoes it exactly.
+
+    Usable as a context manager. While attached, every model parameter except the LoRA A/B has
+    `requires_grad=False`.
+    """
+
+    def __init__(self, model: Any, config: TrainConfig) -> None:
+        torch = _t()
+        config.validate()
+        self.model = model
+        self.config = config
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n}
+        if config.target_modules is None:
+            targets = [n for n in linears if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS]
+            if not targets:
+                targets = [
+                    n for n in linears if n.rsplit(".", 1)[-1] not in ("lm_head", "score", "classifier")
+                ]
+            if not targets:
+                raise TrainingError("the model has no nn.Linear modules to adapt")
+        else:
+            problems = []
+            targets = []
+            all_modules = dict(model.named_modules())
+            for t in config.target_modules:
+                hit = [n for n in linears if _matches(n, t)]
+                if not hit:
+                    other = [n for n in all_modules if n and _matches(n, t)]
+                    if other:
+                        kinds = sorted({type(all_modules[n]).__name__ for n in other})
+                        problems.append(
+                            f"target module {t!r} matches only non-Linear modules ({', '.join(kinds)}); a card adapts nn.Linear only"
+                        )
+                    else:
+                        sample = sorted({n.rsplit(".", 1)[-1] for n in linears})[:12]
+                        problems.append(
+                            f"target module {t!r} matches no Linear in the model (Linear names end in: {', '.join(sample)})"
+                        )
+                targets.extend(h for h in hit if h not in targets)
+            if problems:
+                raise _problems_error("target_modules do not fit the model", problems)
+        self.targets: list[str] = sorted(targets, key=list(linears).index)
+        self._flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+        self._originals: dict[str, Any] = {}
+        self.wrappers: dict[str, Any] = {}
+        cls = lora_train_linear_class()
+        gen = torch.Generator().manual_seed(config.seed)
+        for p, _ in self._flags.values():
+            p.requires_grad_(False)
+        try:
+            for name in self.targets:
+                parent, attr = self._parent(name)
+                base = getattr(parent, attr)
+                w = cls(base, config.rank, config.alpha, config.dropout, config.scaling, gen)
+                w.train(base.training)
+                self._originals[name] = base
+                setattr(parent, attr, w)
+                self.wrappers[name] = w
+        except BaseException:
+            self.restore()
+            raise
+        self.attached = True
+
+    def _parent(self, name: str) -> tuple[Any, str]:
+        parent_name, _, attr = name.rpartition(".")
+        return (self.model.get_submodule(parent_name) if parent_name else self.model), attr
+
+    def lora_parameters(self) -> list[Any]:
+        return [p for w in self.wrappers.values() for p in (w.lora_A, w.lora_B)]
+
+    def frozen_parameters(self) -> list[Any]:
+        lora = {id(p) for p in self.lora_parameters()}
+        return [p for p in self.model.parameters() if id(p) not in lora]
+
+    def report(self) -> ParamReport:
+        """Counts from the model as it is now (attached): trainable, frozen, LoRA, total."""
+        params = list(self.model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        lora = sum(p.numel() for p in self.lora_parameters())
+        return ParamReport(trainable, total - trainable, lora, total, len(self.wrappers))
+
+    def check_only_lora(self) -> None:
+        """Raise TrainingError if anything but LoRA A/B requires or holds a gradient."""
+        lora = {id(p) for p in self.lora_parameters()}
+        named = dict(self.model.named_parameters())
+        bad = [n for n, p in named.items() if id(p) not in lora and (p.requires_grad or p.grad is not None)]
+        if bad:
+            raise TrainingError(
+                f"parameters outside LoRA became trainable or received a gradient: {', '.join(bad[:10])}"
+            )
+
+    def to_modules(self, dtype: str = "float32") -> list[ModuleLoRA]:
+        """The trained A and B of each module as card rows."""
+        out = []
+        for name, w in self.wrappers.items():
+            a = w.lora_A.detach().to("cpu", _t().float32).numpy()
+            b = w.lora_B.detach().to("cpu", _t().float32).numpy()
+            out.append(ModuleLoRA(name, w.rank, w.alpha, from_float(a, dtype), from_float(b, dtype)))
+        return out
+
+    def shapes(self) -> list[tuple[str, int, int]]:
+        return [(n, w.base.in_features, w.base.out_features) for n, w in self.wrappers.items()]
+
+    def restore(self) -> None:
+        """Put the original Linear modules and requires_grad flags back."""
+        for name, base in self._originals.items():
+            parent, attr = self._parent(name)
+            setattr(parent, attr, base)
+        self._originals = {}
+        for p, flag in self._flags.values():
+            p.requires_grad_(flag)
+        self.attached = False
+
+    def __enter__(self) -> LoRAInjection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+# --------------------------------------------------------------------------- losses and metrics
+
+
+def _pair_loss(model: Any, tokenizer: Any, batch: Sequence[Mapping[str, str]], cfg: TrainConfig) -> Any:
+    """InfoNCE with in-batch negatives (plus any hard negatives); duplicate positives are masked."""
+    from .models import encode
+
+    torch = _t()
+    anchors = [r["anchor"] for r in batch]
+    cands = [r["positive"] for r in batch] + [r["negative"] for r in batch if "negative" in r]
+    ea = encode(model, tokenizer, anchors, max_length=cfg.max_length)
+    ec = encode(model, tokenizer, cands, max_length=cfg.max_length)
+    logits = ea @ ec.t() / cfg.temperature
+    same = torch.tensor([[c == r["positive"] for c in cands] for r in batch], device=logits.device)
+    label = torch.arange(len(batch), device=logits.device)
+    same[label, label] = False
+    logits = logits.masked_fill(same, float("-inf"))
+    return torch.nn.functional.cross_entropy(logits, label)
+
+
+def _completion_batch(
+    tokenizer: Any, batch: Sequence[Mapping[str, str]], max_length: int
+) -> tuple[Any, Any, Any]:
+    torch = _t()
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = eos if eos is not None else 0
+    rows, labels = [], []
+    for r in batch:
+        p = list(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
+        c = list(tokenizer(r["completion"], add_special_tokens=False)["input_ids"])
+        head = ([bos] if bos is not None else []) + p
+        tail = c + ([eos] if eos is not None else [])
+        ids = (head + tail)[:max_length]
+        lab = ([-100] * len(head) + tail)[:max_length]
+        rows.append(ids)
+        labels.append(lab)
+    width = max(len(r) for r in rows)
+    ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
+    lab_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(rows, labels, strict=True)):
+        ids_t[i, : len(ids)] = torch.tensor(ids)
+        lab_t[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return ids_t, mask, lab_t
+
+
+def _completion_nll(
+    model: Any, tokenizer: Any, batch: Sequence[Mapping[str, str]], max_length: int
+) -> tuple[Any, int]:
+    """(sum of completion-token NLL, token count) for a batch."""
+    torch = _t()
+    ids, mask, labels = _completion_batch(tokenizer, batch, max_length)
+    dev = _device(model)
+    ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+    out = model(input_ids=ids, attention_mask=mask)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    shift_logits = logits[:, :-1, :].contiguous().float()
+    shift_labels = labels[:, 1:].contiguous()
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.view(-1, shift_logits.size(-1)),
+        shift_labels.view(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return nll, int((shift_labels != -100).sum())
+
+
+def _device(model: Any) -> Any:
+    for p in model.parameters():
+        return p.device
+    return _t().device("cpu")
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, str]],
+    kind: str = "pairs",
+    *,
+    max_length: int = 64,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Held-out metrics of `model` as it is now (e.g. with a card loaded through the engine).
+
+    pairs: pos_cosine (mean cosine of each anchor with its positive), neg_cosine (mean cosine with the
+    other positives and hard negatives), margin = pos − neg (higher is better), accuracy (share of
+    anchors whose nearest candidate is their positive). completion: loss (mean NLL per completion
+    token; lower is better) and perplexity. The model is evaluated in eval mode and left as it was.
+    """
+    torch = _t()
+    if kind not in KINDS:
+        raise TrainingError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    if not records:
+        raise TrainingError("nothing to evaluate: no records")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if kind == "pairs":
+                return _eval_pairs(model, tokenizer, records, max_length, batch_size)
+            total, count = 0.0, 0
+            for i in range(0, len(records), batch_size):
+                nll, n = _completion_nll(model, tokenizer, records[i : i + batch_size], max_length)
+                total += float(nll)
+                count += n
+            loss = total / max(count, 1)
+            return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "tokens": float(count)}
+    finally:
+        model.train(was_training)
+
+
+def _eval_pairs(
+    model: Any, tokenizer: Any, records: Sequence[Mapping[str, str]], max_length: int, batch_size: int
+) -> dict[str, float]:
+    from .models import encode
+
+    if len(records) < 2:
+        raise TrainingError("evaluating pairs needs at least 2 records (the others are the negatives)")
+    torch = _t()
+    anchors = [r["anchor"] for r in records]
+    cands = list(
+        dict.fromkeys([r["positive"] for r in records] + [r["negative"] for r in records if "negative" in r])
+    )
+
+    def emb(texts: list[str]) -> Any:
+        return torch.cat(
+            [
+                encode(model, tokenizer, texts[i : i + batch_size], max_length=max_length)
+                for i in range(0, len(texts), batch_size)
+            ]
+        )
+
+    sim = (emb(anchors) @ emb(cands).t()).double().cpu().numpy()
+    index = {c: j for j, c in enumerate(cands)}
+    pos = np.array([sim[i, index[r["positive"]]] for i, r in enumerate(records)])
+    neg_mask = np.ones_like(sim, dtype=bool)
+    for i, r in enumerate(records):
+        neg_mask[i, index[r["positive"]]] = False
+    neg = sim[neg_mask]
+    correct = [int(np.argmax(sim[i])) == index[r["positive"]] for i, r in enumerate(records)]
+    pos_c, neg_c = float(pos.mean()), float(neg.mean())
+    return {
+        "pos_cosine": pos_c,
+        "neg_cosine": neg_c,
+        "margin": pos_c - neg_c,
+        "accuracy": float(np.mean(correct)),
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train_card` made and measured."""
+
+    card: LoRACard
+    metric: str  # the primary metric: "margin" (pairs, higher is better) or "loss" (completion, lower)
+    before: dict[str, float]  # held-out metrics of the base model
+    after: dict[str, float]  # held-out metrics with the trained LoRA
+    report: ParamReport
+    steps: int
+    losses: list[float]
+    train_size: int
+    eval_size: int
+    seconds: float
+    config: TrainConfig
+
+    @property
+    def improved(self) -> bool:
+        b, a = self.before[self.metric], self.after[self.metric]
+        return a > b if HIGHER_IS_BETTER[self.metric] else a < b
+
+    def summary(self) -> str:
+        b, a = self.before[self.metric], self.after[self.metric]
+        return f"held-out {self.metric}: {b:.4f} -> {a:.4f} ({'better' if self.improved else 'not better'}) after {self.steps} steps"
+
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+def train_card(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, str]] | str | os.PathLike[str],
+    config: TrainConfig | None = None,
+    *,
+    name: str,
+    version: int = 1,
+    description: str = "",
+    tags: Iterable[str] = (),
+    base_model: str | None = None,
+    author: str = "",
+    key: Any = None,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train LoRA on `records` and return the card with held-out metrics before and after.
+
+    `records` is a list of dicts or a JSONL path (validated with `load_dataset`). `key` (an Ed25519
+    private key) signs the card. `progress(step, total_steps, loss)` is called after every step. The
+    model is returned to its original modules, flags and train/eval mode; base weights are untouched.
+    """
+    torch = _t()
+    cfg = (config or TrainConfig()).validate()
+    from ..card import check_name
+
+    check_name(name)
+    data = load_dataset(records, cfg.kind)
+    train, held = split_records(data, cfg.eval_fraction, cfg.seed, cfg.kind)
+    t0 = time.perf_counter()
+    before = evaluate(model, tokenizer, held, cfg.kind, max_length=cfg.max_length)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    if cfg.kind == "pairs" and len(train) < 2:
+        raise TrainingError("contrastive training needs at least 2 training pairs")
+
+    was_training = model.training
+    det_was = torch.are_deterministic_algorithms_enabled()
+    det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    rng_state = torch.random.get_rng_state()
+    losses: list[float] = []
+    inj = LoRAInjection(model, cfg)
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(cfg.seed)
+        order_rng = random.Random(cfg.seed)
+        report = inj.report()
+        if report.trainable != report.lora:
+            raise TrainingError(f"only LoRA parameters may train, but {report}")
+        opt = torch.optim.AdamW(inj.lora_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        model.train()
+        step = 0
+        for _epoch in range(cfg.epochs):
+            order = list(range(len(train)))
+            order_rng.shuffle(order)
+            for s in range(steps_per_epoch):
+                if step >= total:
+                    break
+                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                if cfg.kind == "pairs" and len(idx) < 2:
+                    continue  # a last batch of one pair has no negatives
+                batch = [train[i] for i in idx]
+                if cfg.kind == "pairs":
+                    loss = _pair_loss(model, tokenizer, batch, cfg)
+                else:
+                    nll, n = _completion_nll(model, tokenizer, batch, cfg.max_length)
+                    loss = nll / max(n, 1)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {float(loss)} at step {step + 1}; lower learning_rate (now {cfg.learning_rate})"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                inj.check_only_lora()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(inj.lora_parameters(), cfg.grad_clip)
+                opt.step()
+                step += 1
+                losses.append(float(loss.detach()))
+                if progress is not None:
+                    progress(step, total, losses[-1])
+            if step >= total:
+                break
+        opt.zero_grad(set_to_none=True)
+        after = evaluate(model, tokenizer, held, cfg.kind, max_length=cfg.max_length)
+        modules = inj.to_modules(cfg.dtype)
+        shapes = inj.shapes()
+    finally:
+        inj.restore()
+        model.train(was_training)
+        torch.use_deterministic_algorithms(det_was, warn_only=det_warn)
+        torch.random.set_rng_state(rng_state)
+    metric = PRIMARY_METRIC[cfg.kind]
+    training = {
+        "kind": cfg.kind,
+        "metric": metric,
+        "before": _finite(before[metric]),
+        "after": _finite(after[metric]),
+        "steps": step,
+        "seed": cfg.seed,
+        "examples": len(train),
+        "held_out": len(held),
+    }
+    card = LoRACard.build(
+        modules,
+        name=name,
+        version=version,
+        dtype=cfg.dtype,
+        description=description,
+        tags=tuple(tags),
+        base_model=base_model,
+        base_fingerprint=base_fingerprint(shapes),
+        scaling=cfg.scaling,
+        author=author,
+        extra={"training": training},
+    )
+    if key is not None:
+        card = card.sign(key)
+    seconds = time.perf_counter() - t0
+    log.info("trained %s: %s (%s)", card.ref, training, report)
+    return TrainResult(card, metric, before, after, report, step, losses, len(train), len(held), seconds, cfg)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
