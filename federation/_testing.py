@@ -1,0 +1,32 @@
+"""Test-only pause points: inert unless LORAFLIGHT_TEST_PAUSE is set.
+
+`LORAFLIGHT_TEST_PAUSE=phase` or `phase:k` makes the process that reaches `pause_point(phase,
+k)` create the file named by LORAFLIGHT_TEST_PAUSE_MARKER and then wait (bounded, 120 s) to be
+killed: crash tests SIGKILL it there. Phases: `stage_batches` (after k batches written),
+`after_fsync`, `before_rename`, `before_index_commit`, `serve_batches` (server sent k batches).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+ENV = "LORAFLIGHT_TEST_PAUSE"
+MARKER_ENV = "LORAFLIGHT_TEST_PAUSE_MARKER"
+_MAX_WAIT_S = 120.0
+
+
+def pause_point(phase: str, count: int | None = None) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    want, _, k = spec.partition(":")
+    if want != phase or (k and count is not None and int(k) != count):
+        return
+    marker = os.environ.get(MARKER_ENV)
+    if marker:
+        with open(marker, "w") as f:
+            f.write(f"{phase}:{count}\n")
+    deadline = time.monotonic() + _MAX_WAIT_S
+    while time.monotonic() < deadline:  # waiting to be SIGKILLed by the test
+        time.sleep(0.05)

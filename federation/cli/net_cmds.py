@@ -1,0 +1,294 @@
+"""Network commands: serve, ls, fetch, publish, sync, and `trust add|list|remove`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from engine.errors import ConfigError
+
+from ._app import app, trust_app
+
+_out = Console()
+_err = Console(stderr=True)
+
+TokenFile = typer.Option(None, "--token-file", help="File holding the bearer token (else $LORAFLIGHT_TOKEN).")
+TlsCa = typer.Option(None, "--tls-ca", help="PEM CA that signed the server's certificate.")
+TlsCert = typer.Option(None, "--tls-cert", help="PEM client certificate (mutual TLS).")
+TlsKey = typer.Option(None, "--tls-key", help="PEM client key (mutual TLS).")
+
+
+def _token(token_file: Path | None) -> str | None:
+    if token_file is not None:
+        from federation.security import load_tokens
+
+        return load_tokens(token_file)[0]
+    return os.environ.get("LORAFLIGHT_TOKEN") or None
+
+
+def _tls(ca: Path | None, cert: Path | None, key: Path | None, uri: str | None = None):
+    from federation.security import ClientTLS
+
+    if ca is None and cert is None and key is None:
+        if uri is not None and uri.startswith("grpc+tls"):
+            return ClientTLS()
+        return None
+    return ClientTLS.from_files(ca, cert, key)
+
+
+def _client(uri: str, token_file: Path | None, ca: Path | None, cert: Path | None, key: Path | None):
+    from federation.client import Client
+
+    tls = _tls(ca, cert, key, uri)
+    return Client(uri, token=_token(token_file), tls=tls)
+
+
+def _parse_ref(ref: str) -> tuple[str, int | str]:
+    name, _, version = ref.partition("@")
+    if not version or version == "latest":
+        return name, "latest"
+    if not version.isdigit() or int(version) < 1:
+        raise ConfigError(f"{ref!r}: the version after '@' must be a positive integer or 'latest'")
+    return name, int(version)
+
+
+@app.command()
+def serve(
+    store: Path = typer.Option(..., "--store", help="Store directory (created if missing)."),
+    listen: str = typer.Option("127.0.0.1:0", "--listen", help="HOST:PORT to listen on (port 0 = any)."),
+    advertise: list[str] = typer.Option(
+        [], "--advertise", help="HOST:PORT other hosts use to reach this node (repeatable)."
+    ),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM server certificate."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM server key."),
+    tls_client_ca: Path | None = typer.Option(
+        None, "--tls-client-ca", help="PEM CA for client certificates (mutual TLS)."
+    ),
+    token_file: Path | None = typer.Option(None, "--token-file", help="Write tokens, one per line."),
+    read_token_file: Path | None = typer.Option(
+        None, "--read-token-file", help="Read tokens; without it reads are open."
+    ),
+    trust: str = typer.Option("open", "--trust", help="Entry policy: open (digest only) or signed."),
+    max_bytes: int | None = typer.Option(None, "--max-bytes", help="Store size cap (LRU eviction)."),
+) -> None:
+    """Serve a store over Arrow Flight until SIGTERM/SIGINT (a node without discovery and sync)."""
+    from federation.server import run_server
+
+    def ready(server) -> None:  # type: ignore[no-untyped-def]
+        _out.print(f"serving {server.location} node={server.node_id} store={store}", highlight=False)
+        _out.file.flush()
+
+    raise typer.Exit(
+        run_server(
+            store,
+            listen=listen,
+            advertise=advertise or None,
+            tls_cert=str(tls_cert) if tls_cert else None,
+            tls_key=str(tls_key) if tls_key else None,
+            tls_client_ca=str(tls_client_ca) if tls_client_ca else None,
+            token_file=str(token_file) if token_file else None,
+            read_token_file=str(read_token_file) if read_token_file else None,
+            trust=trust,
+            max_bytes=max_bytes,
+            on_ready=ready,
+        )
+    )
+
+
+@app.command("ls")
+def ls_cmd(
+    uri: str = typer.Argument(..., help="Node address, HOST:PORT or grpc[+tls]://HOST:PORT."),
+    name: str | None = typer.Option(None, "--name", help="Name glob."),
+    base_model: str | None = typer.Option(None, "--base-model"),
+    tag: list[str] = typer.Option([], "--tag", help="Required tag (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    token_file: Path | None = TokenFile,
+    tls_ca: Path | None = TlsCa,
+    tls_cert: Path | None = TlsCert,
+    tls_key: Path | None = TlsKey,
+) -> None:
+    """List a node's cards with every location that holds them."""
+    with _client(uri, token_file, tls_ca, tls_cert, tls_key) as c:
+        entries = c.list(name=name, base_model=base_model, tags=tuple(tag))
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        return
+    t = Table("name", "version", "size", "base model", "tags", "signer", "digest", "locations")
+    for e in entries:
+        t.add_row(
+            e.name,
+            str(e.version),
+            f"{e.size:,}",
+            e.header.base_model or "",
+            ",".join(e.header.tags),
+            e.header.signer or "unsigned",
+            e.digest[:12],
+            "\n".join(e.locations),
+        )
+    _out.print(t)
+
+
+def _bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=_err,
+        transient=True,
+    )
+
+
+@app.command()
+def fetch(
+    ref: str = typer.Argument(..., help="NAME or NAME@VERSION."),
+    source: str = typer.Option(..., "--from", help="Node address to fetch from."),
+    store: Path = typer.Option(Path("./loraflight-store"), "--store", help="Store directory."),
+    trust: str = typer.Option("open", "--trust", help="Entry policy of the store: open or signed."),
+    token_file: Path | None = TokenFile,
+    tls_ca: Path | None = TlsCa,
+    tls_cert: Path | None = TlsCert,
+    tls_key: Path | None = TlsKey,
+) -> None:
+    """Fetch a card (verified before it is stored) into a local store."""
+    from federation.store import Store
+
+    name, version = _parse_ref(ref)
+    with Store(store, trust=trust) as st, _client(source, token_file, tls_ca, tls_cert, tls_key) as c:
+        entry = c.info(name, version)
+        with _bar() as bar:
+            task = bar.add_task(entry.ref, total=entry.size)
+            card = c.fetch_entry(entry, store=st, progress=lambda done, tot: bar.update(task, completed=done))
+        _out.print(f"fetched {card.ref} {card.digest} -> {card.path}", highlight=False)
+
+
+@app.command()
+def publish(
+    file: Path = typer.Argument(..., help="A .lora.arrow card file."),
+    to: str = typer.Option(..., "--to", help="Node address to publish to."),
+    token_file: Path | None = TokenFile,
+    tls_ca: Path | None = TlsCa,
+    tls_cert: Path | None = TlsCert,
+    tls_key: Path | None = TlsKey,
+) -> None:
+    """Upload a card to a node (needs a write token)."""
+    from engine.card import LoRACard
+
+    card = LoRACard.open(file)
+    card.verify()
+    with _client(to, token_file, tls_ca, tls_cert, tls_key) as c:
+        digest = c.publish(card)
+    _out.print(f"published {card.ref} {digest}", highlight=False)
+
+
+@app.command("sync")
+def sync_cmd(
+    sources: list[str] = typer.Option(..., "--from", help="Peer address (repeatable)."),
+    store: Path = typer.Option(Path("./loraflight-store"), "--store", help="Store directory."),
+    base_model: list[str] = typer.Option([], "--base-model", help="Only these base models."),
+    tag: list[str] = typer.Option([], "--tag", help="Only cards with one of these tags."),
+    name: list[str] = typer.Option([], "--name", help="Only names matching these globs."),
+    trust: str = typer.Option("open", "--trust", help="Entry policy of the store: open or signed."),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, max=64),
+    token_file: Path | None = TokenFile,
+    tls_ca: Path | None = TlsCa,
+    tls_cert: Path | None = TlsCert,
+    tls_key: Path | None = TlsKey,
+) -> None:
+    """Pull what the peers have that the policy wants (newest versions, lineage included)."""
+    from federation.store import Store
+    from federation.sync import SyncPolicy, SyncProgress, sync
+
+    policy = SyncPolicy(base_models=tuple(base_model), tags=tuple(tag), names=tuple(name))
+    tls = _tls(tls_ca, tls_cert, tls_key, sources[0])
+    with Store(store, trust=trust) as st, _bar() as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(p: SyncProgress) -> None:
+            if p.ref not in tasks:
+                tasks[p.ref] = bar.add_task(p.ref, total=p.bytes_total)
+            bar.update(tasks[p.ref], completed=p.bytes_done)
+
+        report = sync(
+            sources, policy, st, concurrency=concurrency, progress=progress, token=_token(token_file), tls=tls
+        )
+    for e in report.fetched:
+        _out.print(f"fetched {e.ref} {e.digest}", highlight=False)
+    for uri, msg in report.peer_errors.items():
+        _err.print(f"error: peer {uri}: {msg}", highlight=False)
+    for ref, msg in report.errors.items():
+        _err.print(f"error: {ref}: {msg}", highlight=False)
+    _out.print(
+        f"sync: {len(report.fetched)} fetched, {len(report.errors)} failed, "
+        f"{len(report.peer_errors)} peers unreachable",
+        highlight=False,
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# -- trust
+
+
+@trust_app.command("add")
+def trust_add(
+    key: str = typer.Argument(..., help="Public key file (PEM or base64) or base64 key text."),
+    store: Path = typer.Option(Path("./loraflight-store"), "--store", help="Store directory."),
+    label: str = typer.Option("", "--label", help="A note to remember whose key this is."),
+    name: list[str] = typer.Option(
+        [], "--name", help="Name globs this key may publish even when another key owns them."
+    ),
+) -> None:
+    """Trust a signing key in a store (used by the 'signed' entry policy)."""
+    from engine.keys import public_b64_from_file
+    from federation.store import Store
+
+    b64 = public_b64_from_file(key) if Path(key).exists() else key.strip()
+    with Store(store) as st:
+        tk = st.trust_add(b64, label=label, names=name)
+    _out.print(f"trusted {tk.signer} {tk.label}".rstrip(), highlight=False)
+
+
+@trust_app.command("list")
+def trust_list(
+    store: Path = typer.Option(Path("./loraflight-store"), "--store", help="Store directory."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Keys a store trusts."""
+    from federation.store import Store
+
+    with Store(store) as st:
+        keys = list(st.trusted_keys().values())
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [{"signer": k.signer, "key": k.key, "label": k.label, "names": list(k.names)} for k in keys]
+            )
+        )
+        return
+    t = Table("signer", "label", "names", "key")
+    for k in keys:
+        t.add_row(k.signer, k.label, ",".join(k.names) or "(unowned names)", k.key)
+    _out.print(t)
+
+
+@trust_app.command("remove")
+def trust_remove(
+    key: str = typer.Argument(..., help="Signer id, base64 key, or public key file."),
+    store: Path = typer.Option(Path("./loraflight-store"), "--store", help="Store directory."),
+) -> None:
+    """Stop trusting a key."""
+    from engine.keys import public_b64_from_file
+    from federation.store import Store
+
+    ident = public_b64_from_file(key) if Path(key).exists() else key.strip()
+    with Store(store) as st:
+        if not st.trust_remove(ident):
+            raise ConfigError(f"{key} is not a trusted key of {store}; see 'loraflight trust list'")
+    _out.print(f"removed {key}", highlight=False)

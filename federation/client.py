@@ -1,0 +1,454 @@
+"""Python client of a loraflight node: list, fetch (verified), publish, delete, health.
+
+A fetch hashes the card while it arrives, stops at the advertised size and at a deadline,
+and checks digest and trust before anything is stored; it walks every location of the card
+(failover) and retries transient errors with backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard
+from engine.errors import (
+    CardError,
+    ConflictError,
+    LoraflightError,
+    PeerError,
+    StoreError,
+    TrustError,
+)
+
+from .protocol import (
+    ACTION_DELETE,
+    ACTION_HEALTH,
+    ACTION_NODE_INFO,
+    ACTION_NOTIFY,
+    PUBLISH_OP,
+    CatalogEntry,
+    Criteria,
+    check_protocol,
+    dedupe,
+    entry_from_flight_info,
+    from_flight_error,
+    is_transient,
+)
+from .security import ClientTLS, call_headers
+from .server import normalize_uri
+from .store import Store, hash_batch
+from .trust import verify_signature
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (bytes received, bytes advertised)
+MAX_LOCATIONS_TRIED = 16
+
+
+class Client:
+    """A connection to one node (and, for failover, to the other holders it lists)."""
+
+    def __init__(
+        self,
+        uri: str,
+        token: str | None = None,
+        tls: ClientTLS | None = None,
+        timeout: float = 30.0,
+        *,
+        retries: int = 2,
+        backoff: float = 0.1,
+        max_entries: int = 100_000,
+        fetch_timeout: float = 600.0,
+    ) -> None:
+        self.uri = normalize_uri(uri, tls is not None)
+        self.token = token
+        self.tls = tls
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_entries = max_entries
+        self.fetch_timeout = fetch_timeout
+        self._conn = _connect(self.uri, tls)
+        self._peers: dict[str, Client] = {}
+        self._lock = threading.Lock()
+        self._checked = False
+
+    # -- lifecycle
+    def close(self) -> None:
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for p in peers:
+            p.close()
+        self._conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.uri!r})"
+
+    def _opts(self, timeout: float | None = None) -> flight.FlightCallOptions:
+        return flight.FlightCallOptions(
+            timeout=self.timeout if timeout is None else timeout, headers=call_headers(self.token)
+        )
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run `fn` with retries (backoff) on transient errors; map Flight errors to ours."""
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except flight.FlightError as e:
+                last = e
+                if not is_transient(e) or attempt == self.retries:
+                    raise from_flight_error(e, f"{self.uri} {what}") from None
+            except pa.ArrowException as e:
+                raise PeerError(f"{self.uri} {what}: {e}") from None
+            time.sleep(self.backoff * (2**attempt))
+        raise from_flight_error(last or RuntimeError("no attempt"), f"{self.uri} {what}")
+
+    def _action(self, kind: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        payload = json.dumps(body).encode() if body is not None else b""
+
+        def run() -> list[bytes]:
+            return [
+                r.body.to_pybytes() for r in self._conn.do_action(flight.Action(kind, payload), self._opts())
+            ]
+
+        out = self._call(kind, run)
+        if not out:
+            raise PeerError(f"{self.uri} answered {kind} with nothing")
+        try:
+            data = json.loads(out[0])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PeerError(f"{self.uri} answered {kind} with invalid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise PeerError(f"{self.uri} answered {kind} with a non-object")
+        return data
+
+    def _ensure_compatible(self) -> None:
+        if not self._checked:
+            self.health()
+
+    # -- actions
+    def health(self) -> dict[str, Any]:
+        """Liveness; also refuses a node of another protocol major version."""
+        h = self._action(ACTION_HEALTH)
+        check_protocol(str(h.get("protocol", "")), who=f"node {self.uri}")
+        self._checked = True
+        return h
+
+    def node_info(self) -> dict[str, Any]:
+        info = self._action(ACTION_NODE_INFO)
+        check_protocol(str(info.get("protocol", "")), who=f"node {self.uri}")
+        self._checked = True
+        return info
+
+    def notify(self, peer_uri: str, epoch: int) -> dict[str, Any]:
+        """Tell the node that `peer_uri`'s catalog changed (it may sync from it now)."""
+        return self._action(ACTION_NOTIFY, {"peer": peer_uri, "epoch": int(epoch)})
+
+    def delete(
+        self, digest: str | None = None, *, name: str | None = None, version: int | str = "latest"
+    ) -> dict[str, Any]:
+        """Remove a card on the node (needs a write token)."""
+        if digest is None and name is None:
+            raise CardError("delete needs a digest or a name")
+        body: dict[str, Any] = {"digest": digest} if digest else {"name": name, "version": version}
+        return self._action(ACTION_DELETE, body)
+
+    # -- catalog
+    def list(self, criteria: Criteria | None = None, **kw: Any) -> list[CatalogEntry]:
+        """The node's catalog (criteria: name glob, base_model, tags, since, limit, digest)."""
+        self._ensure_compatible()
+        if criteria is None:
+            criteria = Criteria.from_kwargs(kw)
+        blob = criteria.to_json()
+
+        def run() -> list[CatalogEntry]:
+            out: list[CatalogEntry] = []
+            for info in self._conn.list_flights(blob, self._opts()):
+                if len(out) >= self.max_entries:
+                    raise PeerError(
+                        f"{self.uri} lists more than {self.max_entries} cards; refusing the rest "
+                        "(raise max_entries if this peer is trusted)"
+                    )
+                out.append(entry_from_flight_info(info))
+            return out
+
+        return list(self._call("list", run))
+
+    def info(self, name: str, version: int | str = "latest") -> CatalogEntry:
+        """The catalog entry of name@version (`latest` resolves on the node)."""
+        self._ensure_compatible()
+        desc = flight.FlightDescriptor.for_path(name, str(version))
+        return entry_from_flight_info(
+            self._call("info", lambda: self._conn.get_flight_info(desc, self._opts()))
+        )
+
+    # -- fetch
+    def fetch(
+        self,
+        name: str,
+        version: int | str = "latest",
+        *,
+        store: Store | None = None,
+        trusted: Iterable[str] | None = None,
+        require_signed: bool = False,
+        progress: Progress | None = None,
+    ) -> LoRACard:
+        """Fetch name@version, verified; stored in `store` when given (returned mapped from it)."""
+        entry = self.info(name, version)
+        return self.fetch_entry(
+            entry, store=store, trusted=trusted, require_signed=require_signed, progress=progress
+        )
+
+    def fetch_digest(
+        self,
+        digest: str,
+        *,
+        store: Store | None = None,
+        trusted: Iterable[str] | None = None,
+        require_signed: bool = False,
+        progress: Progress | None = None,
+    ) -> LoRACard:
+        entries = self.list(digest=digest)
+        if not entries:
+            from .protocol import CardNotFound
+
+            raise CardNotFound(f"{self.uri} holds no card with digest {digest[:16]}…")
+        return self.fetch_entry(
+            entries[0], store=store, trusted=trusted, require_signed=require_signed, progress=progress
+        )
+
+    def _peer(self, uri: str) -> Client:
+        if uri == self.uri:
+            return self
+        with self._lock:
+            c = self._peers.get(uri)
+            if c is None:
+                tls = self.tls if uri.startswith("grpc+tls") else None
+                c = Client(
+                    uri,
+                    self.token,
+                    tls,
+                    self.timeout,
+                    retries=self.retries,
+                    backoff=self.backoff,
+                    fetch_timeout=self.fetch_timeout,
+                )
+                c._checked = True  # same fleet: the listing node vouched for it
+                self._peers[uri] = c
+            return c
+
+    def fetch_entry(
+        self,
+        entry: CatalogEntry,
+        *,
+        store: Store | None = None,
+        trusted: Iterable[str] | None = None,
+        require_signed: bool = False,
+        progress: Progress | None = None,
+        locations: Sequence[str] | None = None,
+    ) -> LoRACard:
+        """Fetch a listed card from any of its locations (this node's own address last)."""
+        tset = None if trusted is None else set(trusted)
+        _check_trust(entry.header, tset, require_signed)
+        if store is not None:
+            existing = store.check_admission(entry.header)  # conflicts and entry trust before bytes
+            if existing is not None:
+                return store.get(existing.digest)
+        locs = dedupe([*(locations or entry.locations), self.uri])[:MAX_LOCATIONS_TRIED]
+        errors: list[tuple[str, LoraflightError]] = []
+        for loc in locs:
+            try:
+                return self._peer(loc)._fetch_once(entry, store, tset, require_signed, progress)
+            except (TrustError, ConflictError, StoreError):
+                raise  # the same wherever the bytes come from
+            except (CardError, PeerError) as e:
+                log.warning("fetch %s from %s failed: %s", entry.ref, loc, e)
+                errors.append((loc, e))
+            except Exception as e:  # a broken location must not stop failover
+                log.warning("fetch %s from %s failed: %s", entry.ref, loc, e)
+                errors.append((loc, PeerError(f"{loc}: {e}")))
+        card_errors = [e for _, e in errors if isinstance(e, CardError)]
+        detail = "; ".join(f"{loc}: {e}" for loc, e in errors)
+        if card_errors:
+            raise type(card_errors[0])(f"fetching {entry.ref} failed at every location: {detail}")
+        raise PeerError(f"fetching {entry.ref} failed at every location: {detail}")
+
+    def _fetch_once(
+        self,
+        entry: CatalogEntry,
+        store: Store | None,
+        trusted: set[str] | None,
+        require_signed: bool,
+        progress: Progress | None,
+    ) -> LoRACard:
+        deadline = time.monotonic() + self.fetch_timeout
+        opts = self._opts(timeout=self.fetch_timeout)
+        reader = self._call("do_get", lambda: self._conn.do_get(flight.Ticket(entry.digest.encode()), opts))
+        try:
+            schema = self._call("do_get", lambda: reader.schema)
+            if store is not None:
+                with store.stage(
+                    schema, rows=entry.rows, max_bytes=entry.size, expect_digest=entry.digest
+                ) as staged:
+                    _check_trust(staged.header, trusted, require_signed)
+                    self._pump(
+                        reader, staged.write_batch, entry, deadline, progress, lambda: staged.bytes_received
+                    )
+                    e = staged.commit(
+                        source=self.uri,
+                        locations=[loc for loc in entry.locations if loc != self.uri] + [self.uri],
+                    )
+                return store.get(e.digest)
+            return self._fetch_to_memory(reader, schema, entry, deadline, trusted, require_signed, progress)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                reader.cancel()
+            raise
+
+    def _pump(
+        self,
+        reader: Any,
+        sink: Callable[[pa.RecordBatch], None],
+        entry: CatalogEntry,
+        deadline: float,
+        progress: Progress | None,
+        received: Callable[[], int],
+    ) -> None:
+        for _ in range(entry.rows + 2):  # a card has at most one batch per row
+            try:
+                chunk = self._call("do_get", reader.read_chunk)
+            except StopIteration:
+                return
+            if chunk.data is not None:
+                sink(chunk.data)
+            if progress is not None:
+                progress(received(), entry.size)
+            if time.monotonic() > deadline:
+                raise PeerError(
+                    f"{self.uri}: transfer of {entry.ref} exceeded its {self.fetch_timeout:.0f} s deadline"
+                )
+        raise CardError(f"{self.uri} sent more batches for {entry.ref} than it has rows ({entry.rows})")
+
+    def _fetch_to_memory(
+        self,
+        reader: Any,
+        schema: pa.Schema,
+        entry: CatalogEntry,
+        deadline: float,
+        trusted: set[str] | None,
+        require_signed: bool,
+        progress: Progress | None,
+    ) -> LoRACard:
+        raw = (schema.metadata or {}).get(METADATA_KEY)
+        if raw is None:
+            raise CardError(f"{self.uri} sent a stream without a loraflight header")
+        header = CardHeader.from_json(raw)
+        if header.digest != entry.digest:
+            raise CardError(
+                f"{self.uri} sent {header.ref} with digest {header.digest[:16]}…, not the one asked for"
+            )
+        _check_trust(header, trusted, require_signed)
+        digest = CardDigest(header, entry.rows)
+        sink = pa.BufferOutputStream()
+        writer = pa.ipc.new_file(sink, schema)
+        state = {"bytes": 0, "rows": 0}
+
+        def take(b: pa.RecordBatch) -> None:
+            state["bytes"] += b.get_total_buffer_size()
+            state["rows"] += b.num_rows
+            if state["bytes"] > entry.size or state["rows"] > entry.rows:
+                raise CardError(
+                    f"{self.uri} sent more than the {entry.size} bytes / {entry.rows} rows advertised for "
+                    f"{entry.ref}; transfer refused"
+                )
+            hash_batch(digest, b, header.dtype)
+            writer.write_batch(b)
+
+        self._pump(reader, take, entry, deadline, progress, lambda: state["bytes"])
+        writer.close()
+        if state["rows"] != entry.rows:
+            raise CardError(
+                f"{entry.ref}: received {state['rows']} of {entry.rows} rows (truncated transfer)"
+            )
+        got = digest.hexdigest()
+        if got != entry.digest:
+            raise CardError(
+                f"{entry.ref}: digest mismatch: advertised {entry.digest[:16]}…, received content hashes to "
+                f"{got[:16]}…; the card was tampered with or corrupted in transit; refused"
+            )
+        # Re-read from one aligned buffer (Flight's buffers are often misaligned).
+        f = pa.ipc.open_file(sink.getvalue())
+        card = LoRACard(header, [f.get_batch(i) for i in range(f.num_record_batches)])
+        card.check_values()
+        return card
+
+    # -- publish
+    def publish(self, card_or_path: LoRACard | str | os.PathLike[str]) -> str:
+        """Upload a card (needs a write token); returns its digest as the node stored it."""
+        self._ensure_compatible()
+        card = card_or_path if isinstance(card_or_path, LoRACard) else LoRACard.open(card_or_path)
+        cmd = json.dumps({"op": PUBLISH_OP, "rows": len(card), "name": card.name, "version": card.version})
+        desc = flight.FlightDescriptor.for_command(cmd.encode())
+        schema = card.schema
+
+        def run() -> bytes:
+            writer, meta = self._conn.do_put(desc, schema, self._opts(timeout=self.fetch_timeout))
+            try:
+                for b in card.batches:
+                    writer.write_batch(pa.record_batch(b.columns, schema=schema))
+                writer.done_writing()
+                buf = meta.read()
+            finally:
+                writer.close()
+            return b"" if buf is None else buf.to_pybytes()
+
+        answer = self._call("publish", run)
+        try:
+            digest = json.loads(answer)["digest"]
+        except (ValueError, KeyError, TypeError):
+            raise PeerError(f"{self.uri} answered publish without a digest") from None
+        if digest != card.digest:
+            raise PeerError(
+                f"{self.uri} stored digest {digest[:16]}… for a card of digest {card.digest[:16]}…"
+            )
+        return str(digest)
+
+
+def _check_trust(header: CardHeader, trusted: set[str] | None, require_signed: bool) -> None:
+    """The caller's own trust demands, checked on the header before any byte is stored."""
+    if header.signature is not None:
+        verify_signature(header)
+    elif require_signed or trusted is not None:
+        raise TrustError(f"{header.ref} is unsigned, but a signature by a trusted key is required")
+    if trusted is not None and header.signer_key not in trusted and header.signer not in trusted:
+        raise TrustError(
+            f"{header.ref} is signed by {header.signer}, which is not a trusted key; "
+            "add its public key with 'loraflight trust add' if you trust it"
+        )
+
+
+def _connect(uri: str, tls: ClientTLS | None) -> flight.FlightClient:
+    kw = tls.client_kwargs() if tls is not None else {}
+    try:
+        return flight.FlightClient(uri, **kw)
+    except (pa.ArrowException, OSError) as e:
+        raise PeerError(f"cannot set up a connection to {uri}: {e}") from None
+
+
+__all__ = ["Client", "Progress"]

@@ -1,0 +1,430 @@
+"""The loraflight wire protocol over Arrow Flight: versions, action names, criteria, catalog
+entries and the error mapping (docs/protocol.md). Pure: no sockets, no files.
+
+Theory of operation
+-------------------
+A card travels as a Flight stream whose schema metadata carries the card header. The
+catalog is `list_flights`: one `FlightInfo` per card with the header JSON in
+`app_metadata`, descriptor path `[name, version]`, and one endpoint whose ticket is the
+digest and whose locations are every known holder of that digest. Every call carries the
+client's protocol version in the `loraflight-protocol` header; a server refuses another
+major. Errors cross the wire as Flight errors whose message starts with `[lf:<code>]`, so
+a client maps them back onto the `LoraflightError` hierarchy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from engine.card import METADATA_KEY, CardHeader, card_schema, check_digest
+from engine.errors import (
+    AuthError,
+    CardError,
+    ConfigError,
+    ConflictError,
+    LoraflightError,
+    PeerError,
+    StoreError,
+    TrustError,
+)
+
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 0
+PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
+PROTOCOL_HEADER = "loraflight-protocol"  # gRPC metadata keys are lower case
+
+ACTION_HEALTH = "health"
+ACTION_NODE_INFO = "node-info"
+ACTION_NOTIFY = "notify"
+ACTION_DELETE = "delete"
+ACTIONS: dict[str, str] = {
+    ACTION_HEALTH: "liveness: status, node id, protocol version, catalog epoch",
+    ACTION_NODE_INFO: "node id, fleet id, software, protocol and format versions, epoch, counts, bytes",
+    ACTION_NOTIFY: 'a peer\'s catalog changed; body JSON {"peer": uri, "epoch": n} (sync from it now)',
+    ACTION_DELETE: 'remove a card; body JSON {"digest": hex} or {"name": n, "version": v}; needs a write token',
+}
+PUBLISH_OP = "publish"
+MAX_CRITERIA_BYTES = 64 * 1024
+MAX_ACTION_BODY = 64 * 1024
+
+
+def software_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("loraflight")
+    except Exception:  # not installed (running from a source tree)
+        return "0.1.0"
+
+
+class CardNotFound(LoraflightError, LookupError):
+    """No card with that name, version or digest in the store or on the peer."""
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    m = re.match(r"^(\d+)\.(\d+)$", text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise PeerError(f"peer sent protocol version {text!r}, which is not 'major.minor'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_protocol(text: str | None, who: str = "peer") -> None:
+    """Refuse another major version with a message saying so; minors interoperate."""
+    if text is None:
+        return  # a generic Flight client: served, it knows nothing of versions
+    major, _ = parse_version(text)
+    if major != PROTOCOL_MAJOR:
+        raise PeerError(
+            f"{who} speaks loraflight protocol {text}, this node speaks {PROTOCOL_VERSION}: "
+            f"major versions differ ({major} vs {PROTOCOL_MAJOR}); upgrade the older side"
+        )
+
+
+# --------------------------------------------------------------------------- criteria
+
+
+@dataclasses.dataclass(frozen=True)
+class Criteria:
+    """What a `list_flights` asks for; empty = every card."""
+
+    name: str | None = None  # glob over card names
+    base_model: str | None = None
+    tags: tuple[str, ...] = ()  # every tag must be present
+    since: int | None = None  # only cards added after this catalog epoch
+    limit: int | None = None
+    digest: str | None = None  # exactly this card
+
+    @classmethod
+    def from_kwargs(cls, kw: Mapping[str, Any]) -> Criteria:
+        """Criteria from keyword arguments (tags may be any iterable; None values ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(kw) - known)
+        if bad:
+            raise CardError(f"unknown criteria {bad}; known: {', '.join(sorted(known))}")
+        args: dict[str, Any] = {k: v for k, v in kw.items() if v is not None}
+        if "tags" in args:
+            tags = args["tags"]
+            args["tags"] = (tags,) if isinstance(tags, str) else tuple(tags)
+        return cls(**args)
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = {}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.base_model is not None:
+            d["base_model"] = self.base_model
+        if self.tags:
+            d["tags"] = list(self.tags)
+        if self.since is not None:
+            d["since"] = self.since
+        if self.limit is not None:
+            d["limit"] = self.limit
+        if self.digest is not None:
+            d["digest"] = self.digest
+        return json.dumps(d, sort_keys=True).encode() if d else b""
+
+    def matches(self, header: CardHeader) -> bool:
+        if self.name is not None and not fnmatch.fnmatchcase(header.name, self.name):
+            return False
+        if self.digest is not None and header.digest != self.digest:
+            return False
+        if self.base_model is not None and header.base_model != self.base_model:
+            return False
+        return all(t in header.tags for t in self.tags)
+
+
+def parse_criteria(data: bytes | None) -> Criteria:
+    """Parse criteria JSON; every problem reported together as a CardError."""
+    if not data:
+        return Criteria()
+    if len(data) > MAX_CRITERIA_BYTES:
+        raise CardError(f"criteria are {len(data)} bytes; the limit is {MAX_CRITERIA_BYTES}")
+    try:
+        raw = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CardError(f"criteria are not UTF-8 JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CardError("criteria must be a JSON object with keys name, base_model, tags, since, limit")
+    problems = []
+    keys = ("name", "base_model", "tags", "since", "limit", "digest")
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        problems.append(f"unknown criteria keys {unknown} (known: {', '.join(keys)})")
+    name, base, tags, since, limit, digest = (raw.get(k) for k in keys)
+    if digest is not None and (not isinstance(digest, str) or not re.match(r"^[0-9a-f]{64}$", digest)):
+        problems.append("'digest' must be 64 lowercase hex characters")
+    if name is not None and (not isinstance(name, str) or len(name) > 256):
+        problems.append("'name' must be a glob string of at most 256 characters")
+    if base is not None and (not isinstance(base, str) or len(base) > 1024):
+        problems.append("'base_model' must be a string")
+    if tags is None:
+        tags = []
+    if not isinstance(tags, list) or len(tags) > 64 or not all(isinstance(t, str) for t in tags):
+        problems.append("'tags' must be a list of at most 64 strings")
+        tags = []
+    for key, v in (("since", since), ("limit", limit)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            problems.append(f"{key!r} must be a non-negative integer")
+    if problems:
+        raise CardError("invalid criteria: " + "; ".join(problems))
+    return Criteria(name=name, base_model=base, tags=tuple(tags), since=since, limit=limit, digest=digest)
+
+
+# --------------------------------------------------------------------------- catalog entries
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogEntry:
+    """One card as a catalog lists it: header, size, rows, and every known location."""
+
+    header: CardHeader
+    size: int  # bytes of the card file (an upper bound of the streamed body)
+    rows: int
+    locations: tuple[str, ...] = ()
+    source: str = ""
+    pinned: bool = False
+    published: bool = False
+    epoch: int = 0  # the catalog epoch at which it was added (on the listing node)
+
+    @property
+    def digest(self) -> str:
+        return self.header.digest
+
+    @property
+    def name(self) -> str:
+        return self.header.name
+
+    @property
+    def version(self) -> int:
+        return self.header.version
+
+    @property
+    def ref(self) -> str:
+        return self.header.ref
+
+    def with_locations(self, locations: Iterable[str]) -> CatalogEntry:
+        return dataclasses.replace(self, locations=tuple(dedupe(locations)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "digest": self.digest,
+            "size": self.size,
+            "rows": self.rows,
+            "base_model": self.header.base_model,
+            "tags": list(self.header.tags),
+            "signer": self.header.signer,
+            "locations": list(self.locations),
+            "header": self.header.to_dict(),
+        }
+
+
+def dedupe(items: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for x in items:
+        if x and x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def entry_to_flight_info(entry: CatalogEntry, flight: Any) -> Any:
+    """A FlightInfo for `entry` (`flight` is pyarrow.flight, passed to keep imports light)."""
+    header_json = entry.header.to_json()
+    schema = card_schema(entry.header.dtype, {METADATA_KEY: header_json})
+    descriptor = flight.FlightDescriptor.for_path(entry.name, str(entry.version))
+    locations = [flight.Location(u) for u in entry.locations]
+    endpoint = flight.FlightEndpoint(entry.digest.encode(), locations)
+    return flight.FlightInfo(
+        schema,
+        descriptor,
+        [endpoint],
+        total_records=entry.rows,
+        total_bytes=entry.size,
+        ordered=True,
+        app_metadata=header_json,
+    )
+
+
+def entry_from_flight_info(info: Any) -> CatalogEntry:
+    """Parse a peer's FlightInfo; a malformed one is the peer's fault (PeerError)."""
+    try:
+        header = CardHeader.from_json(bytes(info.app_metadata))
+    except CardError as e:
+        raise PeerError(f"peer listed a card whose header is invalid: {e}") from None
+    if not header.digest:
+        raise PeerError(f"peer listed {header.ref} without a digest")
+    endpoints = list(info.endpoints)
+    if len(endpoints) != 1:
+        raise PeerError(f"peer listed {header.ref} with {len(endpoints)} endpoints; expected 1")
+    ep = endpoints[0]
+    ticket = bytes(ep.ticket.ticket).decode("ascii", "replace")
+    if ticket != header.digest:
+        raise PeerError(f"peer listed {header.ref} with ticket {ticket[:16]}… that is not its digest")
+    locs = []
+    for loc in list(ep.locations)[:64]:
+        uri = loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+        locs.append(uri)
+    size, rows = int(info.total_bytes), int(info.total_records)
+    if size <= 0 or rows <= 0:
+        raise PeerError(f"peer listed {header.ref} with size {size} and rows {rows}; both must be > 0")
+    return CatalogEntry(header=header, size=size, rows=rows, locations=tuple(dedupe(locs)))
+
+
+def descriptor_ref(path: list[bytes]) -> tuple[str, str]:
+    """[name, version|'latest'] from a descriptor path."""
+    if len(path) != 2:
+        raise CardError(f"descriptor path must be [name, version], got {len(path)} parts")
+    try:
+        name, version = (p.decode("utf-8") for p in path)
+    except UnicodeDecodeError:
+        raise CardError("descriptor path is not UTF-8") from None
+    if version != "latest" and not version.isdigit():
+        raise CardError(f"version {version!r} must be a positive integer or 'latest'")
+    return name, version
+
+
+def parse_ticket(ticket: bytes) -> str:
+    try:
+        return check_digest(bytes(ticket).decode("ascii"))
+    except UnicodeDecodeError:
+        raise CardError("ticket is not an ASCII digest") from None
+
+
+def parse_json_body(body: bytes | None, what: str) -> dict[str, Any]:
+    data = bytes(body or b"")
+    if len(data) > MAX_ACTION_BODY:
+        raise CardError(f"{what} body is {len(data)} bytes; the limit is {MAX_ACTION_BODY}")
+    if not data:
+        return {}
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CardError(f"{what} body is not UTF-8 JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CardError(f"{what} body must be a JSON object")
+    return raw
+
+
+# --------------------------------------------------------------------------- errors
+
+# code -> (class a client raises, Flight error class name a server raises)
+_CODES: dict[str, tuple[type[LoraflightError], str]] = {
+    "trust": (TrustError, "FlightServerError"),
+    "card": (CardError, "FlightServerError"),
+    "conflict": (ConflictError, "FlightServerError"),
+    "notfound": (CardNotFound, "FlightServerError"),
+    "auth": (AuthError, "FlightUnauthenticatedError"),
+    "store": (StoreError, "FlightServerError"),
+    "config": (ConfigError, "FlightServerError"),
+    "peer": (PeerError, "FlightServerError"),
+    "busy": (PeerError, "FlightUnavailableError"),
+    "internal": (PeerError, "FlightInternalError"),
+}
+_CODE_RE = re.compile(r"\[lf:([a-z]+)\] ?(.*)", re.S)
+
+
+class BusyError(PeerError):
+    """The peer is at its limit of concurrent transfers; retry later or elsewhere."""
+
+
+def error_code(exc: BaseException) -> str:
+    for code, cls in (
+        ("busy", BusyError),
+        ("trust", TrustError),
+        ("conflict", ConflictError),
+        ("notfound", CardNotFound),
+        ("auth", AuthError),
+        ("store", StoreError),
+        ("config", ConfigError),
+        ("card", CardError),
+        ("peer", PeerError),
+    ):
+        if isinstance(exc, cls):
+            return code
+    return "internal"
+
+
+def to_flight_error(exc: BaseException, flight: Any) -> Exception:
+    """The Flight error a server raises for `exc`: message `[lf:code] text`, no traceback."""
+    code = error_code(exc)
+    cls_name = _CODES[code][1]
+    if isinstance(exc, AuthError) and "denied" in str(exc):
+        cls_name = "FlightUnauthorizedError"
+    text = str(exc) if code != "internal" else f"internal error ({type(exc).__name__}); see the server log"
+    return getattr(flight, cls_name)(f"[lf:{code}] {text}")
+
+
+def from_flight_error(exc: BaseException, where: str = "") -> LoraflightError:
+    """Map a Flight error a client caught back onto the loraflight hierarchy."""
+    msg = str(exc)
+    # gRPC wraps the text: "Flight returned ... error, with message: [lf:..] ...". Find ours.
+    idx = msg.find("[lf:")
+    prefix = f"{where}: " if where else ""
+    if idx >= 0:
+        m = _CODE_RE.match(msg[idx:])
+        if m and m.group(1) in _CODES:
+            text = m.group(2).split(". Detail:")[0].strip()
+            cls = BusyError if m.group(1) == "busy" else _CODES[m.group(1)][0]
+            return cls(prefix + text)
+    name = type(exc).__name__
+    if name in ("FlightUnauthenticatedError", "FlightUnauthorizedError"):
+        return AuthError(f"{prefix}refused: {_short(msg)}; check the token or client certificate")
+    if name == "FlightTimedOutError":
+        return PeerError(f"{prefix}timed out: {_short(msg)}")
+    if name == "FlightUnavailableError":
+        return PeerError(f"{prefix}unreachable: {_short(msg)}")
+    if name == "FlightCancelledError":
+        return PeerError(f"{prefix}cancelled: {_short(msg)}")
+    return PeerError(f"{prefix}{_short(msg)}")
+
+
+def _short(msg: str, n: int = 400) -> str:
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= n else msg[:n] + "…"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth a retry: the peer is unreachable, busy or slow."""
+    name = type(exc).__name__
+    if name in ("FlightUnavailableError", "FlightTimedOutError"):
+        return "[lf:" not in str(exc) or "[lf:busy]" in str(exc)
+    return isinstance(exc, BusyError)
+
+
+def header_json_dict(headers: Mapping[str, Any], key: str) -> str | None:
+    """First value of a (lower-cased) gRPC header as str, or None."""
+    v = headers.get(key)
+    if not v:
+        return None
+    first = v[0] if isinstance(v, (list, tuple)) else v
+    return first.decode() if isinstance(first, bytes) else str(first)
+
+
+__all__ = [
+    "ACTIONS",
+    "ACTION_DELETE",
+    "ACTION_HEALTH",
+    "ACTION_NODE_INFO",
+    "ACTION_NOTIFY",
+    "PROTOCOL_HEADER",
+    "PROTOCOL_MAJOR",
+    "PROTOCOL_VERSION",
+    "BusyError",
+    "CardNotFound",
+    "CatalogEntry",
+    "Criteria",
+    "check_protocol",
+    "entry_from_flight_info",
+    "entry_to_flight_info",
+    "from_flight_error",
+    "parse_criteria",
+    "to_flight_error",
+]

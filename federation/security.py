@@ -1,0 +1,194 @@
+"""TLS / mutual TLS from PEM files, bearer tokens checked by server middleware, client options.
+
+Writes (`do_put`, `delete`) always need a write token. Reads need a token only when read
+tokens are configured (a write token also reads). Tokens mean something only over TLS.
+Every call also carries the client's protocol version; another major is refused here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.flight as flight
+
+from engine.errors import AuthError, ConfigError, PeerError
+
+from .protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, check_protocol, header_json_dict
+
+MAX_TOKEN_LEN = 4096
+
+
+def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerTLS:
+    """Server certificate and key (PEM); with `client_ca`, clients must present a cert it signed."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        cert: str | os.PathLike[str],
+        key: str | os.PathLike[str],
+        client_ca: str | os.PathLike[str] | None = None,
+    ) -> ServerTLS:
+        c, k = _read(cert, "TLS certificate"), _read(key, "TLS key")
+        assert c is not None and k is not None
+        if b"-----BEGIN" not in c or b"-----BEGIN" not in k:
+            raise ConfigError("TLS certificate and key must be PEM files")
+        return cls(c, k, _read(client_ca, "client CA"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTLS:
+    """CA to trust (PEM; None = system roots), and a client cert + key for mutual TLS."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    override_hostname: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | os.PathLike[str] | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        override_hostname: str | None = None,
+    ) -> ClientTLS:
+        if (cert is None) != (key is None):
+            raise ConfigError(
+                "a client certificate needs its key, and a key its certificate (--tls-cert/--tls-key)"
+            )
+        return cls(
+            _read(ca, "TLS CA"),
+            _read(cert, "TLS client certificate"),
+            _read(key, "TLS client key"),
+            override_hostname,
+        )
+
+    def client_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        if self.ca is not None:
+            kw["tls_root_certs"] = self.ca
+        if self.cert is not None:
+            kw["cert_chain"] = self.cert
+            kw["private_key"] = self.key
+        if self.override_hostname:
+            kw["override_hostname"] = self.override_hostname
+        return kw
+
+
+def load_tokens(path: str | os.PathLike[str] | None) -> tuple[str, ...]:
+    """Tokens from a file, one per line (blank lines and # comments skipped)."""
+    data = _read(path, "token file")
+    if data is None:
+        return ()
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"token file {path} is not UTF-8 text") from None
+    toks = tuple(t.strip() for t in lines if t.strip() and not t.strip().startswith("#"))
+    if not toks:
+        raise ConfigError(f"token file {path} holds no token")
+    for t in toks:
+        if len(t) > MAX_TOKEN_LEN or not t.isprintable() or " " in t:
+            raise ConfigError(
+                f"token file {path}: tokens must be printable, without spaces, ≤ {MAX_TOKEN_LEN} chars"
+            )
+    return toks
+
+
+def _match(token: str | None, allowed: Iterable[str]) -> bool:
+    if token is None:
+        return False
+    tb = token.encode()
+    ok = False
+    for a in allowed:
+        ok |= hmac.compare_digest(tb, a.encode())  # no early exit: constant time over the set
+    return ok
+
+
+class AuthMiddleware(flight.ServerMiddleware):
+    """Per-call record of what the caller may do; handlers ask `can_write`."""
+
+    def __init__(self, can_read: bool, can_write: bool, peer_protocol: str | None) -> None:
+        self.can_read = can_read
+        self.can_write = can_write
+        self.peer_protocol = peer_protocol
+
+    def sending_headers(self) -> dict[str, str]:
+        return {PROTOCOL_HEADER: PROTOCOL_VERSION}
+
+
+class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
+    """Checks the protocol header and bearer token of every call."""
+
+    def __init__(self, read_tokens: Iterable[str] = (), write_tokens: Iterable[str] = ()) -> None:
+        self.read_tokens = tuple(read_tokens)
+        self.write_tokens = tuple(write_tokens)
+
+    def start_call(self, info: Any, headers: dict[str, Any]) -> AuthMiddleware:
+        proto = header_json_dict(headers, PROTOCOL_HEADER)
+        try:
+            check_protocol(proto, who="this client")
+        except PeerError as e:
+            raise flight.FlightServerError(f"[lf:peer] {e}") from None
+        auth = header_json_dict(headers, "authorization")
+        token = None
+        if auth is not None:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() != "bearer" or not value:
+                raise flight.FlightUnauthenticatedError(
+                    "[lf:auth] the authorization header must be 'Bearer <token>'"
+                )
+            token = value.strip()
+        can_write = _match(token, self.write_tokens)
+        can_read = can_write or not self.read_tokens or _match(token, self.read_tokens)
+        if token is not None and not can_write and not can_read:
+            raise flight.FlightUnauthenticatedError("[lf:auth] the token is not valid for this node")
+        if not can_read:
+            raise flight.FlightUnauthenticatedError(
+                "[lf:auth] this node needs a read token for every call; pass --token-file or LORAFLIGHT_TOKEN"
+            )
+        return AuthMiddleware(can_read, can_write, proto)
+
+
+def require_write(context: Any, what: str) -> None:
+    """Raise AuthError unless the call carried a valid write token."""
+    mw = context.get_middleware("auth")
+    if mw is None or not mw.can_write:
+        raise AuthError(f"{what} needs a valid write token; none or a read-only one was sent (denied)")
+
+
+def call_headers(token: str | None) -> list[tuple[bytes, bytes]]:
+    h = [(PROTOCOL_HEADER.encode(), PROTOCOL_VERSION.encode())]
+    if token:
+        h.append((b"authorization", f"Bearer {token}".encode()))
+    return h
+
+
+__all__ = [
+    "AuthMiddleware",
+    "AuthMiddlewareFactory",
+    "ClientTLS",
+    "ServerTLS",
+    "call_headers",
+    "load_tokens",
+    "require_write",
+]

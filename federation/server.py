@@ -1,0 +1,426 @@
+"""The Flight server of a node: lists, serves and accepts cards (docs/protocol.md).
+
+Every handler runs through `_edge`, so only `flight.Flight*Error`s leave it, each with a
+`[lf:code]` message and no traceback; unexpected exceptions are logged here in full.
+`do_get` streams the mapped card file's record batches without copying them into Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from engine.card import FORMAT_VERSION, METADATA_KEY, card_schema
+from engine.errors import CardError, ConfigError, LoraflightError, StoreError
+
+from ._testing import pause_point
+from .identity import NodeIdentity
+from .protocol import (
+    ACTION_DELETE,
+    ACTION_HEALTH,
+    ACTION_NODE_INFO,
+    ACTION_NOTIFY,
+    ACTIONS,
+    PROTOCOL_VERSION,
+    PUBLISH_OP,
+    BusyError,
+    CatalogEntry,
+    descriptor_ref,
+    entry_to_flight_info,
+    parse_criteria,
+    parse_json_body,
+    parse_ticket,
+    software_version,
+    to_flight_error,
+)
+from .security import AuthMiddlewareFactory, ServerTLS, load_tokens, require_write
+from .store import Store
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds against hostile or overloaded peers."""
+
+    max_card_bytes: int = 8 << 30  # largest card accepted by do_put
+    max_concurrent_gets: int = 64  # do_get streams at once; more get 'busy'
+    max_list_entries: int = 100_000  # FlightInfos in one list_flights answer
+    put_deadline_s: float = 900.0  # a do_put must finish within this
+    stop_timeout_s: float = 10.0  # shutdown waits this long for calls in flight
+
+
+def normalize_uri(addr: str, tls: bool = False) -> str:
+    """'host:port' -> 'grpc://host:port' ('grpc+tls://' with TLS); URIs are checked and kept."""
+    if "://" not in addr:
+        addr = f"{'grpc+tls' if tls else 'grpc'}://{addr}"
+    u = urlsplit(addr)
+    if u.scheme not in ("grpc", "grpc+tcp", "grpc+tls") or not u.hostname:
+        raise ConfigError(f"{addr!r} is not a Flight address: use HOST:PORT or grpc[+tls]://HOST:PORT")
+    try:
+        u.port  # noqa: B018 (validates the port)
+    except ValueError:
+        raise ConfigError(f"{addr!r} has an invalid port") from None
+    if u.port is None:
+        raise ConfigError(f"{addr!r} has no port: use HOST:PORT")
+    return addr
+
+
+def _edge(fn: F) -> F:
+    """Translate everything a handler raises into a Flight error with a clear message."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except flight.FlightError:
+            raise
+        except LoraflightError as e:
+            log.warning("%s refused: %s", fn.__name__, e)
+            raise to_flight_error(e, flight) from None
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            raise to_flight_error(e, flight) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class CardServer(flight.FlightServerBase):
+    """A node's Flight service over a `Store` (see module doc and docs/protocol.md)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        listen: str = "grpc://127.0.0.1:0",
+        advertise: Sequence[str] | None = None,
+        tls: ServerTLS | None = None,
+        write_tokens: Sequence[str] = (),
+        read_tokens: Sequence[str] = (),
+        node_id: str = "",
+        fleet_id: str = "default",
+        limits: Limits | None = None,
+        on_notify: Callable[[str], None] | None = None,
+        peer_locations: Callable[[str], list[str]] | None = None,
+    ) -> None:
+        uri = normalize_uri(listen, tls is not None)
+        u = urlsplit(uri)
+        if tls is not None and u.scheme != "grpc+tls":
+            uri = f"grpc+tls://{u.netloc}"
+        if tls is None and u.scheme == "grpc+tls":
+            raise ConfigError(f"{listen} asks for TLS, but no certificate and key were given")
+        kwargs: dict[str, Any] = {}
+        if tls is not None:
+            kwargs["tls_certificates"] = [(tls.cert, tls.key)]
+            if tls.client_ca is not None:
+                kwargs["verify_client"] = True
+                kwargs["root_certificates"] = tls.client_ca
+        self.store = store
+        self.node_id = node_id
+        self.fleet_id = fleet_id
+        self.limits = limits or Limits()
+        self.tls = tls is not None
+        self._on_notify = on_notify
+        self._peer_locations = peer_locations
+        self._write_tokens = tuple(write_tokens)
+        self._gets = threading.BoundedSemaphore(self.limits.max_concurrent_gets)
+        self._stopped = False
+        self._stop_lock = threading.Lock()
+        try:
+            super().__init__(
+                uri, middleware={"auth": AuthMiddlewareFactory(read_tokens, write_tokens)}, **kwargs
+            )
+        except (OSError, pa.ArrowException) as e:
+            raise ConfigError(f"cannot listen on {uri}: {e}") from None
+        scheme = "grpc+tls" if self.tls else "grpc"
+        host = u.hostname or "127.0.0.1"
+        if advertise:
+            locs = []
+            for a in advertise:
+                au = urlsplit(normalize_uri(a, self.tls))
+                port = au.port or self.port
+                locs.append(f"{scheme}://{_host(au.hostname or host)}:{port if port else self.port}")
+            self._locations = locs
+        else:
+            if host in ("0.0.0.0", "::", ""):
+                log.warning(
+                    "listening on %s without --advertise: peers are told 127.0.0.1, which other hosts "
+                    "cannot reach; pass the address other hosts should use",
+                    host,
+                )
+                host = "127.0.0.1"
+            self._locations = [f"{scheme}://{_host(host)}:{self.port}"]
+        log.info("serving cards on %s (advertised %s)", uri, ", ".join(self._locations))
+
+    # -- lifecycle
+    @property
+    def locations(self) -> list[str]:
+        """The addresses this node advertises (other hosts connect to these)."""
+        return list(self._locations)
+
+    @property
+    def location(self) -> str:
+        return self._locations[0]
+
+    def start(self) -> CardServer:
+        """The server accepts calls from construction on; kept for symmetry with `stop`."""
+        return self
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Shut down from a helper thread with a deadline (a stalled client cannot hold us)."""
+        with self._stop_lock:
+            if self._stopped:
+                return True
+            self._stopped = True
+        t = threading.Thread(target=self.shutdown, name="loraflight-flight-shutdown", daemon=True)
+        t.start()
+        t.join(self.limits.stop_timeout_s if timeout is None else timeout)
+        if t.is_alive():
+            log.warning("Flight shutdown did not finish in time; calls still in flight are abandoned")
+            return False
+        return True
+
+    def __enter__(self) -> CardServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- helpers
+    def _entry_locations(self, entry: CatalogEntry) -> CatalogEntry:
+        extra: list[str] = []
+        if self._peer_locations is not None:
+            try:
+                extra = list(self._peer_locations(entry.digest))
+            except Exception:
+                log.exception("peer_locations callback failed")
+        return entry.with_locations([*self._locations, *extra, *entry.locations])
+
+    def node_info(self) -> dict[str, Any]:
+        st = self.store.stats()
+        return {
+            "node_id": self.node_id,
+            "fleet_id": self.fleet_id,
+            "software": software_version(),
+            "protocol": PROTOCOL_VERSION,
+            "format": FORMAT_VERSION,
+            "epoch": self.store.epoch,
+            "cards": st["cards"],
+            "bytes": st["bytes"],
+            "pinned": st["pinned"],
+            "published": st["published"],
+            "locations": self.locations,
+            "tls": self.tls,
+            "trust": self.store.trust_mode,
+            "writable": bool(self._write_tokens),
+        }
+
+    # -- catalog
+    @_edge
+    def list_flights(self, context: Any, criteria: bytes) -> Iterator[flight.FlightInfo]:
+        c = parse_criteria(criteria)
+        limit = min(c.limit or self.limits.max_list_entries, self.limits.max_list_entries)
+        entries = self.store.list(dataclasses.replace(c, limit=limit))
+        return iter([entry_to_flight_info(self._entry_locations(e), flight) for e in entries])
+
+    def _resolve(self, descriptor: flight.FlightDescriptor) -> CatalogEntry:
+        if descriptor.descriptor_type != flight.DescriptorType.PATH:
+            raise CardError("use a path descriptor [name, version|'latest']")
+        name, version = descriptor_ref(list(descriptor.path))
+        return self.store.find(name, version)
+
+    @_edge
+    def get_flight_info(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        return entry_to_flight_info(self._entry_locations(self._resolve(descriptor)), flight)
+
+    @_edge
+    def get_schema(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        e = self._resolve(descriptor)
+        return flight.SchemaResult(card_schema(e.header.dtype, {METADATA_KEY: e.header.to_json()}))
+
+    # -- transfer
+    @_edge
+    def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
+        digest = parse_ticket(ticket.ticket)
+        card = self.store.get(digest)  # mapped; CardNotFound if absent
+        if not self._gets.acquire(blocking=False):
+            raise BusyError(
+                f"this node is serving {self.limits.max_concurrent_gets} transfers already; retry or "
+                "fetch from another location"
+            )
+        schema = card.batches[0].schema
+        batches = card.batches
+
+        def stream() -> Iterator[pa.RecordBatch]:
+            # Holds a transfer slot until the stream ends or the client goes away.
+            try:
+                for i, b in enumerate(batches):
+                    yield b
+                    pause_point("serve_batches", i + 1)
+            finally:
+                self._gets.release()
+
+        return flight.GeneratorStream(schema, stream())
+
+    @_edge
+    def do_put(
+        self,
+        context: Any,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
+        require_write(context, "publishing a card (do_put)")
+        rows: int | None = None
+        if descriptor.descriptor_type == flight.DescriptorType.CMD:
+            cmd = parse_json_body(descriptor.command, "do_put command")
+            if cmd.get("op") != PUBLISH_OP:
+                raise CardError(f"unknown do_put command {cmd.get('op')!r}; expected {PUBLISH_OP!r}")
+            r = cmd.get("rows")
+            if r is not None:
+                if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                    raise CardError("do_put 'rows' must be a positive integer")
+                rows = r
+        deadline = time.monotonic() + self.limits.put_deadline_s
+        with self.store.stage(reader.schema, rows=rows, max_bytes=self.limits.max_card_bytes) as staged:
+            for _ in range(10_000_000):
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    break
+                if chunk.data is not None:
+                    staged.write_batch(chunk.data)
+                if time.monotonic() > deadline:
+                    raise CardError(f"publish took longer than {self.limits.put_deadline_s:.0f} s; refused")
+            entry = staged.commit(source="local", published=True)
+        writer.write(pa.py_buffer(json.dumps({"digest": entry.digest, "ref": entry.ref}).encode()))
+
+    # -- actions
+    def list_actions(self, context: Any) -> list[tuple[str, str]]:
+        return list(ACTIONS.items())
+
+    @_edge
+    def do_action(self, context: Any, action: flight.Action) -> Iterator[bytes]:
+        kind = action.type
+        if kind == ACTION_HEALTH:
+            body = {
+                "status": "ok",
+                "node_id": self.node_id,
+                "fleet_id": self.fleet_id,
+                "protocol": PROTOCOL_VERSION,
+                "epoch": self.store.epoch,
+            }
+        elif kind == ACTION_NODE_INFO:
+            body = self.node_info()
+        elif kind == ACTION_NOTIFY:
+            req = parse_json_body(action.body.to_pybytes() if action.body else b"", "notify")
+            peer = req.get("peer")
+            if not isinstance(peer, str) or "://" not in peer or len(peer) > 512:
+                raise CardError('notify body must be {"peer": "grpc://host:port", "epoch": n}')
+            normalize_uri(peer)
+            if self._on_notify is not None:
+                try:
+                    self._on_notify(peer)
+                except Exception:
+                    log.exception("on_notify callback failed for %s", peer)
+            body = {"ok": True, "epoch": self.store.epoch}
+        elif kind == ACTION_DELETE:
+            require_write(context, "deleting a card")
+            req = parse_json_body(action.body.to_pybytes() if action.body else b"", "delete")
+            digest = req.get("digest")
+            if not isinstance(digest, str):
+                name, version = req.get("name"), req.get("version", "latest")
+                if not isinstance(name, str):
+                    raise CardError('delete body must be {"digest": hex} or {"name": n, "version": v}')
+                digest = self.store.find(name, version).digest
+            entry = self.store.remove(digest)
+            body = {"removed": entry.digest, "ref": entry.ref, "epoch": self.store.epoch}
+        else:
+            raise CardError(f"unknown action {kind!r}; known: {', '.join(ACTIONS)}")
+        return iter([json.dumps(body).encode()])
+
+
+def _host(h: str) -> str:
+    return f"[{h}]" if ":" in h and not h.startswith("[") else h
+
+
+def run_server(
+    store_dir: str | os.PathLike[str],
+    *,
+    listen: str = "127.0.0.1:0",
+    advertise: Sequence[str] | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
+    token_file: str | None = None,
+    read_token_file: str | None = None,
+    trust: str = "open",
+    max_bytes: int | None = None,
+    fleet_id: str = "default",
+    on_ready: Callable[[CardServer], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> int:
+    """Build Store + identity + CardServer and serve until SIGTERM/SIGINT; returns 0 after a clean stop."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is on top of TLS)")
+    tls = ServerTLS.from_files(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
+    writes = load_tokens(token_file)
+    reads = load_tokens(read_token_file)
+    if writes and tls is None:
+        log.warning("write tokens without TLS travel in clear text; configure --tls-cert/--tls-key")
+    root = Path(store_dir)
+    identity = NodeIdentity.load_or_create(root / "identity")
+    stop = stop_event or threading.Event()
+    store = Store(root, max_bytes=max_bytes, trust=trust)
+    try:
+        server = CardServer(
+            store,
+            listen=listen,
+            advertise=advertise,
+            tls=tls,
+            write_tokens=writes,
+            read_tokens=reads,
+            node_id=identity.node_id,
+            fleet_id=fleet_id,
+        )
+        old: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, lambda *_: stop.set())
+        try:
+            if on_ready is not None:
+                on_ready(server)
+            while not stop.wait(3600.0):  # woken by a signal or the caller's event
+                pass
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            server.stop()
+    except OSError as e:
+        if isinstance(e, LoraflightError):
+            raise
+        raise StoreError(f"server failed: {e}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            store.close()
+    return 0
+
+
+__all__ = ["CardServer", "Limits", "normalize_uri", "run_server"]

@@ -1,0 +1,819 @@
+"""The node's card store: card files named by digest plus a SQLite index of their headers.
+
+Theory of operation
+-------------------
+Layout under `root`::
+
+    cards/<digest>.lora.arrow   immutable card files (written to tmp/, fsynced, renamed)
+    tmp/                        files being received; emptied on every open
+    index.sqlite                headers, flags, catalog epoch, known locations, trust
+
+A card enters in this order: bytes to a temp file (hashed as they arrive when the row
+count is known) -> fsync -> structural open of the temp file, values, digest, trust policy
+and name@version conflict checks -> rename into cards/ -> fsync the directory -> one SQLite
+transaction (row + epoch bump). A crash before the rename leaves only a temp file (deleted
+on open); after it, an orphan file the next open re-verifies and re-indexes; rows whose
+file is missing are dropped. So a killed node restarts with a consistent store and never
+holds a partial or unverified card.
+
+The catalog epoch only grows: every add and remove bumps it in the same transaction.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+
+from engine.card import CARD_SUFFIX, METADATA_KEY, CardDigest, CardHeader, LoRACard, fsync_dir
+from engine.card import check_digest as _check_digest
+from engine.errors import CardError, ConflictError, StoreError, TrustError
+from engine.keys import load_public_b64, signer_id
+
+from . import trust as _trust
+from ._testing import pause_point
+from .protocol import CardNotFound, CatalogEntry, Criteria
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[str, CatalogEntry], None]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cards (
+    digest TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    base_model TEXT,
+    tags TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    signer TEXT,
+    signer_key TEXT,
+    created TEXT,
+    epoch INTEGER NOT NULL,
+    last_use REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    published INTEGER NOT NULL DEFAULT 0,
+    header TEXT NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE INDEX IF NOT EXISTS cards_epoch ON cards (epoch);
+CREATE TABLE IF NOT EXISTS locations (
+    digest TEXT NOT NULL, uri TEXT NOT NULL, seen REAL NOT NULL, PRIMARY KEY (digest, uri)
+);
+CREATE TABLE IF NOT EXISTS owners (name TEXT PRIMARY KEY, signer_key TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trusted (
+    key TEXT PRIMARY KEY, signer TEXT NOT NULL, label TEXT NOT NULL, names TEXT NOT NULL
+);
+"""
+_COLS = "digest, name, version, base_model, tags, size, rows, source, pinned, published, header, epoch"
+MAX_LOCATIONS = 32  # remembered per digest
+
+
+def _is_enospc(e: OSError) -> bool:
+    import errno
+
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_error(e: OSError, what: str) -> StoreError:
+    if _is_enospc(e):
+        return StoreError(f"{what}: the disk is full ({e.strerror}); free space or raise the store's quota")
+    return StoreError(f"{what}: {e.strerror or e}")
+
+
+def hash_batch(digest: CardDigest, batch: pa.RecordBatch, dtype: str) -> None:
+    """Feed one received batch to `digest` from its raw bytes.
+
+    Buffers received over Flight are often misaligned, so this walks the Arrow buffers as
+    bytes (bounds-checked against every advertised shape) instead of making numpy views;
+    the full structural check runs on the written file before commit.
+    """
+    from engine.card import DTYPES
+
+    if batch.num_columns != 7:
+        raise CardError(f"a card batch has 7 columns, this one has {batch.num_columns}")
+    for i, c in enumerate(batch.columns):
+        if c.null_count:
+            raise CardError(f"column {batch.schema.field(i).name!r} has nulls; a card has none")
+    n = batch.num_rows
+    cols = batch.columns
+    modules = cols[0].to_pylist()
+    ranks, alphas, fins, fouts = (cols[k].to_pylist() for k in (1, 2, 3, 4))
+    size = DTYPES[dtype].itemsize
+    spans = []
+    for k, label in ((5, "lora_a"), (6, "lora_b")):
+        arr = cols[k]
+        obuf = arr.buffers()[1]
+        if obuf is None or obuf.size < (arr.offset + n + 1) * 4:
+            raise CardError(f"{label}: offsets buffer is missing or shorter than the row count")
+        off = np.frombuffer(obuf, dtype="<i4", count=n + 1, offset=arr.offset * 4).astype(np.int64)
+        values = arr.values
+        vbufs = values.buffers()
+        vbuf = vbufs[1] if len(vbufs) > 1 else None
+        vsize = 0 if vbuf is None else vbuf.size
+        base = values.offset * size
+        spans.append((off, vbuf, vsize, base, label))
+    for i in range(n):
+        r, fi, fo = int(ranks[i]), int(fins[i]), int(fouts[i])
+        parts = []
+        for (off, vbuf, vsize, base, label), count in zip(spans, (r * fi, fo * r), strict=True):
+            lo, hi = base + int(off[i]) * size, base + int(off[i + 1]) * size
+            if off[i + 1] - off[i] != count or lo < 0 or hi > vsize or r < 1 or fi < 1 or fo < 1:
+                raise CardError(
+                    f"module {modules[i]!r}: {label} holds {int(off[i + 1] - off[i])} values for shape "
+                    f"needing {count}, or points outside its buffer (corrupt batch)"
+                )
+            parts.append(memoryview(vbuf)[lo:hi] if vbuf is not None else memoryview(b""))
+        digest.update_row(str(modules[i]), r, float(alphas[i]), fi, fo, parts[0], parts[1])
+
+
+class StagedCard:
+    """A card being received: batches go to a temp file while hashed; commit or abort.
+
+    Use as a context manager: leaving the block without `commit` aborts and deletes the
+    temp file, so a failed transfer leaves nothing behind.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        schema: pa.Schema,
+        *,
+        rows: int | None,
+        max_bytes: int | None,
+        expect_digest: str | None = None,
+    ) -> None:
+        raw = (schema.metadata or {}).get(METADATA_KEY)
+        if raw is None:
+            raise CardError("not a loraflight card: the stream's schema has no 'loraflight' header")
+        self.header = CardHeader.from_json(raw)
+        if not self.header.digest:
+            raise CardError(f"{self.header.ref}: the header carries no digest")
+        if expect_digest is not None and self.header.digest != expect_digest:
+            raise CardError(
+                f"{self.header.ref}: the stream's header names digest {self.header.digest[:16]}… but "
+                f"{expect_digest[:16]}… was requested"
+            )
+        from engine.card import card_schema
+
+        if not schema.remove_metadata().equals(card_schema(self.header.dtype)):
+            raise CardError(f"{self.header.ref}: the stream's schema is not a {self.header.dtype} card's")
+        self._store = store
+        self._schema = schema
+        self._rows_expected = rows
+        self._max_bytes = max_bytes
+        self._digest = CardDigest(self.header, rows) if rows is not None else None
+        self.bytes_received = 0
+        self.rows_received = 0
+        self.batches = 0
+        self._done = False
+        self.tmp = store.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            self._file: BinaryIO | None = open(self.tmp, "wb")  # noqa: SIM115 (closed in commit/abort)
+            self._sink = pa.PythonFile(self._file, mode="w")
+            self._writer = pa.ipc.new_file(
+                self._sink, schema, options=pa.ipc.IpcWriteOptions(compression=None)
+            )
+        except OSError as e:
+            self.abort()
+            raise _disk_error(e, f"cannot start receiving {self.header.ref}") from None
+
+    def __enter__(self) -> StagedCard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        """Hash and append one batch; refuses past the size limit or the advertised rows."""
+        n = batch.get_total_buffer_size()
+        self.bytes_received += n
+        self.rows_received += batch.num_rows
+        if self._max_bytes is not None and self.bytes_received > self._max_bytes:
+            raise CardError(
+                f"{self.header.ref}: received {self.bytes_received} bytes, more than the "
+                f"{self._max_bytes} advertised or allowed; transfer refused"
+            )
+        if self._rows_expected is not None and self.rows_received > self._rows_expected:
+            raise CardError(
+                f"{self.header.ref}: received more rows than the {self._rows_expected} advertised"
+            )
+        if self._digest is not None:
+            hash_batch(self._digest, batch, self.header.dtype)
+        try:
+            self._writer.write_batch(batch)
+        except (OSError, pa.ArrowException) as e:
+            if isinstance(e, OSError):
+                raise _disk_error(e, f"cannot write {self.header.ref}") from None
+            raise StoreError(f"cannot write {self.header.ref}: {e}") from None
+        self.batches += 1
+        pause_point("stage_batches", self.batches)
+
+    def commit(
+        self,
+        *,
+        source: str = "local",
+        published: bool = False,
+        pinned: bool = False,
+        locations: Iterable[str] = (),
+    ) -> CatalogEntry:
+        """fsync, verify (structure, values, digest, trust, conflicts), rename, index."""
+        if self._done:
+            raise StoreError("this staged card was already committed or aborted")
+        try:
+            try:
+                self._writer.close()
+                assert self._file is not None
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None
+            except OSError as e:
+                raise _disk_error(e, f"cannot store {self.header.ref}") from None
+            except pa.ArrowException as e:
+                raise StoreError(f"cannot store {self.header.ref}: {e}") from None
+            pause_point("after_fsync")
+            if self._rows_expected is not None and self.rows_received != self._rows_expected:
+                raise CardError(
+                    f"{self.header.ref}: received {self.rows_received} rows, but {self._rows_expected} "
+                    "were advertised (truncated transfer)"
+                )
+            card = LoRACard.open(self.tmp)
+            try:
+                digest = self._digest.hexdigest() if self._digest is not None else card.compute_digest()
+                if digest != self.header.digest:
+                    raise CardError(
+                        f"{self.header.ref}: digest mismatch: the header says {self.header.digest[:16]}… but "
+                        f"the received content hashes to {digest[:16]}…; the card was tampered with or "
+                        "corrupted in transit; refused"
+                    )
+                card.check_values()
+            finally:
+                del card
+            entry = self._store._commit_file(
+                self.tmp, self.header, self.rows_received, source, published, pinned, locations
+            )
+            self._done = True
+            return entry
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self._done = True
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        if getattr(self, "_file", None) is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()  # type: ignore[union-attr]
+            self._file = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+class Store:
+    """Cards as files named by digest, an SQLite index, a growing epoch, an LRU byte cap."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = None,
+        trust: str = "open",
+    ) -> None:
+        self.root = Path(root)
+        self.cards_dir = self.root / "cards"
+        self.tmp_dir = self.root / "tmp"
+        self.max_bytes = max_bytes
+        self.trust_mode = _trust.check_mode(trust)
+        try:
+            self.cards_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.root / "index.sqlite", check_same_thread=False, isolation_level=None, timeout=30
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except OSError as e:
+            raise _disk_error(e, f"cannot open the store at {self.root}") from None
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the store index at {self.root}: {e}") from None
+        self._lock = threading.RLock()
+        self._listeners: list[Listener] = []
+        self._closed = False
+        self.repair()
+
+    # -- lifecycle
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def path_of(self, digest: str) -> Path:
+        return self.cards_dir / f"{_check_digest(digest)}{CARD_SUFFIX}"
+
+    # -- listeners
+    def subscribe(self, callback: Listener) -> Callable[[], None]:
+        """Call `callback(event, entry)` after each committed add ("added") or remove ("removed")."""
+        with self._lock:
+            self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._listeners.remove(callback)
+
+        return unsubscribe
+
+    def _emit(self, event: str, entry: CatalogEntry) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for cb in listeners:
+            try:
+                cb(event, entry)
+            except Exception:
+                log.exception("store listener %r failed on %s %s", cb, event, entry.ref)
+
+    # -- epoch
+    @property
+    def epoch(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _bump_epoch(self) -> int:
+        # caller holds the lock inside a transaction
+        e = self.epoch + 1
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (str(e),))
+        return e
+
+    # -- queries
+    def _entry(self, row: tuple[Any, ...], locations: bool = True) -> CatalogEntry:
+        digest, _name, _v, _bm, _tags, size, rows, source, pinned, published, header, epoch = row
+        locs: tuple[str, ...] = ()
+        if locations:
+            locs = tuple(
+                r[0]
+                for r in self._db.execute(
+                    "SELECT uri FROM locations WHERE digest=? ORDER BY seen DESC LIMIT ?",
+                    (digest, MAX_LOCATIONS),
+                )
+            )
+        return CatalogEntry(
+            header=CardHeader.from_json(header.encode()),
+            size=size,
+            rows=rows,
+            locations=locs,
+            source=source,
+            pinned=bool(pinned),
+            published=bool(published),
+            epoch=epoch,
+        )
+
+    def entry(self, digest: str) -> CatalogEntry | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLS} FROM cards WHERE digest=?", (digest,)).fetchone()
+            return self._entry(row) if row else None
+
+    def __contains__(self, digest: object) -> bool:
+        return isinstance(digest, str) and self.entry(digest) is not None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM cards").fetchone()[0])
+
+    def list(self, criteria: Criteria | Mapping[str, Any] | None = None, **kw: Any) -> list[CatalogEntry]:
+        """Entries matching criteria (name glob, base_model, tags, since, limit); no file is opened."""
+        if criteria is None:
+            criteria = Criteria.from_kwargs(kw)
+        elif isinstance(criteria, Mapping):
+            criteria = Criteria.from_kwargs(criteria)
+        sql = f"SELECT {_COLS} FROM cards"
+        where: builtins.list[str] = []
+        args: builtins.list[Any] = []
+        if criteria.base_model is not None:
+            where.append("base_model = ?")
+            args.append(criteria.base_model)
+        if criteria.digest is not None:
+            where.append("digest = ?")
+            args.append(criteria.digest)
+        if criteria.since is not None:
+            where.append("epoch > ?")
+            args.append(criteria.since)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY name, version"
+        out = []
+        with self._lock:
+            for row in self._db.execute(sql, args).fetchall():
+                e = self._entry(row)
+                if criteria.matches(e.header):
+                    out.append(e)
+                    if criteria.limit is not None and len(out) >= criteria.limit:
+                        break
+        return out
+
+    def find(self, name: str, version: int | str = "latest") -> CatalogEntry:
+        """The entry for name@version (`latest`: the highest version held)."""
+        with self._lock:
+            if version == "latest":
+                row = self._db.execute(
+                    f"SELECT {_COLS} FROM cards WHERE name=? ORDER BY version DESC LIMIT 1", (name,)
+                ).fetchone()
+            else:
+                row = self._db.execute(
+                    f"SELECT {_COLS} FROM cards WHERE name=? AND version=?", (name, int(version))
+                ).fetchone()
+            if not row:
+                raise CardNotFound(f"no card {name}@{version} in this store")
+            return self._entry(row)
+
+    def get(self, digest: str) -> LoRACard:
+        """The card mapped from its file (zero-copy); touches it for the LRU."""
+        if self.entry(digest) is None:
+            raise CardNotFound(f"no card with digest {digest[:16]}… in this store")
+        card = LoRACard.open(self.path_of(digest))
+        self.touch(digest)
+        return card
+
+    def touch(self, digest: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE cards SET last_use=? WHERE digest=?", (time.time(), digest))
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            n, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size),0) FROM cards").fetchone()
+            pinned = self._db.execute("SELECT COUNT(*) FROM cards WHERE pinned=1").fetchone()[0]
+            pub = self._db.execute("SELECT COUNT(*) FROM cards WHERE published=1").fetchone()[0]
+        return {"cards": int(n), "bytes": int(size), "pinned": int(pinned), "published": int(pub)}
+
+    # -- locations
+    def locations(self, digest: str) -> builtins.list[str]:
+        with self._lock:
+            return [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT uri FROM locations WHERE digest=? ORDER BY seen DESC LIMIT ?",
+                    (digest, MAX_LOCATIONS),
+                )
+            ]
+
+    def add_locations(self, digest: str, uris: Iterable[str]) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for u in list(uris)[:MAX_LOCATIONS]:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO locations (digest, uri, seen) VALUES (?, ?, ?)",
+                        (digest, u, now),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # -- flags
+    def pin(self, digest: str, pinned: bool = True) -> None:
+        with self._lock:
+            cur = self._db.execute("UPDATE cards SET pinned=? WHERE digest=?", (int(pinned), digest))
+            if cur.rowcount == 0:
+                raise CardNotFound(f"no card with digest {digest[:16]}… to pin")
+
+    def unpin(self, digest: str) -> None:
+        self.pin(digest, False)
+
+    def set_published(self, digest: str, published: bool = True) -> None:
+        with self._lock:
+            self._db.execute("UPDATE cards SET published=? WHERE digest=?", (int(published), digest))
+
+    # -- trust
+    def trusted_keys(self) -> dict[str, _trust.TrustedKey]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, signer, label, names FROM trusted").fetchall()
+        return {k: _trust.TrustedKey(k, s, lbl, tuple(json.loads(n))) for k, s, lbl, n in rows}
+
+    def trust_add(self, key_b64: str, *, label: str = "", names: Iterable[str] = ()) -> _trust.TrustedKey:
+        try:
+            load_public_b64(key_b64)
+        except (ValueError, TypeError) as e:
+            raise TrustError(f"not an Ed25519 public key (base64 of 32 raw bytes): {e}") from None
+        tk = _trust.TrustedKey(key_b64, signer_id(key_b64), label, tuple(names))
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO trusted (key, signer, label, names) VALUES (?, ?, ?, ?)",
+                (tk.key, tk.signer, tk.label, json.dumps(list(tk.names))),
+            )
+        return tk
+
+    def trust_remove(self, key_or_signer: str) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM trusted WHERE key=? OR signer=?", (key_or_signer, key_or_signer)
+            )
+            return cur.rowcount > 0
+
+    def owner(self, name: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT signer_key FROM owners WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def check_admission(self, header: CardHeader) -> CatalogEntry | None:
+        """Trust policy and name@version conflict checks; returns the existing entry of this digest."""
+        with self._lock:
+            existing = self.entry(header.digest)
+            if existing is not None:
+                return existing
+            row = self._db.execute(
+                "SELECT digest FROM cards WHERE name=? AND version=?", (header.name, header.version)
+            ).fetchone()
+            if row and row[0] != header.digest:
+                raise ConflictError(
+                    f"{header.ref} already exists here with digest {row[0][:16]}…, and this card has digest "
+                    f"{header.digest[:16]}…: cards are immutable, publish a new version instead"
+                )
+            _trust.check_entry(
+                header, mode=self.trust_mode, trusted=self.trusted_keys(), owner=self.owner(header.name)
+            )
+        return None
+
+    # -- adding
+    def stage(
+        self,
+        schema: pa.Schema,
+        *,
+        rows: int | None = None,
+        max_bytes: int | None = None,
+        expect_digest: str | None = None,
+    ) -> StagedCard:
+        """Start receiving a card whose stream has `schema`; see StagedCard."""
+        return StagedCard(self, schema, rows=rows, max_bytes=max_bytes, expect_digest=expect_digest)
+
+    def add(
+        self,
+        card_or_path: LoRACard | str | os.PathLike[str],
+        *,
+        source: str = "local",
+        published: bool = False,
+        pinned: bool = False,
+        locations: Iterable[str] = (),
+    ) -> CatalogEntry:
+        """Verify (values, digest, trust, conflicts) and store a card; returns its entry.
+
+        Adding a digest already held only updates its flags and locations.
+        """
+        card = card_or_path if isinstance(card_or_path, LoRACard) else LoRACard.open(card_or_path)
+        card.verify()
+        existing = self.check_admission(card.header)
+        if existing is not None:
+            return self._merge_existing(existing, published, pinned, locations)
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            try:
+                with open(tmp, "wb") as f:
+                    card.write_to(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise _disk_error(e, f"cannot store {card.ref}") from None
+            pause_point("after_fsync")
+            return self._commit_file(tmp, card.header, len(card), source, published, pinned, locations)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _merge_existing(
+        self, existing: CatalogEntry, published: bool, pinned: bool, locations: Iterable[str]
+    ) -> CatalogEntry:
+        with self._lock:
+            self._db.execute(
+                "UPDATE cards SET published = MAX(published, ?), pinned = MAX(pinned, ?) WHERE digest=?",
+                (int(published), int(pinned), existing.digest),
+            )
+        locs = list(locations)
+        if locs:
+            self.add_locations(existing.digest, locs)
+        return self.entry(existing.digest) or existing
+
+    def _commit_file(
+        self,
+        tmp: Path,
+        header: CardHeader,
+        rows: int,
+        source: str,
+        published: bool,
+        pinned: bool,
+        locations: Iterable[str],
+    ) -> CatalogEntry:
+        """Rename a verified temp file into cards/ and index it (trust + conflicts re-checked)."""
+        existing = self.check_admission(header)
+        if existing is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return self._merge_existing(existing, published, pinned, locations)
+        final = self.path_of(header.digest)
+        size = os.path.getsize(tmp)
+        pause_point("before_rename")
+        try:
+            os.replace(tmp, final)
+            fsync_dir(self.cards_dir)
+        except OSError as e:
+            raise _disk_error(e, f"cannot store {header.ref}") from None
+        pause_point("before_index_commit")
+        try:
+            entry = self._index(header, rows, size, source, published, pinned, locations)
+        except BaseException:
+            with self._lock:
+                held = self._db.execute("SELECT 1 FROM cards WHERE digest=?", (header.digest,)).fetchone()
+            if not held:
+                with contextlib.suppress(OSError):
+                    os.unlink(final)
+            raise
+        self._emit("added", entry)
+        self.evict()
+        return entry
+
+    def _index(
+        self,
+        header: CardHeader,
+        rows: int,
+        size: int,
+        source: str,
+        published: bool,
+        pinned: bool,
+        locations: Iterable[str],
+    ) -> CatalogEntry:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                # re-checked inside the transaction: another writer may have won the race
+                row = self._db.execute(
+                    "SELECT digest FROM cards WHERE name=? AND version=?", (header.name, header.version)
+                ).fetchone()
+                if row and row[0] != header.digest:
+                    raise ConflictError(
+                        f"{header.ref} already exists here with digest {row[0][:16]}…: cards are immutable"
+                    )
+                if not row:
+                    epoch = self._bump_epoch()
+                    self._db.execute(
+                        "INSERT INTO cards (digest, name, version, base_model, tags, size, rows, source, "
+                        "signer, signer_key, created, epoch, last_use, pinned, published, header) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            header.digest,
+                            header.name,
+                            header.version,
+                            header.base_model,
+                            json.dumps(list(header.tags)),
+                            size,
+                            rows,
+                            source,
+                            header.signer,
+                            header.signer_key,
+                            header.created,
+                            epoch,
+                            now,
+                            int(pinned),
+                            int(published),
+                            header.to_json().decode(),
+                        ),
+                    )
+                    if header.signer_key is not None:
+                        self._db.execute(
+                            "INSERT OR IGNORE INTO owners (name, signer_key) VALUES (?, ?)",
+                            (header.name, header.signer_key),
+                        )
+                for u in list(locations)[:MAX_LOCATIONS]:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO locations (digest, uri, seen) VALUES (?, ?, ?)",
+                        (header.digest, u, now),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            entry = self.entry(header.digest)
+        assert entry is not None
+        return entry
+
+    # -- removing
+    def remove(self, digest: str) -> CatalogEntry:
+        """Drop a card from the index and delete its file (open maps stay valid)."""
+        with self._lock:
+            entry = self.entry(digest)
+            if entry is None:
+                raise CardNotFound(f"no card with digest {digest[:16]}… to remove")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM cards WHERE digest=?", (digest,))
+                self._db.execute("DELETE FROM locations WHERE digest=?", (digest,))
+                self._bump_epoch()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        with contextlib.suppress(OSError):
+            os.unlink(self.path_of(digest))
+        self._emit("removed", entry)
+        return entry
+
+    def evict(self) -> builtins.list[CatalogEntry]:
+        """Remove least-recently-used fetched cards (never pinned, published or local) over max_bytes."""
+        if self.max_bytes is None:
+            return []
+        removed = []
+        for _ in range(100_000):  # bounded: at most one pass over the catalog
+            with self._lock:
+                total = self._db.execute("SELECT COALESCE(SUM(size),0) FROM cards").fetchone()[0]
+                if total <= self.max_bytes:
+                    break
+                row = self._db.execute(
+                    "SELECT digest FROM cards WHERE pinned=0 AND published=0 AND source!='local' "
+                    "ORDER BY last_use ASC LIMIT 1"
+                ).fetchone()
+            if not row:
+                log.warning(
+                    "store is over its cap (%d > %d bytes) but nothing is evictable", total, self.max_bytes
+                )
+                break
+            removed.append(self.remove(row[0]))
+            log.info("evicted %s (LRU, store over %d bytes)", removed[-1].ref, self.max_bytes)
+        return removed
+
+    # -- recovery
+    def repair(self) -> dict[str, int]:
+        """Make the index and the files agree (run on every open); returns what it did."""
+        done = {"temp_removed": 0, "rows_dropped": 0, "orphans_indexed": 0, "orphans_removed": 0}
+        for p in list(self.tmp_dir.iterdir())[:1_000_000]:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                done["temp_removed"] += 1
+        for p in list(self.cards_dir.glob(".tmp-*")):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                done["temp_removed"] += 1
+        with self._lock:
+            rows = self._db.execute("SELECT digest FROM cards").fetchall()
+        indexed = {r[0] for r in rows}
+        for (digest,) in rows:
+            if not self.path_of(digest).exists():
+                with self._lock:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.execute("DELETE FROM cards WHERE digest=?", (digest,))
+                    self._db.execute("DELETE FROM locations WHERE digest=?", (digest,))
+                    self._bump_epoch()
+                    self._db.execute("COMMIT")
+                done["rows_dropped"] += 1
+                log.warning("store repair: dropped index row %s whose file is missing", digest[:16])
+        for p in self.cards_dir.glob(f"*{CARD_SUFFIX}"):
+            digest = p.name[: -len(CARD_SUFFIX)]
+            if digest in indexed:
+                continue
+            try:
+                card = LoRACard.open(p)
+                card.verify()
+                if card.digest != digest:
+                    raise CardError(
+                        f"file name says {digest[:16]}… but the card's digest is {card.digest[:16]}…"
+                    )
+                self.check_admission(card.header)
+                n = len(card)
+                header = card.header
+                del card
+                self._index(header, n, p.stat().st_size, "recovered", False, False, ())
+                done["orphans_indexed"] += 1
+                log.warning("store repair: re-indexed orphan card file %s", p.name)
+            except (CardError, ConflictError) as e:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                done["orphans_removed"] += 1
+                log.warning("store repair: removed card file %s: %s", p.name, e)
+        return done
+
+
+__all__ = ["Listener", "StagedCard", "Store"]

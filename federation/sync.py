@@ -1,0 +1,240 @@
+"""Sync: a pure planner (catalogs + policy -> fetches) and an executor with bounded concurrency.
+
+Planner rules (docs/protocol.md, "Sync"): keep the cards matching the policy (base models,
+tags, name globs); per name the newest version wins; a digest is fetched once, from any
+location that holds it; the lineage parents of a chosen card come with it (parents first);
+nothing already held locally is fetched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from engine.errors import LoraflightError, PeerError
+
+from .protocol import CatalogEntry, dedupe
+from .security import ClientTLS
+from .store import Store
+
+log = logging.getLogger(__name__)
+MAX_LINEAGE_DEPTH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncPolicy:
+    """What to pull from peers; empty filters match everything."""
+
+    base_models: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # a card matches if it has any of these tags
+    names: tuple[str, ...] = ()  # globs over card names
+    include_lineage: bool = True  # also fetch the parents a chosen card names
+    latest_only: bool = True  # per name only the newest version
+
+    def matches(self, entry: CatalogEntry) -> bool:
+        h = entry.header
+        if self.base_models and h.base_model not in self.base_models:
+            return False
+        if self.tags and not set(self.tags) & set(h.tags):
+            return False
+        return not self.names or any(fnmatch.fnmatchcase(h.name, g) for g in self.names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetch:
+    """One card to fetch and every location known to hold it."""
+
+    entry: CatalogEntry
+    locations: tuple[str, ...]
+    reason: str = "policy"  # "policy" or "lineage of <ref>"
+
+    @property
+    def digest(self) -> str:
+        return self.entry.digest
+
+    @property
+    def ref(self) -> str:
+        return self.entry.ref
+
+
+def plan_sync(
+    local_entries: Iterable[CatalogEntry],
+    peer_catalogs: Mapping[str, Sequence[CatalogEntry]],
+    policy: SyncPolicy,
+) -> list[Fetch]:
+    """The fetches that bring the local catalog up to date with the peers' (pure)."""
+    local = list(local_entries)
+    have = {e.digest for e in local}
+    local_newest: dict[str, int] = {}
+    for e in local:
+        local_newest[e.name] = max(local_newest.get(e.name, 0), e.version)
+    # every digest the peers list, with the union of its locations (the listing peer first)
+    by_digest: dict[str, CatalogEntry] = {}
+    locs: dict[str, list[str]] = {}
+    for peer, entries in peer_catalogs.items():
+        for e in entries:
+            by_digest.setdefault(e.digest, e)
+            locs.setdefault(e.digest, []).extend([*e.locations, peer])
+    chosen: dict[str, CatalogEntry] = {}
+    for d, e in sorted(by_digest.items(), key=lambda kv: (kv[1].name, -kv[1].version, kv[0])):
+        if d in have or not policy.matches(e):
+            continue
+        if policy.latest_only:
+            best = chosen.get(e.name)
+            if best is not None and best.version >= e.version:
+                continue
+            if local_newest.get(e.name, 0) > e.version:
+                continue  # we hold something newer
+        key = e.name if policy.latest_only else d
+        chosen[key] = e
+    plan: list[Fetch] = []
+    planned: set[str] = set()
+
+    def add(e: CatalogEntry, reason: str, depth: int) -> None:
+        if e.digest in planned or e.digest in have or depth > MAX_LINEAGE_DEPTH:
+            return
+        planned.add(e.digest)
+        if policy.include_lineage:
+            for parent in e.header.lineage:
+                pe = by_digest.get(parent)
+                if pe is not None:
+                    add(pe, f"lineage of {e.ref}", depth + 1)
+        plan.append(Fetch(e, tuple(dedupe(locs.get(e.digest, []))), reason))
+
+    for e in sorted(chosen.values(), key=lambda x: (x.name, x.version)):
+        add(e, "policy", 0)
+    return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncProgress:
+    ref: str
+    state: str  # "start", "progress", "done", "error"
+    bytes_done: int
+    bytes_total: int
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class SyncReport:
+    """What a sync did: fetched entries, per-card errors, peers that could not be listed."""
+
+    fetched: list[CatalogEntry] = dataclasses.field(default_factory=list)
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)  # ref -> message
+    peer_errors: dict[str, str] = dataclasses.field(default_factory=dict)  # uri -> message
+    planned: list[Fetch] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.peer_errors
+
+
+def sync(
+    peers: Iterable[str],
+    policy: SyncPolicy | None,
+    store: Store,
+    *,
+    concurrency: int = 4,
+    progress: Callable[[SyncProgress], None] | None = None,
+    token: str | None = None,
+    tls: ClientTLS | None = None,
+    trusted: Iterable[str] | None = None,
+    require_signed: bool = False,
+    timeout: float = 30.0,
+    catalogs: Mapping[str, Sequence[CatalogEntry]] | None = None,
+) -> SyncReport:
+    """List the peers, plan, and fetch with at most `concurrency` transfers at once.
+
+    Per-card and per-peer errors are collected in the report, not raised. `catalogs` lets a
+    caller that already listed the peers skip the listing.
+    """
+    from .client import Client
+
+    policy = policy or SyncPolicy()
+    report = SyncReport()
+    clients: dict[str, Client] = {}
+    lock = threading.Lock()
+    peer_list = dedupe(peers)
+
+    def client(uri: str) -> Client:
+        with lock:
+            c = clients.get(uri)
+            if c is None:
+                c = clients[uri] = Client(uri, token=token, tls=tls, timeout=timeout)
+            return c
+
+    try:
+        cats: dict[str, Sequence[CatalogEntry]] = dict(catalogs or {})
+        for uri in peer_list:
+            if uri in cats:
+                continue
+            try:
+                cats[uri] = client(uri).list()
+            except LoraflightError as e:
+                report.peer_errors[uri] = str(e)
+                log.warning("sync: cannot list %s: %s", uri, e)
+        plan = plan_sync(store.list(), cats, policy)
+        report.planned = plan
+        if not plan:
+            return report
+        trusted_set = None if trusted is None else set(trusted)
+
+        def run(f: Fetch) -> None:
+            total = f.entry.size
+            if progress is not None:
+                progress(SyncProgress(f.ref, "start", 0, total))
+
+            def cb(done: int, tot: int) -> None:
+                if progress is not None:
+                    progress(SyncProgress(f.ref, "progress", done, tot))
+
+            first = f.locations[0] if f.locations else (peer_list[0] if peer_list else "")
+            try:
+                if not first:
+                    raise PeerError(f"no location holds {f.ref}")
+                card = client(first).fetch_entry(
+                    f.entry,
+                    store=store,
+                    trusted=trusted_set,
+                    require_signed=require_signed,
+                    progress=cb,
+                    locations=f.locations,
+                )
+                entry = store.entry(card.digest)
+                if entry is not None:
+                    store.add_locations(card.digest, f.locations)
+                    with lock:
+                        report.fetched.append(entry)
+                if progress is not None:
+                    progress(SyncProgress(f.ref, "done", total, total))
+            except LoraflightError as e:
+                with lock:
+                    report.errors[f.ref] = str(e)
+                log.warning("sync: %s failed: %s", f.ref, e)
+                if progress is not None:
+                    progress(SyncProgress(f.ref, "error", 0, total, str(e)))
+
+        # parents come before children in the plan; run lineage parents first, then the rest
+        parents = [f for f in plan if f.reason != "policy"]
+        rest = [f for f in plan if f.reason == "policy"]
+        workers = max(1, min(concurrency, len(plan)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ThreadPoolExecutor-sync") as ex:
+            for batch in (parents, rest):
+                list(ex.map(run, batch))
+        return report
+    finally:
+        for c in clients.values():
+            c.close()
+
+
+def sync_from(peer: str, store: Store, **kw: Any) -> SyncReport:
+    """sync() from one peer (convenience)."""
+    return sync([peer], kw.pop("policy", None), store, **kw)
+
+
+__all__ = ["Fetch", "SyncPolicy", "SyncProgress", "SyncReport", "plan_sync", "sync", "sync_from"]
