@@ -579,9 +579,9 @@ class Engine:
                 ds = [cand[x].deltas[m] for x in eff[n] if m in cand[x].deltas]
                 if ds:
                     per_adapter[n] = combine(ds)
-            delta = combine([cand[n].deltas[m] for n in unmerged if m in cand[n].deltas])
+            deltas = tuple(cand[n].deltas[m] for n in unmerged if m in cand[n].deltas)
             weight = params.get(m, w.base_layer.weight)
-            slots[w.key] = Slot(weight, w.base_layer.bias, delta, per_adapter)  # type: ignore[arg-type]
+            slots[w.key] = Slot(weight, w.base_layer.bias, deltas, per_adapter)  # type: ignore[arg-type]
         snap = Snapshot(slots=slots, merged=bool(params), names=frozenset(cand))
 
         # ---- commit: nothing below can fail on bad input

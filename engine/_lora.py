@@ -9,8 +9,8 @@ not change, and keeps the original module aside to put it back on unload.
 
 Everything a wrapped layer needs to compute lives in an immutable ``Snapshot``:
 per layer (by slot key) the weight to use (the original, or a merged copy) and
-the unmerged LoRA delta as one ``(A, B)`` pair (several active adapters are
-concatenated along the rank, B already multiplied by the scale). The engine
+the unmerged LoRA deltas as ``(A, B)`` pairs (B already multiplied by the
+scale), applied one after the other so that a zero delta changes no bit. The engine
 builds a new snapshot for every change and swaps one reference; a forward
 pre-hook on the model captures the current snapshot in a context variable for
 the whole forward, so a forward in flight sees the whole old or the whole new
@@ -43,7 +43,7 @@ class Slot:
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    delta: Delta | None  # active, unmerged adapters combined
+    deltas: tuple[Delta, ...]  # active, unmerged adapters, applied in order (lineage parents first)
     per_adapter: dict[str, Delta]  # adapter name -> its effective delta (lineage included)
 
 
@@ -147,18 +147,17 @@ class LoRALinear(nn.Module):
         rows = snap.rows
         if rows is not None:
             return _mixed(snap, self.key, rows, x, y)
-        d = slot.delta
-        if d is None:
+        deltas = slot.deltas
+        if not deltas:
             return y
-        a, b = d
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != a.dtype:
-            x2 = x2.to(a.dtype)
         y2 = y.view(-1, y.shape[-1])
-        if y2.dtype == b.dtype:
-            y2.addmm_(x2 @ a.t(), b.t())
-        else:
-            y2.add_(((x2 @ a.t()) @ b.t()).to(y2.dtype))
+        for a, b in deltas:
+            xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
+            if y2.dtype == b.dtype:
+                y2.addmm_(xa @ a.t(), b.t())
+            else:
+                y2.add_(((xa @ a.t()) @ b.t()).to(y2.dtype))
         return y
 
 
