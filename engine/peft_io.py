@@ -273,6 +273,13 @@ def check_config(config: Mapping[str, Any]) -> None:
             raise CardError(f"adapter_config.json {key} must be an object")
 
 
+_REFUSAL_ORDER = ("lora_magnitude_vector", "lora_embedding_", "modules_to_save", ".bias")
+
+
+def _refusal_rank(key: str) -> tuple[int, str]:
+    return next((i for i, s in enumerate(_REFUSAL_ORDER) if s in key), len(_REFUSAL_ORDER)), key
+
+
 def _refuse_tensor(key: str) -> CardError:
     if "lora_magnitude_vector" in key:
         return CardError(f"cannot convert: tensor {key!r} is a DoRA magnitude vector (use_dora); refused")
@@ -294,7 +301,7 @@ def _refuse_tensor(key: str) -> CardError:
 def sanitize_name(raw: str) -> str:
     """A safe card name from a folder name: other characters become '-'."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", raw)
-    s = re.sub(r"\.{2,}", ".", s).lstrip("._-")[:MAX_NAME_LEN].rstrip(".")
+    s = re.sub(r"\.{2,}", ".", s).strip("._-")[:MAX_NAME_LEN].rstrip("._-")
     return s or "adapter"
 
 
@@ -346,10 +353,13 @@ def from_peft(
     tensors = read_safetensors(weights)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     dtypes: set[str] = set()
+    bad = [key for key in tensors if _KEY_RE.match(key) is None]
+    if bad:
+        # The most telling key first (a DoRA vector says more than the base weights saved beside it).
+        raise _refuse_tensor(min(bad, key=_refusal_rank))
     for key, (st_dtype, arr) in tensors.items():
         m = _KEY_RE.match(key)
-        if m is None:
-            raise _refuse_tensor(key)
+        assert m is not None
         if arr.ndim != 2:
             raise CardError(
                 f"cannot convert: tensor {key!r} has shape {list(arr.shape)}: a convolution LoRA "
