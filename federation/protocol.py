@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from engine.card import METADATA_KEY, CardHeader, card_schema, check_digest
+from engine.card import METADATA_KEY, CardHeader, card_schema, check_digest, check_name
 from engine.errors import (
     AuthError,
     CardError,
@@ -288,7 +288,7 @@ def descriptor_ref(path: list[bytes]) -> tuple[str, str]:
         raise CardError("descriptor path is not UTF-8") from None
     if version != "latest" and not version.isdigit():
         raise CardError(f"version {version!r} must be a positive integer or 'latest'")
-    return name, version
+    return check_name(name), version
 
 
 def parse_ticket(ticket: bytes) -> str:

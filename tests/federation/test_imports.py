@@ -1,0 +1,23 @@
+import subprocess
+import sys
+
+
+def test_import_federation_loads_neither_torch_nor_grpc():
+    code = (
+        "import sys, federation\n"
+        "from federation import Client, Store, CardServer, SyncPolicy, sync, plan_sync\n"
+        "import federation.cli.net_cmds\n"
+        "bad = [m for m in ('torch', 'grpc') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "assert callable(federation.sync)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_py_typed_present():
+    from pathlib import Path
+
+    import federation
+
+    assert (Path(federation.__file__).parent / "py.typed").exists()
