@@ -226,6 +226,9 @@ class Discovery:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._names: dict[str, str] = {}  # instance name -> node id
         self._registered: asyncio.Future[Any] | None = None
+        self._update_task: asyncio.Future[Any] | None = None
+        self._broadcast: asyncio.Future[Any] | None = None
+        self._update_again = False
         self.running = False
 
     # -- lifecycle (thread-safe wrappers around loop-only coroutines)
@@ -279,8 +282,7 @@ class Discovery:
             return
         self._epoch = int(epoch)
         if self.running and self._loop is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._async_update(), self._loop)
-            fut.add_done_callback(_log_failure("mDNS update"))
+            self._loop.call_soon_threadsafe(self._schedule_update)
 
     def stop(self) -> None:
         """Say goodbye (unregister), close Zeroconf and end the loop thread."""
@@ -353,17 +355,43 @@ class Discovery:
         self._registered = await self._aiozc.async_register_service(self._info, cooperating_responders=True)
         self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
 
+    def _schedule_update(self) -> None:
+        """Coalesce epoch bumps: one update task at a time, re-run while bumps keep arriving."""
+        self._update_again = True
+        if self._update_task is None or self._update_task.done():
+            self._update_task = asyncio.ensure_future(self._async_updates())
+
+    async def _async_updates(self) -> None:
+        for _ in range(1000):  # bounded: each round publishes the newest epoch
+            if not self._update_again or self._aiozc is None or not self.running:
+                return
+            self._update_again = False
+            try:
+                await self._async_update()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("mDNS update failed: %s", e)
+
     async def _async_update(self) -> None:
         if self._aiozc is None:
             return
         if self._registered is not None:
             await asyncio.wait_for(asyncio.shield(self._registered), _LOOP_TIMEOUT)
         self._info = self._service_info()
-        await (await self._aiozc.async_update_service(self._info))
+        self._broadcast = await self._aiozc.async_update_service(self._info)
+        await self._broadcast
 
     async def _async_stop(self) -> None:
-        for t in list(self._tasks):
+        # Stop announcing first: an update still broadcasting after the goodbye would
+        # re-announce this node to its peers.
+        pending = [
+            t for t in (self._update_task, self._broadcast, *self._tasks) if t is not None and not t.done()
+        ]
+        for t in pending:
             t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=_LOOP_TIMEOUT)
         if self._browser is not None:
             await self._browser.async_cancel()
         if self._aiozc is not None:
@@ -374,6 +402,11 @@ class Discovery:
                 await self._aiozc.async_unregister_all_services()
             await self._aiozc.async_close()
         self._aiozc = self._browser = None
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        if rest:
+            await asyncio.wait(rest, timeout=_LOOP_TIMEOUT)
 
     def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
         """Browser handler: runs on the loop; only schedules work."""

@@ -69,6 +69,11 @@ class Peer:
         }
 
 
+def _ephemeral(source: str) -> bool:
+    """Sources that vouch for a peer only while it is around (mDNS, a notify it sent)."""
+    return source == "mdns" or source == "notify"
+
+
 # Events handed to `on_event`: ("added" | "dropped" | "removed" | "back" | "epoch", peer)
 EventCallback = Callable[[str, Peer], None]
 
@@ -150,6 +155,15 @@ class PeerTable:
                 else:
                     holder.sources.add(source)
 
+    def add_address(self, source: str, uri: str) -> Peer:
+        """Add one address (e.g. from a `notify` by an unknown peer) without touching others."""
+        with self._lock:
+            holder = self.find_uri(uri)
+            if holder is None:
+                return self._merge_uris(None, [uri], source)
+            holder.sources.add(source)
+            return holder
+
     def _merge_uris(self, node_id: str | None, uris: list[str], source: str) -> Peer:
         key = node_id or f"uri:{uris[0]}"
         now = self._clock()
@@ -162,7 +176,8 @@ class PeerTable:
             peer = self._peers.get(node_id)
             if peer is None:
                 return
-            peer.sources.discard("mdns")
+            # A notify-learnt address is as ephemeral as the mDNS record: both go with the goodbye.
+            peer.sources = {s for s in peer.sources if not _ephemeral(s)}
             if not peer.sources:
                 del self._peers[node_id]
                 log.info("peer %s said goodbye", node_id)
@@ -178,7 +193,7 @@ class PeerTable:
             for peer in list(self._peers.values()):
                 if (
                     peer.state == DROPPED
-                    and peer.sources == {"mdns"}
+                    and all(_ephemeral(s) for s in peer.sources)
                     and now - peer.last_ok > self.forget_after
                 ):
                     del self._peers[peer.key]
