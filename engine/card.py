@@ -715,10 +715,16 @@ class LoRACard:
                 schema = reader.schema
             except (pa.ArrowException, OSError, ValueError) as e:
                 raise CardError(f"{p}: not an Arrow IPC file or truncated: {e}") from None
-            header = _check_schema(schema)
+            try:
+                header = _check_schema(schema)
+            except CardError as e:
+                raise CardError(f"{p}: {e}") from None
             n = reader.num_record_batches
             if n > MAX_ROWS:
                 raise CardError(f"{p}: footer lists {n} record batches; the limit is {MAX_ROWS}")
+            size = mm.size()
+            mm.seek(0)
+            base = mm.read_buffer(1).address if size else 0
             batches = []
             for i in range(n):
                 try:
@@ -726,6 +732,14 @@ class LoRACard:
                     b.validate(full=True)
                 except (pa.ArrowException, OSError, ValueError, IndexError) as e:
                     raise CardError(f"{p}: record batch {i} is corrupt or truncated: {e}") from None
+                # Tensors must be views of the mapping: a compressed (or otherwise copied) body is refused.
+                for col in (5, 6):
+                    vb = b.column(col).values.buffers()
+                    if len(vb) > 1 and vb[1] is not None and not base <= vb[1].address <= base + size:
+                        raise CardError(
+                            f"{p}: record batch {i} is compressed or not memory-mappable; "
+                            "cards are uncompressed Arrow IPC files"
+                        )
                 batches.append(b)
             if sum(b.num_rows for b in batches) > MAX_ROWS:
                 raise CardError(f"{p}: more than {MAX_ROWS} module rows")
