@@ -36,7 +36,7 @@ def demo_config() -> Any:
         alpha=16.0,
         target_modules=("query", "value"),
         learning_rate=2e-3,
-        temperature=0.2,
+        temperature=0.1,
         batch_size=16,
         epochs=10,
         max_steps=10,
