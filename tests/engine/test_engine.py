@@ -44,7 +44,9 @@ def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> MLP:
     return MLP(dtype=dtype).eval()
 
 
-def lora_mods(model: nn.Module, modules: list[str], rank: int, seed: int, prefix: str = "") -> list[ModuleLoRA]:
+def lora_mods(
+    model: nn.Module, modules: list[str], rank: int, seed: int, prefix: str = ""
+) -> list[ModuleLoRA]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for m in modules:
@@ -172,7 +174,9 @@ def test_swap_newer_version_in_place():
         assert (model(X) - reference(make_mlp(), [v2], X)).abs().max().item() <= 1e-5
     # a version that does not fit leaves the old one in place
     bad = LoRACard.build(
-        [ModuleLoRA("lin0", 2, 2.0, np.ones((2, 7), np.float32), np.ones((24, 2), np.float32))], name="a", version=3
+        [ModuleLoRA("lin0", 2, 2.0, np.ones((2, 7), np.float32), np.ones((24, 2), np.float32))],
+        name="a",
+        version=3,
     )
     with pytest.raises(EngineError, match="lin0"):
         eng.load(bad)
@@ -287,7 +291,13 @@ def test_errors_leave_model_untouched():
     with pytest.raises(EngineError) as ei:
         eng.load(LoRACard.build(mods_bad, name="bad"))
     msg = str(ei.value)
-    assert "'lin9'" in msg and "'lin1'" in msg and "in=5" in msg and "ReLU" in msg and "nothing was changed" in msg
+    assert (
+        "'lin9'" in msg
+        and "'lin1'" in msg
+        and "in=5" in msg
+        and "ReLU" in msg
+        and "nothing was changed" in msg
+    )
     # base model id
     with pytest.raises(EngineError, match="org/other"):
         eng.load(make_card(model, "other", base_model="org/other"))
@@ -343,13 +353,18 @@ def test_prefix_mapping_rules():
     assert eng2.adapters["i"]["modules"] == ("model.lin0", "model.lin1")
     x = X
     with torch.no_grad():
-        assert (outer(x) - reference(Wrapper(make_mlp()), [make_card(inner, "i", prefix="model.")], x)).abs().max() <= 1e-5
+        assert (
+            outer(x) - reference(Wrapper(make_mlp()), [make_card(inner, "i", prefix="model.")], x)
+        ).abs().max() <= 1e-5
 
 
 def test_lineage_parents_load_under_child():
     model = make_mlp()
     parent = make_card(model, "base-skill", seed=1)
-    zero = [ModuleLoRA(m.module, 2, 4.0, np.zeros((2, m.in_features), np.float32), m.b[:, :2].copy()) for m in parent]
+    zero = [
+        ModuleLoRA(m.module, 2, 4.0, np.zeros((2, m.in_features), np.float32), m.b[:, :2].copy())
+        for m in parent
+    ]
     child = LoRACard.build(zero, name="child", lineage=[parent.digest])
     eng = Engine(model)
     with pytest.raises(EngineError, match=parent.digest):

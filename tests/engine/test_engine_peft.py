@@ -49,8 +49,19 @@ def tiny_bert() -> torch.nn.Module:
 CASES = {
     "llama": (
         tiny_llama,
-        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False),
-        LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"], use_rslora=True, init_lora_weights=False),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+        ),
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=["q_proj", "down_proj"],
+            use_rslora=True,
+            init_lora_weights=False,
+        ),
     ),
     "bert": (
         tiny_bert,
