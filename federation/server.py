@@ -59,7 +59,10 @@ class Limits:
     """Bounds against hostile or overloaded peers."""
 
     max_card_bytes: int = 8 << 30  # largest card accepted by do_put
-    max_concurrent_gets: int = 64  # do_get streams at once; more get 'busy'
+    # do_get streams at once: each holds about one batch (≤ 4 MiB) in gRPC's send buffers, so
+    # this bounds the server's memory; callers beyond it wait up to get_wait_s, then get 'busy'.
+    max_concurrent_gets: int = 4
+    get_wait_s: float = 30.0
     max_list_entries: int = 100_000  # FlightInfos in one list_flights answer
     put_deadline_s: float = 900.0  # a do_put must finish within this
     stop_timeout_s: float = 10.0  # shutdown waits this long for calls in flight
@@ -258,7 +261,7 @@ class CardServer(flight.FlightServerBase):
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
         digest = parse_ticket(ticket.ticket)
         card = self.store.get(digest)  # mapped; CardNotFound if absent
-        if not self._gets.acquire(blocking=False):
+        if not self._gets.acquire(timeout=self.limits.get_wait_s):
             raise BusyError(
                 f"this node is serving {self.limits.max_concurrent_gets} transfers already; retry or "
                 "fetch from another location"
