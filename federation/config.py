@@ -413,7 +413,7 @@ def load_config(
 
 
 # Environment variables with the prefix that are not config keys (read elsewhere).
-_ENV_OTHER = frozenset({"LORAFLIGHT_LOG_LEVEL", "LORAFLIGHT_HOME", "LORAFLIGHT_TRUST_DIR"})
+_ENV_OTHER = frozenset({"LORAFLIGHT_TOKEN", "LORAFLIGHT_HOME", "LORAFLIGHT_TRUST_DIR"})
 
 
 def _format(problems: list[str], file: Any) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from engine.card import LoRACard
-from engine.errors import ConfigError, EngineError, LoraflightError, TrustError
+from engine.errors import ConfigError, EngineError, LoraflightError, PeerError, TrustError
 
 from .config import NodeConfig, resolve_keys
 from .discovery import Discovery, interface_addresses, resolve_dns
@@ -754,4 +754,38 @@ def build_engine(spec: str, device: str = "cpu") -> Any:
     return Engine(model, base_model=base)
 
 
-__all__ = ["ACTION_PEERS", "ACTION_STATUS", "Node", "NodeServer", "build_engine"]
+def node_action(
+    uri: str, kind: str, *, token: str | None = None, tls: ClientTLS | None = None, timeout: float = 5.0
+) -> Any:
+    """Call one JSON action (`status`, `peers`, `node-info`, `health`) on a running node."""
+    import pyarrow as pa
+    from pyarrow import flight
+
+    from .protocol import from_flight_error
+    from .security import call_headers
+    from .server import normalize_uri
+
+    uri = normalize_uri(uri, tls is not None)
+    kw = tls.client_kwargs() if tls is not None else {}
+    try:
+        client = flight.FlightClient(uri, **kw)
+    except (pa.ArrowException, OSError) as e:
+        raise PeerError(f"cannot connect to {uri}: {e}") from None
+    opts = flight.FlightCallOptions(timeout=timeout, headers=call_headers(token))
+    try:
+        out = [r.body.to_pybytes() for r in client.do_action(flight.Action(kind, b""), opts)]
+    except flight.FlightError as e:
+        raise from_flight_error(e, f"{uri} {kind}") from None
+    except pa.ArrowException as e:
+        raise PeerError(f"{uri} {kind}: {e}") from None
+    finally:
+        client.close()
+    if not out:
+        raise PeerError(f"{uri} answered {kind} with nothing")
+    try:
+        return json.loads(out[0])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeerError(f"{uri} answered {kind} with invalid JSON: {e}") from None
+
+
+__all__ = ["ACTION_PEERS", "ACTION_STATUS", "Node", "NodeServer", "build_engine", "node_action"]

@@ -55,7 +55,7 @@ class Peer:
     first_seen: float = 0.0
     uri: str | None = None  # the address that answered last
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "uri": self.uri or (self.uris[0] if self.uris else None),
@@ -65,7 +65,7 @@ class Peer:
             "epoch": self.epoch,
             "state": self.state,
             "failures": self.failures,
-            "last_ok": self.last_ok,
+            "last_ok_ago": (None if not self.last_ok or now is None else round(now - self.last_ok, 3)),
         }
 
 
@@ -294,7 +294,8 @@ class PeerTable:
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [p.to_dict() for p in sorted(self._peers.values(), key=lambda p: p.key)]
+            now = self._clock()
+            return [p.to_dict(now) for p in sorted(self._peers.values(), key=lambda p: p.key)]
 
     def _emit(self, event: str, peer: Peer) -> None:
         if self._on_event is None:

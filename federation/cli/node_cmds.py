@@ -1,0 +1,263 @@
+"""Node commands: `node run` (every config key as a flag), `node check-config`, `status`, `peers`, `demo`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from federation.config import KEYS, Key, check_file, load_config
+
+from ._app import app, node_app
+
+_out = Console()
+_err = Console(stderr=True)
+
+DEFAULT_URI = "grpc://127.0.0.1:8815"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        d: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    """Route the root logger to stderr in the configured format (replaces earlier handlers)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    root.addHandler(h)
+    root.setLevel(level.upper())
+    # Zeroconf logs every malformed packet on a busy LAN at WARNING; keep it quieter.
+    logging.getLogger("zeroconf").setLevel(max(logging.ERROR, root.level))
+
+
+# ---------------------------------------------------------------- node run: flags from the schema
+
+
+def _flag_type(key: Key) -> Any:
+    return {str: str | None, int: int | None, float: float | None, bool: bool | None, list: list[str] | None}[
+        key.type
+    ]
+
+
+def _run(config: Path | None, print_config: bool, **flags: Any) -> None:
+    cfg = load_config(config, flags=flags)
+    if print_config:
+        typer.echo(cfg.to_toml(), nl=False)
+        return
+    setup_logging(cfg.log.format, cfg.log.level)
+    from federation.node import Node
+
+    node = Node(cfg)
+    raise typer.Exit(node.run_forever())
+
+
+def _make_run_command() -> Any:
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Path | None,
+                typer.Option(
+                    "--config", "-c", help="TOML config file (also $LORAFLIGHT_CONFIG).", show_default=False
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "print_config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool, typer.Option("--print-config", help="Print the effective config as TOML and exit.")
+            ],
+        ),
+    ]
+    for k in KEYS:
+        section = k.path.split(".")[0] if "." in k.path else "node"
+        params.append(
+            inspect.Parameter(
+                k.param,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[
+                    _flag_type(k),
+                    typer.Option(
+                        *k.flag_names,
+                        help=f"{k.help} [{k.path}; env {k.env}]",
+                        rich_help_panel=section,
+                        show_default=False,
+                    ),
+                ],
+            )
+        )
+
+    def run(**kw: Any) -> None:
+        """Run a node: store, Flight server, discovery, sync, hot-load (flags > env > file)."""
+        config = kw.pop("config")
+        print_config = kw.pop("print_config")
+        _run(config, print_config, **kw)
+
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
+node_app.command("run")(_make_run_command())
+
+
+@node_app.command("check-config")
+def check_config_cmd(
+    file: Path = typer.Argument(..., help="TOML config file to validate."),
+    with_env: bool = typer.Option(False, "--with-env", help="Also apply LORAFLIGHT_* environment variables."),
+) -> None:
+    """Validate a config file; lists every problem, exits 1 when there is one."""
+    cfg = load_config(file) if with_env else check_file(file)
+    _out.print(f"{file}: ok (fleet {cfg.fleet}, listen {cfg.listen})", highlight=False)
+
+
+# ---------------------------------------------------------------- talking to a running node
+
+
+def _client_tls(ca: Path | None, cert: Path | None, key: Path | None, uri: str) -> Any:
+    from federation.security import ClientTLS
+
+    if ca is None and cert is None and uri.startswith("grpc+tls"):
+        return ClientTLS()
+    if ca is None and cert is None:
+        return None
+    return ClientTLS.from_files(ca, cert, key)
+
+
+def _token() -> str | None:
+    import os
+
+    return os.environ.get("LORAFLIGHT_TOKEN") or None
+
+
+Uri = typer.Option(DEFAULT_URI, "--uri", "-u", help="The node's Flight address.")
+Timeout = typer.Option(5.0, "--timeout", help="Seconds to wait for the node.")
+Ca = typer.Option(None, "--tls-ca", help="PEM CA that signed the node's certificate.")
+Cert = typer.Option(None, "--tls-cert", help="PEM client certificate (mutual TLS).")
+KeyOpt = typer.Option(None, "--tls-key", help="PEM client key (mutual TLS).")
+
+
+@app.command("status")
+def status_cmd(
+    uri: str = Uri,
+    timeout: float = Timeout,
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing; exit 0 when the node answers."),
+    tls_ca: Path | None = Ca,
+    tls_cert: Path | None = Cert,
+    tls_key: Path | None = KeyOpt,
+) -> None:
+    """A running node's state: id, fleet, epoch, cards, loaded adapters, peers."""
+    from federation.node import node_action
+
+    tls = _client_tls(tls_ca, tls_cert, tls_key, uri)
+    if quiet:
+        node_action(uri, "health", token=_token(), tls=tls, timeout=timeout)
+        return
+    st = node_action(uri, "status", token=_token(), tls=tls, timeout=timeout)
+    if as_json:
+        typer.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    _out.print(
+        f"node {st['node_id']}  fleet {st['fleet_id']}  epoch {st['epoch']}  "
+        f"mDNS {'on' if st.get('mdns') else 'off'}  serving {', '.join(st.get('uris', []))}",
+        highlight=False,
+    )
+    t = Table("card", "digest", "size", "source", "loaded", title=f"{len(st['cards'])} cards")
+    loaded = st.get("loaded", {})
+    for c in st["cards"]:
+        name = c["ref"].split("@")[0]
+        is_loaded = loaded.get(name, {}).get("digest") == c["digest"]
+        t.add_row(c["ref"], c["digest"][:16], str(c["size"]), c["source"], "yes" if is_loaded else "")
+    _out.print(t)
+    _print_peers(st.get("peers", []))
+
+
+def _print_peers(peers: list[dict[str, Any]]) -> None:
+    t = Table("node", "address", "state", "sources", "epoch", "last ok", title=f"{len(peers)} peers")
+    for p in peers:
+        ago = f"{p['last_ok_ago']:.1f} s ago" if p.get("last_ok_ago") is not None else "never"
+        t.add_row(
+            p.get("node_id") or "?",
+            p.get("uri") or "",
+            p["state"],
+            ",".join(p["sources"]),
+            str(p["epoch"]),
+            ago,
+        )
+    _out.print(t)
+
+
+@app.command("peers")
+def peers_cmd(
+    uri: str = Uri,
+    timeout: float = Timeout,
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    tls_ca: Path | None = Ca,
+    tls_cert: Path | None = Cert,
+    tls_key: Path | None = KeyOpt,
+) -> None:
+    """A running node's peer table."""
+    from federation.node import node_action
+
+    peers = node_action(
+        uri, "peers", token=_token(), tls=_client_tls(tls_ca, tls_cert, tls_key, uri), timeout=timeout
+    )
+    if as_json:
+        typer.echo(json.dumps(peers, indent=2, sort_keys=True))
+        return
+    _print_peers(peers)
+
+
+# ---------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo_cmd(
+    tiny: bool = typer.Option(
+        False, "--tiny", help="Use the built-in tiny encoder instead of all-MiniLM-L6-v2."
+    ),
+    steps: int | None = typer.Option(None, "--steps", help="Training steps (default: the demo's own)."),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", help="Keep the nodes' stores here (default: temporary)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON at the end."),
+) -> None:
+    """Three nodes on loopback: node 1 trains, signs and publishes a skill; nodes 2 and 3 discover,
+    sync, verify and hot-load it. Prints a held-out metric before/after on each and the propagation time."""
+    from federation.demo import run_demo
+
+    result = run_demo(console=_out, tiny=tiny, steps=steps, workdir=workdir)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, sort_keys=True))
