@@ -259,7 +259,7 @@ class CardHeader:
                 check_name(name)
             except CardError as e:
                 problems.append(str(e))
-        if isinstance(version, int) and not isinstance(version, bool) and not 1 <= version < 2**53:
+        if "version" in raw and isinstance(version, int) and not 1 <= version < 2**53:
             problems.append(f"version must be a positive integer, got {version}")
         if dtype and dtype not in DTYPES:
             problems.append(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -735,7 +735,8 @@ class LoRACard:
                 # Tensors must be views of the mapping: a compressed (or otherwise copied) body is refused.
                 for col in (5, 6):
                     vb = b.column(col).values.buffers()
-                    if len(vb) > 1 and vb[1] is not None and not base <= vb[1].address <= base + size:
+                    buf = vb[1] if len(vb) > 1 else None
+                    if buf is not None and buf.size and not base <= buf.address <= base + size - buf.size:
                         raise CardError(
                             f"{p}: record batch {i} is compressed or not memory-mappable; "
                             "cards are uncompressed Arrow IPC files"
