@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from engine.errors import ConfigError
 
@@ -119,7 +119,9 @@ def ls_cmd(
     if as_json:
         typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
-    t = Table("name", "version", "size", "base model", "tags", "signer", "digest", "locations")
+    t = Table("version", "size", "base model", "tags", "signer", "digest")
+    t.columns.insert(0, Column("name", no_wrap=True))
+    t.add_column("locations", overflow="fold")
     for e in entries:
         t.add_row(
             e.name,

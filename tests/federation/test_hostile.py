@@ -153,9 +153,9 @@ def test_tls_untrusted_ca_refused_trusted_ok(make_store, make_server, pki):
     )
     assert srv.location.startswith("grpc+tls://")
     card = make_card("tls", 1)
-    with Client(srv.location, token="w", tls=ClientTLS.from_files(evil["ca"]), retries=0, timeout=5) as c:
-        with pytest.raises(PeerError):
-            c.publish(card)
+    evil_tls = ClientTLS.from_files(evil["ca"])
+    with Client(srv.location, token="w", tls=evil_tls, retries=0, timeout=5) as c, pytest.raises(PeerError):
+        c.publish(card)
     assert len(s) == 0
     with Client(srv.location, token="w", tls=ClientTLS.from_files(good["ca"])) as c:
         assert c.publish(card) == card.digest
@@ -171,13 +171,18 @@ def test_mtls_requires_client_certificate(make_store, make_server, pki):
         write_tokens=["w"],
     )
     card = make_card("mtls", 1)
-    with Client(srv.location, token="w", tls=ClientTLS.from_files(good["ca"]), retries=0, timeout=5) as c:
-        with pytest.raises((PeerError, AuthError)):
-            c.publish(card)
+    no_cert = ClientTLS.from_files(good["ca"])
+    with (
+        Client(srv.location, token="w", tls=no_cert, retries=0, timeout=5) as c,
+        pytest.raises((PeerError, AuthError)),
+    ):
+        c.publish(card)
     wrong = ClientTLS.from_files(good["ca"], evil["client_cert"], evil["client_key"])
-    with Client(srv.location, token="w", tls=wrong, retries=0, timeout=5) as c:
-        with pytest.raises((PeerError, AuthError)):
-            c.publish(card)
+    with (
+        Client(srv.location, token="w", tls=wrong, retries=0, timeout=5) as c,
+        pytest.raises((PeerError, AuthError)),
+    ):
+        c.publish(card)
     assert len(s) == 0
     right = ClientTLS.from_files(good["ca"], good["client_cert"], good["client_key"])
     with Client(srv.location, token="w", tls=right) as c:
