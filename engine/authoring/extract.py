@@ -28,7 +28,7 @@ class ModuleExtraction:
     module: str
     rank: int
     energy: float  # share of ‖ΔW‖²_F kept by the rank-`rank` approximation, in [0, 1]
-    full_rank: int  # numerical rank of ΔW
+    full_rank: int  # numerical rank of ΔW at the weights' own precision
     delta_norm: float  # ‖ΔW‖_F
 
 
@@ -43,9 +43,19 @@ class ExtractResult:
         return {m.module: m.energy for m in self.modules}
 
 
-def _as_weights(obj: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """({module: weight (out, in) float64}, {other param name: array}) from a model or a state dict."""
+def _as_weights(obj: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """({module: weight (out, in) float64}, {other param name: array}, machine epsilon of the
+    weights' own dtype) from a model or a state dict."""
     import torch
+
+    eps = float(np.finfo(np.float64).eps)
+
+    def note(t: Any) -> None:
+        nonlocal eps
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            eps = max(eps, float(torch.finfo(t.dtype).eps))
+        elif isinstance(t, np.ndarray) and np.issubdtype(t.dtype, np.floating):
+            eps = max(eps, float(np.finfo(t.dtype).eps))
 
     if isinstance(obj, torch.nn.Module):
         weights, other = {}, {}
@@ -55,9 +65,10 @@ def _as_weights(obj: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
             arr = t.detach().to("cpu", torch.float64).numpy()
             if mod in linear_names and leaf == "weight":
                 weights[mod] = arr
+                note(t)
             else:
                 other[name] = arr
-        return weights, other
+        return weights, other, eps
     if not isinstance(obj, Mapping):
         raise CardError(f"expected a torch.nn.Module or a state dict, got {type(obj).__name__}")
     weights, other = {}, {}
@@ -70,9 +81,10 @@ def _as_weights(obj: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
         mod, _, leaf = name.rpartition(".")
         if leaf == "weight" and arr.ndim == 2 and mod:
             weights[mod] = arr
+            note(t)
         else:
             other[name] = arr
-    return weights, other
+    return weights, other, eps
 
 
 def _pick_rank(s: np.ndarray, rank: int | None, energy: float | None) -> int:
@@ -81,7 +93,8 @@ def _pick_rank(s: np.ndarray, rank: int | None, energy: float | None) -> int:
         return min(rank, len(s))
     assert energy is not None
     cum = np.cumsum(s**2) / total
-    return min(int(np.searchsorted(cum, energy - 1e-12)) + 1, len(s))
+    # a few ulps of slack so a share computed the same way elsewhere is reached, not missed by rounding
+    return min(int(np.searchsorted(cum, energy * (1 - 4 * np.finfo(np.float64).eps))) + 1, len(s))
 
 
 def extract_card(
@@ -124,8 +137,9 @@ def extract_card(
         problems.append(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if problems:
         raise CardError("cannot extract: " + "; ".join(problems))
-    bw, bo = _as_weights(base)
-    tw, to = _as_weights(tuned)
+    bw, bo, beps = _as_weights(base)
+    tw, to, teps = _as_weights(tuned)
+    eps = max(beps, teps)
     mismatch = sorted(set(bw) ^ set(tw)) + sorted(set(bo) ^ set(to))
     if mismatch:
         raise CardError(f"base and tuned models differ in structure: only one has {', '.join(mismatch[:10])}")
@@ -164,7 +178,8 @@ def extract_card(
         k = _pick_rank(s, rank, energy)
         total = float(np.sum(s**2))
         kept = float(np.sum(s[:k] ** 2)) / total
-        tol = s[0] * max(delta.shape) * np.finfo(np.float64).eps
+        # numerical rank at the precision the weights were stored in
+        tol = s[0] * max(delta.shape) * eps
         root = np.sqrt(s[:k])
         b = u[:, :k] * root  # (out, k)
         a = root[:, None] * vt[:k]  # (k, in)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.card import LoRACard, ModuleLoRA
+from engine.card import LoRACard, ModuleLoRA, base_fingerprint
 
 
 class MLP(nn.Module):
@@ -49,7 +49,10 @@ def random_card(
         else:
             a, b = a.astype(dtype), b.astype(dtype)
         rows.append(ModuleLoRA(m, rank, alpha, a, b))
-    return LoRACard.build(rows, name=name, dtype=dtype, scaling=scaling, base_model=base_model)
+    fp = base_fingerprint((m, fin, fout) for m, (fin, fout) in modules.items())
+    return LoRACard.build(
+        rows, name=name, dtype=dtype, scaling=scaling, base_model=base_model, base_fingerprint=fp
+    )
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
