@@ -37,6 +37,7 @@ missing modules under the rule that resolved the most.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -44,13 +45,14 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._lora import Delta, LoRALinear, RowPlan, Shared, Slot, Snapshot, combine, merged_weight
+from ._lora import Delta, LoRALinear, RowPlan, Shared, Slot, Snapshot, merged_weight
 from ._torchio import TORCH_DTYPES, card_tensors, dtype_name
 from .card import LoRACard, base_fingerprint
 from .errors import CardError, EngineError, LoraflightError
@@ -71,7 +73,7 @@ class _Adapter:
     digest: str
     version: int
     card_dtype: str
-    deltas: dict[str, Delta]  # model module path -> (A, B·scale), own weights only
+    deltas: dict[str, Delta]  # model module path -> (A, B, scale), own weights only
     parents: tuple[str, ...]  # names of direct lineage parents (loaded adapters)
     auto: bool  # loaded as someone's lineage parent
     active: bool
@@ -273,7 +275,7 @@ class Engine:
             active=activate or (old.active if old is not None else False),
             last_used=now,
             nbytes=sum(
-                a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in deltas.values()
+                a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in deltas.values()
             ),
             device=str(first.device),
             dtype=dtype_name(first.dtype),
@@ -301,7 +303,7 @@ class Engine:
             path = mapping.get(m.module)
             if path is None:
                 continue
-            mod = self.model.get_submodule(path)
+            mod = _lookup(self.model, path)
             base = mod.base_layer if isinstance(mod, LoRALinear) else mod
             if not isinstance(base, nn.Linear):
                 problems.append(f"module {path!r} is a {type(base).__name__}, not an nn.Linear")
@@ -339,13 +341,7 @@ class Engine:
         model = self.model
 
         def exists(path: str) -> bool:
-            if not path:
-                return False
-            try:
-                model.get_submodule(path)
-            except AttributeError:
-                return False
-            return True
+            return bool(path) and _lookup(model, path) is not None
 
         def attempt(fn: Callable[[str], str | None]) -> dict[str, str]:
             out = {}
@@ -382,17 +378,22 @@ class Engine:
     def _prepare(self, card: LoRACard, plan: _Plan, trusted: list[str] | None) -> dict[str, Delta]:
         """Verify the card (in a helper thread when big) while copying its tensors to their layers."""
         errors: list[BaseException] = []
+        memo = _verified_key(card) if trusted is None else None
 
         def verify() -> None:
+            if memo is not None and _VERIFIED.get(memo) is not None:
+                return  # this very file (or object) passed verify() before and has not changed
             try:
                 card.verify(trusted=trusted)
+                if memo is not None:
+                    _remember_verified(memo)
             except LoraflightError as e:
                 errors.append(e)
             except Exception as e:  # a corrupt card must not crash the caller with a bare error
                 errors.append(CardError(f"{card.ref}: verification failed: {e}"))
 
         worker = None
-        if card.tensor_nbytes >= _VERIFY_IN_THREAD_BYTES:
+        if card.tensor_nbytes >= _VERIFY_IN_THREAD_BYTES and (memo is None or memo not in _VERIFIED):
             worker = threading.Thread(target=verify, name="loraflight-verify", daemon=True)
             worker.start()
         else:
@@ -401,10 +402,10 @@ class Engine:
             groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
             for mod, tgt in plan.targets.items():
                 groups.setdefault(tgt, []).append(mod)
-            tensors: dict[str, Delta] = {}
+            tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for (dev, dt), mods in groups.items():
                 only = None if len(groups) == 1 else mods
-                tensors.update(card_tensors(card, dev, dt, scale=True, modules=only))
+                tensors.update(card_tensors(card, dev, dt, modules=only))
         finally:
             if worker is not None:
                 worker.join()
@@ -418,7 +419,12 @@ class Engine:
                         f"{card.ref}: module {mod!r} overflows to Inf when cast to the layer's "
                         f"{dtype_name(a.dtype)}; use a card in the model's dtype"
                     )
-        return {plan.mapping[m]: ab for m, ab in tensors.items()}
+        scaling = card.header.scaling
+        return {
+            plan.mapping[m.module]: (*tensors[m.module], m.scale(scaling))
+            for m in card
+            if m.module in tensors
+        }
 
     # ------------------------------------------------------------------ activate / unload / merge
     def activate(self, *names: str, exclusive: bool = False) -> None:
@@ -537,7 +543,7 @@ class Engine:
         for m in sorted(needed):
             if m in self._wrappers or m in revived:
                 continue
-            base = self.model.get_submodule(m)
+            base = _lookup(self.model, m)
             if not isinstance(base, nn.Linear):
                 raise EngineError(f"module {m!r} is a {type(base).__name__}, not an nn.Linear")
             new_wrappers[m] = LoRALinear(base, self._next_key + len(new_wrappers), self._shared)
@@ -558,7 +564,7 @@ class Engine:
             ds = [cand[n].deltas[m] for n in merged_order if m in cand[n].deltas]
             if not ds:
                 continue
-            ident = tuple(id(t) for d in ds for t in d)
+            ident = tuple(id(t) for d in ds for t in d[:2])
             cached = self._merged_cache.get(m)
             if cached is not None and cached[0] == ident:
                 params[m] = cached[1]
@@ -576,12 +582,12 @@ class Engine:
         for m, w in wrappers.items():
             per_adapter = {}
             for n in cand:
-                ds = [cand[x].deltas[m] for x in eff[n] if m in cand[x].deltas]
-                if ds:
-                    per_adapter[n] = combine(ds)
-            deltas = tuple(cand[n].deltas[m] for n in unmerged if m in cand[n].deltas)
+                pds = tuple(cand[x].deltas[m] for x in eff[n] if m in cand[x].deltas)
+                if pds:
+                    per_adapter[n] = pds
+            active_ds = tuple(cand[n].deltas[m] for n in unmerged if m in cand[n].deltas)
             weight = params.get(m, w.base_layer.weight)
-            slots[w.key] = Slot(weight, w.base_layer.bias, deltas, per_adapter)  # type: ignore[arg-type]
+            slots[w.key] = Slot(weight, w.base_layer.bias, active_ds, per_adapter)  # type: ignore[arg-type]
         snap = Snapshot(slots=slots, merged=bool(params), names=frozenset(cand))
 
         # ---- commit: nothing below can fail on bad input
@@ -623,7 +629,10 @@ class Engine:
 
     def _parent_of(self, path: str) -> tuple[nn.Module, str]:
         head, _, attr = path.rpartition(".")
-        return (self.model.get_submodule(head) if head else self.model), attr
+        parent = _lookup(self.model, head) if head else self.model
+        if parent is None:
+            raise EngineError(f"module {head!r} has gone from the model")
+        return parent, attr
 
     def _restore_pending(self) -> None:
         """Put original modules back (caller holds _flight_lock and no forward is in flight)."""
@@ -690,6 +699,50 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+# Cards that passed verify(): a card file is immutable once written (writers replace it by
+# rename), so (path, device, inode, size, mtime, ctime, digest) identifies verified bytes;
+# an in-memory card is remembered by identity. Bounded; loads with trust= always verify.
+_VERIFIED: collections.OrderedDict[Any, bool] = collections.OrderedDict()
+_VERIFIED_LOCK = threading.Lock()
+_VERIFIED_MAX = 4096
+
+
+def _verified_key(card: LoRACard) -> Any:
+    if card.path is None:
+        return ("obj", id(card), card.digest, weakref.ref(card))
+    try:
+        st = os.stat(card.path)
+    except OSError:
+        return None
+    return (
+        "file",
+        os.fspath(card.path),
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        card.digest,
+    )
+
+
+def _remember_verified(key: Any) -> None:
+    with _VERIFIED_LOCK:
+        _VERIFIED[key] = True
+        while len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+
+
+def _lookup(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at dotted `path`, or None (get_submodule without its per-level checks)."""
+    m: nn.Module | None = root
+    for part in path.split("."):
+        m = m._modules.get(part) if m is not None else None
+        if m is None:
+            return None
+    return m
 
 
 def _same(n: str) -> str:

@@ -9,8 +9,8 @@ not change, and keeps the original module aside to put it back on unload.
 
 Everything a wrapped layer needs to compute lives in an immutable ``Snapshot``:
 per layer (by slot key) the weight to use (the original, or a merged copy) and
-the unmerged LoRA deltas as ``(A, B)`` pairs (B already multiplied by the
-scale), applied one after the other so that a zero delta changes no bit. The engine
+the unmerged LoRA deltas as ``(A, B, scale)``, applied one after the other
+(``y.addmm_(x A^T, B^T, alpha=scale)``) so that a zero delta changes no bit. The engine
 builds a new snapshot for every change and swaps one reference; a forward
 pre-hook on the model captures the current snapshot in a context variable for
 the whole forward, so a forward in flight sees the whole old or the whole new
@@ -18,8 +18,8 @@ adapter set, never half of one.
 
 Per layer the unmerged path costs one GEMM for the base, a thin ``x @ A.T``
 (rank columns) and an in-place ``addmm_`` of ``(x A^T) B^T`` into the output:
-no extra pass over the output. Mixed batches gather each row's (A, B) from a
-stack (row 0 of the stack is zeros, for base rows) and use ``bmm`` +
+no extra pass over the output. Mixed batches gather each row's (A, B·scale) from
+a stack built once per snapshot (row 0 is zeros, for base rows) and use ``bmm`` +
 ``baddbmm_``: no Python loop over rows.
 """
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Delta = tuple[torch.Tensor, torch.Tensor]  # (A (r, in), B*scale (out, r))
+Delta = tuple[torch.Tensor, torch.Tensor, float]  # (A (r, in), B (out, r), scale)
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Slot:
     weight: torch.Tensor
     bias: torch.Tensor | None
     deltas: tuple[Delta, ...]  # active, unmerged adapters, applied in order (lineage parents first)
-    per_adapter: dict[str, Delta]  # adapter name -> its effective delta (lineage included)
+    per_adapter: dict[str, tuple[Delta, ...]]  # adapter name -> its deltas (lineage parents first)
 
 
 @dataclass(eq=False)
@@ -65,19 +65,22 @@ class Snapshot:
         if got is not None or memo_key in self._stacks:
             return got  # type: ignore[no-any-return]
         slot = self.slots[key]
-        deltas = [slot.per_adapter.get(n) for n in names]
-        present = [d for d in deltas if d is not None]
+        groups = [slot.per_adapter.get(n, ()) for n in names]
         result: tuple[torch.Tensor, torch.Tensor] | None = None
-        if present:
-            r = max(int(d[0].shape[0]) for d in present)
-            a0, b0 = present[0]
+        if any(groups):
+            r = max(sum(int(d[0].shape[0]) for d in g) for g in groups)
+            a0, b0, _ = next(d for g in groups for d in g)
             a_st = a0.new_zeros((len(names) + 1, r, a0.shape[1]))
             b_st = b0.new_zeros((len(names) + 1, b0.shape[0], r))
-            for i, d in enumerate(deltas, start=1):
-                if d is not None:
-                    k = int(d[0].shape[0])
-                    a_st[i, :k].copy_(d[0])
-                    b_st[i, :, :k].copy_(d[1])
+            for i, g in enumerate(groups, start=1):
+                k = 0
+                for a, b, sc in g:  # a child's rows carry its parents' ranks too
+                    n_r = int(a.shape[0])
+                    a_st[i, k : k + n_r].copy_(a)
+                    b_st[i, :, k : k + n_r].copy_(b)
+                    if sc != 1.0:
+                        b_st[i, :, k : k + n_r].mul_(sc)
+                    k += n_r
             result = (a_st, b_st)
         with self._memo_lock:
             if len(self._stacks) > 4096:
@@ -152,12 +155,12 @@ class LoRALinear(nn.Module):
             return y
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
-        for a, b in deltas:
+        for a, b, sc in deltas:
             xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
             if y2.dtype == b.dtype:
-                y2.addmm_(xa @ a.t(), b.t())
+                y2.addmm_(xa @ a.t(), b.t(), alpha=sc)
             else:
-                y2.add_(((xa @ a.t()) @ b.t()).to(y2.dtype))
+                y2.add_(((xa @ a.t()) @ b.t()).mul_(sc).to(y2.dtype))
         return y
 
 
@@ -189,20 +192,9 @@ def _mixed(snap: Snapshot, key: int, rows: RowPlan, x: torch.Tensor, y: torch.Te
     return y
 
 
-def combine(deltas: list[Delta]) -> Delta | None:
-    """Several deltas on one layer as one: A's stacked along the rank, B's side by side."""
-    if not deltas:
-        return None
-    if len(deltas) == 1:
-        return deltas[0]
-    a = torch.cat([d[0] for d in deltas], dim=0)
-    b = torch.cat([d[1] for d in deltas], dim=1)
-    return a, b
-
-
 def merged_weight(weight: torch.Tensor, deltas: list[Delta]) -> torch.Tensor:
-    """weight + Σ B·A, computed in float32 for 16-bit weights, into a new tensor."""
+    """weight + Σ scale·B·A, computed in float32 for 16-bit weights, into a new tensor."""
     work = weight.detach().to(torch.float32) if weight.dtype != torch.float32 else weight.detach().clone()
-    for a, b in deltas:
-        work.addmm_(b.to(torch.float32), a.to(torch.float32))
+    for a, b, sc in deltas:
+        work.addmm_(b.to(torch.float32), a.to(torch.float32), alpha=sc)
     return work.to(weight.dtype) if weight.dtype != torch.float32 else work

@@ -53,6 +53,19 @@ def _np_to_torch(arr: np.ndarray, card_dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if card_dtype == "bfloat16" else t
 
 
+def _filled(src: np.ndarray, card_dtype: str, tdt: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """A new 1-D tensor on `dev` in `tdt` holding `src` (card words)."""
+    out = torch.empty(src.size, dtype=tdt, device=dev)
+    if dev.type == "cpu" and _NAMES[tdt] == card_dtype:
+        # same dtype on CPU: one single-threaded numpy copy; torch's copy_ would open a
+        # parallel region, which waits on busy cores on a loaded machine
+        dst = out.view(torch.int16).numpy().view(np.uint16) if tdt == torch.bfloat16 else out.numpy()
+        np.copyto(dst, src, casting="no")
+    else:
+        out.copy_(_np_to_torch(src, card_dtype))
+    return out
+
+
 def _flat_values(batch: Any, col: str, dtype: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(values, offsets) of a list column when its values are one contiguous run, else None."""
     arr = batch.column(col)
@@ -102,10 +115,8 @@ def card_tensors(
                 for i, m in enumerate(mods)
             )
             if ok:
-                buf_a = torch.empty(va.size, dtype=tdt, device=dev)
-                buf_b = torch.empty(vb.size, dtype=tdt, device=dev)
-                buf_a.copy_(_np_to_torch(va, card.dtype))
-                buf_b.copy_(_np_to_torch(vb, card.dtype))
+                buf_a = _filled(va, card.dtype, tdt, dev)
+                buf_b = _filled(vb, card.dtype, tdt, dev)
                 for i, m in enumerate(mods):
                     a = buf_a[int(oa[i]) : int(oa[i + 1])].view(m.a.shape)
                     b = buf_b[int(ob[i]) : int(ob[i + 1])].view(m.b.shape)
