@@ -274,7 +274,7 @@ class Client:
         errors: list[tuple[str, LoraflightError]] = []
         for loc in locs:
             try:
-                return self._peer(loc)._fetch_once(entry, store, tset, require_signed, progress)
+                return self._peer(loc)._fetch_once(entry, store, tset, require_signed, progress, locs)
             except (TrustError, ConflictError, StoreError):
                 raise  # the same wherever the bytes come from
             except (CardError, PeerError) as e:
@@ -296,6 +296,7 @@ class Client:
         trusted: set[str] | None,
         require_signed: bool,
         progress: Progress | None,
+        known: Sequence[str] = (),
     ) -> LoRACard:
         deadline = time.monotonic() + self.fetch_timeout
         opts = self._opts(timeout=self.fetch_timeout)
@@ -310,11 +311,8 @@ class Client:
                     self._pump(
                         reader, staged.write_batch, entry, deadline, progress, lambda: staged.bytes_received
                     )
-                    e = staged.commit(
-                        source=self.uri,
-                        locations=[loc for loc in entry.locations if loc != self.uri] + [self.uri],
-                    )
-                return store.get(e.digest)
+                    e = staged.commit(source=self.uri, locations=dedupe([self.uri, *entry.locations, *known]))
+                return staged.card if staged.card is not None else store.get(e.digest, touch=False)
             return self._fetch_to_memory(reader, schema, entry, deadline, trusted, require_signed, progress)
         except BaseException:
             with contextlib.suppress(Exception):

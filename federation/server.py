@@ -7,6 +7,7 @@ Every handler runs through `_edge`, so only `flight.Flight*Error`s leave it, eac
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from engine.card import FORMAT_VERSION, METADATA_KEY, card_schema
+from engine.card import FORMAT_VERSION, METADATA_KEY, LoRACard, card_schema
 from engine.errors import CardError, ConfigError, LoraflightError, StoreError
 
 from ._testing import pause_point
@@ -52,6 +53,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
+MAP_CACHE = 256  # open card maps kept for do_get (address space only; pages are the page cache's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,8 @@ class CardServer(flight.FlightServerBase):
         self._peer_locations = peer_locations
         self._write_tokens = tuple(write_tokens)
         self._gets = threading.BoundedSemaphore(self.limits.max_concurrent_gets)
+        self._cache: collections.OrderedDict[str, LoRACard] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
         self._stopped = False
         self._stop_lock = threading.Lock()
         try:
@@ -257,10 +261,27 @@ class CardServer(flight.FlightServerBase):
         return flight.SchemaResult(card_schema(e.header.dtype, {METADATA_KEY: e.header.to_json()}))
 
     # -- transfer
+    def _mapped(self, digest: str) -> LoRACard:
+        """The mapped card, from a small cache of open maps (checked against the index each call)."""
+        if self.store.entry_exists(digest):
+            with self._cache_lock:
+                card = self._cache.get(digest)
+                if card is not None:
+                    self._cache.move_to_end(digest)
+            if card is not None:
+                self.store.touch(digest)
+                return card
+        card = self.store.get(digest)  # CardNotFound if absent
+        with self._cache_lock:
+            self._cache[digest] = card
+            while len(self._cache) > MAP_CACHE:
+                self._cache.popitem(last=False)
+        return card
+
     @_edge
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
         digest = parse_ticket(ticket.ticket)
-        card = self.store.get(digest)  # mapped; CardNotFound if absent
+        card = self._mapped(digest)
         if not self._gets.acquire(timeout=self.limits.get_wait_s):
             raise BusyError(
                 f"this node is serving {self.limits.max_concurrent_gets} transfers already; retry or "

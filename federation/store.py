@@ -26,13 +26,14 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +83,7 @@ CREATE TABLE IF NOT EXISTS trusted (
 """
 _COLS = "digest, name, version, base_model, tags, size, rows, source, pinned, published, header, epoch"
 MAX_LOCATIONS = 32  # remembered per digest
+TOUCH_INTERVAL_S = 10.0  # LRU resolution: a card's last use is written at most this often
 
 
 def _is_enospc(e: OSError) -> bool:
@@ -96,8 +98,23 @@ def _disk_error(e: OSError, what: str) -> StoreError:
     return StoreError(f"{what}: {e.strerror or e}")
 
 
-def hash_batch(digest: CardDigest, batch: pa.RecordBatch, dtype: str) -> None:
-    """Feed one received batch to `digest` from its raw bytes.
+_EXP_MASKS = {"float32": ("<u4", 0x7F800000), "float16": ("<u2", 0x7C00), "bfloat16": ("<u2", 0x7F80)}
+_FINITE_CHUNK = 1 << 20
+
+
+def _finite_bytes(mv: memoryview, dtype: str) -> bool:
+    """No NaN/Inf among the values in `mv` (any alignment): exponent bits not all ones."""
+    wdt, mask = _EXP_MASKS[dtype]
+    words = np.frombuffer(mv, dtype=wdt)
+    for i in range(0, words.size, _FINITE_CHUNK):
+        chunk = words[i : i + _FINITE_CHUNK]
+        if chunk.size and int(np.bitwise_and(chunk, mask).max()) == mask:
+            return False
+    return True
+
+
+def hash_batch(digest: CardDigest, batch: pa.RecordBatch, dtype: str, check_finite: bool = False) -> None:
+    """Feed one received batch to `digest` from its raw bytes (and check values are finite).
 
     Buffers received over Flight are often misaligned, so this walks the Arrow buffers as
     bytes (bounds-checked against every advertised shape) instead of making numpy views;
@@ -139,6 +156,10 @@ def hash_batch(digest: CardDigest, batch: pa.RecordBatch, dtype: str) -> None:
                     f"needing {count}, or points outside its buffer (corrupt batch)"
                 )
             parts.append(memoryview(vbuf)[lo:hi] if vbuf is not None else memoryview(b""))
+        if check_finite:
+            for label, part in zip(("lora_a", "lora_b"), parts, strict=True):
+                if not _finite_bytes(part, dtype):
+                    raise CardError(f"module {modules[i]!r}: {label} has NaN or Inf values; refused")
         digest.update_row(str(modules[i]), r, float(alphas[i]), fi, fo, parts[0], parts[1])
 
 
@@ -182,12 +203,19 @@ class StagedCard:
         self.rows_received = 0
         self.batches = 0
         self._done = False
+        # A worker hashes, checks and writes batches while the caller receives the next one.
+        self._queue: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=4)
+        self._worker: threading.Thread | None = None
+        self._worker_error: BaseException | None = None
+        self._pending: pa.RecordBatch | None = None
+        self._checked_values = False
+        self.card: LoRACard | None = None  # after commit: the stored card, mapped
         self.tmp = store.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
-            self._file: BinaryIO | None = open(self.tmp, "wb")  # noqa: SIM115 (closed in commit/abort)
-            self._sink = pa.PythonFile(self._file, mode="w")
+            # a native file: writes release the GIL while the receiver and hasher run
+            self._file: Any = pa.OSFile(str(self.tmp), "wb")
             self._writer = pa.ipc.new_file(
-                self._sink, schema, options=pa.ipc.IpcWriteOptions(compression=None)
+                self._file, schema, options=pa.ipc.IpcWriteOptions(compression=None)
             )
         except OSError as e:
             self.abort()
@@ -214,8 +242,32 @@ class StagedCard:
             raise CardError(
                 f"{self.header.ref}: received more rows than the {self._rows_expected} advertised"
             )
+        self._raise_worker_error()
+        if self._worker is None:
+            if self._pending is None:
+                self._pending = batch  # a one-batch card is processed inline at commit: no thread
+                return
+            self._worker = threading.Thread(target=self._work, name="loraflight-stage", daemon=True)
+            self._worker.start()
+            first, self._pending = self._pending, None
+            self._queue.put(first)
+        deadline = time.monotonic() + 600.0
+        while True:  # bounded: the worker drains the queue or fails
+            try:
+                self._queue.put(batch, timeout=0.5)
+                break
+            except queue.Full:
+                self._raise_worker_error()
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{self.header.ref}: the store writer stalled for 600 s") from None
+
+    def _raise_worker_error(self) -> None:
+        if self._worker_error is not None:
+            raise self._worker_error
+
+    def _process(self, batch: pa.RecordBatch) -> None:
         if self._digest is not None:
-            hash_batch(self._digest, batch, self.header.dtype)
+            hash_batch(self._digest, batch, self.header.dtype, check_finite=True)
         try:
             self._writer.write_batch(batch)
         except (OSError, pa.ArrowException) as e:
@@ -224,6 +276,37 @@ class StagedCard:
             raise StoreError(f"cannot write {self.header.ref}: {e}") from None
         self.batches += 1
         pause_point("stage_batches", self.batches)
+
+    def _work(self) -> None:
+        for _ in range(100_000_000):  # bounded by the rows limit long before this
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._worker_error is not None:
+                continue  # drain without work after a failure
+            try:
+                self._process(batch)
+            except BaseException as e:
+                self._worker_error = e
+
+    def _finish_worker(self) -> None:
+        """Stop the worker after it drained the queue (bounded) and re-raise its error."""
+        if self._pending is not None:
+            first, self._pending = self._pending, None
+            if self._worker_error is None:
+                self._process(first)
+        if self._worker is not None:
+            deadline = time.monotonic() + 600.0
+            while self._worker.is_alive() and time.monotonic() < deadline:
+                try:
+                    self._queue.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            self._worker.join(max(0.0, deadline - time.monotonic()))
+            self._worker = None
+        self._raise_worker_error()
+        self._checked_values = self._digest is not None
 
     def commit(
         self,
@@ -237,13 +320,17 @@ class StagedCard:
         if self._done:
             raise StoreError("this staged card was already committed or aborted")
         try:
+            self._finish_worker()
             try:
                 self._writer.close()
                 assert self._file is not None
-                self._file.flush()
-                os.fsync(self._file.fileno())
                 self._file.close()
                 self._file = None
+                fd = os.open(self.tmp, os.O_RDONLY)  # fsync through any descriptor flushes the file
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             except OSError as e:
                 raise _disk_error(e, f"cannot store {self.header.ref}") from None
             except pa.ArrowException as e:
@@ -263,12 +350,16 @@ class StagedCard:
                         f"the received content hashes to {digest[:16]}…; the card was tampered with or "
                         "corrupted in transit; refused"
                     )
-                card.check_values()
-            finally:
+                if not self._checked_values:
+                    card.check_values()  # else checked batch by batch while receiving
+            except BaseException:
                 del card
+                raise
             entry = self._store._commit_file(
                 self.tmp, self.header, self.rows_received, source, published, pinned, locations
             )
+            # the mapping survives the rename: reuse it rather than opening the file again
+            self.card = LoRACard(card.header, card.batches, path=self._store.path_of(entry.digest))
             self._done = True
             return entry
         except BaseException:
@@ -277,11 +368,16 @@ class StagedCard:
 
     def abort(self) -> None:
         self._done = True
+        self._pending = None
+        if self._worker is not None:
+            self._worker_error = self._worker_error or StoreError("aborted")
+            with contextlib.suppress(BaseException):
+                self._finish_worker()
         with contextlib.suppress(Exception):
             self._writer.close()
         if getattr(self, "_file", None) is not None:
             with contextlib.suppress(Exception):
-                self._file.close()  # type: ignore[union-attr]
+                self._file.close()
             self._file = None
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
@@ -309,13 +405,16 @@ class Store:
                 self.root / "index.sqlite", check_same_thread=False, isolation_level=None, timeout=30
             )
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            # NORMAL in WAL mode: a commit survives a process kill; a power loss may drop the
+            # last commits but never corrupts, and repair() re-indexes any card file left over.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except OSError as e:
             raise _disk_error(e, f"cannot open the store at {self.root}") from None
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the store index at {self.root}: {e}") from None
         self._lock = threading.RLock()
+        self._touched: dict[str, float] = {}
         self._listeners: list[Listener] = []
         self._closed = False
         self.repair()
@@ -398,6 +497,10 @@ class Store:
             row = self._db.execute(f"SELECT {_COLS} FROM cards WHERE digest=?", (digest,)).fetchone()
             return self._entry(row) if row else None
 
+    def entry_exists(self, digest: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM cards WHERE digest=?", (digest,)).fetchone() is not None
+
     def __contains__(self, digest: object) -> bool:
         return isinstance(digest, str) and self.entry(digest) is not None
 
@@ -451,17 +554,27 @@ class Store:
                 raise CardNotFound(f"no card {name}@{version} in this store")
             return self._entry(row)
 
-    def get(self, digest: str) -> LoRACard:
+    def get(self, digest: str, *, touch: bool = True) -> LoRACard:
         """The card mapped from its file (zero-copy); touches it for the LRU."""
-        if self.entry(digest) is None:
+        with self._lock:
+            held = self._db.execute("SELECT 1 FROM cards WHERE digest=?", (digest,)).fetchone()
+        if not held:
             raise CardNotFound(f"no card with digest {digest[:16]}… in this store")
         card = LoRACard.open(self.path_of(digest))
-        self.touch(digest)
+        if touch:
+            self.touch(digest)
         return card
 
-    def touch(self, digest: str) -> None:
+    def touch(self, digest: str, *, force: bool = False) -> None:
+        """Record a use for the LRU (written at most once per TOUCH_INTERVAL_S per card)."""
+        now = time.time()
         with self._lock:
-            self._db.execute("UPDATE cards SET last_use=? WHERE digest=?", (time.time(), digest))
+            if not force and now - self._touched.get(digest, 0.0) < TOUCH_INTERVAL_S:
+                return
+            if len(self._touched) > 100_000:
+                self._touched.clear()
+            self._touched[digest] = now
+            self._db.execute("UPDATE cards SET last_use=? WHERE digest=?", (now, digest))
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -207,7 +207,6 @@ def sync(
                 )
                 entry = store.entry(card.digest)
                 if entry is not None:
-                    store.add_locations(card.digest, f.locations)
                     with lock:
                         report.fetched.append(entry)
                 if progress is not None:
