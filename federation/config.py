@@ -11,6 +11,7 @@ wrong types, invalid values) and raises one `ConfigError` listing them all.
 from __future__ import annotations
 
 import base64
+import logging
 import binascii
 import dataclasses
 import os
@@ -23,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from engine.errors import ConfigError
+
+_log = logging.getLogger(__name__)
 
 ENV_PREFIX = "LORAFLIGHT_"
 DEFAULT_PORT = 8815
@@ -392,9 +395,9 @@ def load_config(
             if v is not None:
                 cfg.set(k.path, v)
     for name in env:
-        # A misspelt LORAFLIGHT_ variable would silently do nothing: name it.
+        # A misspelt LORAFLIGHT_ variable would silently do nothing: say so (other tools may own some).
         if name.startswith(ENV_PREFIX) and name not in known_env and name not in _ENV_OTHER:
-            problems.append(f"unknown environment variable {name} (see `loraflight node run --help`)")
+            _log.warning("ignoring unknown environment variable %s (see `loraflight node run --help`)", name)
     by_param = {k.param: k for k in KEYS}
     for name, value in (flags or {}).items():
         key = KEYS_BY_PATH.get(name) or by_param.get(name)

@@ -33,6 +33,7 @@ _IFF_UP = 0x1
 _IFF_LOOPBACK = 0x8
 _IFF_MULTICAST = 0x1000
 _LOOP_TIMEOUT = 10.0  # bound on any wait for the loop thread
+_GOODBYE_GRACE = 2.0  # seconds after a goodbye during which updates of that name are ignored
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,8 @@ class Discovery:
         self._info: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._names: dict[str, str] = {}  # instance name -> node id
+        self._gen: dict[str, int] = {}  # instance name -> count of browser events seen
+        self._removed_at: dict[str, float] = {}  # instance name -> loop time of its goodbye
         self._registered: asyncio.Future[Any] | None = None
         self._update_task: asyncio.Future[Any] | None = None
         self._broadcast: asyncio.Future[Any] | None = None
@@ -412,16 +415,23 @@ class Discovery:
         """Browser handler: runs on the loop; only schedules work."""
         from zeroconf import ServiceStateChange
 
+        gen = self._gen[name] = self._gen.get(name, 0) + 1
+        loop = asyncio.get_running_loop()
         if state_change is ServiceStateChange.Removed:
+            self._removed_at[name] = loop.time()
             node_id = self._names.pop(name, None)
             if node_id and node_id != self.node_id:
                 self._emit("removed", Announcement(node_id, self.fleet, "", False, 0, (), name))
             return
-        task = asyncio.ensure_future(self._resolve(name, state_change is ServiceStateChange.Added))
+        added = state_change is ServiceStateChange.Added
+        if not added and loop.time() - self._removed_at.get(name, float("-inf")) < _GOODBYE_GRACE:
+            # The goodbye's own records (TTL 0, kept ~1 s in the cache) must not resurrect the peer.
+            return
+        task = asyncio.ensure_future(self._resolve(name, added, gen))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _resolve(self, name: str, added: bool) -> None:
+    async def _resolve(self, name: str, added: bool, gen: int) -> None:
         from zeroconf.asyncio import AsyncServiceInfo
 
         if self._aiozc is None:
@@ -436,8 +446,8 @@ class Discovery:
             port=info.port or 0,
             instance=name,
         )
-        if ann is None or ann.node_id == self.node_id:
-            return
+        if ann is None or ann.node_id == self.node_id or self._gen.get(name) != gen:
+            return  # not ours to report, or a newer event (a goodbye) overtook this resolve
         if ann.fleet != self.fleet:
             log.debug("mDNS: ignoring %s of fleet %s", ann.node_id, ann.fleet)
             return

@@ -75,7 +75,7 @@ class NodeServer(CardServer):
     def node_info(self) -> dict[str, Any]:
         info = super().node_info()
         info["loaded"] = self._node.loaded()
-        info["peers"] = len(self._node.peers.live()) if self._node.peers else 0
+        info["peers"] = len(self._node.peers.live()) if self._node.peers is not None else 0
         return info
 
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
@@ -87,7 +87,7 @@ class NodeServer(CardServer):
 
     def do_action(self, context: Any, action: Any) -> Any:
         if action.type == ACTION_PEERS:
-            return iter([json.dumps(self._node.peers.snapshot() if self._node.peers else []).encode()])
+            return iter([json.dumps(self._node.peers.snapshot() if self._node.peers is not None else []).encode()])
         if action.type == ACTION_STATUS:
             return iter([json.dumps(self._node.status()).encode()])
         return super().do_action(context, action)
@@ -139,6 +139,7 @@ class Node:
         self._started = False
         self._uri_of_peer: dict[str, str] = {}
         self.base_model_id: str | None = None
+        self.sync_rounds = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,11 +199,12 @@ class Node:
             failures=cfg.intervals.failures,
             on_event=self._on_peer_event,
         )
+        listen_port = urlsplit(cfg.listen).port or 0
         self.server = NodeServer(
             self,
             self.store,
             listen=cfg.listen,
-            advertise=cfg.advertise or None,
+            advertise=cfg.advertise or self._derive_locations(listen_port) or None,
             tls=tls,
             write_tokens=cfg.tokens.write,
             read_tokens=cfg.tokens.read,
@@ -211,8 +213,8 @@ class Node:
             on_notify=self._on_notify,
             peer_locations=self._peer_locations,
         )
-        if not cfg.advertise:
-            self.server.use_locations(self._derive_locations())
+        if not cfg.advertise and not listen_port:
+            self.server.use_locations(self._derive_locations(self.server.port))
         if cfg.metrics.port >= 0:
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         self._unsubscribe = self.store.subscribe(self._on_store_event)
@@ -307,13 +309,13 @@ class Node:
 
     # ------------------------------------------------------------------ addresses
 
-    def _derive_locations(self) -> list[str]:
+    def _derive_locations(self, port: int) -> list[str]:
         """Advertised addresses when none are configured: the listen host, or every interface."""
-        assert self.server is not None
+        if not port:
+            return []
         u = urlsplit(self.config.listen)
-        scheme = "grpc+tls" if self.server.tls else "grpc"
+        scheme = "grpc+tls" if self.config.tls.cert else "grpc"
         host = u.hostname or ""
-        port = self.server.port
         if host not in ("0.0.0.0", "::", ""):
             h = f"[{host}]" if ":" in host else host
             return [f"{scheme}://{h}:{port}"]
@@ -452,7 +454,7 @@ class Node:
                 return
             if not dirty:
                 next_poll = time.monotonic() + poll
-                dirty = {p.key: "poll" for p in (self.peers.live() if self.peers else [])}
+                dirty = {p.key: "poll" for p in (self.peers.live() if self.peers is not None else [])}
             if not dirty or not self.config.sync.enabled:
                 continue
             self.sync_now([k for k in dirty], trigger=next(iter(dirty.values())))
@@ -465,12 +467,14 @@ class Node:
         if not peers:
             return []
         self.metrics.syncs.labels(trigger).inc()
+        self.sync_rounds += 1
         t0 = time.perf_counter()
         added: list[CatalogEntry] = []
         try:
             added = self._sync_from(peers)
         finally:
             self.metrics.sync_seconds.observe(time.perf_counter() - t0)
+            self.write_status()
         return added
 
     def _sync_from(self, peers: list[Peer]) -> list[CatalogEntry]:
@@ -676,22 +680,23 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         """What `loraflight status` shows and the status file holds."""
-        st = self.store.stats() if self.store else {}
+        st = self.store.stats() if self.store is not None else {}
         return {
             "node_id": self.node_id,
             "fleet_id": self.config.fleet,
             "protocol": PROTOCOL_VERSION,
             "uris": self.server.locations if self.server else [],
-            "epoch": self.store.epoch if self.store else 0,
+            "epoch": self.store.epoch if self.store is not None else 0,
             "mdns": self.mdns,
             "cards": [
                 {"ref": e.ref, "digest": e.digest, "size": e.size, "source": e.source}
-                for e in (self.store.list() if self.store else [])
+                for e in (self.store.list() if self.store is not None else [])
             ],
             "stats": st,
             "loaded": self.loaded(),
             "base_model": self.base_model_id,
-            "peers": self.peers.snapshot() if self.peers else [],
+            "peers": self.peers.snapshot() if self.peers is not None else [],
+            "sync_rounds": self.sync_rounds,
             "time": time.time(),
         }
 

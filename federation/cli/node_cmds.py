@@ -109,7 +109,7 @@ def _make_run_command() -> Any:
                 annotation=Annotated[
                     _flag_type(k),
                     typer.Option(
-                        *k.flag_names,
+                        k.flag,  # "--x" or, for booleans, "--x/--no-x"
                         help=f"{k.help} [{k.path}; env {k.env}]",
                         rich_help_panel=section,
                         show_default=False,
