@@ -84,7 +84,9 @@ def freeze(m: nn.Module) -> nn.Module:
     return m.eval()
 
 
-def build_llama(hidden: int, inter: int, layers: int, heads: int, vocab: int, dtype: torch.dtype, device: str):
+def build_llama(
+    hidden: int, inter: int, layers: int, heads: int, vocab: int, dtype: torch.dtype, device: str
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -101,7 +103,9 @@ def build_llama(hidden: int, inter: int, layers: int, heads: int, vocab: int, dt
     return freeze(m)
 
 
-def make_adapters(model: nn.Module, n: int, rank: int, out: Path, dtype: torch.dtype) -> list[tuple[Path, Path]]:
+def make_adapters(
+    model: nn.Module, n: int, rank: int, out: Path, dtype: torch.dtype
+) -> list[tuple[Path, Path]]:
     """n PEFT folders (saved by PEFT) and the same adapters as card files."""
     from peft import LoraConfig, get_peft_model
 
@@ -202,8 +206,20 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
             t["pl"].append(a)
             t["pu"].append(b)
     med = {k: statistics.median(v) for k, v in t.items()}
-    lines.append(row("hot-load: card file → active (full verify each time) vs load_adapter+set_adapter", med["ov"], med["pl"]))
-    lines.append(row("hot-load: card file → active (verified-file memo) vs load_adapter+set_adapter", med["om"], med["pl"]))
+    lines.append(
+        row(
+            "hot-load: card file → active (full verify each time) vs load_adapter+set_adapter",
+            med["ov"],
+            med["pl"],
+        )
+    )
+    lines.append(
+        row(
+            "hot-load: card file → active (verified-file memo) vs load_adapter+set_adapter",
+            med["om"],
+            med["pl"],
+        )
+    )
     lines.append(row("unload vs delete_adapter", med["ou"], med["pu"]))
 
     # hot-swap: replace the weights of a loaded name, alternating two adapters
@@ -234,7 +250,9 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
     return lines
 
 
-def bench_forward(model: nn.Module, adapters, device: str, batch: int, seq: int, repeats: int, vocab: int) -> list[str]:
+def bench_forward(
+    model: nn.Module, adapters, device: str, batch: int, seq: int, repeats: int, vocab: int
+) -> list[str]:
     from peft import PeftModel
 
     bare, ours_model, peft_base = twin(model), twin(model), twin(model)
@@ -286,8 +304,15 @@ def bench_forward(model: nn.Module, adapters, device: str, batch: int, seq: int,
         with torch.inference_mode(), eng.mixed(rows):
             return ours_model(input_ids=x)
 
-    mixed = paired({"bare": fwd(bare), "ours": ours_mixed, "peft": fwd(pm, adapter_names=rows)}, repeats, device)
-    for label, r in (("base (no adapter active)", base), ("one adapter, unmerged", one), ("merged", merged), ("4 adapters mixed per row", mixed)):
+    mixed = paired(
+        {"bare": fwd(bare), "ours": ours_mixed, "peft": fwd(pm, adapter_names=rows)}, repeats, device
+    )
+    for label, r in (
+        ("base (no adapter active)", base),
+        ("one adapter, unmerged", one),
+        ("merged", merged),
+        ("4 adapters mixed per row", mixed),
+    ):
         lines.append(
             f"| forward {batch}×{seq}: {label} | {r['ours'] * 1e3:.1f} ms ({pct(r['ours'], r['bare'])}) | "
             f"{r['peft'] * 1e3:.1f} ms ({pct(r['peft'], r['bare'])}) | {r['peft'] / r['ours']:.2f}× | bare {r['bare'] * 1e3:.1f} ms |"
@@ -298,7 +323,9 @@ def bench_forward(model: nn.Module, adapters, device: str, batch: int, seq: int,
     return lines
 
 
-def bench_module(hidden: int, rank: int, batch: int, seq: int, dtype: torch.dtype, device: str, repeats: int) -> list[str]:
+def bench_module(
+    hidden: int, rank: int, batch: int, seq: int, dtype: torch.dtype, device: str, repeats: int
+) -> list[str]:
     """The LoRA path alone: one hidden×hidden Linear, base vs ours vs PEFT (one adapter; 4 mixed)."""
     from peft import LoraConfig, get_peft_model
 
@@ -355,7 +382,12 @@ def bench_module(hidden: int, rank: int, batch: int, seq: int, dtype: torch.dtyp
 
     one = paired({"bare": run(base), "ours": run(ours_m), "peft": run(pm)}, repeats, device, warmup=2)
     eng.deactivate()
-    mix = paired({"bare": run(base), "ours": ours_mixed, "peft": run(pm, adapter_names=rows)}, repeats, device, warmup=2)
+    mix = paired(
+        {"bare": run(base), "ours": ours_mixed, "peft": run(pm, adapter_names=rows)},
+        repeats,
+        device,
+        warmup=2,
+    )
     out = []
     for label, r in (("one adapter", one), ("4 adapters mixed per row", mix)):
         out.append(
@@ -391,11 +423,16 @@ def bench_7b_load(device: str, repeats: int, tmp: Path) -> list[str]:
         model = freeze(Skeleton().to(torch.float16))
     g = torch.Generator().manual_seed(0)
     tens = {
-        f"layers.{i}.self_attn.{t}": (torch.randn(16, 4096, generator=g) * 0.01, torch.randn(4096, 16, generator=g) * 0.01)
+        f"layers.{i}.self_attn.{t}": (
+            torch.randn(16, 4096, generator=g) * 0.01,
+            torch.randn(4096, 16, generator=g) * 0.01,
+        )
         for i in range(32)
         for t in TARGETS
     }
-    path = card_from_tensors(tens, name="seven", alpha=32.0, dtype=torch.float16).write(tmp / "seven.lora.arrow")
+    path = card_from_tensors(tens, name="seven", alpha=32.0, dtype=torch.float16).write(
+        tmp / "seven.lora.arrow"
+    )
     eng = Engine(model)
     eng.load(path, name="resident", activate=False)
 
@@ -428,21 +465,29 @@ def bench_7b_load(device: str, repeats: int, tmp: Path) -> list[str]:
 HEADER = "| measure | ours | PEFT | PEFT/ours | note |\n| --- | --- | --- | --- | --- |"
 
 
-def section(title: str, device: str, dtype: torch.dtype, dims: dict[str, int], batch: int, seq: int, args) -> None:
+def section(
+    title: str, device: str, dtype: torch.dtype, dims: dict[str, int], batch: int, seq: int, args
+) -> None:
     print(f"\n## {title}\n")
-    print(f"model: LlamaForCausalLM from config {dims}, {dtype}, {device}; adapters r16 on {','.join(TARGETS)}")
+    print(
+        f"model: LlamaForCausalLM from config {dims}, {dtype}, {device}; adapters r16 on {','.join(TARGETS)}"
+    )
     model = build_llama(dtype=dtype, device=device, **dims)
     with tempfile.TemporaryDirectory() as td:
         adapters = make_adapters(model, 4, 16, Path(td), dtype)
         size = adapters[0][1].stat().st_size
-        print(f"card file: {size / 2**20:.2f} MiB; repeats: load {args.repeats}, forward {args.forward_repeats}\n")
+        print(
+            f"card file: {size / 2**20:.2f} MiB; repeats: load {args.repeats}, forward {args.forward_repeats}\n"
+        )
         print(HEADER)
         for line in bench_load(model, adapters, device, args.repeats):
             print(line, flush=True)
         for line in bench_module(dims["hidden"], 16, batch, seq, dtype, device, args.module_repeats):
             print(line, flush=True)
         if not args.skip_forward:
-            for line in bench_forward(model, adapters, device, batch, seq, args.forward_repeats, dims["vocab"]):
+            for line in bench_forward(
+                model, adapters, device, batch, seq, args.forward_repeats, dims["vocab"]
+            ):
                 print(line, flush=True)
         if device.startswith("cuda"):
             for line in bench_7b_load(device, args.repeats, Path(td)):

@@ -429,3 +429,23 @@ def test_close_removes_hooks_and_restores():
     eng.close()
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert_pristine(model, sd, mods)
+
+
+def test_verified_file_memo_rechecks_a_changed_file(tmp_path):
+    model = make_mlp()
+    eng = Engine(model)
+    good = make_card(model, "m")
+    path = good.write(tmp_path / "m.lora.arrow")
+    eng.load(path)  # verified once, remembered
+    eng.unload()
+    eng.load(path)  # unchanged file: memo hit, loads
+    eng.unload()
+    # flip a tensor byte in place (same path, same size): the memo must not vouch for it
+    raw = bytearray(path.read_bytes())
+    idx = raw.find(np.asarray(good["lin0"].a).tobytes()[:8])
+    raw[idx] ^= 0x40
+    with open(path, "r+b") as f:
+        f.write(bytes(raw))
+    with pytest.raises(CardError, match="digest"):
+        eng.load(path)
+    assert eng.adapters == {}
