@@ -11,9 +11,9 @@ wrong types, invalid values) and raises one `ConfigError` listing them all.
 from __future__ import annotations
 
 import base64
-import logging
 import binascii
 import dataclasses
+import logging
 import os
 import re
 import tomllib

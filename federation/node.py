@@ -87,7 +87,9 @@ class NodeServer(CardServer):
 
     def do_action(self, context: Any, action: Any) -> Any:
         if action.type == ACTION_PEERS:
-            return iter([json.dumps(self._node.peers.snapshot() if self._node.peers is not None else []).encode()])
+            return iter(
+                [json.dumps(self._node.peers.snapshot() if self._node.peers is not None else []).encode()]
+            )
         if action.type == ACTION_STATUS:
             return iter([json.dumps(self._node.status()).encode()])
         return super().do_action(context, action)
