@@ -392,3 +392,80 @@ def test_header_json_is_canonical() -> None:
         raw == json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     )
     assert CardHeader.from_json(raw) == card.header
+
+
+def test_docs_worked_example(tmp_path: Path) -> None:
+    """docs/format.md section 9, recomputed without the engine's digest code, and with it."""
+    import base64
+    import hashlib
+    import struct
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    fp_stream = b"loraflight-base-v1\x00" + b"layer.q\x002\x002\n"
+    fp = hashlib.sha256(fp_stream).hexdigest()
+    assert fp == "18ce4d80be7a53d31754a447cc6b12d971ab49b884c8d9e8692e3b7a50a6af9b"
+    assert cardmod.base_fingerprint([("layer.q", 2, 2)]) == fp
+
+    def canon(o: object) -> bytes:
+        return json.dumps(
+            o, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+
+    head = canon(
+        {
+            "author": "",
+            "base_fingerprint": fp,
+            "base_model": None,
+            "created": "2026-01-01T00:00:00Z",
+            "description": "",
+            "dtype": "float32",
+            "format": "1.0",
+            "lineage": [],
+            "name": "demo",
+            "scaling": "standard",
+            "tags": [],
+            "version": 1,
+        }
+    )
+    assert len(head) == 270
+    h = hashlib.sha256(b"loraflight-card-v1\x00" + struct.pack("<Q", len(head)) + head + struct.pack("<Q", 1))
+    h.update(struct.pack("<I", 7) + b"layer.q" + struct.pack("<IdQQ", 1, 2.0, 2, 2) + b"\x07float32")
+    h.update(
+        struct.pack("<Q", 8)
+        + struct.pack("<2f", 0.5, -1.0)
+        + struct.pack("<Q", 8)
+        + struct.pack("<2f", 2.0, 0.25)
+    )
+    digest = "a9817c8de3c4ee295f9f96746eb7b15169b1c946d326845abef29140aed9525f"
+    assert h.hexdigest() == digest
+
+    a = np.array([[0.5, -1.0]], dtype=np.float32)
+    b = np.array([[2.0], [0.25]], dtype=np.float32)
+    card = LoRACard.build(
+        [ModuleLoRA("layer.q", 1, 2.0, a, b)],
+        name="demo",
+        created="2026-01-01T00:00:00Z",
+        base_fingerprint=fp,
+    )
+    assert card.header.signed_part() == json.loads(head)
+    assert card.digest == digest
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    signed = LoRACard.open(card.sign(key).write(tmp_path / "demo.lora.arrow"))
+    pub = keys.public_key_b64(key.public_key())
+    assert pub == "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="
+    assert (
+        signed.header.signer
+        == hashlib.sha256(base64.b64decode(pub)).hexdigest()[:32]
+        == "56475aa75463474c0285df5dbf2bcab7"
+    )
+    sig = key.sign(b"loraflight-sig-v1\x00" + bytes.fromhex(digest))
+    assert (
+        signed.header.signature
+        == base64.b64encode(sig).decode()
+        == ("uo9v6JZGHo9NRZkcBHMsQI0e7FXtxqVd6egvZijtC67PVyACGuNTGP4H0tSgSy86G1IYVMJOk1uNLnv6mL3LDw==")
+    )
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "format.md").read_text()
+    assert digest in doc and signed.header.signature in doc and head.decode() in doc
+    assert signed.header.to_json().decode() in doc
+    signed.verify(trusted=[pub])

@@ -1,0 +1,219 @@
+"""Card open/verify vs safetensors: reach every tensor of a LLaMA-7B-shape rank-16 fp16 adapter.
+
+The adapter: LoRA on q,k,v,o of 32 layers at hidden 4096, rank 16, float16 (33.5 MB of tensors),
+written once as a card and once as a PEFT-style safetensors file with the same bytes. Measured in
+one run, alternating the tools (A B A B) so drift hits both alike, medians of --repeats after
+--warmup runs:
+
+  open + reach every tensor      LoRACard.open + torch views   vs  safetensors.torch.load_file, safe_open
+  same, copied into preallocated torch tensors (what a load really costs)
+  verify                         values + digest, GB/s         vs  hashlib.sha256 over the same bytes
+
+    python -m bench card [--repeats 30] [--warmup 5] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from engine.card import LoRACard, ModuleLoRA
+
+LAYERS, HIDDEN, RANK = 32, 4096, 16
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def build(directory: Path) -> tuple[Path, Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(0)
+    mods, tensors = [], {}
+    for i in range(LAYERS):
+        for p in PROJ:
+            a = (rng.standard_normal((RANK, HIDDEN)) * 0.02).astype(np.float16)
+            b = (rng.standard_normal((HIDDEN, RANK)) * 0.02).astype(np.float16)
+            name = f"model.layers.{i}.self_attn.{p}"
+            mods.append(ModuleLoRA(name, RANK, 2.0 * RANK, a, b))
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.from_numpy(a)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.from_numpy(b)
+    card_path = LoRACard.build(mods, name="llama7b-r16").write(directory / "adapter.lora.arrow")
+    st_path = directory / "adapter_model.safetensors"
+    save_file(tensors, str(st_path), metadata={"format": "pt"})
+    return card_path, st_path
+
+
+def paired(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per function, run in alternation after warm-up."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def env_line() -> str:
+    import safetensors
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, pyarrow {pa.__version__}, "
+        f"safetensors {safetensors.__version__}, numpy {np.__version__}; nproc {os.cpu_count()}; "
+        f"CPU {cpu}; torch threads {torch.get_num_threads()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument(
+        "--dir", type=Path, default=None, help="where to write the two files (default: a temp dir)"
+    )
+    args = ap.parse_args(argv)
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        card_path, st_path = build(Path(d))
+        card_bytes, st_bytes = card_path.stat().st_size, st_path.stat().st_size
+        ref = LoRACard.open(card_path)
+        tensor_bytes = ref.tensor_nbytes
+        dst = {
+            m.module: (
+                torch.empty(m.a.shape, dtype=torch.float16),
+                torch.empty(m.b.shape, dtype=torch.float16),
+            )
+            for m in ref
+        }
+        st_dst = {}
+        for m, (a, b) in dst.items():
+            st_dst[f"base_model.model.{m}.lora_A.weight"] = a
+            st_dst[f"base_model.model.{m}.lora_B.weight"] = b
+
+        def card_reach() -> object:
+            return LoRACard.open(card_path).torch_tensors()
+
+        def card_numpy() -> object:
+            return [(m.a, m.b) for m in LoRACard.open(card_path)]
+
+        def raw_arrow() -> object:
+            r = pa.ipc.open_file(pa.memory_map(str(card_path)))
+            return [r.get_batch(i) for i in range(r.num_record_batches)]
+
+        def st_load() -> object:
+            return load_file(str(st_path))
+
+        def st_open() -> object:
+            with safe_open(str(st_path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+        def card_copy() -> None:
+            for m, (a, b) in LoRACard.open(card_path).torch_tensors().items():
+                da, db = dst[m]
+                da.copy_(a)
+                db.copy_(b)
+
+        def st_load_copy() -> None:
+            for k, t in load_file(str(st_path)).items():
+                st_dst[k].copy_(t)
+
+        def st_open_copy() -> None:
+            with safe_open(str(st_path), framework="pt") as f:
+                for k in f.keys():  # noqa: SIM118
+                    st_dst[k].copy_(f.get_tensor(k))
+
+        reach = paired(
+            {
+                "card": card_reach,
+                "card_np": card_numpy,
+                "raw": raw_arrow,
+                "load_file": st_load,
+                "safe_open": st_open,
+            },
+            args.repeats,
+            args.warmup,
+        )
+        copy = paired(
+            {"card": card_copy, "load_file": st_load_copy, "safe_open": st_open_copy},
+            args.repeats,
+            args.warmup,
+        )
+        # correctness of what was timed: the copies hold the same bits
+        for m in ref:
+            a, b = dst[m.module]
+            assert a.numpy().tobytes() == m.a.tobytes() and b.numpy().tobytes() == m.b.tobytes()
+
+        blob = b"".join(m.a.tobytes() + m.b.tobytes() for m in ref)
+        opened = LoRACard.open(card_path)
+        ver = paired(
+            {"verify": lambda: opened.verify(), "sha256": lambda: hashlib.sha256(blob).digest()},
+            max(5, args.repeats // 3),
+            2,
+        )
+
+    def ms(x: float) -> str:
+        return f"{x * 1e3:8.3f} ms"
+
+    print(f"# bench card: {LAYERS} layers x {len(PROJ)} projections, hidden {HIDDEN}, rank {RANK}, fp16")
+    print(
+        f"# card {card_bytes / 1e6:.1f} MB, safetensors {st_bytes / 1e6:.1f} MB, tensors {tensor_bytes / 1e6:.1f} MB"
+    )
+    print(f"# medians of {args.repeats} alternating runs after {args.warmup} warm-up; {env_line()}")
+    print()
+    print(
+        "| measure | loraflight card | competitor | competitor time | speed-up (competitor / card) | target |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for comp in ("load_file", "safe_open"):
+        print(
+            f"| open + reach every tensor (torch views) | {ms(reach['card'])} | safetensors `{comp}` | "
+            f"{ms(reach[comp])} | {reach[comp] / reach['card']:.2f}x | >= 5x vs load_file |"
+        )
+    print(
+        f"| open + reach every tensor (numpy views) | {ms(reach['card_np'])} | safetensors `load_file` | "
+        f"{ms(reach['load_file'])} | {reach['load_file'] / reach['card_np']:.2f}x | |"
+    )
+    print(
+        f"| (floor) raw pyarrow map + read batches | {ms(reach['raw'])} | safetensors `load_file` | "
+        f"{ms(reach['load_file'])} | {reach['load_file'] / reach['raw']:.2f}x | |"
+    )
+    for comp in ("load_file", "safe_open"):
+        print(
+            f"| open + copy into preallocated torch tensors | {ms(copy['card'])} | safetensors `{comp}` + `copy_` | "
+            f"{ms(copy[comp])} | {copy[comp] / copy['card']:.2f}x | >= 2x vs load_file |"
+        )
+    gbs = tensor_bytes / ver["verify"] / 1e9
+    sha = len(blob) / ver["sha256"] / 1e9
+    print(
+        f"| verify (finite + digest) | {gbs:.2f} GB/s ({ms(ver['verify'])}) | hashlib.sha256 of the tensor bytes | "
+        f"{sha:.2f} GB/s | {gbs / sha:.2f} of sha256 | ~ sha256 |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
