@@ -161,3 +161,14 @@ def test_fetch_without_store_returns_verified_card(make_store, make_server):
 def test_unreachable_peer_is_a_peer_error(make_store):
     with Client("grpc://127.0.0.1:9", timeout=2, retries=1, backoff=0.01) as c, pytest.raises(PeerError):
         c.health()
+
+
+def test_catalog_entries_per_peer_bounded(make_store, make_server):
+    s = make_store()
+    for i in range(3):
+        s.add(make_card(f"c{i}", 1))
+    srv = make_server(s)
+    with Client(srv.location, max_entries=2) as c, pytest.raises(PeerError, match="more than 2 cards"):
+        c.list()
+    with Client(srv.location) as c:
+        assert len(c.list(limit=2)) == 2 and len(c.list(since=2)) == 1
