@@ -33,6 +33,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -61,6 +62,7 @@ MAX_TAG_LEN = 64
 MAX_DESCRIPTION = 64 * 1024
 MAX_LINEAGE = 64
 BATCH_TARGET_BYTES = 4 << 20  # 4 MiB record batches: Flight's sweet spot here
+_PARALLEL_VERIFY_BYTES = 16 << 20  # from this size verify scans values and hashes in parallel
 
 SCALINGS = ("standard", "rslora")  # alpha/r and alpha/sqrt(r)
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -847,6 +849,30 @@ class LoRACard:
                 if not _all_finite(arr, self.dtype):
                     raise CardError(f"module {m.module!r}: {label} has NaN or Inf values")
 
+    def _values_and_digest(self) -> str:
+        """check_values() then compute_digest(); on big cards the value scan runs in a helper
+        thread while this one hashes (both release the GIL), so verify costs about one sha256 pass."""
+        if self.tensor_nbytes < _PARALLEL_VERIFY_BYTES or (os.cpu_count() or 1) < 2:
+            self.check_values()
+            return self.compute_digest()
+        failed: list[BaseException] = []
+
+        def scan() -> None:
+            try:
+                self.check_values()
+            except BaseException as e:  # handed to the caller below
+                failed.append(e)
+
+        t = threading.Thread(target=scan, name="loraflight-verify", daemon=True)
+        t.start()
+        try:
+            digest = self.compute_digest()
+        finally:
+            t.join()
+        if failed:
+            raise failed[0]
+        return digest
+
     def verify(
         self,
         *,
@@ -858,8 +884,7 @@ class LoRACard:
         `trusted` is a set of public keys (base64 raw Ed25519) or signer ids; when given,
         the card must be signed by one of them.
         """
-        self.check_values()
-        digest = self.compute_digest()
+        digest = self._values_and_digest()
         if digest != self._header.digest:
             raise CardError(
                 f"{self.ref}: digest mismatch: the header says {self._header.digest[:16]}… but the content "

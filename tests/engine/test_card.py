@@ -469,3 +469,21 @@ def test_docs_worked_example(tmp_path: Path) -> None:
     assert digest in doc and signed.header.signature in doc and head.decode() in doc
     assert signed.header.to_json().decode() in doc
     signed.verify(trusted=[pub])
+
+
+def test_big_card_verify_scans_values_and_hashes(tmp_path: Path) -> None:
+    """Above the parallel-verify size the value scan runs beside the hash: both still decide."""
+    a = np.zeros((4, 1 << 20), np.float32)
+    b = np.ones((1, 4), np.float32)
+    card = LoRACard.build([ModuleLoRA("m.big", 4, 1.0, a, b)], name="big")
+    assert card.tensor_nbytes >= cardmod._PARALLEL_VERIFY_BYTES
+    assert card.verify().digest == card.digest
+    bad = a.copy()
+    bad[3, -1] = np.nan
+    with pytest.raises(CardError, match="NaN or Inf"):
+        LoRACard.build([ModuleLoRA("m.big", 4, 1.0, bad, b)], name="big").verify()
+    bad[3, -1] = 1.0
+    path = tmp_path / "t.lora.arrow"
+    _write_header(LoRACard.build([ModuleLoRA("m.big", 4, 1.0, bad, b)], name="big"), path, digest=card.digest)
+    with pytest.raises(CardError, match="digest mismatch"):
+        LoRACard.open(path).verify()
