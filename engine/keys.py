@@ -9,14 +9,19 @@ the signer id is the first 32 hex characters of sha256 over those raw bytes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import logging
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import CardError, ConfigError
+
+log = logging.getLogger(__name__)
 
 PRIVATE_NAME = "loraflight.key"
 PUBLIC_NAME = "loraflight.pub"
@@ -35,7 +40,8 @@ def load_public_b64(b64: str) -> Ed25519PublicKey:
 
 
 def signer_id(pub_b64: str) -> str:
-    return hashlib.sha256(base64.b64decode(pub_b64)).hexdigest()[:32]
+    """First 32 hex characters of sha256 over the raw 32-byte public key (docs/format.md)."""
+    return hashlib.sha256(base64.b64decode(pub_b64, validate=True)).hexdigest()[:32]
 
 
 def generate() -> Ed25519PrivateKey:
@@ -45,7 +51,11 @@ def generate() -> Ed25519PrivateKey:
 def write_keypair(
     directory: str | os.PathLike[str], key: Ed25519PrivateKey | None = None, overwrite: bool = False
 ) -> tuple[Path, Path]:
-    """Write a new key pair into `directory`; refuses to overwrite an existing key."""
+    """Write a new key pair into `directory`; refuses to overwrite an existing key.
+
+    Each file is written to a temporary name (the private one created 0600) and renamed, so a
+    crash never leaves a half-written or briefly world-readable key.
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     priv, pub = d / PRIVATE_NAME, d / PUBLIC_NAME
@@ -55,15 +65,37 @@ def write_keypair(
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+    pub_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    _atomic_write(priv, pem, 0o600)
+    _atomic_write(pub, pub_pem, 0o644)
     return priv, pub
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_private(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
@@ -74,6 +106,9 @@ def load_private(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         data = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read private key {p}: {e.strerror}") from None
+    with contextlib.suppress(OSError):
+        if os.stat(p).st_mode & 0o077:
+            log.warning("private key %s is readable by other users; chmod 600 it", p)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
