@@ -516,13 +516,27 @@ class Node:
                 if self._stop.is_set():
                     return
                 continue
-            if item is None:
-                return
-            event, entry = item
             try:
-                self._handle(event, entry)
-            except Exception:
-                log.exception("handling %s %s failed", event, entry.ref)
+                if item is None:
+                    return
+                event, entry = item
+                try:
+                    self._handle(event, entry)
+                except Exception:
+                    log.exception("handling %s %s failed", event, entry.ref)
+            finally:
+                self._events.task_done()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every catalog change so far is handled (loaded, exported, called back)."""
+        deadline = time.monotonic() + timeout
+        with self._events.all_tasks_done:
+            while self._events.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._events.all_tasks_done.wait(left)
+        return True
 
     def _handle(self, event: str, entry: CatalogEntry) -> None:
         assert self.store is not None
