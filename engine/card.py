@@ -29,6 +29,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -690,54 +691,44 @@ class LoRACard:
     def open(cls, path: str | os.PathLike[str]) -> LoRACard:
         """Map a card file and check its structure; no tensor byte is read or copied."""
         p = Path(path)
+        buf = _map_file(p)
+        size = buf.size
+        base = buf.address
         try:
-            mm = pa.memory_map(str(p), "r")
-        except FileNotFoundError:
-            raise CardError(f"{p}: no such card file") from None
-        except (OSError, pa.ArrowException) as e:
-            raise CardError(f"{p}: cannot map the file: {e}") from None
+            reader = pa.ipc.open_file(pa.BufferReader(buf))
+            schema = reader.schema
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise CardError(f"{p}: not an Arrow IPC file or truncated: {e}") from None
         try:
+            header = _check_schema(schema)
+        except CardError as e:
+            raise CardError(f"{p}: {e}") from None
+        n = reader.num_record_batches
+        if n > MAX_ROWS:
+            raise CardError(f"{p}: footer lists {n} record batches; the limit is {MAX_ROWS}")
+        batches = []
+        for i in range(n):
             try:
-                reader = pa.ipc.open_file(mm)
-                schema = reader.schema
-            except (pa.ArrowException, OSError, ValueError) as e:
-                raise CardError(f"{p}: not an Arrow IPC file or truncated: {e}") from None
-            try:
-                header = _check_schema(schema)
-            except CardError as e:
-                raise CardError(f"{p}: {e}") from None
-            n = reader.num_record_batches
-            if n > MAX_ROWS:
-                raise CardError(f"{p}: footer lists {n} record batches; the limit is {MAX_ROWS}")
-            size = mm.size()
-            mm.seek(0)
-            base = mm.read_buffer(1).address if size else 0
-            batches = []
-            for i in range(n):
-                try:
-                    b = reader.get_batch(i)
-                    b.validate(full=True)
-                except (pa.ArrowException, OSError, ValueError, IndexError) as e:
-                    raise CardError(f"{p}: record batch {i} is corrupt or truncated: {e}") from None
-                # Tensors must be views of the mapping: a compressed (or otherwise copied) body is refused.
-                for col in (5, 6):
-                    vb = b.column(col).values.buffers()
-                    buf = vb[1] if len(vb) > 1 else None
-                    if buf is not None and buf.size and not base <= buf.address <= base + size - buf.size:
-                        raise CardError(
-                            f"{p}: record batch {i} is compressed or not memory-mappable; "
-                            "cards are uncompressed Arrow IPC files"
-                        )
-                batches.append(b)
-            if sum(b.num_rows for b in batches) > MAX_ROWS:
-                raise CardError(f"{p}: more than {MAX_ROWS} module rows")
-            try:
-                return cls(header, batches, path=p)
-            except CardError as e:
-                raise CardError(f"{p}: {e}") from None
-        except CardError:
-            mm.close()
-            raise
+                b = reader.get_batch(i)
+                b.validate(full=True)
+            except (pa.ArrowException, OSError, ValueError, IndexError) as e:
+                raise CardError(f"{p}: record batch {i} is corrupt or truncated: {e}") from None
+            # Tensors must be views of the mapping: a compressed (or otherwise copied) body is refused.
+            for col in (5, 6):
+                vb = b.column(col).values.buffers()
+                vbuf = vb[1] if len(vb) > 1 else None
+                if vbuf is not None and vbuf.size and not base <= vbuf.address <= base + size - vbuf.size:
+                    raise CardError(
+                        f"{p}: record batch {i} is compressed or not memory-mappable; "
+                        "cards are uncompressed Arrow IPC files"
+                    )
+            batches.append(b)
+        if sum(b.num_rows for b in batches) > MAX_ROWS:
+            raise CardError(f"{p}: more than {MAX_ROWS} module rows")
+        try:
+            return cls(header, batches, path=p)
+        except CardError as e:
+            raise CardError(f"{p}: {e}") from None
 
     @classmethod
     def from_table(
@@ -1080,6 +1071,25 @@ def _to_batches(mods: Sequence[ModuleLoRA], header: CardHeader) -> list[pa.Recor
             )
         batches.append(pa.record_batch(cols, schema=schema))
     return batches
+
+
+def _map_file(p: Path) -> pa.Buffer:
+    """The whole file as a read-only memory map wrapped in an Arrow buffer (no copy).
+
+    A Python mmap read through `pa.BufferReader` rather than `pa.memory_map`: Arrow's memory-mapped
+    file advises the kernel on every read (madvise WILLNEED over each batch), which costs more than
+    the rest of opening a card. The map lives as long as any array viewing it.
+    """
+    try:
+        with open(p, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise CardError(f"{p}: not an Arrow IPC file or truncated: the file is empty")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise CardError(f"{p}: no such card file") from None
+    except (OSError, ValueError) as e:
+        raise CardError(f"{p}: cannot map the file: {e}") from None
+    return pa.py_buffer(mm)
 
 
 def fsync_dir(path: Path) -> None:
