@@ -766,7 +766,7 @@ class Store:
                     os.unlink(final)
             raise
         self._emit("added", entry)
-        self.evict()
+        self.evict(keep=entry.digest)
         return entry
 
     def _index(
@@ -855,8 +855,11 @@ class Store:
         self._emit("removed", entry)
         return entry
 
-    def evict(self) -> builtins.list[CatalogEntry]:
-        """Remove least-recently-used fetched cards (never pinned, published or local) over max_bytes."""
+    def evict(self, keep: str | None = None) -> builtins.list[CatalogEntry]:
+        """Remove least-recently-used fetched cards (never pinned, published or local) over max_bytes.
+
+        `keep` (the card just added) is never chosen, so an add is not undone by its own eviction.
+        """
         if self.max_bytes is None:
             return []
         removed = []
@@ -867,7 +870,8 @@ class Store:
                     break
                 row = self._db.execute(
                     "SELECT digest FROM cards WHERE pinned=0 AND published=0 AND source!='local' "
-                    "ORDER BY last_use ASC LIMIT 1"
+                    "AND digest != ? ORDER BY last_use ASC LIMIT 1",
+                    (keep or "",),
                 ).fetchone()
             if not row:
                 log.warning(

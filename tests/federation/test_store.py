@@ -121,6 +121,9 @@ def test_lru_eviction_spares_pinned_published_local(make_store):
     s.max_bytes = 1
     s.evict()
     assert {e.ref for e in s.list()} == {"local@1", "pinned@1"}
+    # a fetched card larger than the cap is kept when added (its own add does not evict it)
+    big = s.add(make_card("big", 1, nbytes=200_000), source="grpc://p:1")
+    assert big.digest in s
 
 
 def test_staged_abort_leaves_nothing(make_store):
