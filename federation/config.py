@@ -546,10 +546,10 @@ def validate(cfg: NodeConfig) -> list[str]:
     # tokens
     for kind in ("write", "read"):
         for tok in getattr(cfg.tokens, kind):
-            if not tok or any(c.isspace() for c in tok):
-                p.append(f"tokens.{kind}: tokens must be non-empty without whitespace")
+            if not tok or any(c.isspace() for c in tok) or not tok.isprintable():
+                p.append(f"tokens.{kind}: tokens must be non-empty printable text without whitespace")
             elif len(tok) < 8:
-                p.append(f"tokens.{kind}: a token shorter than 8 characters is too easy to guess")
+                _log.warning("tokens.%s: a token shorter than 8 characters is easy to guess", kind)
     if cfg.tokens.peer and any(c.isspace() for c in cfg.tokens.peer):
         p.append("tokens.peer: no whitespace allowed")
     # trust

@@ -291,7 +291,9 @@ class Node:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def run_forever(self, stop: threading.Event | None = None) -> int:
+    def run_forever(
+        self, stop: threading.Event | None = None, on_ready: Callable[[Node], None] | None = None
+    ) -> int:
         """Serve until SIGTERM/SIGINT (or `stop` is set); then shut down cleanly and return 0."""
         stop = stop or threading.Event()
         old: dict[signal.Signals, Any] = {}
@@ -300,6 +302,8 @@ class Node:
                 old[sig] = signal.signal(sig, lambda *_: stop.set())
         try:
             self.start()
+            if on_ready is not None:
+                on_ready(self)
             while not stop.wait(3600.0):
                 pass
             log.info("node %s: stopping", self.node_id)

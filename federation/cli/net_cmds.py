@@ -78,27 +78,36 @@ def serve(
     max_bytes: int | None = typer.Option(None, "--max-bytes", help="Store size cap (LRU eviction)."),
 ) -> None:
     """Serve a store over Arrow Flight until SIGTERM/SIGINT (a node without discovery and sync)."""
-    from federation.server import run_server
+    # One code path: `serve` is `node run` with discovery and sync off.
+    from federation.config import load_config
+    from federation.node import Node
+    from federation.security import load_tokens
+    from federation.server import normalize_uri
 
-    def ready(server) -> None:  # type: ignore[no-untyped-def]
-        _out.print(f"serving {server.location} node={server.node_id} store={store}", highlight=False)
+    cfg = load_config(
+        env={},
+        flags={
+            "store": str(store),
+            "listen": normalize_uri(listen),
+            "advertise": [normalize_uri(a) for a in advertise],
+            "tls.cert": str(tls_cert) if tls_cert else None,
+            "tls.key": str(tls_key) if tls_key else None,
+            "tls.ca": str(tls_client_ca) if tls_client_ca else None,
+            "tls.verify_client": tls_client_ca is not None,
+            "tokens.write": list(load_tokens(token_file)) if token_file else None,
+            "tokens.read": list(load_tokens(read_token_file)) if read_token_file else None,
+            "trust.entry": trust,
+            "store_max_bytes": max_bytes or 0,
+            "discovery.enabled": False,
+            "sync.enabled": False,
+        },
+    )
+
+    def ready(node: Node) -> None:
+        _out.print(f"serving {node.uri} node={node.node_id} store={store}", highlight=False)
         _out.file.flush()
 
-    raise typer.Exit(
-        run_server(
-            store,
-            listen=listen,
-            advertise=advertise or None,
-            tls_cert=str(tls_cert) if tls_cert else None,
-            tls_key=str(tls_key) if tls_key else None,
-            tls_client_ca=str(tls_client_ca) if tls_client_ca else None,
-            token_file=str(token_file) if token_file else None,
-            read_token_file=str(read_token_file) if read_token_file else None,
-            trust=trust,
-            max_bytes=max_bytes,
-            on_ready=ready,
-        )
-    )
+    raise typer.Exit(Node(cfg).run_forever(on_ready=ready))
 
 
 @app.command("ls")
