@@ -53,8 +53,9 @@ def train_cmd(
     name: Annotated[str, typer.Option("--name", "-n", help="Card name.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Card file or directory.")] = None,
     kind: Annotated[
-        str, typer.Option(help="pairs (contrastive, embedding model) or completion (causal LM).")
-    ] = "pairs",
+        str | None,
+        typer.Option(help="pairs (contrastive, embedding model; default) or completion (causal LM)."),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="minilm, tiny (pairs), tiny-llama (completion), or a local HF model folder."),

@@ -119,3 +119,21 @@ def test_extract_compose_route_cli(tmp_path, capsys):
         and routes[0]["location"] == "grpc://peer:1"
     )
     assert main(["route", "anything", "--embedder", "nope"]) == 1
+
+
+def test_train_cli_completion_from_config_file(tmp_path, capsys):
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"n{i}:", "completion": " ok"}) + "\n" for i in range(8)))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"kind": "completion", "rank": 2, "max_steps": 2, "batch_size": 4}))
+    out = tmp_path / "lm.lora.arrow"
+    rc = main(
+        ["train", str(data), "--name", "lm", "--config", str(cfg), "--model", "tiny-llama", "--out", str(out)]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "held-out loss" in text
+    card = LoRACard.open(out)
+    assert (
+        card.header.extra["training"]["kind"] == "completion" and card.header.extra["training"]["steps"] == 2
+    )
