@@ -322,6 +322,14 @@ class CardServer(flight.FlightServerBase):
                 rows = r
         deadline = time.monotonic() + self.limits.put_deadline_s
         with self.store.stage(reader.schema, rows=rows, max_bytes=self.limits.max_card_bytes) as staged:
+            # trust policy and name@version conflicts are refused before any tensor byte is read
+            existing = self.store.check_admission(staged.header)
+            if existing is not None:  # already held: publishing again is a no-op
+                self.store.set_published(existing.digest)
+                writer.write(
+                    pa.py_buffer(json.dumps({"digest": existing.digest, "ref": existing.ref}).encode())
+                )
+                return
             for _ in range(10_000_000):
                 try:
                     chunk = reader.read_chunk()

@@ -187,3 +187,23 @@ def test_mtls_requires_client_certificate(make_store, make_server, pki):
     right = ClientTLS.from_files(good["ca"], good["client_cert"], good["client_key"])
     with Client(srv.location, token="w", tls=right) as c:
         assert c.publish(card) == card.digest
+
+
+def test_publish_to_signed_node_checks_trust_before_storing(make_store, make_server):
+    s = make_store(trust="signed")
+    owner, other = keys.generate(), keys.generate()
+    s.trust_add(keys.public_key_b64(owner.public_key()))
+    srv = make_server(s, write_tokens=["w"])
+    with Client(srv.location, token="w", retries=0) as c:
+        with pytest.raises(TrustError, match="unsigned"):
+            c.publish(make_card("p", 1))
+        with pytest.raises(TrustError, match="does not trust"):
+            c.publish(make_card("p", 1, key=other))
+        assert c.publish(make_card("p", 1, key=owner))
+        before = snapshot(s)
+        s.trust_add(keys.public_key_b64(other.public_key()))
+        with pytest.raises(TrustError, match="belongs to signer"):
+            c.publish(make_card("p", 2, key=other))
+        assert snapshot(s)[1:] == before[1:]
+        # publishing the same card again is a no-op
+        assert c.publish(make_card("p", 1, key=owner)) and snapshot(s)[1:] == before[1:]
