@@ -142,6 +142,8 @@ class Node:
         self._uri_of_peer: dict[str, str] = {}
         self.base_model_id: str | None = None
         self.sync_rounds = 0
+        self._arrived: dict[str, float] = {}  # digest -> wall time it entered the store
+        self._loaded_at: dict[str, float] = {}  # adapter name -> wall time of its last hot-load
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -510,6 +512,8 @@ class Node:
     # ------------------------------------------------------------------ catalog changes
 
     def _on_store_event(self, event: str, entry: CatalogEntry) -> None:
+        if event == "added":
+            self._arrived[entry.digest] = time.time()
         self._events.put((event, entry))
 
     def _events_loop(self) -> None:
@@ -640,6 +644,7 @@ class Node:
                     with contextlib.suppress(LoraflightError):
                         self.store.unpin(old[1])
                 self._loaded[entry.name] = (entry.version, entry.digest)
+                self._loaded_at[entry.name] = time.time()
             except (EngineError, TrustError) as e:
                 log.warning("not loading %s: %s", entry.ref, e)
                 self.metrics.failures.labels("load").inc()
@@ -709,11 +714,17 @@ class Node:
             "epoch": self.store.epoch if self.store is not None else 0,
             "mdns": self.mdns,
             "cards": [
-                {"ref": e.ref, "digest": e.digest, "size": e.size, "source": e.source}
+                {
+                    "ref": e.ref,
+                    "digest": e.digest,
+                    "size": e.size,
+                    "source": e.source,
+                    "at": self._arrived.get(e.digest),
+                }
                 for e in (self.store.list() if self.store is not None else [])
             ],
             "stats": st,
-            "loaded": self.loaded(),
+            "loaded": {n: {**v, "at": self._loaded_at.get(n)} for n, v in self.loaded().items()},
             "base_model": self.base_model_id,
             "peers": self.peers.snapshot() if self.peers is not None else [],
             "sync_rounds": self.sync_rounds,
