@@ -477,12 +477,19 @@ def _column_values(
 def _batch_rows(batch: pa.RecordBatch, dtype: str) -> list[ModuleLoRA]:
     """Structural checks of one batch and zero-copy numpy views of its rows.
 
-    Offsets are known to be monotonic and in bounds (callers run Arrow's full validation first);
-    each row's value counts are checked against its shape here. Plain Python ints throughout:
+    Each row's value counts are checked against its shape here. Plain Python ints throughout:
     numpy scalars and tiny-array ufuncs cost more than the views themselves.
     """
+    try:
+        # Arrow's full validation (offsets monotonic and in bounds, UTF-8 valid) is what makes the
+        # views below safe; it is cheap (no tensor byte is read) and batches may come from a peer.
+        batch.validate(full=True)
+    except (pa.ArrowException, ValueError) as e:
+        raise CardError(f"record batch is corrupt: {e}") from None
     n = batch.num_rows
     cols = batch.columns
+    if len(cols) != 7:
+        raise CardError(f"record batch has {len(cols)} columns; a card has 7")
     for i, c in enumerate(cols):
         if c.null_count:
             raise CardError(f"column {batch.schema.field(i).name!r} has nulls; a card has none")
@@ -602,6 +609,12 @@ class LoRACard:
         self._header = header
         self._batches = list(batches)
         self._path = path
+        expect = card_schema(header.dtype)
+        for i, b in enumerate(self._batches):
+            if not b.schema.equals(expect, check_metadata=False):
+                raise CardError(
+                    f"record batch {i} has schema ({_schema_str(b.schema)}), expected ({_schema_str(expect)})"
+                )
         rows: list[ModuleLoRA] = []
         for b in self._batches:
             rows.extend(_batch_rows(b, header.dtype))

@@ -487,3 +487,33 @@ def test_big_card_verify_scans_values_and_hashes(tmp_path: Path) -> None:
     _write_header(LoRACard.build([ModuleLoRA("m.big", 4, 1.0, bad, b)], name="big"), path, digest=card.digest)
     with pytest.raises(CardError, match="digest mismatch"):
         LoRACard.open(path).verify()
+
+
+def test_batches_from_a_peer_are_validated_before_use() -> None:
+    """LoRACard(header, batches) and CardDigest.update_batch get batches straight off the wire:
+    lying offsets give a CardError, never a read out of bounds."""
+    card = LoRACard.build(_mods(n=2), name="peer")
+    good = card.batches[0]
+    names = good.column(0)
+    data = names.buffers()[2]
+    bad_offsets = pa.py_buffer(np.array([0, 40, 5], dtype=np.int32).tobytes())  # not monotonic
+    bad_names = pa.Array.from_buffers(pa.utf8(), 2, [None, bad_offsets, data])
+    bad = pa.record_batch([bad_names, *good.columns[1:]], schema=good.schema)
+    with pytest.raises(CardError, match="corrupt"):
+        LoRACard(card.header, [bad])
+    with pytest.raises(CardError, match="corrupt"):
+        CardDigest(card.header, 2).update_batch(bad)
+    a = good.column(5)
+    lying = pa.ListArray.from_buffers(
+        a.type,
+        2,
+        [None, pa.py_buffer(np.array([0, 100, 64], dtype=np.int32).tobytes())],
+        children=[a.values],
+    )
+    with pytest.raises(CardError, match="corrupt"):
+        LoRACard(
+            card.header, [pa.record_batch([*good.columns[:5], lying, good.column(6)], schema=good.schema)]
+        )
+    other = pa.record_batch([pa.array(["x"])], names=["module"])
+    with pytest.raises(CardError, match="schema"):
+        LoRACard(card.header, [other])
