@@ -326,6 +326,15 @@ class CardServer(flight.FlightServerBase):
             existing = self.store.check_admission(staged.header)
             if existing is not None:  # already held: publishing again is a no-op
                 self.store.set_published(existing.digest)
+                for _ in range(10_000_000):  # drain what the client sends, storing nothing
+                    try:
+                        reader.read_chunk()
+                    except StopIteration:
+                        break
+                    if time.monotonic() > deadline:
+                        raise CardError(
+                            f"publish took longer than {self.limits.put_deadline_s:.0f} s; refused"
+                        )
                 writer.write(
                     pa.py_buffer(json.dumps({"digest": existing.digest, "ref": existing.ref}).encode())
                 )
