@@ -159,7 +159,7 @@ def pct(x: float, base: float) -> str:
 
 # ---------------------------------------------------------------------- sections
 def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[str]:
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from peft.utils.hotswap import hotswap_adapter
 
     ours_model, peft_base = twin(model), twin(model)
@@ -168,7 +168,6 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
     eng = Engine(ours_model)
     eng.load(seed_card, name="resident", activate=False)
     pm: PeftModel = PeftModel.from_pretrained(peft_base, seed_dir, adapter_name="resident")
-    del LoraConfig, get_peft_model
     (dir1, card1), (dir2, card2) = adapters[1], adapters[2]
     lines = []
 
@@ -245,7 +244,6 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
     lines.append(row("hot-swap in place (full verify) vs hotswap_adapter", med2["ov"], med2["p"]))
     lines.append(row("hot-swap in place (verified-file memo) vs hotswap_adapter", med2["om"], med2["p"]))
     eng.close()
-    del pm
     gc.collect()
     return lines
 
@@ -318,7 +316,6 @@ def bench_forward(
             f"{r['peft'] * 1e3:.1f} ms ({pct(r['peft'], r['bare'])}) | {r['peft'] / r['ours']:.2f}× | bare {r['bare'] * 1e3:.1f} ms |"
         )
     eng.close()
-    del pm
     gc.collect()
     return lines
 
@@ -370,14 +367,14 @@ def bench_module(
     def run(m: nn.Module, **kw: Any) -> Callable[[], Any]:
         def f() -> Any:
             with torch.inference_mode():
-                for _ in range(10):
+                for _ in range(3):
                     m(x, **kw)
 
         return f
 
     def ours_mixed() -> Any:
         with torch.inference_mode(), eng.mixed(rows):
-            for _ in range(10):
+            for _ in range(3):
                 ours_m(x)
 
     one = paired({"bare": run(base), "ours": run(ours_m), "peft": run(pm)}, repeats, device, warmup=2)
@@ -391,7 +388,7 @@ def bench_module(
     out = []
     for label, r in (("one adapter", one), ("4 adapters mixed per row", mix)):
         out.append(
-            f"| module {hidden}×{hidden} r{rank}, x {batch}×{seq}: {label} (×10 calls) | {r['ours'] * 1e3:.2f} ms "
+            f"| module {hidden}×{hidden} r{rank}, x {batch}×{seq}: {label} (×3 calls) | {r['ours'] * 1e3:.2f} ms "
             f"({pct(r['ours'], r['bare'])}) | {r['peft'] * 1e3:.2f} ms ({pct(r['peft'], r['bare'])}) | "
             f"{(r['peft'] - r['bare']) / max(r['ours'] - r['bare'], 1e-9):.1f}× less overhead | bare {r['bare'] * 1e3:.2f} ms |"
         )
@@ -501,9 +498,9 @@ def section(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small model, few repeats (smoke run)")
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--forward-repeats", type=int, default=3)
-    ap.add_argument("--module-repeats", type=int, default=15)
+    ap.add_argument("--module-repeats", type=int, default=31)
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-gpu", action="store_true")

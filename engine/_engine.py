@@ -637,7 +637,11 @@ class Engine:
     def _restore_pending(self) -> None:
         """Put original modules back (caller holds _flight_lock and no forward is in flight)."""
         for m, w in self._pending.items():
-            parent, attr = self._parent_of(m)
+            try:
+                parent, attr = self._parent_of(m)
+            except EngineError:  # the user removed the parent module: nothing to put back
+                log.warning("cannot put the original %r back: its parent module is gone", m)
+                continue
             if getattr(parent, attr, None) is w:
                 setattr(parent, attr, w.base_layer)
         self._pending.clear()
