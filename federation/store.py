@@ -203,9 +203,13 @@ class StagedCard:
         self.rows_received = 0
         self.batches = 0
         self._done = False
-        # A worker hashes, checks and writes batches while the caller receives the next one.
-        self._queue: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=4)
-        self._worker: threading.Thread | None = None
+        # Two workers, one hashing + checking values, one writing the temp file, run while the
+        # caller receives the next batch (hashlib and Arrow's file writes release the GIL).
+        self._steps = (self._hash_step, self._write_step)
+        self._queues: tuple[queue.Queue[pa.RecordBatch | None], ...] = tuple(
+            queue.Queue(maxsize=4) for _ in self._steps
+        )
+        self._workers: list[threading.Thread] = []
         self._worker_error: BaseException | None = None
         self._pending: pa.RecordBatch | None = None
         self._checked_values = False
@@ -243,31 +247,40 @@ class StagedCard:
                 f"{self.header.ref}: received more rows than the {self._rows_expected} advertised"
             )
         self._raise_worker_error()
-        if self._worker is None:
+        if not self._workers:
             if self._pending is None:
-                self._pending = batch  # a one-batch card is processed inline at commit: no thread
+                self._pending = batch  # a one-batch card is processed inline at commit: no threads
                 return
-            self._worker = threading.Thread(target=self._work, name="loraflight-stage", daemon=True)
-            self._worker.start()
+            for i in range(len(self._steps)):
+                t = threading.Thread(target=self._work, args=(i,), name=f"loraflight-stage-{i}", daemon=True)
+                t.start()
+                self._workers.append(t)
             first, self._pending = self._pending, None
-            self._queue.put(first)
+            self._put_all(first)
+        self._put_all(batch)
+
+    def _put_all(self, item: pa.RecordBatch | None) -> None:
         deadline = time.monotonic() + 600.0
-        while True:  # bounded: the worker drains the queue or fails
-            try:
-                self._queue.put(batch, timeout=0.5)
-                break
-            except queue.Full:
-                self._raise_worker_error()
-                if time.monotonic() > deadline:
-                    raise StoreError(f"{self.header.ref}: the store writer stalled for 600 s") from None
+        for q in self._queues:
+            while True:  # bounded: the worker drains its queue or fails
+                try:
+                    q.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    if item is not None:
+                        self._raise_worker_error()
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"{self.header.ref}: the store writer stalled for 600 s") from None
 
     def _raise_worker_error(self) -> None:
         if self._worker_error is not None:
             raise self._worker_error
 
-    def _process(self, batch: pa.RecordBatch) -> None:
+    def _hash_step(self, batch: pa.RecordBatch) -> None:
         if self._digest is not None:
             hash_batch(self._digest, batch, self.header.dtype, check_finite=True)
+
+    def _write_step(self, batch: pa.RecordBatch) -> None:
         try:
             self._writer.write_batch(batch)
         except (OSError, pa.ArrowException) as e:
@@ -277,34 +290,32 @@ class StagedCard:
         self.batches += 1
         pause_point("stage_batches", self.batches)
 
-    def _work(self) -> None:
+    def _work(self, i: int) -> None:
+        q, step = self._queues[i], self._steps[i]
         for _ in range(100_000_000):  # bounded by the rows limit long before this
-            batch = self._queue.get()
+            batch = q.get()
             if batch is None:
                 return
             if self._worker_error is not None:
                 continue  # drain without work after a failure
             try:
-                self._process(batch)
+                step(batch)
             except BaseException as e:
                 self._worker_error = e
 
     def _finish_worker(self) -> None:
-        """Stop the worker after it drained the queue (bounded) and re-raise its error."""
+        """Stop the workers after they drained their queues (bounded) and re-raise an error."""
         if self._pending is not None:
             first, self._pending = self._pending, None
             if self._worker_error is None:
-                self._process(first)
-        if self._worker is not None:
+                for step in self._steps:
+                    step(first)
+        if self._workers:
+            self._put_all(None)
             deadline = time.monotonic() + 600.0
-            while self._worker.is_alive() and time.monotonic() < deadline:
-                try:
-                    self._queue.put(None, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
-            self._worker.join(max(0.0, deadline - time.monotonic()))
-            self._worker = None
+            for t in self._workers:
+                t.join(max(0.0, deadline - time.monotonic()))
+            self._workers = []
         self._raise_worker_error()
         self._checked_values = self._digest is not None
 
@@ -369,7 +380,7 @@ class StagedCard:
     def abort(self) -> None:
         self._done = True
         self._pending = None
-        if self._worker is not None:
+        if self._workers:
             self._worker_error = self._worker_error or StoreError("aborted")
             with contextlib.suppress(BaseException):
                 self._finish_worker()
