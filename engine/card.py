@@ -417,6 +417,7 @@ class CardDigest:
         self._h.update(head)
         self._h.update(struct.pack("<Q", num_rows))
         self._dtype = header.dtype.encode()
+        self._schema: pa.Schema | None = None
 
     def update_row(self, module: str, rank: int, alpha: float, fin: int, fout: int, a: Any, b: Any) -> None:
         h = self._h
@@ -432,6 +433,13 @@ class CardDigest:
             h.update(mv)
 
     def update_batch(self, batch: pa.RecordBatch) -> None:
+        """Check one received batch (schema, structure) and hash its rows."""
+        if self._schema is None:
+            self._schema = card_schema(self._dtype.decode())
+        if not batch.schema.equals(self._schema, check_metadata=False):
+            raise CardError(
+                f"record batch has schema ({_schema_str(batch.schema)}), expected ({_schema_str(self._schema)})"
+            )
         for m in _batch_rows(batch, self._dtype.decode()):
             self.update_row(m.module, m.rank, m.alpha, m.in_features, m.out_features, _c(m.a), _c(m.b))
 

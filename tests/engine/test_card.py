@@ -517,3 +517,5 @@ def test_batches_from_a_peer_are_validated_before_use() -> None:
     other = pa.record_batch([pa.array(["x"])], names=["module"])
     with pytest.raises(CardError, match="schema"):
         LoRACard(card.header, [other])
+    with pytest.raises(CardError, match="schema"):
+        CardDigest(card.header, 1).update_batch(other)
