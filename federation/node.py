@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from engine.card import LoRACard
 from engine.errors import ConfigError, EngineError, LoraflightError, PeerError, TrustError
 
-from .config import NodeConfig, resolve_keys
+from .config import NodeConfig, parse_hostport, resolve_keys
 from .discovery import Discovery, interface_addresses, resolve_dns
 from .identity import NodeIdentity
 from .metrics import NodeMetrics
@@ -384,8 +384,6 @@ class Node:
             if cfg.discovery.dns and now >= next_dns:
                 next_dns = now + cfg.intervals.dns
                 for entry in cfg.discovery.dns:
-                    from .config import parse_hostport
-
                     hp = parse_hostport(entry, "discovery.dns", [])
                     if hp is not None:
                         uris = [
@@ -512,8 +510,14 @@ class Node:
     # ------------------------------------------------------------------ catalog changes
 
     def _on_store_event(self, event: str, entry: CatalogEntry) -> None:
+        """Runs in the thread that committed the change: send the news now, do the rest later."""
         if event == "added":
             self._arrived[entry.digest] = time.time()
+        if self.store is not None and not self._stop.is_set():
+            epoch = self.store.epoch
+            if self.discovery is not None:
+                self.discovery.update_epoch(epoch)  # non-blocking: runs on the mDNS loop
+            self._notify_peers(epoch)  # non-blocking: runs on the I/O pool
         self._events.put((event, entry))
 
     def _events_loop(self) -> None:
@@ -548,11 +552,6 @@ class Node:
 
     def _handle(self, event: str, entry: CatalogEntry) -> None:
         assert self.store is not None
-        epoch = self.store.epoch
-        # News first: peers start pulling while this node still loads.
-        if self.discovery is not None:
-            self.discovery.update_epoch(epoch)
-        self._notify_peers(epoch)
         self._update_gauges()
         if event == "added":
             log.info("card %s (%s…) added from %s", entry.ref, entry.digest[:12], entry.source or "local")
