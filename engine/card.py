@@ -715,6 +715,12 @@ class LoRACard:
         buf = _map_file(p)
         size = buf.size
         base = buf.address
+        compressed = _compressed_batch(memoryview(buf))
+        if compressed is not None:
+            raise CardError(
+                f"{p}: record batch {compressed} is compressed; cards are uncompressed Arrow IPC files "
+                "(a compressed body would be inflated into memory instead of mapped)"
+            )
         try:
             reader = pa.ipc.open_file(pa.BufferReader(buf))
             schema = reader.schema
@@ -1092,6 +1098,71 @@ def _to_batches(mods: Sequence[ModuleLoRA], header: CardHeader) -> list[pa.Recor
             )
         batches.append(pa.record_batch(cols, schema=schema))
     return batches
+
+
+# --------------------------------------------------------------------------- IPC pre-check
+# A compressed record batch makes Arrow allocate the uncompressed size its body claims before it
+# decompresses (a few kB of zstd can claim gigabytes), so compression is refused by reading the
+# footer and each batch's message header (FlatBuffers, format/File.fbs and Message.fbs) before
+# Arrow touches a body. Anything this walk cannot parse is left to Arrow, which then reports it.
+
+_FB_MAX_BATCHES = MAX_ROWS
+
+
+def _fb_table(mv: memoryview, pos: int) -> tuple[int, int, int]:
+    """(table position, vtable position, vtable size) of the table at `pos`."""
+    vt = pos - struct.unpack_from("<i", mv, pos)[0]
+    (vt_size,) = struct.unpack_from("<H", mv, vt)
+    return pos, vt, vt_size
+
+
+def _fb_field(mv: memoryview, table: tuple[int, int, int], index: int) -> int | None:
+    """Position of field `index` of a table, or None when absent."""
+    pos, vt, vt_size = table
+    slot = 4 + 2 * index
+    if slot + 2 > vt_size:
+        return None
+    (off,) = struct.unpack_from("<H", mv, vt + slot)
+    return pos + off if off else None
+
+
+def _fb_deref(mv: memoryview, pos: int) -> int:
+    return pos + struct.unpack_from("<I", mv, pos)[0]
+
+
+def _compressed_batch(mv: memoryview) -> int | None:
+    """Index of the first record batch whose message declares body compression, if any."""
+    try:
+        n = len(mv)
+        (footer_len,) = struct.unpack_from("<i", mv, n - 10)
+        start = n - 10 - footer_len
+        if footer_len <= 0 or start < 8:
+            return None
+        footer = mv[start : n - 10]
+        root = _fb_table(footer, _fb_deref(footer, 0))
+        batches_at = _fb_field(footer, root, 3)  # Footer.recordBatches: [Block]
+        if batches_at is None:
+            return None
+        vec = _fb_deref(footer, batches_at)
+        (count,) = struct.unpack_from("<I", footer, vec)
+        for i in range(min(count, _FB_MAX_BATCHES)):
+            offset, meta_len, _pad, _body = struct.unpack_from("<qiiq", footer, vec + 4 + 24 * i)
+            if offset < 0 or meta_len <= 0 or offset + meta_len > n:
+                return None
+            msg = mv[offset : offset + meta_len]
+            head = 8 if struct.unpack_from("<I", msg, 0)[0] == 0xFFFFFFFF else 4
+            fb = msg[head:]
+            message = _fb_table(fb, _fb_deref(fb, 0))
+            htype = _fb_field(fb, message, 1)  # Message.header_type
+            header = _fb_field(fb, message, 2)  # Message.header
+            if htype is None or header is None or fb[htype] != 3:  # 3 = RecordBatch
+                continue
+            batch = _fb_table(fb, _fb_deref(fb, header))
+            if _fb_field(fb, batch, 3) is not None:  # RecordBatch.compression
+                return i
+    except (struct.error, IndexError, ValueError):
+        return None
+    return None
 
 
 def _map_file(p: Path) -> pa.Buffer:

@@ -519,3 +519,22 @@ def test_batches_from_a_peer_are_validated_before_use() -> None:
         LoRACard(card.header, [other])
     with pytest.raises(CardError, match="schema"):
         CardDigest(card.header, 1).update_batch(other)
+
+
+def test_compression_bomb_refused_before_inflating(tmp_path: Path) -> None:
+    """A zstd-compressed card of zeros is tiny on disk; opening must refuse it without inflating it."""
+    zeros = np.zeros((16, 1 << 18), np.float32)  # 16 MiB of zeros
+    card = LoRACard.build([ModuleLoRA("m.z", 16, 1.0, zeros, np.zeros((1, 16), np.float32))], name="bomb")
+    path = tmp_path / "bomb.lora.arrow"
+    with (
+        pa.OSFile(str(path), "wb") as f,
+        pa.ipc.new_file(f, card.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w,
+    ):
+        for b in card.batches:
+            w.write_batch(b)
+    del card, zeros
+    assert path.stat().st_size < 100_000
+    before = pa.total_allocated_bytes()
+    with pytest.raises(CardError, match="compressed"):
+        LoRACard.open(path)
+    assert pa.total_allocated_bytes() - before == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = int(os.environ.get("LORAFLIGHT_FUZZ_CASES", "6000"))
+CASES = int(os.environ.get("LORAFLIGHT_FUZZ_CASES", "10000"))
 
 
 def _run(tmp_path: Path, cases: int, seed: int) -> dict:
