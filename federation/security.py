@@ -169,8 +169,13 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         return AuthMiddleware(can_read, can_write, proto)
 
 
-def require_write(context: Any, what: str) -> None:
+def require_write(context: Any, what: str, writable: bool = True) -> None:
     """Raise AuthError unless the call carried a valid write token."""
+    if not writable:
+        raise AuthError(
+            f"{what} is refused: this node has no write tokens, so it accepts no writes (denied); "
+            "start it with --token-file to allow publishing"
+        )
     mw = context.get_middleware("auth")
     if mw is None or not mw.can_write:
         raise AuthError(f"{what} needs a valid write token; none or a read-only one was sent (denied)")

@@ -309,7 +309,7 @@ class CardServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        require_write(context, "publishing a card (do_put)")
+        require_write(context, "publishing a card (do_put)", bool(self._write_tokens))
         rows: int | None = None
         if descriptor.descriptor_type == flight.DescriptorType.CMD:
             cmd = parse_json_body(descriptor.command, "do_put command")
@@ -381,7 +381,7 @@ class CardServer(flight.FlightServerBase):
                     log.exception("on_notify callback failed for %s", peer)
             body = {"ok": True, "epoch": self.store.epoch}
         elif kind == ACTION_DELETE:
-            require_write(context, "deleting a card")
+            require_write(context, "deleting a card", bool(self._write_tokens))
             req = parse_json_body(action.body.to_pybytes() if action.body else b"", "delete")
             digest = req.get("digest")
             if not isinstance(digest, str):

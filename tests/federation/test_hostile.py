@@ -207,3 +207,15 @@ def test_publish_to_signed_node_checks_trust_before_storing(make_store, make_ser
         assert snapshot(s)[1:] == before[1:]
         # publishing the same card again is a no-op
         assert c.publish(make_card("p", 1, key=owner)) and snapshot(s)[1:] == before[1:]
+
+
+def test_node_without_write_tokens_accepts_no_writes(make_store, make_server):
+    s = make_store()
+    srv = make_server(s)
+    for token in (None, "anything"):
+        with (
+            Client(srv.location, token=token, retries=0) as c,
+            pytest.raises(AuthError, match="accepts no writes"),
+        ):
+            c.publish(make_card("w", 1))
+    assert len(s) == 0 and list(s.tmp_dir.iterdir()) == []
