@@ -276,3 +276,37 @@ def test_get_pattern_key_matches_peft() -> None:
         "model.layers.0.mlp.down_proj",
     ]:
         assert get_pattern_key(keys, name) == peft_key(keys, name)
+
+
+def test_fp16_adapter_round_trips(tmp_path: Path) -> None:
+    src = _save(
+        tmp_path, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    st = src / "adapter_model.safetensors"
+    half = {k: v.half() for k, v in load_file(str(st)).items()}
+    save_file(half, str(st), metadata={"format": "pt"})
+    card = from_peft(src, name="half")
+    assert card.dtype == "float16" and all(m.alpha == 16.0 for m in card)
+    to_peft(card, tmp_path / "out")
+    back = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert back.keys() == half.keys()
+    for k, v in half.items():
+        assert back[k].dtype == torch.float16 and torch.equal(_bits(back[k]), _bits(v))
+    model = PeftModel.from_pretrained(_llama().half(), tmp_path / "out", autocast_adapter_dtype=False)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float16
+    assert torch.equal(
+        _bits(layer.lora_A["default"].weight.detach()),
+        _bits(half["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]),
+    )
+
+
+def test_mixed_dtypes_refused(tmp_path: Path) -> None:
+    src = _save(tmp_path, LoraConfig(r=4, target_modules=["q_proj"]))
+    st = src / "adapter_model.safetensors"
+    tensors = load_file(str(st))
+    k = next(iter(tensors))
+    tensors[k] = tensors[k].half()
+    save_file(tensors, str(st))
+    with pytest.raises(CardError, match="mixes dtypes"):
+        from_peft(src)
