@@ -331,9 +331,9 @@ class Engine:
                     f"model{f' ({hdr.base_model})' if hdr.base_model else ''}"
                 )
         if problems:
+            shown = problems if len(problems) <= 12 else [*problems[:12], f"… and {len(problems) - 12} more"]
             raise EngineError(
-                f"card {card.ref} does not fit the model; nothing was changed:\n  - "
-                + "\n  - ".join(problems)
+                f"card {card.ref} does not fit the model; nothing was changed:\n  - " + "\n  - ".join(shown)
             )
         return _Plan(mapping, targets)
 
