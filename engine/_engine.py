@@ -54,8 +54,8 @@ from torch import nn
 
 from ._lora import Delta, LoRALinear, RowPlan, Shared, Slot, Snapshot, merged_weight
 from ._torchio import TORCH_DTYPES, card_tensors, dtype_name
-from .card import LoRACard, base_fingerprint
-from .errors import CardError, EngineError, LoraflightError
+from .card import LoRACard, _verify_signature, base_fingerprint
+from .errors import CardError, EngineError, LoraflightError, TrustError
 
 log = logging.getLogger(__name__)
 
@@ -378,11 +378,18 @@ class Engine:
     def _prepare(self, card: LoRACard, plan: _Plan, trusted: list[str] | None) -> dict[str, Delta]:
         """Verify the card (in a helper thread when big) while copying its tensors to their layers."""
         errors: list[BaseException] = []
-        memo = _verified_key(card) if trusted is None else None
+        memo = _verified_key(card)
 
         def verify() -> None:
             if memo is not None and _VERIFIED.get(memo) is not None:
-                return  # this very file (or object) passed verify() before and has not changed
+                # this very file (or object) passed verify() before and has not changed:
+                # values and digest stand; only the (cheap) signature and trust are checked
+                try:
+                    if trusted is not None:
+                        _check_trust(card, trusted)
+                except LoraflightError as e:
+                    errors.append(e)
+                return
             try:
                 card.verify(trusted=trusted)
                 if memo is not None:
@@ -707,7 +714,8 @@ class Engine:
 
 # Cards that passed verify(): a card file is immutable once written (writers replace it by
 # rename), so (path, device, inode, size, mtime, ctime, digest) identifies verified bytes;
-# an in-memory card is remembered by identity. Bounded; loads with trust= always verify.
+# an in-memory card is remembered by identity. Bounded. A memo hit with trust= still checks
+# the signature against the trusted keys (an Ed25519 verify, no hashing of tensors).
 _VERIFIED: collections.OrderedDict[Any, bool] = collections.OrderedDict()
 _VERIFIED_LOCK = threading.Lock()
 _VERIFIED_MAX = 4096
@@ -730,6 +738,19 @@ def _verified_key(card: LoRACard) -> Any:
         st.st_ctime_ns,
         card.digest,
     )
+
+
+def _check_trust(card: LoRACard, trusted: list[str]) -> None:
+    """The trust half of LoRACard.verify, for a card whose digest is already established."""
+    hdr = card.header
+    if hdr.signature is None:
+        raise TrustError(f"{card.ref} is unsigned, but a signature by a trusted key is required")
+    _verify_signature(hdr)
+    if hdr.signer_key not in trusted and hdr.signer not in trusted:
+        raise TrustError(
+            f"{card.ref} is signed by {hdr.signer}, which is not a trusted key; "
+            "add its public key with 'loraflight trust add' if you trust it"
+        )
 
 
 def _remember_verified(key: Any) -> None:

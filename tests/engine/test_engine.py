@@ -322,7 +322,7 @@ def test_errors_leave_model_untouched():
     assert_pristine(model, sd, mods)
 
 
-def test_trust_requires_signature_by_trusted_key():
+def test_trust_requires_signature_by_trusted_key(tmp_path):
     model = make_mlp()
     eng = Engine(model)
     key, other = generate(), generate()
@@ -332,6 +332,14 @@ def test_trust_requires_signature_by_trusted_key():
     with pytest.raises(TrustError):
         eng.load(make_card(model, "u"), trust=[public_key_b64(key.public_key())])
     assert eng.load(card, trust=[public_key_b64(key.public_key())]) == "s"
+    eng.unload()
+    # from a file: the second load hits the verified-file memo and still checks trust
+    path = card.write(tmp_path / "s.lora.arrow")
+    eng.load(path, trust=[public_key_b64(key.public_key())])
+    eng.unload()
+    with pytest.raises(TrustError):
+        eng.load(path, trust=[public_key_b64(other.public_key())])
+    eng.load(path, trust=[public_key_b64(key.public_key())])
 
 
 def test_prefix_mapping_rules():
