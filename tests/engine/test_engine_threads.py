@@ -184,3 +184,31 @@ def test_without_a_snapshot_the_check_catches_torn_forwards():
         if torn:
             break
     assert torn > 0
+
+
+def test_concurrent_changes_from_several_threads_stay_consistent():
+    model = make_model()
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    eng = Engine(model)
+    errors: list[BaseException] = []
+
+    def churn(c: LoRACard, name: str) -> None:
+        try:
+            for _ in range(20):
+                eng.load(c, name=name)
+                with torch.no_grad():
+                    model(X)
+                eng.unload(name)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(c, n)) for c, n in ((A1, "x"), (A2, "y"), (B, "z"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert eng.adapters == {}
+    assert all(isinstance(m, (nn.Linear, nn.Tanh)) for m in model)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in pristine.items())
