@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import re
+import shutil
 import struct
 import tempfile
 from collections import Counter
@@ -497,10 +498,23 @@ def to_peft(card: LoRACard, directory: str | os.PathLike[str], *, verify: bool =
         tensors[f"{KEY_PREFIX}{m.module}.lora_A.weight"] = (st_dtype, m.a)
         tensors[f"{KEY_PREFIX}{m.module}.lora_B.weight"] = (st_dtype, m.b)
     cfg = peft_config_for(card)
-    d.mkdir(parents=True, exist_ok=True)
-    write_safetensors(d / WEIGHTS_NAME, tensors, {"format": "pt"})
     text = json.dumps(json.loads(canonical_json(cfg)), indent=2, sort_keys=True) + "\n"
-    _atomic_write(d / CONFIG_NAME, lambda f: f.write(text.encode()))
+    if d.exists():  # each file replaced atomically
+        write_safetensors(d / WEIGHTS_NAME, tensors, {"format": "pt"})
+        _atomic_write(d / CONFIG_NAME, lambda f: f.write(text.encode()))
+        return d
+    # a new folder appears whole or not at all: built beside it, then renamed into place
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-peft-", dir=d.parent))
+    try:
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
+        _atomic_write(tmp / CONFIG_NAME, lambda f: f.write(text.encode()))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, d)
+        fsync_dir(d.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return d
 
 
