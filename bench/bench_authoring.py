@@ -10,7 +10,7 @@ alternation (A B A B) after warm-up; figures are medians.
                vs SentenceTransformer.encode + util.semantic_search; top-1 accuracy of both,
                and of the built-in HashingEmbedder (the baseline MiniLM must beat)
 
-    python -m bench authoring [--repeats 5] [--warmup 1] [--steps 10]
+    python -m bench authoring [--repeats 5] [--warmup 1] [--steps 10] [--only train|route]
 """
 
 from __future__ import annotations
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=("train", "route"), help="run one half")
     args = ap.parse_args(argv)
     import peft
     import sentence_transformers
@@ -191,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     torch.set_num_threads(args.threads)
-    rows = bench_train(args.steps, args.repeats, args.warmup) + bench_route(args.repeats, args.warmup)
+    rows = []
+    if args.only in (None, "train"):
+        rows += bench_train(args.steps, args.repeats, args.warmup)
+    if args.only in (None, "route"):
+        rows += bench_route(args.repeats, args.warmup)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
         f"sentence-transformers {sentence_transformers.__version__}; nproc {os.cpu_count()}, "
