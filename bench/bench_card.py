@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dir", type=Path, default=None, help="where to write the two files (default: a temp dir)"
     )
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
     args = ap.parse_args(argv)
 
     import torch
