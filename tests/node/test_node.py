@@ -221,3 +221,20 @@ def test_daemon_sigterm_exits_zero(tmp_path: Path, fleet: str) -> None:
         [cmd[0], "status", "--uri", uri, "--quiet", "--timeout", "2"], capture_output=True, timeout=60
     )
     assert q.returncode == 1 and q.stderr.startswith(b"error:")
+
+
+def test_dns_peer_name_resolves_to_a_node(tmp_path: Path, fleet: str, signer) -> None:
+    key, pub = signer
+    c1 = node_config(tmp_path / "n1", fleet, **{"discovery.enabled": False, "trust.keys": [pub]})
+    with Node(c1) as n1:
+        port = n1.port
+        c2 = node_config(
+            tmp_path / "n2",
+            fleet,
+            **{"discovery.enabled": False, "discovery.dns": [f"localhost:{port}"], "trust.keys": [pub]},
+        )
+        with Node(c2) as n2:
+            wait_for(lambda: [p.node_id for p in n2.peers.live()] == [n1.node_id], what="the DNS peer")
+            assert any(s.startswith("dns:") for s in n2.peers.live()[0].sources)
+            n1.store.add(tiny_card("skill", 1, key=key), published=True)
+            wait_for(lambda: any(e.name == "skill" for e in n2.store.list()), what="skill synced over a DNS peer")
