@@ -18,7 +18,11 @@ def test_demo_runs_and_the_skill_reaches_every_node(tmp_path: Path) -> None:
     exe = str(Path(sys.executable).with_name("loraflight"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
     r = subprocess.run(
-        [exe, "demo", "--json", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=400, env=env
+        [exe, "demo", "--json", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-4000:] + r.stdout[-4000:]
     out = r.stdout
@@ -32,6 +36,8 @@ def test_demo_runs_and_the_skill_reaches_every_node(tmp_path: Path) -> None:
     assert before[0] == before[1] == before[2]  # the same base model everywhere
     assert after[0] == pytest.approx(after[1], abs=1e-6) and after[0] == pytest.approx(after[2], abs=1e-6)
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
-    assert all(loaded == {"ops-runbook": {"version": 1, "digest": result["digest"]}} for loaded in result["loaded"])
+    assert all(
+        loaded == {"ops-runbook": {"version": 1, "digest": result["digest"]}} for loaded in result["loaded"]
+    )
     assert result["propagation_s"] > 0
     assert "held-out margin before" in out and "nodes stopped cleanly" in out

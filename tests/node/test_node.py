@@ -237,4 +237,6 @@ def test_dns_peer_name_resolves_to_a_node(tmp_path: Path, fleet: str, signer) ->
             wait_for(lambda: [p.node_id for p in n2.peers.live()] == [n1.node_id], what="the DNS peer")
             assert any(s.startswith("dns:") for s in n2.peers.live()[0].sources)
             n1.store.add(tiny_card("skill", 1, key=key), published=True)
-            wait_for(lambda: any(e.name == "skill" for e in n2.store.list()), what="skill synced over a DNS peer")
+            wait_for(
+                lambda: any(e.name == "skill" for e in n2.store.list()), what="skill synced over a DNS peer"
+            )
