@@ -82,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 
     outcomes: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
+    verified: Counter[str] = Counter()
     failures, crashes = [], []
     for r in results:
         outcomes.update(r.get("outcomes", {}))
         kinds.update(r.get("kinds", {}))
+        verified.update(r.get("verified", {}))
         failures += [{**f, "seed": r["seed"]} for f in r.get("failures", [])]
         if "crashed" in r:
             crashes.append(r)
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     random_kinds = {k: v for k, v in kinds.items() if not k.startswith("targeted:")}
     targeted = {k: v for k, v in kinds.items() if k.startswith("targeted:")}
-    print("mutations: " + ", ".join(f"{k} {v}" for k, v in sorted(random_kinds.items())))
+    print("mutations (cases / of which verified intact):")
+    for k, v in sorted(random_kinds.items()):
+        print(f"  {k:<14} {v:>7} / {verified.get(k, 0)}")
     print(f"targeted defects: {len(targeted)} kinds, {sum(targeted.values())} cases")
     for f in failures[:20]:
         print(f"FAIL seed {f['seed']} case {f['case']} {f['kind']}: {f['why'][:300]}")

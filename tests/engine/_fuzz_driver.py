@@ -374,6 +374,9 @@ class Summary:
     cases: int = 0
     outcomes: Counter[str] = dataclasses.field(default_factory=Counter)
     kinds: Counter[str] = dataclasses.field(default_factory=Counter)
+    verified: Counter[str] = dataclasses.field(
+        default_factory=Counter
+    )  # per kind: mutations that changed nothing
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
@@ -383,6 +386,7 @@ class Summary:
                 "cases": self.cases,
                 "outcomes": dict(self.outcomes),
                 "kinds": dict(self.kinds),
+                "verified": dict(self.verified),
                 "failures": self.failures[:20],
                 "failed": len(self.failures),
                 "seconds": round(self.seconds, 2),
@@ -452,6 +456,8 @@ def run(
             s.cases += 1
             s.outcomes[outcome] += 1
             s.kinds[kind] += 1
+            if outcome == "ok":
+                s.verified[kind] += 1
             if why is not None:
                 s.failures.append({"case": i, "kind": kind, "outcome": outcome, "why": why[:2000]})
             if tick is not None:
