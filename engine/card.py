@@ -730,6 +730,18 @@ class LoRACard:
             header = _check_schema(schema)
         except CardError as e:
             raise CardError(f"{p}: {e}") from None
+        # The file repeats the schema (with the header) at its start; Arrow's file reader uses the
+        # footer's copy only. Both must agree, so a flipped bit in either copy is reported.
+        try:
+            leading = pa.ipc.read_schema(buf.slice(8))
+            same = leading.equals(schema, check_metadata=True)
+        except (pa.ArrowException, OSError, ValueError, IndexError):
+            same = False
+        if not same:
+            raise CardError(
+                f"{p}: the schema and header at the start of the file differ from the footer's copy; "
+                "the file is corrupt or was tampered with"
+            )
         n = reader.num_record_batches
         if n > MAX_ROWS:
             raise CardError(f"{p}: footer lists {n} record batches; the limit is {MAX_ROWS}")

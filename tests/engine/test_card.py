@@ -538,3 +538,18 @@ def test_compression_bomb_refused_before_inflating(tmp_path: Path) -> None:
     with pytest.raises(CardError, match="compressed"):
         LoRACard.open(path)
     assert pa.total_allocated_bytes() - before == 0
+
+
+def test_either_copy_of_the_header_is_checked(tmp_path: Path) -> None:
+    """The file holds the schema and header twice (start and footer); a change to either is caught."""
+    data = LoRACard.build(_mods(), name="twice", description="abc").to_bytes()
+    needle = b'"description":"abc"'
+    first, last = data.find(needle), data.rfind(needle)
+    assert 0 < first < last
+    for pos in (first, last):
+        bad = bytearray(data)
+        bad[pos + len(needle) - 2] ^= 0x01  # "abc" -> "abb"
+        p = tmp_path / "t.lora.arrow"
+        p.write_bytes(bytes(bad))
+        with pytest.raises(CardError, match="differ from the footer|digest mismatch"):
+            LoRACard.open(p).verify()
