@@ -120,10 +120,14 @@ def _mesh(lab: Any, hosts: list[int]) -> dict[int, str]:
 
 
 def _stop_all(lab: Any) -> None:
+    """Stop every node and wipe the hosts' stores, so the next round starts from empty stores."""
+    import shutil
     import signal
 
     for i in list(lab.procs):
         lab.stop_node(i, signal.SIGTERM)
+    for i in lab.hosts:
+        shutil.rmtree(lab.workdir / f"h{i}", ignore_errors=True)
 
 
 def bench_skill(lab: Any, n: int, repeats: int, key: Any, pub: str, cards: list[Any]) -> dict[str, Any]:
