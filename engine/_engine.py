@@ -585,16 +585,25 @@ class Engine:
                 params[m] = nn.Parameter(mw, requires_grad=False)
             merged_cache[m] = (ident, params[m])
 
+        # per module: each adapter's deltas there (lineage parents first); work ∝ loaded deltas
+        per_module: dict[str, dict[str, tuple[Delta, ...]]] = {m: {} for m in wrappers}
+        for n in cand:
+            chain = eff[n]
+            if len(chain) == 1:
+                for m, d in cand[n].deltas.items():
+                    per_module[m][n] = (d,)
+                continue
+            touched = dict.fromkeys(m for x in chain for m in cand[x].deltas)
+            for m in touched:
+                per_module[m][n] = tuple(cand[x].deltas[m] for x in chain if m in cand[x].deltas)
+        active_by_module: dict[str, list[Delta]] = {m: [] for m in wrappers}
+        for n in unmerged:
+            for m, d in cand[n].deltas.items():
+                active_by_module[m].append(d)
         slots: dict[int, Slot] = {}
         for m, w in wrappers.items():
-            per_adapter = {}
-            for n in cand:
-                pds = tuple(cand[x].deltas[m] for x in eff[n] if m in cand[x].deltas)
-                if pds:
-                    per_adapter[n] = pds
-            active_ds = tuple(cand[n].deltas[m] for n in unmerged if m in cand[n].deltas)
             weight = params.get(m, w.base_layer.weight)
-            slots[w.key] = Slot(weight, w.base_layer.bias, active_ds, per_adapter)  # type: ignore[arg-type]
+            slots[w.key] = Slot(weight, w.base_layer.bias, tuple(active_by_module[m]), per_module[m])  # type: ignore[arg-type]
         snap = Snapshot(slots=slots, merged=bool(params), names=frozenset(cand))
 
         # ---- commit: nothing below can fail on bad input
