@@ -551,5 +551,5 @@ def test_either_copy_of_the_header_is_checked(tmp_path: Path) -> None:
         bad[pos + len(needle) - 2] ^= 0x01  # "abc" -> "abb"
         p = tmp_path / "t.lora.arrow"
         p.write_bytes(bytes(bad))
-        with pytest.raises(CardError, match="differ from the footer|digest mismatch"):
+        with pytest.raises(CardError, match=r"differ from the footer|digest mismatch"):
             LoRACard.open(p).verify()
