@@ -76,3 +76,20 @@ def test_driver_reports_a_failure(tmp_path: Path) -> None:
     assert _check("t", "ok", "", "digest", True) is not None
     assert _check("t", "CardError", "... digest mismatch ...", "digest|NaN", True) is None
     assert _check("t", "ok", "", None, False) is None
+
+
+def test_bench_fuzz_command_runs(tmp_path: Path) -> None:
+    """The 100,000-case command (`python -m bench fuzz`) works, here at a small scale."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "fuzz", "--cases", "300", "--chunk", "150"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| failures (wrong exception, hang, or defect not named) | 0 |" in proc.stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "bench"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert listing.returncode == 0 and "bench_card" in listing.stdout and "fuzz_cards" in listing.stdout
