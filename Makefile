@@ -34,5 +34,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+fuzz: $(STAMP)
+	$(PY) -m bench fuzz --cases 100000
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
