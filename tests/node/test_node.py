@@ -240,3 +240,25 @@ def test_dns_peer_name_resolves_to_a_node(tmp_path: Path, fleet: str, signer) ->
             wait_for(
                 lambda: any(e.name == "skill" for e in n2.store.list()), what="skill synced over a DNS peer"
             )
+
+
+def test_status_and_peers_commands_talk_to_a_running_node(tmp_path: Path, fleet: str) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from federation.cli import _register, app
+
+    _register()
+    c1 = node_config(tmp_path / "n1", fleet, **{"discovery.enabled": False})
+    with Node(c1) as n1:
+        c2 = node_config(tmp_path / "n2", fleet, **{"discovery.enabled": False, "discovery.peers": [n1.uri]})
+        with Node(c2) as n2:
+            wait_for(lambda: n2.peers.live(), what="n2 to reach n1")
+            r = CliRunner().invoke(app, ["peers", "--uri", n2.uri, "--json"], catch_exceptions=False)
+            assert r.exit_code == 0, r.output
+            assert [p["node_id"] for p in json.loads(r.stdout)] == [n1.node_id]
+            r = CliRunner().invoke(
+                app, ["status", "--uri", n2.uri], env={"COLUMNS": "200"}, catch_exceptions=False
+            )
+            assert r.exit_code == 0 and n2.node_id in r.stdout and n1.node_id in r.stdout
