@@ -262,3 +262,40 @@ def test_status_and_peers_commands_talk_to_a_running_node(tmp_path: Path, fleet:
                 app, ["status", "--uri", n2.uri], env={"COLUMNS": "200"}, catch_exceptions=False
             )
             assert r.exit_code == 0 and n2.node_id in r.stdout and n1.node_id in r.stdout
+
+
+def test_pair_over_mutual_tls(tmp_path: Path, fleet: str, signer) -> None:
+    from tests.federation.helpers import make_ca
+
+    key, pub = signer
+    pki = make_ca(tmp_path)
+    tls = {
+        "tls.cert": str(pki["server_cert"]),
+        "tls.key": str(pki["server_key"]),
+        "tls.ca": str(pki["ca"]),
+        "tls.client_cert": str(pki["client_cert"]),
+        "tls.client_key": str(pki["client_key"]),
+        "tls.verify_client": True,
+    }
+    c1 = node_config(tmp_path / "n1", fleet, **{"discovery.enabled": False, "trust.keys": [pub], **tls})
+    with Node(c1) as n1:
+        assert n1.uri.startswith("grpc+tls://")
+        c2 = node_config(
+            tmp_path / "n2",
+            fleet,
+            **{"discovery.enabled": False, "discovery.peers": [n1.uri], "trust.keys": [pub], **tls},
+        )
+        with Node(c2) as n2:
+            wait_for(lambda: n2.peers.live() and n1.peers.live(), what="the TLS pair to meet")
+            n1.store.add(tiny_card("skill", 1, key=key), published=True)
+            wait_for(lambda: any(e.name == "skill" for e in n2.store.list()), what="skill over mutual TLS")
+            # A node without a client certificate is refused by both: never becomes their peer.
+            no_cert = {k: v for k, v in tls.items() if not k.startswith("tls.client")}
+            c3 = node_config(
+                tmp_path / "n3", fleet, **{"discovery.enabled": False, "discovery.peers": [n1.uri], **no_cert}
+            )
+            with Node(c3) as n3:
+                (peer,) = wait_for(
+                    lambda: [p for p in n3.peers.all() if p.failures >= 1], what="a refused call"
+                )
+                assert peer.state != "live" and not n3.store.list()
