@@ -350,16 +350,25 @@ class Node:
     # ------------------------------------------------------------------ peers
 
     def _on_peer_event(self, event: str, peer: Peer) -> None:
+        """Peer table events; may run on the mDNS loop, so nothing here blocks (no store I/O)."""
         if event in ("added", "back", "epoch"):
             self._mark_dirty(peer.key, event)
-        if event in ("added", "back") and self.store is not None:
-            # Say hello: a peer that knows us only from our call learns our address too.
-            self._notify_peers(self.store.epoch, [peer])
         if event in ("added", "dropped", "removed", "back"):
             log.info("peer %s %s (%s)", peer.key, event, peer.uri or ",".join(peer.uris))
             self._wake_peers.set()  # confirm a new peer with a health call at once
-            self._update_gauges()
-            self._status_soon()
+            self._in_pool(self._after_peer_change, peer if event in ("added", "back") else None)
+
+    def _after_peer_change(self, hello_to: Peer | None) -> None:
+        if hello_to is not None and self.store is not None:
+            # Say hello: a peer that knows us only from our call learns our address too.
+            self._notify_peers(self.store.epoch, [hello_to])
+        self._update_gauges()
+        self.write_status()
+
+    def _in_pool(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._pool is not None:
+            with contextlib.suppress(RuntimeError):  # pool shut down while stopping
+                self._pool.submit(fn, *args)
 
     def _on_notify(self, peer_uri: str) -> None:
         """A peer's catalog changed (Flight `notify`): sync from it now (runs on a server thread)."""
@@ -729,11 +738,6 @@ class Node:
             "sync_rounds": self.sync_rounds,
             "time": time.time(),
         }
-
-    def _status_soon(self) -> None:
-        if self.config.status_file and self._pool is not None:
-            with contextlib.suppress(RuntimeError):
-                self._pool.submit(self.write_status)
 
     def write_status(self) -> None:
         """Atomically rewrite the status file (when configured)."""
