@@ -136,6 +136,8 @@ class Node:
         self._pool: ThreadPoolExecutor | None = None
         self._loaded: dict[str, tuple[int, str]] = {}  # name -> (version, digest)
         self._load_lock = threading.Lock()
+        # children whose lineage parents have not reached the store yet: digest -> entry
+        self._awaiting_parents: dict[str, CatalogEntry] = {}
         self._status_lock = threading.Lock()
         self._unsubscribe: Callable[[], None] | None = None
         self._started = False
@@ -567,6 +569,7 @@ class Node:
             self._callback(self.on_card_added, entry)
             self._hot_load(entry)
             self._export(entry)
+            self._retry_awaiting_parents()
         elif event == "removed":
             log.info("card %s removed", entry.ref)
             self._unload(entry)
@@ -641,11 +644,24 @@ class Node:
             if why:
                 log.info("not loading %s: %s", entry.ref, why)
                 return
+            store = self.store
+            missing = [d for d in entry.header.lineage if not store.entry_exists(d)]
+            if missing:
+                # The sync planner fetches parents with their child, but they may commit after
+                # it: load the child once every parent is in the store.
+                log.info("%s waits for lineage parent(s) %s", entry.ref, ", ".join(d[:12] for d in missing))
+                self._awaiting_parents[entry.digest] = entry
+                return
+            self._awaiting_parents.pop(entry.digest, None)
             t0 = time.perf_counter()
             try:
-                card = LoRACard.open(self.store.path_of(entry.digest))
+                card = LoRACard.open(store.path_of(entry.digest))
                 trust = self._engine_keys if self.config.trust.engine == "signed" else None
-                self.engine.load(card, trust=trust)
+                self.engine.load(
+                    card,
+                    trust=trust,
+                    resolver=lambda d: store.path_of(d) if store.entry_exists(d) else None,
+                )
                 self.store.pin(entry.digest)
                 old = self._loaded.get(entry.name)
                 if old is not None:
@@ -667,7 +683,16 @@ class Node:
         self._update_gauges()
         self._callback(self.on_card_loaded, entry)
 
+    def _retry_awaiting_parents(self) -> None:
+        """Load children that were waiting for a lineage parent now in the store."""
+        if not self._awaiting_parents or self.store is None:
+            return
+        for entry in list(self._awaiting_parents.values()):
+            if all(self.store.entry_exists(d) for d in entry.header.lineage):
+                self._hot_load(entry)
+
     def _unload(self, entry: CatalogEntry) -> None:
+        self._awaiting_parents.pop(entry.digest, None)
         if self.engine is None:
             return
         with self._load_lock:

@@ -299,3 +299,24 @@ def test_pair_over_mutual_tls(tmp_path: Path, fleet: str, signer) -> None:
                     lambda: [p for p in n3.peers.all() if p.failures >= 1], what="a refused call"
                 )
                 assert peer.state != "live" and not n3.store.list()
+
+
+def test_child_card_loads_over_its_lineage_parent_whatever_the_arrival_order(
+    tmp_path: Path, fleet: str, signer
+) -> None:
+    from engine.authoring.compose import make_child
+
+    key, pub = signer
+    parent = tiny_card("base-skill", 1, key=key)
+    child = make_child(parent, tiny_card("tone", 1, seed=5), name="tone", key=key)
+    assert child.header.lineage == (parent.digest,)
+    cfg = node_config(tmp_path / "n", fleet, **{"discovery.enabled": False, "trust.keys": [pub]})
+    eng = _engine()
+    with Node(cfg, engine=eng) as n:
+        n.store.add(child)  # the child commits first: it must wait for its parent, not fail for good
+        assert n.wait_idle()
+        assert "tone" not in n.loaded()
+        n.store.add(parent)
+        wait_for(lambda: {"tone", "base-skill"} <= set(n.loaded()), what="child loaded over its parent")
+        info = eng.adapters["tone"]
+        assert info["parents"] == ("base-skill",)
