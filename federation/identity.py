@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import keys
+from engine.errors import StoreError
 
 NODE_ID_LEN = 16
 
@@ -23,10 +24,18 @@ class NodeIdentity:
     def load_or_create(cls, directory: str | os.PathLike[str]) -> NodeIdentity:
         """Load `<dir>/loraflight.key`, creating a new key pair on first start."""
         d = Path(directory)
-        if not (d / keys.PRIVATE_NAME).exists():
-            d.mkdir(parents=True, exist_ok=True)
-            os.chmod(d, 0o700)
-            keys.write_keypair(d)
+        try:
+            if not (d / keys.PRIVATE_NAME).exists():
+                d.mkdir(parents=True, exist_ok=True)
+                os.chmod(d, 0o700)
+                keys.write_keypair(d)
+        except OSError as e:
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(
+                f"cannot create the node identity key in {d}: {e.strerror or e}; "
+                "check that the store directory is a writable directory"
+            ) from None
         priv = keys.load_private(d / keys.PRIVATE_NAME)
         pub = keys.public_key_b64(priv.public_key())
         return cls(priv, pub, node_id_for(pub), d)

@@ -10,6 +10,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engine.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -54,7 +56,13 @@ class NodeMetrics:
         """Serve /metrics over HTTP on its own thread; returns the bound port."""
         from prometheus_client import start_http_server
 
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise ConfigError(
+                f"metrics: cannot serve on {host}:{port}: {e.strerror or e}; choose another metrics.port "
+                "(0: any free port, -1: off) or metrics.host"
+            ) from None
         self.port = int(self._server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", host, self.port)
         return self.port

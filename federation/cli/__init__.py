@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
+    except OSError as e:  # a file or port the user named cannot be used: say which, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        typer.echo(f"error: {e.strerror or e}{where}", err=True)
+        return 1
     except Exception as e:  # click usage errors arrive as ClickException
         import click
 
