@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 LIVE = "live"
 DROPPED = "dropped"
 PENDING = "pending"  # known address, never answered yet
+# Addresses learnt from a `notify` (which anyone who can reach the node may send) that have not
+# answered a health call yet: at most this many wait for confirmation at once.
+MAX_UNCONFIRMED = 64
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,26 @@ class PeerTable:
                 else:
                     holder.sources.add(source)
 
-    def add_address(self, source: str, uri: str) -> Peer:
-        """Add one address (e.g. from a `notify` by an unknown peer) without touching others."""
+    def add_address(self, source: str, uri: str) -> Peer | None:
+        """Add one address (e.g. from a `notify` by an unknown peer) without touching others.
+
+        None when `source` is ephemeral and `MAX_UNCONFIRMED` such addresses already wait for
+        their first health call (a flood of notifies naming made-up peers stays bounded).
+        """
         with self._lock:
             holder = self.find_uri(uri)
             if holder is None:
+                if _ephemeral(source) and self._unconfirmed() >= MAX_UNCONFIRMED:
+                    log.warning("ignoring peer address %s from %s: too many unconfirmed peers", uri, source)
+                    return None
                 return self._merge_uris(None, [uri], source)
             holder.sources.add(source)
             return holder
+
+    def _unconfirmed(self) -> int:
+        return sum(
+            1 for p in self._peers.values() if p.state == PENDING and all(_ephemeral(s) for s in p.sources)
+        )
 
     def _merge_uris(self, node_id: str | None, uris: list[str], source: str) -> Peer:
         key = node_id or f"uri:{uris[0]}"
@@ -219,6 +234,16 @@ class PeerTable:
                 peer = current
             if info is None:
                 peer.failures += 1
+                if (
+                    peer.state == PENDING
+                    and peer.failures >= self.max_failures
+                    and all(_ephemeral(s) for s in peer.sources)
+                ):
+                    # Only a notify named it and it never answered: forget it (a configured
+                    # static or DNS address stays and keeps being probed).
+                    del self._peers[peer.key]
+                    log.info("forgetting %s: it never answered a health call (%s)", peer.key, error)
+                    return
                 if peer.state == LIVE and peer.failures >= self.max_failures:
                     peer.state = DROPPED
                     log.info(
@@ -306,4 +331,4 @@ class PeerTable:
             log.exception("peer event handler failed (%s %s)", event, peer.key)
 
 
-__all__ = ["DROPPED", "LIVE", "PENDING", "Peer", "PeerInfo", "PeerTable"]
+__all__ = ["DROPPED", "LIVE", "MAX_UNCONFIRMED", "PENDING", "Peer", "PeerInfo", "PeerTable"]

@@ -112,3 +112,32 @@ def test_static_and_mdns_entries_of_one_node_fold_into_one_peer() -> None:
     # The DNS name stops resolving to that address: the source leaves, the mDNS peer stays.
     t.set_static("dns:svc", [])
     assert t.get("p1") is not None and "dns:svc" not in t.get("p1").sources
+
+
+def test_notify_addresses_that_never_answer_are_forgotten_static_ones_kept() -> None:
+    events: list[tuple[str, str]] = []
+    clock = Clock()
+    t = _table(events, clock)
+    t.set_static("static", ["grpc://10.0.0.9:1"])
+    t.add_address("notify", "grpc://10.0.0.8:1")
+    for _ in range(3):
+        for peer, _uris in t.due():
+            t.record(peer, None, None, "refused")
+        clock.t += 1.0
+    assert [p.uris for p in t.all()] == [["grpc://10.0.0.9:1"]]  # the notify-only one is gone
+    assert t.all()[0].state == PENDING and events == []
+
+
+def test_notify_flood_of_unknown_addresses_is_bounded() -> None:
+    from federation.peers import MAX_UNCONFIRMED
+
+    t = _table([], Clock())
+    for i in range(MAX_UNCONFIRMED + 50):
+        t.add_address("notify", f"grpc://10.1.{i // 250}.{i % 250}:1")
+    assert len(t.all()) == MAX_UNCONFIRMED
+    t.set_static("static", ["grpc://10.0.0.9:1"])  # configured peers are never crowded out
+    assert len(t.all()) == MAX_UNCONFIRMED + 1
+    # a confirmed peer frees its slot
+    peer, uris = t.due()[0]
+    t.record(peer, uris[0], PeerInfo("n1", "f", 0))
+    assert t.add_address("notify", "grpc://10.2.0.1:1") is not None
