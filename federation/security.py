@@ -127,10 +127,13 @@ def _match(token: str | None, allowed: Iterable[str]) -> bool:
 class AuthMiddleware(flight.ServerMiddleware):
     """Per-call record of what the caller may do; handlers ask `can_write`."""
 
-    def __init__(self, can_read: bool, can_write: bool, peer_protocol: str | None) -> None:
+    def __init__(
+        self, can_read: bool, can_write: bool, peer_protocol: str | None, token: str = "none"
+    ) -> None:
         self.can_read = can_read
         self.can_write = can_write
         self.peer_protocol = peer_protocol
+        self.token = token  # what the caller sent: "none", "write", "read" or "unknown" (matches no token)
 
     def sending_headers(self) -> dict[str, str]:
         return {PROTOCOL_HEADER: PROTOCOL_VERSION}
@@ -159,14 +162,16 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
                 )
             token = value.strip()
         can_write = _match(token, self.write_tokens)
-        can_read = can_write or not self.read_tokens or _match(token, self.read_tokens)
+        is_read = _match(token, self.read_tokens)
+        can_read = can_write or not self.read_tokens or is_read
         if token is not None and not can_write and not can_read:
             raise flight.FlightUnauthenticatedError("[lf:auth] the token is not valid for this node")
         if not can_read:
             raise flight.FlightUnauthenticatedError(
                 "[lf:auth] this node needs a read token for every call; pass --token-file or LORAFLIGHT_TOKEN"
             )
-        return AuthMiddleware(can_read, can_write, proto)
+        kind = "none" if token is None else "write" if can_write else "read" if is_read else "unknown"
+        return AuthMiddleware(can_read, can_write, proto, kind)
 
 
 def require_write(context: Any, what: str, writable: bool = True) -> None:
@@ -177,8 +182,16 @@ def require_write(context: Any, what: str, writable: bool = True) -> None:
             "start it with --token-file to allow publishing"
         )
     mw = context.get_middleware("auth")
-    if mw is None or not mw.can_write:
-        raise AuthError(f"{what} needs a valid write token; none or a read-only one was sent (denied)")
+    if mw is not None and mw.can_write:
+        return
+    sent = mw.token if mw is not None else "none"
+    if sent == "none":
+        why = "no token was sent; pass --token-file or set LORAFLIGHT_TOKEN"
+    elif sent == "read":
+        why = "the token sent is a read-only token of this node"
+    else:
+        why = "the token sent is not one of this node's write tokens; check --token-file or LORAFLIGHT_TOKEN"
+    raise AuthError(f"{what} needs a write token: {why} (denied)")
 
 
 def call_headers(token: str | None) -> list[tuple[bytes, bytes]]:
