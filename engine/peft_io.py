@@ -265,13 +265,26 @@ def check_config(config: Mapping[str, Any]) -> None:
                 f"cannot convert: adapter_config.json sets {k}={config[k]!r}, which this loraflight does not "
                 "understand; refusing rather than dropping it"
             )
-    for key in ("r", "lora_alpha"):
-        v = config.get(key, 8)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise CardError(f"adapter_config.json {key}={v!r} is not a number")
+    _check_number("r", config.get("r", 8), rank=True)
+    _check_number("lora_alpha", config.get("lora_alpha", 8), rank=False)
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
             raise CardError(f"adapter_config.json {key} must be an object")
+        for k, v in pattern.items():
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise CardError(f"adapter_config.json {key} key {k!r} is not a valid pattern: {e}") from None
+            _check_number(f"{key}[{k!r}]", v, rank=key == "rank_pattern")
+
+
+def _check_number(what: str, v: Any, *, rank: bool) -> None:
+    """A rank must be a positive whole number, an alpha a finite number (CardError otherwise)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise CardError(f"adapter_config.json {what}={v!r} is not a number")
+    if rank and (v < 1 or not float(v).is_integer()):
+        raise CardError(f"adapter_config.json {what}={v!r} is not a positive whole number (a LoRA rank)")
 
 
 _REFUSAL_ORDER = ("lora_magnitude_vector", "lora_embedding_", "modules_to_save", ".bias")

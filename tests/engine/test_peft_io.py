@@ -310,3 +310,25 @@ def test_mixed_dtypes_refused(tmp_path: Path) -> None:
     save_file(tensors, str(st))
     with pytest.raises(CardError, match="mixes dtypes"):
         from_peft(src)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"rank_pattern": {"q_proj": "x"}}, "not a number"),
+        ({"rank_pattern": {"q_proj": 4.5}}, "positive whole number"),
+        ({"rank_pattern": {"(": 4}}, "not a valid pattern"),
+        ({"alpha_pattern": {"q_proj": [1]}}, "not a number"),
+        ({"r": 0}, "positive whole number"),
+    ],
+)
+def test_malformed_patterns_give_card_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict, needle: str
+) -> None:
+    src = _save(tmp_path, LoraConfig(r=4, target_modules=["q_proj"]))
+    cfg_path = src / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
+    with pytest.raises(CardError, match=needle):
+        from_peft(src)
+    assert main(["card", "from-peft", str(src), str(tmp_path / "x.lora.arrow")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
