@@ -525,6 +525,8 @@ def validate(cfg: NodeConfig) -> list[str]:
         p.append("listen: grpc+tls:// needs tls.cert and tls.key")
     for a in cfg.advertise:
         ad = parse_uri(a, "advertise", p)
+        if len(a.encode()) > 250:  # the first one travels in the mDNS TXT record (uri=..., ≤ 255 bytes)
+            p.append(f"advertise: {a[:40]!r}... is longer than 250 bytes")
         if ad and ad[0] in ("0.0.0.0", "::"):
             p.append(f"advertise: {a!r} is a wildcard address; peers need a reachable host")
     if not _FLEET_RE.match(cfg.fleet):

@@ -262,13 +262,18 @@ class Discovery:
         self._loop, self._thread = loop, t
         try:
             self._call(self._async_start())
-        except OSError as e:
+        except Exception as e:
+            # Close whatever half-started (the Zeroconf sockets), whatever went wrong.
+            with contextlib.suppress(Exception):
+                self._call(self._async_stop())
+            self._stop_loop()
+            if not isinstance(e, OSError):
+                raise
             log.warning(
                 "mDNS unavailable on %s (%s); falling back to static and DNS peers",
                 ",".join(self.addresses),
                 e,
             )
-            self._stop_loop()
             return False
         self.running = True
         log.info(

@@ -206,3 +206,8 @@ def test_signed_hot_load_without_keys_is_refused() -> None:
         load_config(env={}, flags={"engine.base_model": "tiny:1"})
     cfg = load_config(env={}, flags={"engine.base_model": "tiny:1", "trust.engine": "any"})
     assert cfg.engine.base_model == "tiny:1"
+
+
+def test_advertise_longer_than_a_txt_entry_is_refused() -> None:
+    with pytest.raises(ConfigError, match="advertise: .* longer than 250 bytes"):
+        load_config(env={}, flags={"advertise": ["grpc://" + "a" * 300 + ":1"]})

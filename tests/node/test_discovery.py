@@ -102,3 +102,22 @@ def test_loopback_discovery_update_goodbye_and_fleets() -> None:
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_failed_start_closes_what_it_opened() -> None:
+    """A start that fails half-way (here: a TXT entry too long) leaves no Zeroconf socket open."""
+    import os
+
+    before = len(os.listdir("/proc/self/fd"))
+    d = Discovery(
+        node_id=uuid.uuid4().hex[:16],
+        fleet="f",
+        port=1,
+        proto="1.0",
+        interfaces=["127.0.0.1"],
+        advertise="grpc://" + "a" * 300 + ":1",
+    )
+    with pytest.raises(ValueError, match="longer than 255"):
+        d.start()
+    d.stop()
+    assert len(os.listdir("/proc/self/fd")) == before
