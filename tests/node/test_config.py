@@ -209,5 +209,5 @@ def test_signed_hot_load_without_keys_is_refused() -> None:
 
 
 def test_advertise_longer_than_a_txt_entry_is_refused() -> None:
-    with pytest.raises(ConfigError, match="advertise: .* longer than 250 bytes"):
+    with pytest.raises(ConfigError, match=r"advertise: .* longer than 250 bytes"):
         load_config(env={}, flags={"advertise": ["grpc://" + "a" * 300 + ":1"]})
