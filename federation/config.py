@@ -71,7 +71,9 @@ class TrustConfig:
     keys: list[str] = _f(
         [], "trusted signing keys: base64 Ed25519 public keys or paths to .pub files", flag="--trust-key"
     )
-    engine: str = _f("signed", "what the node hot-loads: 'signed' (by a key in engine_keys/keys) or 'any'")
+    engine: str = _f(
+        "signed", "what the node hot-loads and exports: 'signed' (by a key in engine_keys/keys) or 'any'"
+    )
     engine_keys: list[str] = _f(
         [], "keys trusted for hot-loading (empty: the same as trust.keys)", flag="--engine-trust-key"
     )
@@ -146,7 +148,9 @@ class NodeConfig:
     listen: str = _f(f"grpc://0.0.0.0:{DEFAULT_PORT}", "Flight address to listen on (port 0: any free port)")
     advertise: list[str] = _f([], "addresses peers should use (empty: derived from listen and interfaces)")
     fleet: str = _f("default", "fleet id: nodes sync only with peers of the same fleet")
-    export_dir: str = _f("", "write every stored card as a PEFT folder here (for vLLM, LoRAX); empty: off")
+    export_dir: str = _f(
+        "", "write every stored card trust.engine allows as a PEFT folder here (for vLLM, LoRAX); empty: off"
+    )
     status_file: str = _f("", "write a JSON status (peers, cards, loaded adapters) here on every change")
     tls: TLSConfig = field(default_factory=TLSConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
@@ -591,6 +595,11 @@ def validate(cfg: NodeConfig) -> list[str]:
                 "engine: hot-load with trust.engine = 'signed' needs trust.engine_keys or trust.keys "
                 "(or trust.engine = 'any'); otherwise nothing would ever load"
             )
+    if cfg.export_dir and cfg.trust.engine == "signed" and not (cfg.trust.engine_keys or cfg.trust.keys):
+        p.append(
+            "export_dir: exported folders are served like the engine, and trust.engine = 'signed' needs "
+            "trust.engine_keys or trust.keys (or trust.engine = 'any'); otherwise nothing would ever export"
+        )
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.engine.device):
         p.append(f"engine.device: {cfg.engine.device!r} is not cpu, cuda, cuda:N or mps")
     # intervals

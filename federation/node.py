@@ -626,14 +626,25 @@ class Node:
         h = entry.header
         if self.base_model_id and h.base_model and h.base_model != self.base_model_id:
             return f"it is for base model {h.base_model}, the engine runs {self.base_model_id}"
+        why = self._trust_refusal(entry)
+        if why:
+            return why
+        cur = self._loaded.get(h.name)
+        if cur is not None and cur[0] >= h.version:
+            return f"version {cur[0]} of {h.name} is already loaded"
+        return None
+
+    def _trust_refusal(self, entry: CatalogEntry) -> str | None:
+        """Why trust.engine forbids serving this card, hot-loaded or exported (None: allowed).
+
+        The store checked any signature on entry; this checks whose it is.
+        """
+        h = entry.header
         if self.config.trust.engine == "signed":
             if not h.signature:
                 return "it is unsigned and trust.engine is 'signed'"
             if h.signer_key not in self._engine_keys:
                 return f"its signer {h.signer} is not among the keys trusted for the engine"
-        cur = self._loaded.get(h.name)
-        if cur is not None and cur[0] >= h.version:
-            return f"version {cur[0]} of {h.name} is already loaded"
         return None
 
     def _hot_load(self, entry: CatalogEntry) -> None:
@@ -710,6 +721,10 @@ class Node:
     def _export(self, entry: CatalogEntry) -> None:
         """Write the card as a PEFT folder `<export_dir>/<name>-v<version>` (atomic rename)."""
         if not self.config.export_dir or self.store is None:
+            return
+        why = self._trust_refusal(entry)  # an exported folder is served too (vLLM, LoRAX)
+        if why:
+            log.info("not exporting %s: %s", entry.ref, why)
             return
         root = Path(os.path.expanduser(self.config.export_dir))
         final = root / f"{entry.name}-v{entry.version}"

@@ -16,6 +16,7 @@ import pytest
 
 from engine import Engine, keys
 from engine.authoring.models import tiny_encoder
+from engine.errors import ConfigError
 from federation.config import load_config
 from federation.node import Node, node_action
 from tests.node.helpers import TINY_BASE, node_config, tiny_card, wait_for
@@ -320,3 +321,21 @@ def test_child_card_loads_over_its_lineage_parent_whatever_the_arrival_order(
         wait_for(lambda: {"tone", "base-skill"} <= set(n.loaded()), what="child loaded over its parent")
         info = eng.adapters["tone"]
         assert info["parents"] == ("base-skill",)
+
+
+def test_export_dir_gets_only_what_the_engine_trust_policy_allows(tmp_path: Path, fleet: str, signer) -> None:
+    """An exported PEFT folder is served (vLLM, LoRAX): it passes the same trust check as a hot-load."""
+    key, pub = signer
+    export = tmp_path / "export"
+    cfg = node_config(
+        tmp_path / "n", fleet, **{"discovery.enabled": False, "trust.keys": [pub], "export_dir": str(export)}
+    )
+    with Node(cfg) as n:
+        n.store.add(tiny_card("unsigned", 1))
+        n.store.add(tiny_card("stranger", 1, key=keys.generate()))
+        n.store.add(tiny_card("good", 1, key=key))
+        assert n.wait_idle()
+        assert {e.name for e in n.store.list()} == {"unsigned", "stranger", "good"}
+        assert sorted(p.name for p in export.iterdir()) == ["good-v1"]
+    with pytest.raises(ConfigError, match=r"export_dir: .*trust.engine"):
+        node_config(tmp_path / "m", fleet, **{"export_dir": str(export)})
