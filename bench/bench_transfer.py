@@ -5,6 +5,8 @@ Run: .venv/bin/python bench/bench_transfer.py [--repeats 5] [--mib 64] [--small 
 Every server runs in its own spawned process and all are up at once; the client side runs
 here, alternating competitors (A B A B ...) so drift hits both alike. Each figure is the
 median of --repeats runs after one warm-up. Ratios compare tools measured in this run.
+Clean-up between runs (dropping the received file, removing the card from the store,
+deleting a run's directory) happens after the clock stops, for every competitor alike.
 """
 
 from __future__ import annotations
@@ -94,19 +96,27 @@ def start(target, *args) -> tuple[mp.Process, int]:
 # --------------------------------------------------------------------------- client side
 
 
-def timed(fn: Callable[[], object]) -> float:
+Cleanup = Callable[[], None] | None
+
+
+def timed(fn: Callable[[], Cleanup]) -> float:
+    """Seconds `fn` took; a clean-up it returns runs after the clock stops."""
     t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    cleanup = fn()
+    dt = time.perf_counter() - t
+    if cleanup is not None:
+        cleanup()
+    return dt
 
 
-def raw_do_get(client, digest: str) -> None:
+def raw_do_get(client, digest: str) -> Cleanup:
     import pyarrow.flight as fl
 
     client.do_get(fl.Ticket(digest.encode())).read_all()
+    return None
 
 
-def ours_receive(client, entry) -> None:
+def ours_receive(client, entry) -> Cleanup:
     """Our client's receive loop alone (read_chunk until the end), nothing else."""
     import pyarrow.flight as fl
 
@@ -116,15 +126,18 @@ def ours_receive(client, entry) -> None:
             r.read_chunk()
         except StopIteration:
             break
+    return None
 
 
-def ours_stage(client, entry, store) -> None:
-    """The transfer phase of a real fetch: receive while a worker hashes, checks values and
-    writes the temp file; stops before fsync/verify/rename/index (the temp file is dropped)."""
+def ours_stage(client, entry, store) -> Cleanup:
+    """The transfer phase of a real fetch: receive while workers hash, check values and
+    write the temp file; stops before fsync/verify/rename/index (the temp file is dropped
+    after the clock stops)."""
     import pyarrow.flight as fl
 
     r = client._conn.do_get(fl.Ticket(entry.digest.encode()), client._opts())
-    with store.stage(r.schema, rows=entry.rows, max_bytes=entry.size, expect_digest=entry.digest) as st:
+    st = store.stage(r.schema, rows=entry.rows, max_bytes=entry.size, expect=entry)
+    try:
         while True:
             try:
                 chunk = r.read_chunk()
@@ -133,15 +146,23 @@ def ours_stage(client, entry, store) -> None:
             st.write_batch(chunk.data)
         st._finish_worker()
         assert st._digest is not None and st._digest.hexdigest() == entry.digest
+    except BaseException:
+        st.abort()
+        raise
+    return st.abort
 
 
-def ours_fetch(client, entry, store) -> None:
+def ours_fetch(client, entry, store) -> Cleanup:
     """End to end: hash while receiving, write, fsync, open + verify, rename, index."""
     client.fetch_entry(entry, store=store)
-    store.remove(entry.digest)
+
+    def cleanup() -> None:
+        store.remove(entry.digest)
+
+    return cleanup
 
 
-def http_fetch(url: str, dest_dir: Path, expect_sha: str, ctx=None) -> None:
+def http_fetch(url: str, dest_dir: Path, expect_sha: str, ctx=None) -> Cleanup:
     """The competitor end to end: GET, sha256 while receiving, write, fsync, rename."""
     h = hashlib.sha256()
     tmp = dest_dir / f".tmp-{threading.get_ident()}-{time.perf_counter_ns()}"
@@ -161,13 +182,13 @@ def http_fetch(url: str, dest_dir: Path, expect_sha: str, ctx=None) -> None:
     fd = os.open(dest_dir, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-    final.unlink()
+    return final.unlink
 
 
-def median_runs(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+def median_runs(fns: dict[str, Callable[[], Cleanup]], repeats: int) -> dict[str, float]:
     """Warm up each, then alternate A B A B ...; return median seconds per name."""
     for fn in fns.values():
-        fn()
+        timed(fn)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -322,14 +343,14 @@ def main() -> None:
         small_uri = f"grpc://127.0.0.1:{small_port}"
         names = sorted(small_shas)
 
-        def ours_small() -> None:
+        def ours_small() -> Cleanup:
             d = work / f"small-dest-{time.perf_counter_ns()}"
             with Store(d) as st:
                 rep = sync([small_uri], SyncPolicy(), st, concurrency=args.concurrency)
                 assert len(rep.fetched) == args.small, rep.errors
-            shutil.rmtree(d)
+            return lambda: shutil.rmtree(d)
 
-        def http_small() -> None:
+        def http_small() -> Cleanup:
             d = work / f"http-small-{time.perf_counter_ns()}"
             d.mkdir()
             with ThreadPoolExecutor(args.concurrency) as ex:
@@ -339,7 +360,7 @@ def main() -> None:
                         names,
                     )
                 )
-            shutil.rmtree(d)
+            return lambda: shutil.rmtree(d)
 
         small_r = max(3, r // 2 + 1)
         small = median_runs({"ours": ours_small, "http": http_small}, small_r)

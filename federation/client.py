@@ -264,12 +264,32 @@ class Client:
         locations: Sequence[str] | None = None,
     ) -> LoRACard:
         """Fetch a listed card from any of its locations (this node's own address last)."""
+        return self.fetch_entry_stored(
+            entry,
+            store=store,
+            trusted=trusted,
+            require_signed=require_signed,
+            progress=progress,
+            locations=locations,
+        )[0]
+
+    def fetch_entry_stored(
+        self,
+        entry: CatalogEntry,
+        *,
+        store: Store | None = None,
+        trusted: Iterable[str] | None = None,
+        require_signed: bool = False,
+        progress: Progress | None = None,
+        locations: Sequence[str] | None = None,
+    ) -> tuple[LoRACard, CatalogEntry | None]:
+        """`fetch_entry`, also returning the store's entry of the card (None without a store)."""
         tset = None if trusted is None else set(trusted)
         _check_trust(entry.header, tset, require_signed)
         if store is not None:
             existing = store.check_admission(entry.header)  # conflicts and entry trust before bytes
             if existing is not None:
-                return store.get(existing.digest)
+                return store.get(existing.digest), existing
         locs = dedupe([*(locations or entry.locations), self.uri])[:MAX_LOCATIONS_TRIED]
         errors: list[tuple[str, LoraflightError]] = []
         for loc in locs:
@@ -297,7 +317,7 @@ class Client:
         require_signed: bool,
         progress: Progress | None,
         known: Sequence[str] = (),
-    ) -> LoRACard:
+    ) -> tuple[LoRACard, CatalogEntry | None]:
         deadline = time.monotonic() + self.fetch_timeout
         opts = self._opts(timeout=self.fetch_timeout)
         reader = self._call("do_get", lambda: self._conn.do_get(flight.Ticket(entry.digest.encode()), opts))
@@ -305,15 +325,18 @@ class Client:
             schema = self._call("do_get", lambda: reader.schema)
             if store is not None:
                 with store.stage(
-                    schema, rows=entry.rows, max_bytes=entry.size, expect_digest=entry.digest
+                    schema, rows=entry.rows, max_bytes=entry.size, expect_digest=entry.digest, expect=entry
                 ) as staged:
-                    _check_trust(staged.header, trusted, require_signed)
+                    if staged.header is not entry.header:  # else checked on this very header already
+                        _check_trust(staged.header, trusted, require_signed)
                     self._pump(
                         reader, staged.write_batch, entry, deadline, progress, lambda: staged.bytes_received
                     )
                     e = staged.commit(source=self.uri, locations=dedupe([self.uri, *entry.locations, *known]))
-                return staged.card if staged.card is not None else store.get(e.digest, touch=False)
-            return self._fetch_to_memory(reader, schema, entry, deadline, trusted, require_signed, progress)
+                card = staged.card if staged.card is not None else store.get(e.digest, touch=False)
+                return card, e
+            card = self._fetch_to_memory(reader, schema, entry, deadline, trusted, require_signed, progress)
+            return card, None
         except BaseException:
             with contextlib.suppress(Exception):
                 reader.cancel()

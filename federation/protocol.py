@@ -190,6 +190,9 @@ class CatalogEntry:
     pinned: bool = False
     published: bool = False
     epoch: int = 0  # the catalog epoch at which it was added (on the listing node)
+    # The exact bytes `header` was parsed from (listing app_metadata or the index), when known:
+    # a receiver whose stream carries the same bytes reuses `header` instead of parsing again.
+    header_json: bytes = dataclasses.field(default=b"", compare=False, repr=False)
 
     @property
     def digest(self) -> str:
@@ -237,7 +240,7 @@ def dedupe(items: Iterable[str]) -> list[str]:
 
 def entry_to_flight_info(entry: CatalogEntry, flight: Any) -> Any:
     """A FlightInfo for `entry` (`flight` is pyarrow.flight, passed to keep imports light)."""
-    header_json = entry.header.to_json()
+    header_json = entry.header_json or entry.header.to_json()
     schema = card_schema(entry.header.dtype, {METADATA_KEY: header_json})
     descriptor = flight.FlightDescriptor.for_path(entry.name, str(entry.version))
     locations = [flight.Location(u) for u in entry.locations]
@@ -255,8 +258,9 @@ def entry_to_flight_info(entry: CatalogEntry, flight: Any) -> Any:
 
 def entry_from_flight_info(info: Any) -> CatalogEntry:
     """Parse a peer's FlightInfo; a malformed one is the peer's fault (PeerError)."""
+    raw = bytes(info.app_metadata)
     try:
-        header = CardHeader.from_json(bytes(info.app_metadata))
+        header = CardHeader.from_json(raw)
     except CardError as e:
         raise PeerError(f"peer listed a card whose header is invalid: {e}") from None
     if not header.digest:
@@ -275,7 +279,7 @@ def entry_from_flight_info(info: Any) -> CatalogEntry:
     size, rows = int(info.total_bytes), int(info.total_records)
     if size <= 0 or rows <= 0:
         raise PeerError(f"peer listed {header.ref} with size {size} and rows {rows}; both must be > 0")
-    return CatalogEntry(header=header, size=size, rows=rows, locations=tuple(dedupe(locs)))
+    return CatalogEntry(header=header, size=size, rows=rows, locations=tuple(dedupe(locs)), header_json=raw)
 
 
 def descriptor_ref(path: list[bytes]) -> tuple[str, str]:

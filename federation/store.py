@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
+import itertools
 import json
 import logging
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -113,6 +116,59 @@ def _finite_bytes(mv: memoryview, dtype: str) -> bool:
     return True
 
 
+_PLAIN_SCHEMAS: dict[str, pa.Schema] = {}
+
+
+def _plain_schema(dtype: str) -> pa.Schema:
+    """The card schema of `dtype` without metadata (built once per dtype)."""
+    s = _PLAIN_SCHEMAS.get(dtype)
+    if s is None:
+        from engine.card import card_schema
+
+        s = _PLAIN_SCHEMAS[dtype] = card_schema(dtype)
+    return s
+
+
+def _value_span(arr: pa.Array, n: int, itemsize: int, label: str) -> tuple[memoryview, np.ndarray]:
+    """The bytes the `n` rows of a list column span in its values buffer (bounds-checked), and
+    its `n + 1` offsets relative to the first."""
+    obuf = arr.buffers()[1]
+    if obuf is None or obuf.size < (arr.offset + n + 1) * 4:
+        raise CardError(f"{label}: offsets buffer is missing or shorter than the row count")
+    off = np.frombuffer(obuf, dtype="<i4", count=n + 1, offset=arr.offset * 4).astype(np.int64)
+    values = arr.values
+    vbufs = values.buffers()
+    vbuf = vbufs[1] if len(vbufs) > 1 else None
+    vsize = 0 if vbuf is None else vbuf.size
+    lo = values.offset * itemsize + int(off[0]) * itemsize
+    hi = values.offset * itemsize + int(off[n]) * itemsize
+    if lo < 0 or hi < lo or hi > vsize:
+        raise CardError(f"{label}: offsets point outside the values buffer (corrupt batch)")
+    mv = memoryview(vbuf)[lo:hi] if vbuf is not None else memoryview(b"")
+    return mv, off - off[0]
+
+
+def check_batch_finite(batch: pa.RecordBatch, dtype: str) -> None:
+    """Refuse a received batch holding a NaN or Inf: one vectorised pass over each tensor
+    column's whole value span (any alignment); a per-row scan only to name the culprit."""
+    from engine.card import DTYPES
+
+    if batch.num_columns != 7:
+        raise CardError(f"a card batch has 7 columns, this one has {batch.num_columns}")
+    n = batch.num_rows
+    size = DTYPES[dtype].itemsize
+    for k, label in ((5, "lora_a"), (6, "lora_b")):
+        mv, off = _value_span(batch.column(k), n, size, label)
+        if _finite_bytes(mv, dtype):
+            continue
+        modules = batch.column(0).to_pylist()
+        for i in range(n):
+            lo, hi = int(off[i]) * size, int(off[i + 1]) * size
+            if 0 <= lo <= hi and not _finite_bytes(mv[lo:hi], dtype):
+                raise CardError(f"module {modules[i]!r}: {label} has NaN or Inf values; refused")
+        raise CardError(f"{label} has NaN or Inf values; refused")
+
+
 def hash_batch(digest: CardDigest, batch: pa.RecordBatch, dtype: str, check_finite: bool = False) -> None:
     """Feed one received batch to `digest` from its raw bytes (and check values are finite).
 
@@ -163,6 +219,37 @@ def hash_batch(digest: CardDigest, batch: pa.RecordBatch, dtype: str, check_fini
         digest.update_row(str(modules[i]), r, float(alphas[i]), fi, fo, parts[0], parts[1])
 
 
+_WRITEBACK_STEP = 4 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+_sync_file_range: Any = None  # resolved on first use; False where unavailable
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range of the temp file to disk now (Linux
+    `sync_file_range(SYNC_FILE_RANGE_WRITE)`, asynchronous, GIL released), so the fsync at
+    commit waits only for the tail. A hint only: durability still comes from that fsync."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _sync_file_range = fn
+    if _sync_file_range:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # errors: the fsync reports
+
+
+def _with_path(card: LoRACard, path: Path) -> LoRACard:
+    """`card` (already structurally checked) as the card mapped at `path` (its renamed file)."""
+    moved = copy.copy(card)
+    moved._path = path
+    return moved
+
+
 class StagedCard:
     """A card being received: batches go to a temp file while hashed; commit or abort.
 
@@ -178,11 +265,17 @@ class StagedCard:
         rows: int | None,
         max_bytes: int | None,
         expect_digest: str | None = None,
+        expect: CatalogEntry | None = None,
     ) -> None:
         raw = (schema.metadata or {}).get(METADATA_KEY)
         if raw is None:
             raise CardError("not a loraflight card: the stream's schema has no 'loraflight' header")
-        self.header = CardHeader.from_json(raw)
+        if expect is not None and expect.header_json and raw == expect.header_json:
+            self.header = expect.header  # the very bytes the listing's header was parsed from
+        else:
+            self.header = CardHeader.from_json(raw)
+        if expect is not None and expect_digest is None:
+            expect_digest = expect.digest
         if not self.header.digest:
             raise CardError(f"{self.header.ref}: the header carries no digest")
         if expect_digest is not None and self.header.digest != expect_digest:
@@ -190,9 +283,7 @@ class StagedCard:
                 f"{self.header.ref}: the stream's header names digest {self.header.digest[:16]}… but "
                 f"{expect_digest[:16]}… was requested"
             )
-        from engine.card import card_schema
-
-        if not schema.remove_metadata().equals(card_schema(self.header.dtype)):
+        if not schema.equals(_plain_schema(self.header.dtype), check_metadata=False):
             raise CardError(f"{self.header.ref}: the stream's schema is not a {self.header.dtype} card's")
         self._store = store
         self._schema = schema
@@ -203,18 +294,19 @@ class StagedCard:
         self.rows_received = 0
         self.batches = 0
         self._done = False
-        # Two workers, one hashing + checking values, one writing the temp file, run while the
-        # caller receives the next batch (hashlib and Arrow's file writes release the GIL).
+        # Two workers run while the caller receives the next batch: one hashes (sha256 is the
+        # longest step), the other checks values and writes the temp file (hashlib, numpy and
+        # Arrow's file writes release the GIL). A one-batch card needs neither: it is processed
+        # inline at commit, so small cards start no thread and build no queue.
         self._steps = (self._hash_step, self._write_step)
-        self._queues: tuple[queue.Queue[pa.RecordBatch | None], ...] = tuple(
-            queue.Queue(maxsize=4) for _ in self._steps
-        )
+        self._queues: tuple[queue.Queue[pa.RecordBatch | None], ...] = ()
         self._workers: list[threading.Thread] = []
         self._worker_error: BaseException | None = None
         self._pending: pa.RecordBatch | None = None
         self._checked_values = False
         self.card: LoRACard | None = None  # after commit: the stored card, mapped
-        self.tmp = store.tmp_dir / f"{uuid.uuid4().hex}.part"
+        self._written_back = 0  # bytes of the temp file handed to writeback (_start_writeback)
+        self.tmp = store._tmp_path()
         try:
             # a native file: writes release the GIL while the receiver and hasher run
             self._file: Any = pa.OSFile(str(self.tmp), "wb")
@@ -251,6 +343,7 @@ class StagedCard:
             if self._pending is None:
                 self._pending = batch  # a one-batch card is processed inline at commit: no threads
                 return
+            self._queues = tuple(queue.Queue(maxsize=4) for _ in self._steps)
             for i in range(len(self._steps)):
                 t = threading.Thread(target=self._work, args=(i,), name=f"loraflight-stage-{i}", daemon=True)
                 t.start()
@@ -278,11 +371,18 @@ class StagedCard:
 
     def _hash_step(self, batch: pa.RecordBatch) -> None:
         if self._digest is not None:
-            hash_batch(self._digest, batch, self.header.dtype, check_finite=True)
+            hash_batch(self._digest, batch, self.header.dtype)
 
     def _write_step(self, batch: pa.RecordBatch) -> None:
+        if self._digest is not None:
+            check_batch_finite(batch, self.header.dtype)
         try:
             self._writer.write_batch(batch)
+            if self._workers:  # a multi-batch card: let the disk start on what is written
+                pos = self._file.tell()
+                if pos - self._written_back >= _WRITEBACK_STEP:
+                    _start_writeback(self._file.fileno(), self._written_back, pos - self._written_back)
+                    self._written_back = pos
         except (OSError, pa.ArrowException) as e:
             if isinstance(e, OSError):
                 raise _disk_error(e, f"cannot write {self.header.ref}") from None
@@ -335,13 +435,11 @@ class StagedCard:
             try:
                 self._writer.close()
                 assert self._file is not None
-                self._file.close()
-                self._file = None
-                fd = os.open(self.tmp, os.O_RDONLY)  # fsync through any descriptor flushes the file
                 try:
-                    os.fsync(fd)
+                    os.fsync(self._file.fileno())  # the writer's own descriptor: no second open
                 finally:
-                    os.close(fd)
+                    self._file.close()
+                    self._file = None
             except OSError as e:
                 raise _disk_error(e, f"cannot store {self.header.ref}") from None
             except pa.ArrowException as e:
@@ -369,8 +467,9 @@ class StagedCard:
             entry = self._store._commit_file(
                 self.tmp, self.header, self.rows_received, source, published, pinned, locations
             )
-            # the mapping survives the rename: reuse it rather than opening the file again
-            self.card = LoRACard(card.header, card.batches, path=self._store.path_of(entry.digest))
+            # The mapping survives the rename: the checked card, renamed, is the stored card
+            # (no second open, no second structural pass).
+            self.card = _with_path(card, self._store.path_of(entry.digest))
             self._done = True
             return entry
         except BaseException:
@@ -425,6 +524,15 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the store index at {self.root}: {e}") from None
         self._lock = threading.RLock()
+        # temp names: a random prefix per Store object plus a counter (unique in tmp/ even when
+        # several processes share the store; no random read per card)
+        self._tmp_prefix = uuid.uuid4().hex[:16]
+        self._tmp_seq = itertools.count()
+        # group commit of the cards/ directory fsync (see _sync_cards_dir)
+        self._dir_cond = threading.Condition(threading.Lock())
+        self._dir_ticket = 0
+        self._dir_synced = 0
+        self._dir_syncing = False
         self._touched: dict[str, float] = {}
         self._listeners: list[Listener] = []
         self._closed = False
@@ -442,6 +550,9 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _tmp_path(self) -> Path:
+        return self.tmp_dir / f"{self._tmp_prefix}-{next(self._tmp_seq)}.part"
 
     def path_of(self, digest: str) -> Path:
         return self.cards_dir / f"{_check_digest(digest)}{CARD_SUFFIX}"
@@ -475,25 +586,21 @@ class Store:
         return int(row[0]) if row else 0
 
     def _bump_epoch(self) -> int:
-        # caller holds the lock inside a transaction
-        e = self.epoch + 1
-        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (str(e),))
-        return e
+        # caller holds the lock inside a transaction; one statement reads and bumps
+        row = self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('epoch', '1') "
+            "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
+        ).fetchone()
+        return int(row[0])
 
     # -- queries
     def _entry(self, row: tuple[Any, ...], locations: bool = True) -> CatalogEntry:
         digest, _name, _v, _bm, _tags, size, rows, source, pinned, published, header, epoch = row
-        locs: tuple[str, ...] = ()
-        if locations:
-            locs = tuple(
-                r[0]
-                for r in self._db.execute(
-                    "SELECT uri FROM locations WHERE digest=? ORDER BY seen DESC LIMIT ?",
-                    (digest, MAX_LOCATIONS),
-                )
-            )
+        locs = self._locations_locked(digest) if locations else ()
+        raw = header.encode()
         return CatalogEntry(
-            header=CardHeader.from_json(header.encode()),
+            header=CardHeader.from_json(raw),
+            header_json=raw,
             size=size,
             rows=rows,
             locations=locs,
@@ -501,6 +608,15 @@ class Store:
             pinned=bool(pinned),
             published=bool(published),
             epoch=epoch,
+        )
+
+    def _locations_locked(self, digest: str) -> tuple[str, ...]:
+        return tuple(
+            r[0]
+            for r in self._db.execute(
+                "SELECT uri FROM locations WHERE digest=? ORDER BY seen DESC LIMIT ?",
+                (digest, MAX_LOCATIONS),
+            )
         )
 
     def entry(self, digest: str) -> CatalogEntry | None:
@@ -668,20 +784,24 @@ class Store:
     def check_admission(self, header: CardHeader) -> CatalogEntry | None:
         """Trust policy and name@version conflict checks; returns the existing entry of this digest."""
         with self._lock:
-            existing = self.entry(header.digest)
-            if existing is not None:
-                return existing
-            row = self._db.execute(
-                "SELECT digest FROM cards WHERE name=? AND version=?", (header.name, header.version)
-            ).fetchone()
-            if row and row[0] != header.digest:
+            # one query finds both this digest and any other digest holding name@version
+            rows = self._db.execute(
+                "SELECT digest FROM cards WHERE digest=? OR (name=? AND version=?)",
+                (header.digest, header.name, header.version),
+            ).fetchall()
+            if any(r[0] == header.digest for r in rows):
+                return self.entry(header.digest)
+            if rows:
                 raise ConflictError(
-                    f"{header.ref} already exists here with digest {row[0][:16]}…, and this card has digest "
-                    f"{header.digest[:16]}…: cards are immutable, publish a new version instead"
+                    f"{header.ref} already exists here with digest {rows[0][0][:16]}…, and this card has "
+                    f"digest {header.digest[:16]}…: cards are immutable, publish a new version instead"
                 )
-            _trust.check_entry(
-                header, mode=self.trust_mode, trusted=self.trusted_keys(), owner=self.owner(header.name)
-            )
+            if self.trust_mode == "open":  # trusted keys and owners only matter under 'signed'
+                _trust.check_entry(header, mode="open", trusted={}, owner=None)
+            else:
+                _trust.check_entry(
+                    header, mode=self.trust_mode, trusted=self.trusted_keys(), owner=self.owner(header.name)
+                )
         return None
 
     # -- adding
@@ -692,9 +812,16 @@ class Store:
         rows: int | None = None,
         max_bytes: int | None = None,
         expect_digest: str | None = None,
+        expect: CatalogEntry | None = None,
     ) -> StagedCard:
-        """Start receiving a card whose stream has `schema`; see StagedCard."""
-        return StagedCard(self, schema, rows=rows, max_bytes=max_bytes, expect_digest=expect_digest)
+        """Start receiving a card whose stream has `schema`; see StagedCard.
+
+        `expect`: the listing entry being fetched; its digest is required and, when the stream
+        carries byte-identical header JSON, its already parsed header is reused.
+        """
+        return StagedCard(
+            self, schema, rows=rows, max_bytes=max_bytes, expect_digest=expect_digest, expect=expect
+        )
 
     def add(
         self,
@@ -714,7 +841,7 @@ class Store:
         existing = self.check_admission(card.header)
         if existing is not None:
             return self._merge_existing(existing, published, pinned, locations)
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        tmp = self._tmp_path()
         try:
             try:
                 with open(tmp, "wb") as f:
@@ -763,7 +890,7 @@ class Store:
         pause_point("before_rename")
         try:
             os.replace(tmp, final)
-            fsync_dir(self.cards_dir)
+            self._sync_cards_dir()
         except OSError as e:
             raise _disk_error(e, f"cannot store {header.ref}") from None
         pause_point("before_index_commit")
@@ -780,6 +907,38 @@ class Store:
         self.evict(keep=entry.digest)
         return entry
 
+    def _sync_cards_dir(self) -> None:
+        """fsync cards/ so a rename made before this call survives a crash (group commit).
+
+        Concurrent committers share one fsync: a caller whose rename is covered by an fsync
+        that *started* after its rename returns when that fsync ends, instead of queueing its
+        own. Bounded: each round either runs an fsync or waits for the one in flight.
+        """
+        with self._dir_cond:
+            self._dir_ticket += 1
+            mine = self._dir_ticket
+            for _ in range(10_000):
+                if self._dir_synced >= mine:
+                    return
+                if not self._dir_syncing:
+                    self._dir_syncing = True
+                    covers = self._dir_ticket  # every rename that took a ticket so far
+                    break
+                self._dir_cond.wait(5.0)
+            else:
+                covers = mine  # pathological contention: sync on our own below
+                self._dir_syncing = True
+        done = False
+        try:
+            fsync_dir(self.cards_dir)
+            done = True
+        finally:
+            with self._dir_cond:
+                self._dir_syncing = False
+                if done:
+                    self._dir_synced = max(self._dir_synced, covers)
+                self._dir_cond.notify_all()
+
     def _index(
         self,
         header: CardHeader,
@@ -791,6 +950,7 @@ class Store:
         locations: Iterable[str],
     ) -> CatalogEntry:
         now = time.time()
+        header_text = header.to_json().decode()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -802,7 +962,9 @@ class Store:
                     raise ConflictError(
                         f"{header.ref} already exists here with digest {row[0][:16]}…: cards are immutable"
                     )
-                if not row:
+                inserted = not row
+                epoch = 0
+                if inserted:
                     epoch = self._bump_epoch()
                     self._db.execute(
                         "INSERT INTO cards (digest, name, version, base_model, tags, size, rows, source, "
@@ -824,7 +986,7 @@ class Store:
                             now,
                             int(pinned),
                             int(published),
-                            header.to_json().decode(),
+                            header_text,
                         ),
                     )
                     if header.signer_key is not None:
@@ -832,18 +994,33 @@ class Store:
                             "INSERT OR IGNORE INTO owners (name, signer_key) VALUES (?, ?)",
                             (header.name, header.signer_key),
                         )
-                for u in list(locations)[:MAX_LOCATIONS]:
-                    self._db.execute(
+                locs = list(locations)[:MAX_LOCATIONS]
+                if locs:
+                    self._db.executemany(
                         "INSERT OR REPLACE INTO locations (digest, uri, seen) VALUES (?, ?, ?)",
-                        (header.digest, u, now),
+                        [(header.digest, u, now) for u in locs],
                     )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            entry = self.entry(header.digest)
-        assert entry is not None
-        return entry
+            if not inserted:
+                entry = self.entry(header.digest)
+                assert entry is not None
+                return entry
+            # Just inserted: the entry is what we wrote (no re-read, no second header parse);
+            # only the locations are read back, the table may hold older ones for this digest.
+            return CatalogEntry(
+                header=header,
+                size=size,
+                rows=rows,
+                locations=self._locations_locked(header.digest),
+                source=source,
+                pinned=bool(pinned),
+                published=bool(published),
+                epoch=epoch,
+                header_json=header_text.encode(),
+            )
 
     # -- removing
     def remove(self, digest: str) -> CatalogEntry:

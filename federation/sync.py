@@ -197,15 +197,14 @@ def sync(
             try:
                 if not first:
                     raise PeerError(f"no location holds {f.ref}")
-                card = client(first).fetch_entry(
+                _card, entry = client(first).fetch_entry_stored(
                     f.entry,
                     store=store,
                     trusted=trusted_set,
                     require_signed=require_signed,
-                    progress=cb,
+                    progress=cb if progress is not None else None,
                     locations=f.locations,
                 )
-                entry = store.entry(card.digest)
                 if entry is not None:
                     with lock:
                         report.fetched.append(entry)
