@@ -240,6 +240,33 @@ def _cast_row(m: ModuleLoRA, dtype: str) -> ModuleLoRA:
     return ModuleLoRA(m.module, m.rank, m.alpha, cast(m.a), cast(m.b))
 
 
+def check_card_fields(
+    *,
+    name: str,
+    version: int,
+    description: str = "",
+    tags: Iterable[str] = (),
+    base_model: str | None = None,
+    author: str = "",
+    scaling: str = "standard",
+) -> None:
+    """Raise the CardError the final `LoRACard.build` would, before any expensive work.
+
+    Training or an SVD can take minutes; a bad version or tag must not be found only at the end.
+    """
+    z = np.zeros((1, 1), np.float32)
+    LoRACard.build(
+        [ModuleLoRA("m", 1, 1.0, z, z)],
+        name=name,
+        version=version,
+        description=description,
+        tags=tuple(tags),
+        base_model=base_model,
+        author=author,
+        scaling=scaling,
+    )
+
+
 def _build(
     rows: list[ModuleLoRA],
     *,

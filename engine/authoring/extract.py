@@ -19,6 +19,7 @@ import numpy as np
 from ..card import DTYPES, MAX_RANK, LoRACard, ModuleLoRA, base_fingerprint
 from ..errors import CardError
 from ._arrays import from_float
+from .compose import check_card_fields
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ def extract_card(
     embeddings) cannot be represented by a card: they are refused, by name, unless
     `allow_other_changes=True` (then they are logged and left out).
     """
+    tags = tuple(tags)
+    check_card_fields(
+        name=name, version=version, description=description, tags=tags, base_model=base_model, author=author
+    )
     problems = []
     if (rank is None) == (energy is None):
         problems.append("give exactly one of rank= or energy=")

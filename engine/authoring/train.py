@@ -691,9 +691,18 @@ def train_card(
     """
     torch = _t()
     cfg = (config or TrainConfig()).validate()
-    from ..card import check_name
+    from .compose import check_card_fields
 
-    check_name(name)
+    tags = tuple(tags)
+    check_card_fields(
+        name=name,
+        version=version,
+        description=description,
+        tags=tags,
+        base_model=base_model,
+        author=author,
+        scaling=cfg.scaling,
+    )
     data = load_dataset(records, cfg.kind)
     train, held = split_records(data, cfg.eval_fraction, cfg.seed, cfg.kind)
     t0 = time.perf_counter()

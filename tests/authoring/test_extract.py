@@ -109,3 +109,10 @@ def test_extract_argument_errors():
         extract_card(base, tuned, rank=1, modules=["nope"], name="x")
     with pytest.raises(CardError, match="differ in structure"):
         extract_card(base, MLP(width=8).state_dict() | {"extra.weight": torch.zeros(2, 2)}, rank=1, name="x")
+
+
+def test_bad_card_fields_refused_before_the_svd():
+    base = MLP()
+    # identical weights would end in "nothing to extract": the version is refused before that work
+    with pytest.raises(CardError, match="version must be a positive integer"):
+        extract_card(base, MLP(), rank=1, name="x", version=0)

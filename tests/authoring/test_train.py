@@ -28,7 +28,7 @@ from engine.authoring import (
 )
 from engine.authoring.train import lora_train_linear_class
 from engine.card import LoRACard, base_fingerprint
-from engine.errors import TrainingError
+from engine.errors import CardError, TrainingError
 
 from ._util import MLP, same_state, state
 
@@ -379,3 +379,28 @@ def test_too_few_records():
     model, tok = tiny_encoder()
     with pytest.raises(TrainingError, match="too few"):
         train_card(model, tok, [{"anchor": "a", "positive": "b"}] * 3, TrainConfig(), name="x")
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"version": 0}, "version must be a positive integer"),
+        ({"tags": ("",)}, "tags must be"),
+        ({"name": "../x"}, "escape"),
+    ],
+)
+def test_bad_card_fields_refused_before_any_training_step(fields, needle):
+    """A bad version or tag is refused at once, not after minutes of training are thrown away."""
+    model, tok = tiny_encoder()
+    steps: list[int] = []
+    kw = {"name": "ok", **fields}
+    with pytest.raises(CardError, match=needle):
+        train_card(
+            model,
+            tok,
+            builtin_dataset()[:24],
+            TrainConfig(max_steps=2, batch_size=6, max_length=16),
+            progress=lambda step, total, loss: steps.append(step),
+            **kw,
+        )
+    assert steps == []
