@@ -34,11 +34,15 @@ def _key(path: Path | None) -> Any:
 
 
 def _out_path(out: Path | None, name: str, version: int) -> Path:
+    """Where the card goes; its folder is made now, so a bad --out fails before the work does."""
     if out is None:
         return Path(f"{name}-v{version}{CARD_SUFFIX}")
-    if out.is_dir():
-        return out / f"{name}-v{version}{CARD_SUFFIX}"
-    return out
+    path = out / f"{name}-v{version}{CARD_SUFFIX}" if out.is_dir() else out
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the folder {path.parent}: {e.strerror or e}") from None
+    return path
 
 
 def _fmt(x: float | None) -> str:
@@ -127,6 +131,7 @@ def train_cmd(
     else:
         records = load_dataset(Path(data), cfg.kind)
     signing_key = _key(key)
+    path = _out_path(out, name, version)
 
     import torch
 
@@ -163,7 +168,7 @@ def train_cmd(
             key=signing_key,
             progress=progress,
         )
-    path = result.card.write(_out_path(out, name, version))
+    result.card.write(path)
     table = Table(title=f"held-out evaluation ({result.eval_size} records)")
     table.add_column("metric")
     table.add_column("before", justify="right")
@@ -225,6 +230,7 @@ def extract_cmd(
     from engine.authoring.extract import extract_card
 
     signing_key = _key(key)
+    path = _out_path(out, name, version)
     result = extract_card(
         _load_weights(base),
         _load_weights(tuned),
@@ -250,7 +256,7 @@ def extract_cmd(
     _out.print(table)
     if result.unchanged:
         _out.print(f"unchanged (left out): {escape(', '.join(result.unchanged))}")
-    path = result.card.write(_out_path(out, name, version))
+    result.card.write(path)
     _out.print(f"wrote {escape(str(path))}: {result.card.ref} digest {result.card.digest}")
 
 

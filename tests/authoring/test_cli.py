@@ -137,3 +137,16 @@ def test_train_cli_completion_from_config_file(tmp_path, capsys):
     assert (
         card.header.extra["training"]["kind"] == "completion" and card.header.extra["training"]["steps"] == 2
     )
+
+
+def test_train_cli_bad_out_fails_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    rc = main(
+        [
+            "train", "builtin:ops-runbook", "--name", "ops", "--out", str(tmp_path / "file" / "ops.lora.arrow"),
+            "--model", "tiny", "--max-steps", "1", "--max-length", "16",
+        ]
+    )  # fmt: skip
+    cap = capsys.readouterr()
+    assert rc == 1 and "cannot create the folder" in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert "training ops" not in cap.out  # refused before the model was even loaded
