@@ -459,6 +459,10 @@ class StagedCard:
                         f"the received content hashes to {digest[:16]}…; the card was tampered with or "
                         "corrupted in transit; refused"
                     )
+                if card.header != self.header:  # the file's own header is the one checked
+                    raise CardError(
+                        f"{self.header.ref}: the written card's header differs from the stream's; refused"
+                    )
                 if not self._checked_values:
                     card.check_values()  # else checked batch by batch while receiving
             except BaseException:
