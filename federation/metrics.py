@@ -31,7 +31,7 @@ class NodeMetrics:
         self.fetches = Counter("loraflight_fetches", "Cards fetched from peers", registry=r)
         self.failures = Counter(
             "loraflight_failures",
-            "Failures by kind (fetch, health, load, notify, export)",
+            "Failures by kind (fetch, list, health, load, notify, export, sync)",
             ["kind"],
             registry=r,
         )

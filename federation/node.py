@@ -392,20 +392,25 @@ class Node:
         next_dns = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if cfg.discovery.dns and now >= next_dns:
-                next_dns = now + cfg.intervals.dns
-                for entry in cfg.discovery.dns:
-                    hp = parse_hostport(entry, "discovery.dns", [])
-                    if hp is not None:
-                        uris = [
-                            u for u in resolve_dns(*hp, tls=bool(cfg.tls.cert)) if u not in self._own_uris()
-                        ]
-                        assert self.peers is not None
-                        self.peers.set_static(f"dns:{entry}", uris)
-            self._check_peers()
-            self._update_gauges()
+            try:
+                if cfg.discovery.dns and now >= next_dns:
+                    next_dns = now + cfg.intervals.dns
+                    self._resolve_dns_peers()
+                self._check_peers()
+                self._update_gauges()
+            except Exception:  # one bad round must not end liveness checks for good
+                log.exception("peer round failed; trying again next round")
             self._wake_peers.wait(tick)
             self._wake_peers.clear()
+
+    def _resolve_dns_peers(self) -> None:
+        assert self.peers is not None
+        for entry in self.config.discovery.dns:
+            hp = parse_hostport(entry, "discovery.dns", [])
+            if hp is not None:
+                own = self._own_uris()
+                uris = [u for u in resolve_dns(*hp, tls=bool(self.config.tls.cert)) if u not in own]
+                self.peers.set_static(f"dns:{entry}", uris)
 
     def _own_uris(self) -> set[str]:
         return set(self.server.locations) if self.server else set()
@@ -474,7 +479,11 @@ class Node:
                 dirty = {p.key: "poll" for p in (self.peers.live() if self.peers is not None else [])}
             if not dirty or not self.config.sync.enabled:
                 continue
-            self.sync_now([k for k in dirty], trigger=next(iter(dirty.values())))
+            try:
+                self.sync_now(list(dirty), trigger=next(iter(dirty.values())))
+            except Exception:  # e.g. the index is locked or the disk failed: the next round retries
+                log.exception("sync round failed; the next trigger or poll retries")
+                self.metrics.failures.labels("sync").inc()
 
     def sync_now(self, peer_keys: Iterable[str] | None = None, trigger: str = "manual") -> list[CatalogEntry]:
         """Pull what the sync policy wants from these live peers (all when None); returns new entries."""

@@ -339,3 +339,33 @@ def test_export_dir_gets_only_what_the_engine_trust_policy_allows(tmp_path: Path
         assert sorted(p.name for p in export.iterdir()) == ["good-v1"]
     with pytest.raises(ConfigError, match=r"export_dir: .*trust.engine"):
         node_config(tmp_path / "m", fleet, **{"export_dir": str(export)})
+
+
+def test_a_failed_sync_round_does_not_end_syncing(
+    tmp_path: Path, fleet: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error in one round (here the index is locked) is logged; later rounds still run."""
+    import sqlite3
+
+    import federation.node as node_mod
+
+    real_sync = node_mod.sync
+    failed: list[int] = []
+
+    def flaky_sync(*args: object, **kw: object) -> object:
+        if not failed:
+            failed.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        return real_sync(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(node_mod, "sync", flaky_sync)
+    c1 = node_config(tmp_path / "n1", fleet, **{"discovery.enabled": False})
+    with Node(c1) as n1:
+        c2 = node_config(tmp_path / "n2", fleet, **{"discovery.enabled": False, "discovery.peers": [n1.uri]})
+        with Node(c2) as n2:
+            wait_for(lambda: n2.peers.live(), what="n2 to see n1")
+            n1.store.add(tiny_card("a", 1), published=True)
+            wait_for(lambda: failed, what="the failing round")
+            n1.store.add(tiny_card("b", 1), published=True)  # its notify triggers another round
+            wait_for(lambda: {e.name for e in n2.store.list()} == {"a", "b"}, what="both cards on n2")
+            assert 'loraflight_failures_total{kind="sync"} 1.0' in n2.metrics.text()
