@@ -247,6 +247,17 @@ def sync_cmd(
 # -- trust
 
 
+def _key_arg(key: str) -> str:
+    """A key argument as base64: read from the file it names, else the text itself (a key or signer id)."""
+    from engine.keys import public_b64_from_file
+
+    try:
+        is_file = Path(key).is_file()
+    except OSError:  # e.g. a base64 key longer than a file name may be
+        is_file = False
+    return public_b64_from_file(key) if is_file else key.strip()
+
+
 @trust_app.command("add")
 def trust_add(
     key: str = typer.Argument(..., help="Public key file (PEM or base64) or base64 key text."),
@@ -257,10 +268,9 @@ def trust_add(
     ),
 ) -> None:
     """Trust a signing key in a store (used by the 'signed' entry policy)."""
-    from engine.keys import public_b64_from_file
     from federation.store import Store
 
-    b64 = public_b64_from_file(key) if Path(key).exists() else key.strip()
+    b64 = _key_arg(key)
     with Store(store) as st:
         tk = st.trust_add(b64, label=label, names=name)
     _out.print(f"trusted {tk.signer} {tk.label}".rstrip(), highlight=False)
@@ -295,10 +305,9 @@ def trust_remove(
     store: Path = typer.Option(Path("./loraflight-store"), "--store", help="Store directory."),
 ) -> None:
     """Stop trusting a key."""
-    from engine.keys import public_b64_from_file
     from federation.store import Store
 
-    ident = public_b64_from_file(key) if Path(key).exists() else key.strip()
+    ident = _key_arg(key)
     with Store(store) as st:
         if not st.trust_remove(ident):
             raise ConfigError(f"{key} is not a trusted key of {store}; see 'loraflight trust list'")

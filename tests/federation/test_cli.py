@@ -110,6 +110,10 @@ def test_cli_trust_add_list_remove(tmp_path, capsys):
     assert main(["trust", "remove", sid, "--store", store]) == 1
     assert "not a trusted key" in capsys.readouterr().err
     assert main(["trust", "add", "not-a-key", "--store", store]) == 1
+    capsys.readouterr()
+    # a pasted key text longer than a file name may be is judged as a key, not as a path
+    assert main(["trust", "add", "A" * 400, "--store", store]) == 1
+    assert "not an Ed25519 public key" in capsys.readouterr().err
 
 
 def test_cli_serve_bad_config_one_line_error(tmp_path):
