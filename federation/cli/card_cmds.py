@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from engine import keys as keyfiles
+from engine.authoring._arrays import from_float
 from engine.card import CARD_SUFFIX, LoRACard, ModuleLoRA, Verification, base_fingerprint
 from engine.errors import CardError, ConfigError, LoraflightError
 
@@ -258,10 +259,7 @@ def example_card(
         for proj in ("q_proj", "v_proj"):
             a = (rng.standard_normal((rank, hidden)) / np.sqrt(hidden)).astype(np.float32)
             b = (rng.standard_normal((hidden, rank)) * 0.01).astype(np.float32)
-            if dtype == "bfloat16":  # round to nearest even, keep the upper 16 bits
-                a, b = (_to_bf16_words(x) for x in (a, b))
-            else:
-                a, b = a.astype(dtype), b.astype(dtype)
+            a, b = from_float(a, dtype), from_float(b, dtype)  # bf16: round to nearest even, as words
             mods.append(ModuleLoRA(f"model.layers.{i}.self_attn.{proj}", rank, float(2 * rank), a, b))
     return LoRACard.build(
         mods,
@@ -274,11 +272,6 @@ def example_card(
         author="loraflight",
         created="2026-01-01T00:00:00Z",
     )
-
-
-def _to_bf16_words(x: np.ndarray) -> np.ndarray:
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 @card_app.command("example")

@@ -179,3 +179,16 @@ def test_console_script_runs_without_torch(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "unsigned" in proc.stdout
+
+
+def test_bf16_example_is_the_float32_example_rounded() -> None:
+    import numpy as np
+
+    from engine.authoring._arrays import to_float
+    from federation.cli.card_cmds import example_card
+
+    f32, bf16 = example_card(dtype="float32"), example_card(dtype="bfloat16")
+    for m32, m16 in zip(f32, bf16, strict=True):
+        for x, w in ((m32.a, m16.a), (m32.b, m16.b)):
+            back = to_float(w, "bfloat16")
+            assert np.all(np.abs(back - x) <= np.abs(x) * 2.0**-8)  # nearest bf16: half an ulp
