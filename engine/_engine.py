@@ -42,6 +42,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -53,15 +54,14 @@ import torch
 from torch import nn
 
 from ._lora import Delta, LoRALinear, RowPlan, Shared, Slot, Snapshot, merged_weight
-from ._torchio import TORCH_DTYPES, card_tensors, dtype_name
-from .card import LoRACard, _verify_signature, base_fingerprint
-from .errors import CardError, EngineError, LoraflightError, TrustError
+from ._torchio import TORCH_DTYPES, copy_card_tensors, dtype_name
+from .card import DigestJob, LoRACard, base_fingerprint, check_digest_matches, check_signature
+from .errors import CardError, EngineError, LoraflightError
 
 log = logging.getLogger(__name__)
 
 _PEFT_PREFIX = "base_model.model."
 _MAX_LINEAGE_DEPTH = 32
-_VERIFY_IN_THREAD_BYTES = 1 << 20  # hash big cards in a helper thread while tensors are copied
 
 Resolver = Callable[[str], "LoRACard | str | os.PathLike[str] | None"]
 
@@ -188,10 +188,18 @@ class Engine:
         trusted = None if trust is None else list(trust)
         with self._lock:
             cand = dict(self._adapters)
-            name = self._load_into(cand, card, name, activate, trusted, resolver, auto=False, depth=0)
-            if self.max_adapters is not None:
-                self._evict(cand, keep=name)
-            self._commit(cand, self._merged)
+            checks: list[_Verifying] = []
+            try:
+                name = self._load_into(
+                    cand, card, name, activate, trusted, resolver, auto=False, depth=0, checks=checks
+                )
+                if self.max_adapters is not None:
+                    self._evict(cand, keep=name)
+                self._commit(cand, self._merged, checks=checks)
+            except BaseException:
+                for c in checks:
+                    c.cancel()
+                raise
             log.info("loaded %s as %r (%d modules)", card.ref, name, len(card))
             return name
 
@@ -206,6 +214,7 @@ class Engine:
         *,
         auto: bool,
         depth: int,
+        checks: list[_Verifying],
     ) -> str:
         name = card.name if name is None else name
         if not isinstance(name, str) or not name:
@@ -219,6 +228,9 @@ class Engine:
                 old, active=old.active or activate, last_used=now, auto=old.auto and auto
             )
             return name
+        # 0. verification starts first: the digest is hashed in a helper thread while the rest
+        #    (fit, copies, the new snapshot) is prepared; it is awaited just before the commit
+        verifying = _Verifying(card, trusted)
         # 1. lineage parents: all found (loaded or from the resolver) before anything else
         parent_slots: list[str | LoRACard] = []
         missing = []
@@ -259,9 +271,12 @@ class Engine:
             else:
                 pname = _free_name(cand, p)
                 parents.append(
-                    self._load_into(cand, p, pname, False, trusted, resolver, auto=True, depth=depth + 1)
+                    self._load_into(
+                        cand, p, pname, False, trusted, resolver, auto=True, depth=depth + 1, checks=checks
+                    )
                 )
-        deltas = self._prepare(card, plan, trusted)
+        checks.append(verifying)  # after the parents': their errors come first
+        deltas = self._prepare(card, plan, verifying)
         first = next(iter(deltas.values()))[0]
         cand[name] = _Adapter(
             name=name,
@@ -290,7 +305,8 @@ class Engine:
             problems.append(
                 f"the card is for base model {hdr.base_model!r} but this engine serves {self.base_model!r}"
             )
-        mapping, missing, rule = self._map_modules([m.module for m in card])
+        card_shapes = card.shapes  # (module, in, out) per row, without building the numpy rows
+        mapping, missing, rule = self._map_modules([m for m, _, _ in card_shapes])
         if missing:
             problems.append(
                 f"{len(missing)} module(s) not found in the model ({rule}): "
@@ -299,8 +315,8 @@ class Engine:
             )
         targets: dict[str, tuple[torch.device, torch.dtype]] = {}
         shapes: list[tuple[str, int, int]] = []
-        for m in card:
-            path = mapping.get(m.module)
+        for cm, fin, fout in card_shapes:
+            path = mapping.get(cm)
             if path is None:
                 continue
             mod = _lookup(self.model, path)
@@ -308,10 +324,10 @@ class Engine:
             if not isinstance(base, nn.Linear):
                 problems.append(f"module {path!r} is a {type(base).__name__}, not an nn.Linear")
                 continue
-            shapes.append((m.module, int(base.in_features), int(base.out_features)))
-            if (base.in_features, base.out_features) != (m.in_features, m.out_features):
+            shapes.append((cm, int(base.in_features), int(base.out_features)))
+            if (base.in_features, base.out_features) != (fin, fout):
                 problems.append(
-                    f"module {path!r}: the card's shape (in={m.in_features}, out={m.out_features}) does not "
+                    f"module {path!r}: the card's shape (in={fin}, out={fout}) does not "
                     f"fit the layer (in={base.in_features}, out={base.out_features})"
                 )
                 continue
@@ -321,7 +337,7 @@ class Engine:
                     f"module {path!r} has {w.dtype} weights; only float32/float16/bfloat16 are supported"
                 )
                 continue
-            targets[m.module] = (w.device, w.dtype)
+            targets[cm] = (w.device, w.dtype)
         if hdr.base_fingerprint is not None and not problems:
             have = base_fingerprint(shapes)
             if have != hdr.base_fingerprint:
@@ -375,63 +391,29 @@ class Engine:
         mapping, label = best
         return mapping, [n for n in names if n not in mapping], label
 
-    def _prepare(self, card: LoRACard, plan: _Plan, trusted: list[str] | None) -> dict[str, Delta]:
-        """Verify the card (in a helper thread when big) while copying its tensors to their layers."""
-        errors: list[BaseException] = []
-        memo = _verified_key(card)
+    def _prepare(self, card: LoRACard, plan: _Plan, verifying: _Verifying) -> dict[str, Delta]:
+        """Copy the card's tensors to their layers (one copy per record batch and column).
 
-        def verify() -> None:
-            if memo is not None and _VERIFIED.get(memo) is not None:
-                # this very file (or object) passed verify() before and has not changed:
-                # values and digest stand; only the (cheap) signature and trust are checked
-                try:
-                    if trusted is not None:
-                        _check_trust(card, trusted)
-                except LoraflightError as e:
-                    errors.append(e)
-                return
-            try:
-                card.verify(trusted=trusted)
-                if memo is not None:
-                    _remember_verified(memo)
-            except LoraflightError as e:
-                errors.append(e)
-            except Exception as e:  # a corrupt card must not crash the caller with a bare error
-                errors.append(CardError(f"{card.ref}: verification failed: {e}"))
-
-        worker = None
-        if card.tensor_nbytes >= _VERIFY_IN_THREAD_BYTES and (memo is None or memo not in _VERIFIED):
-            worker = threading.Thread(target=verify, name="loraflight-verify", daemon=True)
-            worker.start()
-        else:
-            verify()
-        try:
-            groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-            for mod, tgt in plan.targets.items():
-                groups.setdefault(tgt, []).append(mod)
-            tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            for (dev, dt), mods in groups.items():
-                only = None if len(groups) == 1 else mods
-                tensors.update(card_tensors(card, dev, dt, modules=only))
-        finally:
-            if worker is not None:
-                worker.join()
-        if errors:
-            raise errors[0]
+        Unless the card is already known verified, every copied value is checked finite in
+        the destination, which also catches a narrowing cast that overflows; the digest is
+        still being hashed meanwhile (`verifying`).
+        """
         narrowing = any(TORCH_DTYPES[card.dtype] != dt for _, dt in plan.targets.values())
-        if narrowing:
-            for mod, (a, b) in tensors.items():
-                if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-                    raise CardError(
-                        f"{card.ref}: module {mod!r} overflows to Inf when cast to the layer's "
-                        f"{dtype_name(a.dtype)}; use a card in the model's dtype"
-                    )
-        scaling = card.header.scaling
-        return {
-            plan.mapping[m.module]: (*tensors[m.module], m.scale(scaling))
-            for m in card
-            if m.module in tensors
-        }
+        try:
+            tensors = copy_card_tensors(card, plan.targets, check_finite=narrowing or not verifying.known)
+        except LoraflightError:
+            raise
+        except Exception as e:  # a corrupt card must not crash the caller with a bare error
+            raise CardError(f"{card.ref}: copying the tensors failed: {e}") from e
+        rslora = card.header.scaling == "rslora"
+        mapping = plan.mapping
+        out: dict[str, Delta] = {}
+        for run in card._runs_:
+            for cm, r, alpha in zip(run.names, run.ranks, run.alphas, strict=True):
+                ab = tensors.get(cm)
+                if ab is not None:  # the scale as ModuleLoRA.scale computes it
+                    out[mapping[cm]] = (ab[0], ab[1], alpha / math.sqrt(r) if rslora else alpha / r)
+        return out
 
     # ------------------------------------------------------------------ activate / unload / merge
     def activate(self, *names: str, exclusive: bool = False) -> None:
@@ -538,8 +520,15 @@ class Engine:
             log.info("max_adapters=%d: unloaded least recently used %r", self.max_adapters, victim)
 
     # ------------------------------------------------------------------ commit
-    def _commit(self, cand: dict[str, _Adapter], merged: tuple[str, ...]) -> None:
-        """Make `cand` the loaded set: build everything first, then swap it in."""
+    def _commit(
+        self, cand: dict[str, _Adapter], merged: tuple[str, ...], checks: Sequence[_Verifying] = ()
+    ) -> None:
+        """Make `cand` the loaded set: build everything first, then swap it in.
+
+        `checks` (verifications still running) are awaited before anything changes: before
+        merged weights are computed from new tensors, else just before the swap, so the
+        snapshot is built while the digest is still being hashed.
+        """
         needed = {m for a in cand.values() for m in a.deltas}
         new_wrappers: dict[str, LoRALinear] = {}
         revived: dict[str, LoRALinear] = {}
@@ -564,6 +553,9 @@ class Engine:
         merged_order = [x for x in active_order if x in merged_all]
         unmerged = [x for x in active_order if x not in merged_all]
 
+        if merged_order:  # merging reads the new tensors: only verified ones
+            _finish(checks)
+            checks = ()
         # merged weights first: this is the step that can fail (non-finite)
         params: dict[str, nn.Parameter] = {}
         merged_cache: dict[str, tuple[tuple[int, ...], nn.Parameter]] = {}
@@ -605,6 +597,7 @@ class Engine:
             weight = params.get(m, w.base_layer.weight)
             slots[w.key] = Slot(weight, w.base_layer.bias, tuple(active_by_module[m]), per_module[m])  # type: ignore[arg-type]
         snap = Snapshot(slots=slots, merged=bool(params), names=frozenset(cand))
+        _finish(checks)  # the digest (and trust) of every new card: the last step that may refuse
 
         # ---- commit: nothing below can fail on bad input
         with self._flight_lock:
@@ -749,17 +742,53 @@ def _verified_key(card: LoRACard) -> Any:
     )
 
 
-def _check_trust(card: LoRACard, trusted: list[str]) -> None:
-    """The trust half of LoRACard.verify, for a card whose digest is already established."""
-    hdr = card.header
-    if hdr.signature is None:
-        raise TrustError(f"{card.ref} is unsigned, but a signature by a trusted key is required")
-    _verify_signature(hdr)
-    if hdr.signer_key not in trusted and hdr.signer not in trusted:
-        raise TrustError(
-            f"{card.ref} is signed by {hdr.signer}, which is not a trusted key; "
-            "add its public key with 'loraflight trust add' if you trust it"
-        )
+class _Verifying:
+    """One card's verification, run beside the load (see docs/engine.md, "Loading").
+
+    Unless the card is known verified (the memo), its digest is hashed by a `DigestJob` in a
+    helper thread from the moment the load starts. The signature and trust are checked here at
+    once (one Ed25519 verify), their error held back so that a digest mismatch is reported
+    first, as `LoRACard.verify` does; values are checked finite by the copy (`_prepare`).
+    `finish()` waits for the digest and raises the first failure; it runs before the commit.
+    """
+
+    def __init__(self, card: LoRACard, trusted: list[str] | None) -> None:
+        self.card = card
+        self.memo = _verified_key(card)
+        self.known = self.memo is not None and self.memo in _VERIFIED
+        self.job: DigestJob | None = None
+        self.error: LoraflightError | None = None
+        if not self.known:
+            try:
+                self.job = card.digest_job()
+            except LoraflightError:
+                raise
+            except Exception as e:  # a corrupt card must not crash the caller with a bare error
+                raise CardError(f"{card.ref}: verification failed: {e}") from e
+        if trusted is not None or not self.known:
+            try:
+                check_signature(card.header, trusted)
+            except LoraflightError as e:
+                self.error = e
+
+    def finish(self) -> None:
+        if self.job is not None:
+            check_digest_matches(self.card, self.job.result())
+            self.job = None
+        if self.error is not None:
+            raise self.error
+        if self.memo is not None and not self.known:
+            _remember_verified(self.memo)
+            self.known = True
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+
+
+def _finish(checks: Sequence[_Verifying]) -> None:
+    for c in checks:
+        c.finish()
 
 
 def _remember_verified(key: Any) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .card import DTYPES, LoRACard, ModuleLoRA, base_fingerprint
+from .card import LoRACard, ModuleLoRA, _all_finite, _split_views, base_fingerprint
 from .errors import CardError, EngineError
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -66,19 +66,89 @@ def _filled(src: np.ndarray, card_dtype: str, tdt: torch.dtype, dev: torch.devic
     return out
 
 
-def _flat_values(batch: Any, col: str, dtype: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(values, offsets) of a list column when its values are one contiguous run, else None."""
-    arr = batch.column(col)
-    offs = arr.offsets.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    if len(offs) == 0:
-        return None
-    values = arr.values
-    try:
-        flat = values.to_numpy(zero_copy_only=True)
-    except Exception:  # pyarrow raises ArrowInvalid for odd layouts: take the per-module path
-        return None
-    flat = flat.view(DTYPES[dtype])
-    return flat[int(offs[0]) : int(offs[-1])], offs - offs[0]
+def copy_card_tensors(
+    card: LoRACard,
+    targets: Mapping[str, tuple[torch.device, torch.dtype]],
+    *,
+    check_finite: bool = False,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copy the card modules named in `targets` (card module -> (device, dtype)) into new tensors.
+
+    A record batch whose rows all go to one (device, dtype) is copied with one copy per column
+    (its A matrices lie end to end, so do its B matrices) into one new buffer each, and the
+    tensors are views of those buffers. With ``check_finite=True`` every copied value is checked
+    finite *in the destination* (one pass over memory that is still in cache): that covers the
+    card's own values and any overflow of a narrowing cast (a float32 card into float16 layers)
+    at once. A failure raises CardError naming the module.
+    """
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    flags: list[torch.Tensor] = []  # device-side finiteness flags, read once at the end
+    cdt = card.dtype
+    for run in card._runs_:
+        tg = [targets.get(n) for n in run.names]
+        t0 = tg[0]
+        if t0 is not None and all(t == t0 for t in tg):
+            dev, tdt = t0
+            buf_a = _filled(run.flat_a, cdt, tdt, dev)
+            buf_b = _filled(run.flat_b, cdt, tdt, dev)
+            if check_finite:
+                for buf in (buf_a, buf_b):
+                    if buf.device.type == "cpu":
+                        if not _finite_cpu(buf):
+                            _raise_nonfinite(card, run.rows(), targets)
+                    else:
+                        flags.append(torch.isfinite(buf).all())
+            av = _split_views(buf_a, run.shapes_a())
+            bv = _split_views(buf_b, run.shapes_b())
+            out.update(zip(run.names, zip(av, bv, strict=True), strict=True))
+            continue
+        for m, t in zip(run.rows(), tg, strict=True):
+            if t is None:
+                continue
+            dev, tdt = t
+            a = _filled(m.a.reshape(-1), cdt, tdt, dev).view(m.a.shape)
+            b = _filled(m.b.reshape(-1), cdt, tdt, dev).view(m.b.shape)
+            if check_finite:
+                for x in (a, b):
+                    if x.device.type == "cpu":
+                        if not _finite_cpu(x):
+                            _raise_nonfinite(card, [m], targets)
+                    else:
+                        flags.append(torch.isfinite(x).all())
+            out[m.module] = (a, b)
+    if flags and not bool(torch.stack([f.to("cpu") for f in flags]).all()):
+        _raise_nonfinite(card, card.modules, targets)
+    return out
+
+
+def _finite_cpu(t: torch.Tensor) -> bool:
+    """No NaN/Inf in a CPU tensor, scanned with numpy (a torch reduction opens a parallel region,
+    which stalls on a busy 2-core host)."""
+    name = _NAMES[t.dtype]
+    arr = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+    return _all_finite(arr, name)
+
+
+def _raise_nonfinite(
+    card: LoRACard, mods: list[ModuleLoRA], targets: Mapping[str, tuple[torch.device, torch.dtype]]
+) -> None:
+    """Name the first of `mods` that is not finite in the card, or whose cast overflows."""
+    for m in mods:
+        for label, arr in (("lora_a", m.a), ("lora_b", m.b)):
+            if not _all_finite(arr, card.dtype):
+                raise CardError(f"{card.ref}: module {m.module!r}: {label} has NaN or Inf values")
+    for m in mods:
+        t = targets.get(m.module)
+        if t is None:
+            continue
+        for arr in (m.a, m.b):
+            x = _np_to_torch(np.ascontiguousarray(arr), card.dtype).to(t[1])
+            if not bool(torch.isfinite(x).all()):
+                raise CardError(
+                    f"{card.ref}: module {m.module!r} overflows to Inf when cast to the layer's "
+                    f"{dtype_name(t[1])}; use a card in the model's dtype"
+                )
+    raise CardError(f"{card.ref}: a copied tensor is not finite")  # unreachable: a copy is exact
 
 
 def card_tensors(
@@ -98,53 +168,15 @@ def card_tensors(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     tdt = TORCH_DTYPES[dtype_name(dtype)] if dtype is not None else TORCH_DTYPES[card.dtype]
     want = set(modules) if modules is not None else None
-    scaling = card.header.scaling
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    rows = iter(card.modules)
-    for batch in card.batches:
-        n = batch.num_rows
-        mods: list[ModuleLoRA] = [next(rows) for _ in range(n)]
-        fa = _flat_values(batch, "lora_a", card.dtype)
-        fb = _flat_values(batch, "lora_b", card.dtype)
-        bulk = fa is not None and fb is not None and (want is None or all(m.module in want for m in mods))
-        if bulk:
-            assert fa is not None and fb is not None
-            (va, oa), (vb, ob) = fa, fb
-            ok = all(
-                int(oa[i + 1] - oa[i]) == m.a.size and int(ob[i + 1] - ob[i]) == m.b.size
-                for i, m in enumerate(mods)
-            )
-            if ok:
-                buf_a = _filled(va, card.dtype, tdt, dev)
-                buf_b = _filled(vb, card.dtype, tdt, dev)
-                for i, m in enumerate(mods):
-                    a = buf_a[int(oa[i]) : int(oa[i + 1])].view(m.a.shape)
-                    b = buf_b[int(ob[i]) : int(ob[i + 1])].view(m.b.shape)
-                    out[m.module] = (a, b)
-                if scale:
-                    scales = {m.scale(scaling) for m in mods}
-                    if len(scales) == 1:
-                        s = scales.pop()
-                        if s != 1.0:
-                            buf_b.mul_(s)
-                    else:
-                        for m in mods:
-                            s = m.scale(scaling)
-                            if s != 1.0:
-                                out[m.module][1].mul_(s)
-                continue
-        for m in mods:
-            if want is not None and m.module not in want:
-                continue
-            a = torch.empty(m.a.shape, dtype=tdt, device=dev)
-            b = torch.empty(m.b.shape, dtype=tdt, device=dev)
-            a.copy_(_np_to_torch(np.ascontiguousarray(m.a), card.dtype))
-            b.copy_(_np_to_torch(np.ascontiguousarray(m.b), card.dtype))
-            if scale:
-                s = m.scale(scaling)
-                if s != 1.0:
-                    b.mul_(s)
-            out[m.module] = (a, b)
+    targets = {m.module: (dev, tdt) for m in card if want is None or m.module in want}
+    out = copy_card_tensors(card, targets)
+    if scale:
+        scaling = card.header.scaling
+        for m in card:
+            got = out.get(m.module)
+            s = m.scale(scaling)
+            if got is not None and s != 1.0:
+                got[1].mul_(s)
     return out
 
 

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import mmap
+import operator
 import os
 import re
 import struct
@@ -75,6 +76,7 @@ _ARROW_VALUE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+_MODULES_RE = re.compile(rf"(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{MAX_MODULE_LEN - 1}}}\n)+\Z")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST_DOMAIN = b"loraflight-card-v1\x00"
 _SIGN_DOMAIN = b"loraflight-sig-v1\x00"
@@ -452,10 +454,178 @@ def _c(a: np.ndarray) -> np.ndarray:
 
 
 def compute_digest(header: CardHeader, modules: Sequence[ModuleLoRA]) -> str:
-    d = CardDigest(header, len(modules))
+    h = hashlib.sha256()
+    for piece in _digest_pieces(header, modules)[0]:
+        h.update(piece)
+    return h.hexdigest()
+
+
+def _digest_pieces(header: CardHeader, modules: Sequence[ModuleLoRA]) -> tuple[list[Any], int]:
+    """The digest's byte stream (docs/format.md, "Digest") as pieces, and its length in bytes.
+
+    Pieces alternate between small `bytes` (the framing: header, row fields, lengths) and
+    zero-copy byte views of each row's A and B, so the stream is hashed (or gathered) without
+    copying a tensor.
+    """
+    head = canonical_json(header.signed_part())
+    dt = header.dtype.encode()
+    pre: list[bytes] = [_DIGEST_DOMAIN, struct.pack("<Q", len(head)), head, struct.pack("<Q", len(modules))]
+    pieces: list[Any] = []
+    total = 0
+    pack_row = struct.Struct("<IdQQB").pack
+    pack_u32 = struct.Struct("<I").pack
+    pack_u64 = struct.Struct("<Q").pack
     for m in modules:
-        d.update_row(m.module, m.rank, m.alpha, m.in_features, m.out_features, _c(m.a), _c(m.b))
-    return d.hexdigest()
+        name = m.module.encode()
+        a = _c(m.a).data.cast("B")
+        b = _c(m.b).data.cast("B")
+        pre += (
+            pack_u32(len(name)),
+            name,
+            pack_row(m.rank, m.alpha, m.in_features, m.out_features, len(dt)),
+            dt,
+            pack_u64(a.nbytes),
+        )
+        small = b"".join(pre)
+        mid = pack_u64(b.nbytes)
+        pieces += (small, a, mid, b)
+        total += len(small) + a.nbytes + len(mid) + b.nbytes
+        pre = []
+    if pre:  # a card without rows (never valid, but hashable)
+        small = b"".join(pre)
+        pieces.append(small)
+        total += len(small)
+    return pieces, total
+
+
+def _run_pieces(header: CardHeader, runs: Sequence[_Run]) -> tuple[list[Any], int]:
+    """`_digest_pieces` from a card's batch runs: byte slices of each batch's flat arrays."""
+    head = canonical_json(header.signed_part())
+    dt = header.dtype.encode()
+    n = sum(len(r.names) for r in runs)
+    pre: list[bytes] = [_DIGEST_DOMAIN, struct.pack("<Q", len(head)), head, struct.pack("<Q", n)]
+    pieces: list[Any] = []
+    total = 0
+    pack_row = struct.Struct("<IdQQB").pack
+    pack_u32 = struct.Struct("<I").pack
+    pack_u64 = struct.Struct("<Q").pack
+    for run in runs:
+        mva = _c(run.flat_a).data.cast("B")
+        mvb = _c(run.flat_b).data.cast("B")
+        isz = run.flat_a.itemsize
+        oa, ob = run.oa, run.ob
+        for i, name in enumerate(run.names):
+            nb = name.encode()
+            a = mva[oa[i] * isz : oa[i + 1] * isz]
+            b = mvb[ob[i] * isz : ob[i + 1] * isz]
+            pre += (
+                pack_u32(len(nb)),
+                nb,
+                pack_row(run.ranks[i], run.alphas[i], run.fins[i], run.fouts[i], len(dt)),
+                dt,
+                pack_u64(a.nbytes),
+            )
+            small = b"".join(pre)
+            mid = pack_u64(b.nbytes)
+            pieces += (small, a, mid, b)
+            total += len(small) + a.nbytes + len(mid) + b.nbytes
+            pre = []
+    if pre:
+        small = b"".join(pre)
+        pieces.append(small)
+        total += len(small)
+    return pieces, total
+
+
+_THREAD_HASH_BYTES = 256 << 10  # from this size DigestJob hashes in a helper thread
+_GATHER_BYTES = 32 << 20  # the stream is gathered and hashed in chunks of about this size
+_HASH_TIMEOUT_S = 60.0  # plus 1 s per 100 MB: a bound on waiting for the helper, never reached
+
+
+class DigestJob:
+    """A card's digest, computed in a helper thread while the caller does other work.
+
+    Theory: hashlib releases the GIL while it hashes a large buffer, so sha256 can run on
+    another core beside Python work. But a helper that makes many calls (one per tensor)
+    must re-take the GIL after each, and while the calling thread runs Python that wait
+    lasts up to the interpreter's switch interval (5 ms) *per call*. So the caller first
+    gathers the stream into one contiguous buffer (a memcpy, a fraction of the hash's
+    cost) and the helper hashes it in one call that never needs the GIL; streams above
+    32 MiB are gathered and hashed chunk by chunk (the helper gathers the later chunks,
+    `bytes.join` also releasing the GIL), so the extra memory stays bounded.
+
+    Small streams (below 256 KiB) or a single core: hashed right here, in the constructor.
+    `result()` waits (bounded) and returns the hex digest; `cancel()` stops a job whose
+    result is no longer wanted after the chunk in progress.
+    """
+
+    def __init__(
+        self,
+        header: CardHeader,
+        modules: Sequence[ModuleLoRA],
+        *,
+        threaded: bool | None = None,
+        pieces: tuple[list[Any], int] | None = None,
+    ) -> None:
+        pieces_, total = _digest_pieces(header, modules) if pieces is None else pieces
+        pieces = None
+        self.nbytes = total
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread: threading.Thread | None = None
+        if threaded is None:
+            threaded = total >= _THREAD_HASH_BYTES and (os.cpu_count() or 1) >= 2
+        if not threaded:
+            h = hashlib.sha256()
+            for piece in pieces_:
+                h.update(piece)
+            self._digest = h.hexdigest()
+            return
+        chunks: list[list[Any]] = [[]]
+        size = 0
+        for piece in pieces_:
+            n = len(piece) if isinstance(piece, bytes) else piece.nbytes
+            if size and size + n > _GATHER_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(piece)
+            size += n
+        first = b"".join(chunks[0])
+        self._thread = threading.Thread(
+            target=self._run, args=(first, chunks[1:]), name="loraflight-digest", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, first: bytes, rest: list[list[Any]]) -> None:
+        try:
+            h = hashlib.sha256()
+            h.update(first)  # one call: the GIL stays released for the whole buffer
+            for chunk in rest:
+                if self._cancelled:
+                    return
+                h.update(b"".join(chunk))
+            self._digest = h.hexdigest()
+        except BaseException as e:  # handed to the caller by result()
+            self._error = e
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def result(self) -> str:
+        """The hex digest (waits for the helper, bounded by a generous timeout)."""
+        t = self._thread
+        if t is not None:
+            t.join(_HASH_TIMEOUT_S + self.nbytes / 100e6)
+            if t.is_alive():
+                raise CardError(
+                    f"hashing {self.nbytes} bytes did not finish in time; the machine is overloaded"
+                )
+        if self._error is not None:
+            raise CardError(f"hashing the card failed: {self._error}") from self._error
+        if self._digest is None:
+            raise CardError("the digest job was cancelled")
+        return self._digest
 
 
 # --------------------------------------------------------------------------- batches
@@ -466,15 +636,14 @@ def _column_values(
 ) -> tuple[list[int], np.ndarray]:
     """(offsets as Python ints, the flat values as a zero-copy numpy view) of a list column."""
     try:
-        off = col.offsets.to_numpy()
+        offs = col.offsets.to_pylist()
         vals = col.values.to_numpy()
     except (pa.ArrowException, ValueError) as e:
         raise CardError(f"{label}: cannot view the column without copying: {e}") from None
-    if len(off) != n + 1:
-        raise CardError(f"{label}: {len(off)} offsets for {n} rows")
+    if len(offs) != n + 1:
+        raise CardError(f"{label}: {len(offs)} offsets for {n} rows")
     if vals.dtype != npdt:
         raise CardError(f"{label}: values are {vals.dtype}, expected {npdt}")
-    offs = off.tolist()
     if n and (offs[0] < 0 or offs[-1] > len(vals)):
         raise CardError(f"{label}: offsets point past the data buffer")
     if vals.size and not vals.flags.aligned:
@@ -482,11 +651,64 @@ def _column_values(
     return offs, vals
 
 
-def _batch_rows(batch: pa.RecordBatch, dtype: str) -> list[ModuleLoRA]:
-    """Structural checks of one batch and zero-copy numpy views of its rows.
+class _Run:
+    """One record batch's rows after the structural checks: the row fields as Python lists, and
+    all A values (all B values) of the batch as one flat zero-copy array, rows end to end;
+    `oa`/`ob` are each row's start in it (plus the end). Rows as `ModuleLoRA` are built on demand.
+    """
 
-    Each row's value counts are checked against its shape here. Plain Python ints throughout:
-    numpy scalars and tiny-array ufuncs cost more than the views themselves.
+    __slots__ = ("alphas", "fins", "flat_a", "flat_b", "fouts", "names", "oa", "ob", "ranks")
+
+    def __init__(
+        self,
+        names: list[str],
+        ranks: list[int],
+        alphas: list[float],
+        fins: list[int],
+        fouts: list[int],
+        oa: list[int],
+        ob: list[int],
+        flat_a: np.ndarray,
+        flat_b: np.ndarray,
+    ) -> None:
+        self.names, self.ranks, self.alphas, self.fins, self.fouts = names, ranks, alphas, fins, fouts
+        self.oa, self.ob, self.flat_a, self.flat_b = oa, ob, flat_a, flat_b
+
+    def rows(self) -> list[ModuleLoRA]:
+        # A frozen dataclass's __init__ sets each field through object.__setattr__; filling
+        # __dict__ directly builds the same object at a third of the cost.
+        new = object.__new__
+        fa, fb, oa, ob = self.flat_a, self.flat_b, self.oa, self.ob
+        out: list[ModuleLoRA] = []
+        for i, name in enumerate(self.names):
+            r, fi, fo = self.ranks[i], self.fins[i], self.fouts[i]
+            row = new(ModuleLoRA)
+            row.__dict__.update(
+                module=name,
+                rank=r,
+                alpha=self.alphas[i],
+                a=fa[oa[i] : oa[i + 1]].reshape(r, fi),
+                b=fb[ob[i] : ob[i + 1]].reshape(fo, r),
+            )
+            out.append(row)
+        return out
+
+    def shapes_a(self) -> list[tuple[int, int]]:
+        return list(zip(self.ranks, self.fins, strict=True))
+
+    def shapes_b(self) -> list[tuple[int, int]]:
+        return list(zip(self.fouts, self.ranks, strict=True))
+
+
+def _batch_rows(batch: pa.RecordBatch, dtype: str) -> list[ModuleLoRA]:
+    """Structural checks of one batch and zero-copy numpy views of its rows."""
+    return _batch_run(batch, dtype).rows()
+
+
+def _batch_run(batch: pa.RecordBatch, dtype: str) -> _Run:
+    """Structural checks of one batch (no tensor byte is read); its rows as a `_Run`.
+
+    Each row's value counts are checked against its shape here, vectorised over the batch.
     """
     try:
         # Arrow's full validation (offsets monotonic and in bounds, UTF-8 valid) is what makes the
@@ -511,37 +733,45 @@ def _batch_rows(batch: pa.RecordBatch, dtype: str) -> list[ModuleLoRA]:
     npdt = DTYPES[dtype]
     oa, fa = _column_values(cols[5], npdt, n, "lora_a")
     ob, fb = _column_values(cols[6], npdt, n, "lora_b")
-    new = object.__new__
-    rows: list[ModuleLoRA] = []
-    for i in range(n):
-        r, fi, fo = rl[i], fil[i], fol[i]
-        a0, a1, b0, b1 = oa[i], oa[i + 1], ob[i], ob[i + 1]
-        if a1 - a0 != r * fi or b1 - b0 != fo * r:
+    sizes_ok = [oa[i + 1] - oa[i] for i in range(n)] == list(map(operator.mul, rl, fil)) and [
+        ob[i + 1] - ob[i] for i in range(n)
+    ] == list(map(operator.mul, fol, rl))
+    for i in range(0 if sizes_ok else n):  # find the row to report
+        r = rl[i]
+        if oa[i + 1] - oa[i] != r * fil[i] or ob[i + 1] - ob[i] != fol[i] * r:
+            got_a = oa[i + 1] - oa[i]
             label, got, shape = (
-                ("lora_a", a1 - a0, (r, fi)) if a1 - a0 != r * fi else ("lora_b", b1 - b0, (fo, r))
+                ("lora_a", got_a, (r, fil[i]))
+                if got_a != r * fil[i]
+                else ("lora_b", ob[i + 1] - ob[i], (fol[i], r))
             )
             raise CardError(
                 f"module {modules[i]!r}: {label} holds {got} values but its shape {shape} needs "
                 f"{shape[0] * shape[1]} (shape disagrees with its bytes)"
             )
-        # A frozen dataclass's __init__ sets each field through object.__setattr__; filling
-        # __dict__ directly builds the same object at a third of the cost (this loop is the open path).
-        row = new(ModuleLoRA)
-        row.__dict__.update(
-            module=modules[i], rank=r, alpha=al[i], a=fa[a0:a1].reshape(r, fi), b=fb[b0:b1].reshape(fo, r)
-        )
-        rows.append(row)
-    return rows
+    a0, b0 = oa[0], ob[0]
+    fa, fb = fa[a0 : oa[-1]], fb[b0 : ob[-1]]
+    if a0:
+        oa = [o - a0 for o in oa]
+    if b0:
+        ob = [o - b0 for o in ob]
+    return _Run(modules, rl, al, fil, fol, oa, ob, fa, fb)
 
 
 def _check_rows(
     modules: list[Any], ranks: list[int], alphas: list[float], fins: list[int], fouts: list[int]
 ) -> None:
     """Names, ranks, shapes and alphas of one batch's rows against the limits."""
-    match = _MODULE_RE.match
-    for module in modules:
-        if not isinstance(module, str) or len(module) > MAX_MODULE_LEN or not match(module):
-            check_module_name(module)
+    # one regex over all the names (each on its own line) instead of one call per name
+    try:
+        ok = _MODULES_RE.match("\n".join(modules) + "\n") is not None
+    except TypeError:  # not all strings
+        ok = False
+    if not ok:
+        match = _MODULE_RE.match
+        for module in modules:
+            if not isinstance(module, str) or len(module) > MAX_MODULE_LEN or not match(module):
+                check_module_name(module)
     if min(ranks) < 1 or max(ranks) > MAX_RANK:
         i = next(i for i, r in enumerate(ranks) if not 1 <= r <= MAX_RANK)
         raise CardError(f"module {modules[i]!r}: rank {ranks[i]} is 0, negative or absurd (limit {MAX_RANK})")
@@ -554,9 +784,9 @@ def _check_rows(
         raise CardError(
             f"module {modules[i]!r}: shape in={fins[i]} out={fouts[i]} is out of range 1..{MAX_FEATURES}"
         )
-    for i, a in enumerate(alphas):
-        if not math.isfinite(a):
-            raise CardError(f"module {modules[i]!r}: alpha is not finite")
+    if not all(map(math.isfinite, alphas)):
+        i = next(i for i, a in enumerate(alphas) if not math.isfinite(a))
+        raise CardError(f"module {modules[i]!r}: alpha is not finite")
 
 
 def _check_schema(schema: pa.Schema) -> CardHeader:
@@ -623,19 +853,29 @@ class LoRACard:
                 raise CardError(
                     f"record batch {i} has schema ({_schema_str(b.schema)}), expected ({_schema_str(expect)})"
                 )
-        rows: list[ModuleLoRA] = []
-        for b in self._batches:
-            rows.extend(_batch_rows(b, header.dtype))
-        if len(rows) > MAX_ROWS:
-            raise CardError(f"card has {len(rows)} modules; the limit is {MAX_ROWS}")
-        if not rows:
+        runs = [_batch_run(b, header.dtype) for b in self._batches]
+        names = [n for r in runs for n in r.names]
+        if len(names) > MAX_ROWS:
+            raise CardError(f"card has {len(names)} modules; the limit is {MAX_ROWS}")
+        if not names:
             raise CardError("card has no modules")
-        seen: set[str] = set()
-        for m in rows:
-            if m.module in seen:
-                raise CardError(f"module {m.module!r} appears twice")
-            seen.add(m.module)
-        self._modules = rows
+        if len(set(names)) != len(names):
+            seen: set[str] = set()
+            dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+            raise CardError(f"module {dup!r} appears twice")
+        self._runs_ = runs
+        self._rows: list[ModuleLoRA] | None = None
+        self._n = len(names)
+        self._map: pa.Buffer | None = None  # the whole mapped file, for an opened card
+
+    @property
+    def _modules(self) -> list[ModuleLoRA]:
+        """The rows as `ModuleLoRA` (numpy views), built on first use: opening does not need them."""
+        rows = self._rows
+        if rows is None:
+            rows = [m for r in self._runs_ for m in r.rows()]
+            self._rows = rows
+        return rows
 
     # -- construction
     @classmethod
@@ -748,8 +988,7 @@ class LoRACard:
         batches = []
         for i in range(n):
             try:
-                b = reader.get_batch(i)
-                b.validate(full=True)
+                b = reader.get_batch(i)  # fully validated below, in LoRACard() (_batch_run)
             except (pa.ArrowException, OSError, ValueError, IndexError) as e:
                 raise CardError(f"{p}: record batch {i} is corrupt or truncated: {e}") from None
             # Tensors must be views of the mapping: a compressed (or otherwise copied) body is refused.
@@ -765,7 +1004,9 @@ class LoRACard:
         if sum(b.num_rows for b in batches) > MAX_ROWS:
             raise CardError(f"{p}: more than {MAX_ROWS} module rows")
         try:
-            return cls(header, batches, path=p)
+            card = cls(header, batches, path=p)
+            card._map = buf
+            return card
         except CardError as e:
             raise CardError(f"{p}: {e}") from None
 
@@ -834,7 +1075,7 @@ class LoRACard:
         return list(self._modules)
 
     def __len__(self) -> int:
-        return len(self._modules)
+        return self._n
 
     def __iter__(self) -> Iterator[ModuleLoRA]:
         return iter(self._modules)
@@ -858,50 +1099,52 @@ class LoRACard:
 
     @property
     def tensor_nbytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes for m in self._modules)
+        return sum(r.flat_a.nbytes + r.flat_b.nbytes for r in self._runs_)
 
     @property
     def shapes(self) -> list[tuple[str, int, int]]:
         """(module, in_features, out_features) per row: what the base fingerprint hashes."""
-        return [(m.module, m.in_features, m.out_features) for m in self._modules]
+        return [t for r in self._runs_ for t in zip(r.names, r.fins, r.fouts, strict=True)]
 
     def __repr__(self) -> str:
         return f"LoRACard({self.ref}, {len(self)} modules, {self.dtype}, digest={self.digest[:12]})"
 
     # -- verification
     def compute_digest(self) -> str:
-        return compute_digest(self._header, self._modules)
+        h = hashlib.sha256()
+        for piece in _run_pieces(self._header, self._runs_)[0]:
+            h.update(piece)
+        return h.hexdigest()
 
     def check_values(self) -> None:
-        """Raise CardError naming the first module with a NaN or Inf."""
-        for m in self._modules:
-            for label, arr in (("lora_a", m.a), ("lora_b", m.b)):
-                if not _all_finite(arr, self.dtype):
-                    raise CardError(f"module {m.module!r}: {label} has NaN or Inf values")
+        """Raise CardError naming the first module with a NaN or Inf.
+
+        One scan per record batch and column (a batch's A matrices lie end to end); only a
+        batch that fails is scanned module by module, to name the culprit.
+        """
+        dtype = self.dtype
+        for run in self._runs_:
+            if _all_finite(run.flat_a, dtype) and _all_finite(run.flat_b, dtype):
+                continue
+            for m in run.rows():
+                for label, arr in (("lora_a", m.a), ("lora_b", m.b)):
+                    if not _all_finite(arr, dtype):
+                        raise CardError(f"module {m.module!r}: {label} has NaN or Inf values")
+
+    def digest_job(self, *, threaded: bool | None = None) -> DigestJob:
+        """Start computing this card's digest (in a helper thread when big); see `DigestJob`."""
+        return DigestJob(self._header, (), threaded=threaded, pieces=_run_pieces(self._header, self._runs_))
 
     def _values_and_digest(self) -> str:
-        """check_values() then compute_digest(); on big cards the value scan runs in a helper
-        thread while this one hashes (both release the GIL), so verify costs about one sha256 pass."""
-        if self.tensor_nbytes < _PARALLEL_VERIFY_BYTES or (os.cpu_count() or 1) < 2:
-            self.check_values()
-            return self.compute_digest()
-        failed: list[BaseException] = []
-
-        def scan() -> None:
-            try:
-                self.check_values()
-            except BaseException as e:  # handed to the caller below
-                failed.append(e)
-
-        t = threading.Thread(target=scan, name="loraflight-verify", daemon=True)
-        t.start()
+        """check_values() and compute_digest(); the hash runs in a helper thread (DigestJob)
+        while this thread scans the values, so verify costs about one sha256 pass."""
+        job = self.digest_job()
         try:
-            digest = self.compute_digest()
-        finally:
-            t.join()
-        if failed:
-            raise failed[0]
-        return digest
+            self.check_values()
+        except BaseException:
+            job.cancel()
+            raise
+        return job.result()
 
     def verify(
         self,
@@ -915,26 +1158,9 @@ class LoRACard:
         the card must be signed by one of them.
         """
         digest = self._values_and_digest()
-        if digest != self._header.digest:
-            raise CardError(
-                f"{self.ref}: digest mismatch: the header says {self._header.digest[:16]}… but the content "
-                f"hashes to {digest[:16]}…; the card was tampered with or corrupted"
-            )
-        signed = self._header.signature is not None
-        if signed:
-            _verify_signature(self._header)
-        elif require_signed or trusted is not None:
-            raise TrustError(f"{self.ref} is unsigned, but a signature by a trusted key is required")
-        trusted_ok: bool | None = None
-        if trusted is not None:
-            tset = set(trusted)
-            trusted_ok = self._header.signer_key in tset or self._header.signer in tset
-            if not trusted_ok:
-                raise TrustError(
-                    f"{self.ref} is signed by {self._header.signer}, which is not a trusted key; "
-                    "add its public key with 'loraflight trust add' if you trust it"
-                )
-        return Verification(digest, signed, self._header.signer, trusted_ok)
+        check_digest_matches(self, digest)
+        trusted_ok = check_signature(self._header, trusted, require_signed=require_signed)
+        return Verification(digest, self._header.signature is not None, self._header.signer, trusted_ok)
 
     # -- signing
     def sign(self, key: Any) -> LoRACard:
@@ -955,7 +1181,8 @@ class LoRACard:
         schema = card_schema(header.dtype, {METADATA_KEY: header.to_json()})
         batches = [pa.record_batch(b.columns, schema=schema) for b in self._batches]
         card = LoRACard.__new__(LoRACard)
-        card._header, card._batches, card._path, card._modules = header, batches, None, self._modules
+        card._header, card._batches, card._path = header, batches, None
+        card._runs_, card._rows, card._n, card._map = self._runs_, self._rows, self._n, self._map
         return card
 
     # -- writing
@@ -992,19 +1219,50 @@ class LoRACard:
 
     # -- torch (lazy)
     def torch_tensors(self, module: str | None = None) -> dict[str, tuple[Any, Any]]:
-        """{module: (A, B)} as torch tensors sharing memory with the card (read-only; do not write)."""
+        """{module: (A, B)} as torch tensors sharing memory with the card (zero copy).
+
+        The tensors are views into the card's buffers (for an opened card: the read-only file
+        mapping). Never write into them: writing into a read-only mapping crashes the process.
+        Copy (``.clone()``, ``.to(...)``) to get tensors you may modify. One ``from_numpy`` per
+        record batch and column, then one ``split`` (or ``unbind`` when the rows share a shape)
+        and a ``view`` per tensor.
+        """
         import torch
 
-        out = {}
+        bf16 = self.dtype == "bfloat16"
+        out: dict[str, tuple[Any, Any]] = {}
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            for m in self._modules:
-                if module is not None and m.module != module:
-                    continue
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we only read
+            if module is not None:
+                if not any(module in r.names for r in self._runs_):
+                    return out
+                m = self[module]
                 a, b = torch.from_numpy(m.a), torch.from_numpy(m.b)
-                if self.dtype == "bfloat16":
+                if bf16:
                     a, b = a.view(torch.bfloat16), b.view(torch.bfloat16)
-                out[m.module] = (a, b)
+                return {m.module: (a, b)}
+            whole, base = None, 0
+            if self._map is not None:  # one tensor over the whole mapping, sliced per batch
+                whole = torch.from_numpy(np.frombuffer(self._map, np.uint8))
+                base = self._map.address
+            tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+            for run in self._runs_:
+                fa, fb = run.flat_a, run.flat_b
+                if whole is not None:
+                    oa, ob = fa.ctypes.data - base, fb.ctypes.data - base
+                    ta = whole[oa : oa + fa.nbytes].view(tdt)
+                    tb = whole[ob : ob + fb.nbytes].view(tdt)
+                else:
+                    ta, tb = torch.from_numpy(fa), torch.from_numpy(fb)
+                    if bf16:
+                        ta, tb = ta.view(torch.bfloat16), tb.view(torch.bfloat16)
+                out.update(
+                    zip(
+                        run.names,
+                        zip(_split_views(ta, run.shapes_a()), _split_views(tb, run.shapes_b()), strict=True),
+                        strict=True,
+                    )
+                )
         return out
 
     def matches(self, pattern: str) -> bool:
@@ -1040,14 +1298,30 @@ def _as_storage(arr: np.ndarray, dtype: str, what: str) -> np.ndarray:
 
 
 def _all_finite(arr: np.ndarray, dtype: str) -> bool:
-    """True when no element is NaN or Inf; scans the bits in chunks with one small scratch buffer."""
-    wdt, mask = _EXP_MASK[dtype]
-    flat = np.ascontiguousarray(arr).reshape(-1).view(wdt)
+    """True when no element is NaN or Inf; scans in chunks with one small scratch buffer.
+
+    float32 uses numpy's vectorised isfinite; the 16-bit kinds test the exponent bits (numpy's
+    float16 isfinite is ten times slower, and bfloat16 is raw words).
+    """
+    flat = np.ascontiguousarray(arr).reshape(-1)
     if flat.size == 0:
         return True
-    scratch = np.empty(min(flat.size, _FINITE_CHUNK), wdt)
-    for i in range(0, flat.size, _FINITE_CHUNK):
-        chunk = flat[i : i + _FINITE_CHUNK]
+    n = min(flat.size, _FINITE_CHUNK)
+    if dtype == "float32":
+        vals = flat.view(np.float32)
+        ok = np.empty(n, np.bool_)
+        for i in range(0, flat.size, _FINITE_CHUNK):
+            chunk = vals[i : i + _FINITE_CHUNK]
+            out = ok[: chunk.size]
+            np.isfinite(chunk, out=out)
+            if not out.all():
+                return False
+        return True
+    wdt, mask = _EXP_MASK[dtype]
+    words = flat.view(wdt)
+    scratch = np.empty(n, wdt)
+    for i in range(0, words.size, _FINITE_CHUNK):
+        chunk = words[i : i + _FINITE_CHUNK]
         out = scratch[: chunk.size]
         np.bitwise_and(chunk, mask, out=out)
         if int(out.max()) == mask:
@@ -1074,6 +1348,55 @@ def _verify_signature(header: CardHeader) -> None:
         raise TrustError(
             f"{header.ref}: bad signature: it does not match the digest and signer key"
         ) from None
+
+
+def check_digest_matches(card: LoRACard, digest: str) -> None:
+    """Raise CardError when `digest` (recomputed from the content) differs from the header's."""
+    if digest != card.header.digest:
+        raise CardError(
+            f"{card.ref}: digest mismatch: the header says {card.header.digest[:16]}… but the content "
+            f"hashes to {digest[:16]}…; the card was tampered with or corrupted"
+        )
+
+
+def check_signature(
+    header: CardHeader, trusted: Iterable[str] | None, *, require_signed: bool = False
+) -> bool | None:
+    """The signature half of `LoRACard.verify`, for a header whose digest is established.
+
+    A present signature must be valid; with `trusted` (public keys or signer ids) or
+    `require_signed` one must be present, and with `trusted` it must be by one of them.
+    Returns the trust decision (None when none was asked for).
+    """
+    if header.signature is not None:
+        _verify_signature(header)
+    elif require_signed or trusted is not None:
+        raise TrustError(f"{header.ref} is unsigned, but a signature by a trusted key is required")
+    if trusted is None:
+        return None
+    tset = trusted if isinstance(trusted, (set, frozenset)) else set(trusted)
+    if header.signer_key not in tset and header.signer not in tset:
+        raise TrustError(
+            f"{header.ref} is signed by {header.signer}, which is not a trusted key; "
+            "add its public key with 'loraflight trust add' if you trust it"
+        )
+    return True
+
+
+def _split_views(flat: Any, shapes: Sequence[tuple[int, ...]]) -> Sequence[Any]:
+    """Views of consecutive 2-D tensors laid end to end in the 1-D torch tensor `flat`."""
+    first = shapes[0]
+    if all(s == first for s in shapes):
+        return flat.view(len(shapes), *first).unbind(0)
+    return [t.view(s) for t, s in zip(flat.split([s[0] * s[1] for s in shapes]), shapes, strict=True)]
+
+
+def _get_a(m: ModuleLoRA) -> np.ndarray:
+    return m.a
+
+
+def _get_b(m: ModuleLoRA) -> np.ndarray:
+    return m.b
 
 
 def _to_batches(mods: Sequence[ModuleLoRA], header: CardHeader) -> list[pa.RecordBatch]:
