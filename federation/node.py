@@ -47,7 +47,7 @@ from .metrics import NodeMetrics
 from .peers import Peer, PeerInfo, PeerTable
 from .protocol import PROTOCOL_VERSION, CatalogEntry
 from .security import ClientTLS, ServerTLS
-from .server import CardServer
+from .server import CardServer, _edge
 from .store import Store
 from .sync import SyncPolicy, sync
 
@@ -85,6 +85,7 @@ class NodeServer(CardServer):
             (ACTION_STATUS, "node-info plus peers and adapters loaded into the engine"),
         ]
 
+    @_edge  # errors become one Flight error with a message, never a traceback sent to the client
     def do_action(self, context: Any, action: Any) -> Any:
         if action.type == ACTION_PEERS:
             return iter(

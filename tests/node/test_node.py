@@ -369,3 +369,21 @@ def test_a_failed_sync_round_does_not_end_syncing(
             n1.store.add(tiny_card("b", 1), published=True)  # its notify triggers another round
             wait_for(lambda: {e.name for e in n2.store.list()} == {"a", "b"}, what="both cards on n2")
             assert 'loraflight_failures_total{kind="sync"} 1.0' in n2.metrics.text()
+
+
+def test_a_failing_status_action_sends_no_traceback(tmp_path: Path, fleet: str) -> None:
+    import sqlite3
+
+    from engine.errors import LoraflightError
+
+    with Node(node_config(tmp_path / "n", fleet, **{"discovery.enabled": False})) as n:
+        assert n.store is not None
+        db = n.store._db
+        n.store._db = sqlite3.connect(":memory:")  # no tables: status() fails inside the node
+        try:
+            with pytest.raises(LoraflightError) as ei:
+                node_action(n.uri, "status")
+        finally:
+            n.store._db.close()
+            n.store._db = db
+        assert "internal error" in str(ei.value) and "Traceback" not in str(ei.value)
