@@ -220,6 +220,7 @@ def hash_batch(digest: CardDigest, batch: pa.RecordBatch, dtype: str, check_fini
 
 
 _WRITEBACK_STEP = 4 << 20
+_WRITE_BUFFER = 256 << 10
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _sync_file_range: Any = None  # resolved on first use; False where unavailable
 
@@ -308,8 +309,11 @@ class StagedCard:
         self._written_back = 0  # bytes of the temp file handed to writeback (_start_writeback)
         self.tmp = store._tmp_path()
         try:
-            # a native file: writes release the GIL while the receiver and hasher run
-            self._file: Any = pa.OSFile(str(self.tmp), "wb")
+            # a native file: writes release the GIL while the receiver and hasher run. Buffered:
+            # the IPC writer's many small pieces (metadata, offsets, padding) go out in one
+            # write() and its position queries cost no lseek; tensor buffers pass straight through.
+            self._raw: Any = pa.OSFile(str(self.tmp), "wb")
+            self._file: Any = pa.BufferedOutputStream(self._raw, _WRITE_BUFFER)
             self._writer = pa.ipc.new_file(
                 self._file, schema, options=pa.ipc.IpcWriteOptions(compression=None)
             )
@@ -381,7 +385,7 @@ class StagedCard:
             if self._workers:  # a multi-batch card: let the disk start on what is written
                 pos = self._file.tell()
                 if pos - self._written_back >= _WRITEBACK_STEP:
-                    _start_writeback(self._file.fileno(), self._written_back, pos - self._written_back)
+                    _start_writeback(self._raw.fileno(), self._written_back, pos - self._written_back)
                     self._written_back = pos
         except (OSError, pa.ArrowException) as e:
             if isinstance(e, OSError):
@@ -436,10 +440,11 @@ class StagedCard:
                 self._writer.close()
                 assert self._file is not None
                 try:
-                    os.fsync(self._file.fileno())  # the writer's own descriptor: no second open
+                    self._file.flush()
+                    os.fsync(self._raw.fileno())  # the writer's own descriptor: no second open
                 finally:
-                    self._file.close()
-                    self._file = None
+                    self._file.close()  # closes the raw file too
+                    self._file = self._raw = None
             except OSError as e:
                 raise _disk_error(e, f"cannot store {self.header.ref}") from None
             except pa.ArrowException as e:
@@ -489,10 +494,11 @@ class StagedCard:
                 self._finish_worker()
         with contextlib.suppress(Exception):
             self._writer.close()
-        if getattr(self, "_file", None) is not None:
-            with contextlib.suppress(Exception):
-                self._file.close()
-            self._file = None
+        for attr in ("_file", "_raw"):
+            if getattr(self, attr, None) is not None:
+                with contextlib.suppress(Exception):
+                    getattr(self, attr).close()
+                setattr(self, attr, None)
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
 
