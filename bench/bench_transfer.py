@@ -391,7 +391,9 @@ def main() -> None:
                 )
             )
         else:
-            rows.append(("one TCP stream on loopback", "iperf3 (not installed)", "—", "—", "skipped"))
+            rows.append(
+                ("one TCP stream on loopback", "iperf3 (not installed or failed)", "—", "—", "skipped")
+            )
         rows += [
             (
                 f"{args.mib} MiB transfer, receive only",
