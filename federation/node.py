@@ -137,6 +137,7 @@ class Node:
         self._pool: ThreadPoolExecutor | None = None
         self._loaded: dict[str, tuple[int, str]] = {}  # name -> (version, digest)
         self._load_lock = threading.Lock()
+        self._engine_pins: set[str] = set()  # digests pinned because the engine holds them
         # children whose lineage parents have not reached the store yet: digest -> entry
         self._awaiting_parents: dict[str, CatalogEntry] = {}
         self._status_lock = threading.Lock()
@@ -683,13 +684,9 @@ class Node:
                     trust=trust,
                     resolver=lambda d: store.path_of(d) if store.entry_exists(d) else None,
                 )
-                self.store.pin(entry.digest)
-                old = self._loaded.get(entry.name)
-                if old is not None:
-                    with contextlib.suppress(LoraflightError):
-                        self.store.unpin(old[1])
                 self._loaded[entry.name] = (entry.version, entry.digest)
                 self._loaded_at[entry.name] = time.time()
+                self._repin()
             except (EngineError, TrustError) as e:
                 log.warning("not loading %s: %s", entry.ref, e)
                 self.metrics.failures.labels("load").inc()
@@ -725,6 +722,37 @@ class Node:
             except LoraflightError as e:
                 log.warning("unloading %s: %s", entry.ref, e)
             del self._loaded[entry.name]
+            self._repin()
+
+    def _repin(self) -> None:
+        """Pin what the engine holds: every loaded card and its lineage ancestors (never evicted).
+
+        Unpins what this node pinned before and no longer needs (a swapped-out version). Parents
+        loaded through a child's lineage are pinned too, so eviction cannot take a file a loaded
+        child needs again after a restart. Caller holds `_load_lock`.
+        """
+        store = self.store
+        if store is None:
+            return
+        need: set[str] = set()
+        todo = [d for _, d in self._loaded.values()]
+        for _ in range(100_000):  # bounded: each digest is expanded once
+            if not todo:
+                break
+            d = todo.pop()
+            if d in need:
+                continue
+            need.add(d)
+            e = store.entry(d)
+            if e is not None:
+                todo.extend(e.header.lineage)
+        for d in need - self._engine_pins:
+            with contextlib.suppress(LoraflightError):
+                store.pin(d)
+        for d in self._engine_pins - need:
+            with contextlib.suppress(LoraflightError):
+                store.unpin(d)
+        self._engine_pins = need
 
     # ------------------------------------------------------------------ export
 

@@ -387,3 +387,30 @@ def test_a_failing_status_action_sends_no_traceback(tmp_path: Path, fleet: str) 
             n.store._db.close()
             n.store._db = db
         assert "internal error" in str(ei.value) and "Traceback" not in str(ei.value)
+
+
+def test_lineage_parent_of_a_loaded_child_is_never_evicted(tmp_path: Path, fleet: str, signer) -> None:
+    """A loaded child holds its parent: swapping the parent's name to a newer version must not let
+    the store's LRU cap take the old parent's file."""
+    from engine.authoring.compose import make_child
+
+    key, pub = signer
+    parent = tiny_card("base-skill", 1, key=key)
+    child = make_child(parent, tiny_card("tone", 1, seed=5), name="tone", key=key)
+    parent2 = tiny_card("base-skill", 2, key=key, seed=3)
+    cap = sum(len(c.to_bytes()) for c in (parent, child, parent2)) + 64
+    cfg = node_config(
+        tmp_path / "n",
+        fleet,
+        **{"discovery.enabled": False, "trust.keys": [pub], "store_max_bytes": cap},
+    )
+    with Node(cfg, engine=_engine()) as n:
+        assert n.store is not None
+        for card in (parent, child, parent2):  # fetched cards: evictable unless pinned
+            n.store.add(card, source="grpc://peer:1")
+            assert n.wait_idle()
+        assert n.loaded()["base-skill"]["version"] == 2 and "tone" in n.loaded()
+        n.store.add(tiny_card("filler", 1, seed=9), source="grpc://peer:1")  # over the cap
+        assert n.wait_idle()
+        assert n.store.entry_exists(parent.digest)  # tone@1 still needs it
+        assert n.store.entry(parent.digest).pinned
