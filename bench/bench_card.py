@@ -6,7 +6,9 @@ one run, alternating the tools (A B A B) so drift hits both alike, medians of --
 --warmup runs:
 
   open + reach every tensor      LoRACard.open + torch views   vs  safetensors.torch.load_file, safe_open
-  same, copied into preallocated torch tensors (what a load really costs)
+  same, copied into preallocated torch tensors (what a load really costs): LoRACard.read_into
+                                 (one memcpy per tensor from the mapping) vs load_file + copy_;
+                                 also torch views + copy_, and os.preadv straight into the tensors
   verify                         values + digest, GB/s         vs  hashlib.sha256 over the same bytes
 
     python -m bench card [--repeats 30] [--warmup 5] [--dir DIR]
@@ -141,6 +143,26 @@ def main(argv: list[str] | None = None) -> int:
                 return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
         def card_copy() -> None:
+            LoRACard.open(card_path).read_into(dst)  # one memcpy per tensor from the mapping
+
+        dst_bytes = {m: (a.numpy().data.cast("B"), b.numpy().data.cast("B")) for m, (a, b) in dst.items()}
+
+        def card_preadv() -> None:
+            """Experiment: each batch column read with one os.preadv from the file straight into
+            the destination tensors (no page faults through the mapping)."""
+            card = LoRACard.open(card_path)
+            base = card._map.address  # the bench reaches into the card layout
+            fd = os.open(card_path, os.O_RDONLY)
+            try:
+                for run in card._runs_:
+                    for col, flat in ((0, run.flat_a), (1, run.flat_b)):
+                        bufs = [dst_bytes[n][col] for n in run.names]
+                        got = os.preadv(fd, bufs, flat.ctypes.data - base)
+                        assert got == flat.nbytes, "short read"
+            finally:
+                os.close(fd)
+
+        def card_views_copy() -> None:
             for m, (a, b) in LoRACard.open(card_path).torch_tensors().items():
                 da, db = dst[m]
                 da.copy_(a)
@@ -168,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             args.warmup,
         )
         copy = paired(
-            {"card": card_copy, "load_file": st_load_copy, "safe_open": st_open_copy},
+            {
+                "card": card_copy,
+                "card_views": card_views_copy,
+                "load_file": st_load_copy,
+                "safe_open": st_open_copy,
+            },
             args.repeats,
             args.warmup,
         )
@@ -220,6 +247,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| open + copy into preallocated torch tensors | {ms(copy['card'])} | safetensors `{comp}` + `copy_` | "
             f"{ms(copy[comp])} | {copy[comp] / copy['card']:.2f}x | >= 2x vs load_file |"
         )
+    print(
+        f"| (alternative) open + torch views + `copy_` per tensor | {ms(copy['card_views'])} | safetensors "
+        f"`load_file` + `copy_` | {ms(copy['load_file'])} | {copy['load_file'] / copy['card_views']:.2f}x | |"
+    )
+    print(
+        f"| (experiment) open + `os.preadv` per batch column into the tensors | {ms(copy['card_preadv'])} | "
+        f"safetensors `load_file` + `copy_` | {ms(copy['load_file'])} | "
+        f"{copy['load_file'] / copy['card_preadv']:.2f}x | |"
+    )
     gbs = tensor_bytes / ver["verify"] / 1e9
     sha = len(blob) / ver["sha256"] / 1e9
     print(

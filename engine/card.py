@@ -538,25 +538,27 @@ def _run_pieces(header: CardHeader, runs: Sequence[_Run]) -> tuple[list[Any], in
 
 
 _THREAD_HASH_BYTES = 256 << 10  # from this size DigestJob hashes in a helper thread
-_GATHER_BYTES = 32 << 20  # the stream is gathered and hashed in chunks of about this size
+_GATHER_BYTES = 8 << 20  # default: the first 8 MiB of the stream are gathered for a GIL-free start
 _HASH_TIMEOUT_S = 60.0  # plus 1 s per 100 MB: a bound on waiting for the helper, never reached
 
 
 class DigestJob:
     """A card's digest, computed in a helper thread while the caller does other work.
 
-    Theory: hashlib releases the GIL while it hashes a large buffer, so sha256 can run on
-    another core beside Python work. But a helper that makes many calls (one per tensor)
-    must re-take the GIL after each, and while the calling thread runs Python that wait
-    lasts up to the interpreter's switch interval (5 ms) *per call*. So the caller first
-    gathers the stream into one contiguous buffer (a memcpy, a fraction of the hash's
-    cost) and the helper hashes it in one call that never needs the GIL; streams above
-    32 MiB are gathered and hashed chunk by chunk (the helper gathers the later chunks,
-    `bytes.join` also releasing the GIL), so the extra memory stays bounded.
+    Theory: hashlib releases the GIL while it hashes a buffer of 2 KiB or more, so sha256
+    runs on another core beside Python work. But a helper that hashes tensor by tensor must
+    re-take the GIL after each call, and while the calling thread runs Python that wait lasts
+    up to the interpreter's switch interval (5 ms) *per call*. So the caller first gathers the
+    start of the stream (`gather` bytes, 8 MiB by default: all of a typical card) into one
+    contiguous buffer, a memcpy at a fraction of the hash's cost, and the helper hashes it in
+    one call that never needs the GIL; the rest of a bigger stream is hashed piece by piece
+    (its GIL waits are bounded by the caller's Python time, small against such a hash). A
+    caller that only runs GIL-light numpy work meanwhile (`LoRACard.verify`) passes
+    ``gather=0``: the helper starts hashing at once.
 
     Small streams (below 256 KiB) or a single core: hashed right here, in the constructor.
-    `result()` waits (bounded) and returns the hex digest; `cancel()` stops a job whose
-    result is no longer wanted after the chunk in progress.
+    `result()` waits (bounded) and returns the hex digest; `cancel()` stops a job whose result
+    is no longer wanted (between pieces).
     """
 
     def __init__(
@@ -565,6 +567,7 @@ class DigestJob:
         modules: Sequence[ModuleLoRA],
         *,
         threaded: bool | None = None,
+        gather: int = _GATHER_BYTES,
         pieces: tuple[list[Any], int] | None = None,
     ) -> None:
         pieces_, total = _digest_pieces(header, modules) if pieces is None else pieces
@@ -582,29 +585,25 @@ class DigestJob:
                 h.update(piece)
             self._digest = h.hexdigest()
             return
-        chunks: list[list[Any]] = [[]]
-        size = 0
-        for piece in pieces_:
-            n = len(piece) if isinstance(piece, bytes) else piece.nbytes
-            if size and size + n > _GATHER_BYTES:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(piece)
-            size += n
-        first = b"".join(chunks[0])
+        k, size = 0, 0
+        while k < len(pieces_) and size < gather:
+            piece = pieces_[k]
+            size += len(piece) if isinstance(piece, bytes) else piece.nbytes
+            k += 1
+        first = b"".join(pieces_[:k]) if k > 1 else (pieces_[0] if k else b"")
         self._thread = threading.Thread(
-            target=self._run, args=(first, chunks[1:]), name="loraflight-digest", daemon=True
+            target=self._run, args=(first, pieces_[k:]), name="loraflight-digest", daemon=True
         )
         self._thread.start()
 
-    def _run(self, first: bytes, rest: list[list[Any]]) -> None:
+    def _run(self, first: Any, rest: list[Any]) -> None:
         try:
             h = hashlib.sha256()
             h.update(first)  # one call: the GIL stays released for the whole buffer
-            for chunk in rest:
+            for piece in rest:
                 if self._cancelled:
                     return
-                h.update(b"".join(chunk))
+                h.update(piece)
             self._digest = h.hexdigest()
         except BaseException as e:  # handed to the caller by result()
             self._error = e
@@ -1131,14 +1130,16 @@ class LoRACard:
                     if not _all_finite(arr, dtype):
                         raise CardError(f"module {m.module!r}: {label} has NaN or Inf values")
 
-    def digest_job(self, *, threaded: bool | None = None) -> DigestJob:
+    def digest_job(self, *, threaded: bool | None = None, gather: int = _GATHER_BYTES) -> DigestJob:
         """Start computing this card's digest (in a helper thread when big); see `DigestJob`."""
-        return DigestJob(self._header, (), threaded=threaded, pieces=_run_pieces(self._header, self._runs_))
+        return DigestJob(
+            self._header, (), threaded=threaded, gather=gather, pieces=_run_pieces(self._header, self._runs_)
+        )
 
     def _values_and_digest(self) -> str:
         """check_values() and compute_digest(); the hash runs in a helper thread (DigestJob)
         while this thread scans the values, so verify costs about one sha256 pass."""
-        job = self.digest_job()
+        job = self.digest_job(gather=0)  # this thread only scans values with numpy (GIL-light)
         try:
             self.check_values()
         except BaseException:
@@ -1265,6 +1266,39 @@ class LoRACard:
                 )
         return out
 
+    def read_into(self, dst: Mapping[str, tuple[Any, Any]]) -> None:
+        """Copy every module's A and B into existing arrays: ``dst[module] = (A, B)``.
+
+        The destinations are writable, C-contiguous numpy arrays or CPU torch tensors of the
+        card's shapes and dtype (bfloat16: torch.bfloat16 tensors, or uint16/int16 arrays of the
+        raw words). One single-threaded memcpy per tensor from the card's buffers (for an opened
+        card: the file mapping). Reading the file with ``os.preadv`` straight into the
+        destinations was measured no faster (bench/bench_card.py shows both). Values are not
+        checked here: `verify()` first when the card is untrusted.
+        """
+        pairs: list[tuple[memoryview, memoryview]] = []
+        for run in self._runs_:
+            src_a, src_b = _c(run.flat_a).data.cast("B"), _c(run.flat_b).data.cast("B")
+            isz = run.flat_a.itemsize
+            for i, (name, sa, sb) in enumerate(zip(run.names, run.shapes_a(), run.shapes_b(), strict=True)):
+                got = dst.get(name)
+                if got is None:
+                    raise CardError(f"read_into: no destination for module {name!r}")
+                pairs.append(
+                    (
+                        _writable_bytes(got[0], sa, self.dtype, f"{name} A"),
+                        src_a[run.oa[i] * isz : run.oa[i + 1] * isz],
+                    )
+                )
+                pairs.append(
+                    (
+                        _writable_bytes(got[1], sb, self.dtype, f"{name} B"),
+                        src_b[run.ob[i] * isz : run.ob[i + 1] * isz],
+                    )
+                )
+        for d, src in pairs:  # all destinations checked before the first byte is written
+            d[:] = src
+
     def matches(self, pattern: str) -> bool:
         return fnmatch.fnmatchcase(self.name, pattern)
 
@@ -1389,6 +1423,35 @@ def _split_views(flat: Any, shapes: Sequence[tuple[int, ...]]) -> Sequence[Any]:
     if all(s == first for s in shapes):
         return flat.view(len(shapes), *first).unbind(0)
     return [t.view(s) for t, s in zip(flat.split([s[0] * s[1] for s in shapes]), shapes, strict=True)]
+
+
+def _writable_bytes(obj: Any, shape: tuple[int, int], dtype: str, what: str) -> memoryview:
+    """A writable byte view of a destination array/tensor, checked against shape and dtype."""
+    if not isinstance(obj, np.ndarray):  # a torch tensor (imported lazily by the caller's world)
+        import torch
+
+        if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+            raise CardError(f"read_into: {what}: need a numpy array or a CPU torch tensor")
+        want = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        if obj.dtype != want:
+            raise CardError(f"read_into: {what}: dtype {obj.dtype}, the card holds {dtype}")
+        obj = obj.detach().view(torch.int16).numpy() if obj.dtype == torch.bfloat16 else obj.detach().numpy()
+        arr = obj.view(np.uint16) if dtype == "bfloat16" else obj
+    else:
+        arr = obj
+        ok = (
+            (arr.dtype.kind in "ui" and arr.dtype.itemsize == 2)
+            if dtype == "bfloat16"
+            else (arr.dtype == DTYPES[dtype])
+        )
+        if not ok:
+            raise CardError(f"read_into: {what}: dtype {arr.dtype}, the card holds {dtype}")
+    if tuple(arr.shape) != tuple(shape) or not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise CardError(
+            f"read_into: {what}: need a writable C-contiguous array of shape {tuple(shape)}, "
+            f"got shape {tuple(arr.shape)}"
+        )
+    return arr.data.cast("B")
 
 
 def _get_a(m: ModuleLoRA) -> np.ndarray:
