@@ -178,6 +178,9 @@ class Node:
         return self
 
     def _start(self, cfg: NodeConfig) -> None:
+        # A node may be started again after stop(): its loops must not see the old stop signal.
+        self._stop.clear()
+        self._wake_peers.clear()
         root = cfg.store_path
         self.identity = NodeIdentity.load_or_create(root / "identity")
         self.store = Store(root, max_bytes=cfg.store_max_bytes or None, trust=cfg.trust.entry)

@@ -414,3 +414,21 @@ def test_lineage_parent_of_a_loaded_child_is_never_evicted(tmp_path: Path, fleet
         assert n.wait_idle()
         assert n.store.entry_exists(parent.digest)  # tone@1 still needs it
         assert n.store.entry(parent.digest).pinned
+
+
+def test_a_stopped_node_started_again_syncs_again(tmp_path: Path, fleet: str) -> None:
+    c1 = node_config(tmp_path / "n1", fleet, **{"discovery.enabled": False})
+    with Node(c1) as n1:
+        c2 = node_config(tmp_path / "n2", fleet, **{"discovery.enabled": False, "discovery.peers": [n1.uri]})
+        n2 = Node(c2)
+        n2.start()
+        n2.stop()
+        n2.start()  # the same object again: its peer and sync loops must run
+        try:
+            wait_for(lambda: n2.peers.live(), what="the restarted node to see its peer")
+            n1.store.add(tiny_card("a", 1), published=True)
+            wait_for(
+                lambda: [e.name for e in n2.store.list()] == ["a"], what="a synced to the restarted node"
+            )
+        finally:
+            n2.stop()
