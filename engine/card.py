@@ -21,6 +21,7 @@ lazily.
 
 from __future__ import annotations
 
+import _thread
 import base64
 import contextlib
 import dataclasses
@@ -576,7 +577,7 @@ class DigestJob:
         self._digest: str | None = None
         self._error: BaseException | None = None
         self._cancelled = False
-        self._thread: threading.Thread | None = None
+        self._threaded = False
         if threaded is None:
             threaded = total >= _THREAD_HASH_BYTES and (os.cpu_count() or 1) >= 2
         if not threaded:
@@ -591,10 +592,12 @@ class DigestJob:
             size += len(piece) if isinstance(piece, bytes) else piece.nbytes
             k += 1
         first = b"".join(pieces_[:k]) if k > 1 else (pieces_[0] if k else b"")
-        self._thread = threading.Thread(
-            target=self._run, args=(first, pieces_[k:]), name="loraflight-digest", daemon=True
-        )
-        self._thread.start()
+        # A bare thread: threading.Thread.start() would block this thread until the new one
+        # has been scheduled, which on a busy host costs milliseconds; this way the helper
+        # starts hashing as soon as it gets a core and this thread next releases the GIL.
+        self._done = threading.Event()
+        _thread.start_new_thread(self._run, (first, pieces_[k:]))
+        self._threaded = True
 
     def _run(self, first: Any, rest: list[Any]) -> None:
         try:
@@ -607,19 +610,16 @@ class DigestJob:
             self._digest = h.hexdigest()
         except BaseException as e:  # handed to the caller by result()
             self._error = e
+        finally:
+            self._done.set()
 
     def cancel(self) -> None:
         self._cancelled = True
 
     def result(self) -> str:
         """The hex digest (waits for the helper, bounded by a generous timeout)."""
-        t = self._thread
-        if t is not None:
-            t.join(_HASH_TIMEOUT_S + self.nbytes / 100e6)
-            if t.is_alive():
-                raise CardError(
-                    f"hashing {self.nbytes} bytes did not finish in time; the machine is overloaded"
-                )
+        if self._threaded and not self._done.wait(_HASH_TIMEOUT_S + self.nbytes / 100e6):
+            raise CardError(f"hashing {self.nbytes} bytes did not finish in time; the machine is overloaded")
         if self._error is not None:
             raise CardError(f"hashing the card failed: {self._error}") from self._error
         if self._digest is None:
