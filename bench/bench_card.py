@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "card": card_copy,
                 "card_views": card_views_copy,
+                "card_preadv": card_preadv,
                 "load_file": st_load_copy,
                 "safe_open": st_open_copy,
             },
