@@ -98,14 +98,26 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+MAX_KEY_FILE = 64 * 1024  # a PEM key is a few hundred bytes
+
+
+def _read_key_file(p: Path, what: str) -> bytes:
+    """A key file's bytes; refuses (without reading it all) anything far larger than a key."""
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_KEY_FILE + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {p}: {e.strerror}") from None
+    if len(data) > MAX_KEY_FILE:
+        raise ConfigError(f"{p} is larger than {MAX_KEY_FILE} bytes: not a {what} file")
+    return data
+
+
 def load_private(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     p = Path(path)
     if p.is_dir():
         p = p / PRIVATE_NAME
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read private key {p}: {e.strerror}") from None
+    data = _read_key_file(p, "private key")
     with contextlib.suppress(OSError):
         if os.stat(p).st_mode & 0o077:
             log.warning("private key %s is readable by other users; chmod 600 it", p)
@@ -123,10 +135,7 @@ def load_public(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     p = Path(path)
     if p.is_dir():
         p = p / PUBLIC_NAME
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read public key {p}: {e.strerror}") from None
+    data = _read_key_file(p, "public key")
     if b"PRIVATE KEY" in data:
         return load_private(p).public_key()
     try:
