@@ -34,6 +34,9 @@ _IFF_LOOPBACK = 0x8
 _IFF_MULTICAST = 0x1000
 _LOOP_TIMEOUT = 10.0  # bound on any wait for the loop thread
 _GOODBYE_GRACE = 2.0  # seconds after a goodbye during which updates of that name are ignored
+# Bounds against a LAN that announces service names without end (a hostile or broken host):
+MAX_NAMES = 4096  # instance names tracked at once; events of further new names are dropped
+MAX_RESOLVES = 256  # resolve tasks in flight at once
 
 
 @dataclass(frozen=True)
@@ -420,6 +423,11 @@ class Discovery:
         """Browser handler: runs on the loop; only schedules work."""
         from zeroconf import ServiceStateChange
 
+        if name not in self._gen and len(self._gen) >= MAX_NAMES:
+            self._prune_names()
+            if len(self._gen) >= MAX_NAMES:
+                log.debug("mDNS: tracking %d names already; ignoring %s", MAX_NAMES, name)
+                return
         gen = self._gen[name] = self._gen.get(name, 0) + 1
         loop = asyncio.get_running_loop()
         if state_change is ServiceStateChange.Removed:
@@ -432,9 +440,20 @@ class Discovery:
         if not added and loop.time() - self._removed_at.get(name, float("-inf")) < _GOODBYE_GRACE:
             # The goodbye's own records (TTL 0, kept ~1 s in the cache) must not resurrect the peer.
             return
+        if len(self._tasks) >= MAX_RESOLVES:
+            log.debug("mDNS: %d resolves in flight; not resolving %s now", MAX_RESOLVES, name)
+            return
         task = asyncio.ensure_future(self._resolve(name, added, gen))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _prune_names(self) -> None:
+        """Forget names that are neither known peers nor being resolved (loop only)."""
+        now = asyncio.get_running_loop().time()
+        for n in list(self._gen):
+            if n not in self._names and now - self._removed_at.get(n, float("-inf")) >= _GOODBYE_GRACE:
+                del self._gen[n]
+                self._removed_at.pop(n, None)
 
     async def _resolve(self, name: str, added: bool, gen: int) -> None:
         from zeroconf.asyncio import AsyncServiceInfo

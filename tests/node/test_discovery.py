@@ -121,3 +121,29 @@ def test_failed_start_closes_what_it_opened() -> None:
         d.start()
     d.stop()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_flood_of_service_names_stays_bounded() -> None:
+    """A host announcing endless instance names cannot grow the tables or the resolve tasks."""
+    import asyncio
+
+    from zeroconf import ServiceStateChange
+
+    from federation.discovery import MAX_NAMES, MAX_RESOLVES, SERVICE_TYPE
+
+    d = Discovery(node_id="me", fleet="f", port=1, proto="1.0", interfaces=["127.0.0.1"])
+
+    async def flood() -> tuple[int, int]:
+        d._names["peer-0"] = "n0"  # a known peer is kept through pruning
+        for i in range(MAX_NAMES + 500):
+            d._on_change(None, SERVICE_TYPE, f"peer-{i}.{SERVICE_TYPE}", ServiceStateChange.Added)
+        d._on_change(None, SERVICE_TYPE, "peer-0", ServiceStateChange.Updated)
+        seen = (len(d._gen), len(d._tasks))
+        for t in list(d._tasks):
+            t.cancel()
+        await asyncio.gather(*d._tasks, return_exceptions=True)
+        return seen
+
+    names, tasks = asyncio.run(flood())
+    assert names <= MAX_NAMES and tasks <= MAX_RESOLVES
+    assert "peer-0" in d._gen
