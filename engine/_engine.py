@@ -11,6 +11,13 @@ layers are put into the model, the snapshot reference is swapped, and layers
 no longer needed get their original module objects back. If anything fails
 before the commit, nothing has changed.
 
+Verification runs beside a load (``_Verifying``): the card's digest is hashed
+in a helper thread (``engine.card.DigestJob``) from the first step, while this
+thread checks the fit, copies the tensors (checking the copies finite) and
+builds the candidate snapshot; the digest and the trust decision are awaited
+in ``_commit`` just before the swap (before any merged weight is computed from
+the new tensors), so the full verification costs little more than the sha256.
+
 A forward pre-hook on the model captures the snapshot once per forward; the
 wrapped layers read that capture, so a forward sees one whole adapter set.
 Putting original modules back is deferred while any forward is in flight

@@ -5,6 +5,8 @@ Public helpers (used by the engine and by authoring):
 - ``card_tensors(card, device=None, dtype=None, *, scale=False)`` → ``{module: (A, B)}``
   owned tensors (A: (rank, in), B: (out, rank)); ``scale=True`` folds the module's
   LoRA scale (alpha/r or alpha/sqrt(r)) into B.
+- ``copy_card_tensors(card, targets, *, check_finite=False)``: the engine's copy, each
+  module to its own (device, dtype), optionally checking the copies finite.
 - ``card_from_tensors(modules, *, name, alpha=None, dtype=None, **header)`` → ``LoRACard``.
 - ``model_shapes(model, modules)`` / ``model_fingerprint(model, modules)``: the
   (module, in, out) triples and base fingerprint of a model's Linear layers.

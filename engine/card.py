@@ -543,6 +543,33 @@ _GATHER_BYTES = 8 << 20  # default: the first 8 MiB of the stream are gathered f
 _HASH_TIMEOUT_S = 60.0  # plus 1 s per 100 MB: a bound on waiting for the helper, never reached
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_CPUS = _cpus()
+
+
+def _spare_core() -> bool:
+    """Whether a helper thread would find a core of its own right now.
+
+    Linux's /proc/loadavg counts the tasks running or runnable at this instant (this thread
+    included). When every core is taken, a helper only adds two context switches and a
+    wake-up delay, so the caller hashes inline instead.
+    """
+    if _CPUS < 2:
+        return False
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return running < _CPUS
+
+
 class DigestJob:
     """A card's digest, computed in a helper thread while the caller does other work.
 
@@ -557,7 +584,8 @@ class DigestJob:
     caller that only runs GIL-light numpy work meanwhile (`LoRACard.verify`) passes
     ``gather=0``: the helper starts hashing at once.
 
-    Small streams (below 256 KiB) or a single core: hashed right here, in the constructor.
+    Small streams (below 256 KiB), a single core, or no idle core at this moment (every core
+    running something, by /proc/loadavg): hashed right here, in the constructor.
     `result()` waits (bounded) and returns the hex digest; `cancel()` stops a job whose result
     is no longer wanted (between pieces).
     """
@@ -579,7 +607,7 @@ class DigestJob:
         self._cancelled = False
         self._threaded = False
         if threaded is None:
-            threaded = total >= _THREAD_HASH_BYTES and (os.cpu_count() or 1) >= 2
+            threaded = total >= _THREAD_HASH_BYTES and _spare_core()
         if not threaded:
             h = hashlib.sha256()
             for piece in pieces_:

@@ -60,10 +60,10 @@ def test_threaded_digest_equals_the_reference_and_cancel_is_safe() -> None:
     want = compute_digest(card.header, card.modules)
     assert want == card.digest
     for gather in (0, 1000, 1 << 30):
-        assert card.digest_job(gather=gather).result() == want
+        assert card.digest_job(gather=gather, threaded=True).result() == want
         assert card.digest_job(threaded=False).result() == want
     assert DigestJob(card.header, card.modules).result() == want
-    job = card.digest_job(gather=0)
+    job = card.digest_job(gather=0, threaded=True)
     job.cancel()
     try:  # a cancelled job either finished first or says it was cancelled
         assert job.result() == want
