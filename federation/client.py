@@ -34,6 +34,7 @@ from .protocol import (
     ACTION_HEALTH,
     ACTION_NODE_INFO,
     ACTION_NOTIFY,
+    MAX_CARD_BYTES,
     PUBLISH_OP,
     CatalogEntry,
     Criteria,
@@ -68,6 +69,7 @@ class Client:
         backoff: float = 0.1,
         max_entries: int = 100_000,
         fetch_timeout: float = 600.0,
+        max_card_bytes: int = MAX_CARD_BYTES,
     ) -> None:
         self.uri = normalize_uri(uri, tls is not None)
         self.token = token
@@ -77,6 +79,8 @@ class Client:
         self.backoff = backoff
         self.max_entries = max_entries
         self.fetch_timeout = fetch_timeout
+        # a peer's advertised size bounds a transfer, and this local limit bounds what it may advertise
+        self.max_card_bytes = max_card_bytes
         self._conn = _connect(self.uri, tls)
         self._peers: dict[str, Client] = {}
         self._lock = threading.Lock()
@@ -318,6 +322,11 @@ class Client:
         progress: Progress | None,
         known: Sequence[str] = (),
     ) -> tuple[LoRACard, CatalogEntry | None]:
+        if entry.size > self.max_card_bytes:
+            raise PeerError(
+                f"{self.uri} advertises {entry.ref} at {entry.size} bytes, more than this client's limit of "
+                f"{self.max_card_bytes}; refused (raise max_card_bytes if such cards are expected)"
+            )
         deadline = time.monotonic() + self.fetch_timeout
         opts = self._opts(timeout=self.fetch_timeout)
         reader = self._call("do_get", lambda: self._conn.do_get(flight.Ticket(entry.digest.encode()), opts))

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from engine.card import METADATA_KEY, CardHeader, card_schema, check_digest, check_name
+from engine.card import MAX_ROWS, METADATA_KEY, CardHeader, card_schema, check_digest, check_name
 from engine.errors import (
     AuthError,
     CardError,
@@ -279,6 +279,8 @@ def entry_from_flight_info(info: Any) -> CatalogEntry:
     size, rows = int(info.total_bytes), int(info.total_records)
     if size <= 0 or rows <= 0:
         raise PeerError(f"peer listed {header.ref} with size {size} and rows {rows}; both must be > 0")
+    if rows > MAX_ROWS:
+        raise PeerError(f"peer listed {header.ref} with {rows} rows; a card has at most {MAX_ROWS}")
     return CatalogEntry(header=header, size=size, rows=rows, locations=tuple(dedupe(locs)), header_json=raw)
 
 
@@ -290,9 +292,23 @@ def descriptor_ref(path: list[bytes]) -> tuple[str, str]:
         name, version = (p.decode("utf-8") for p in path)
     except UnicodeDecodeError:
         raise CardError("descriptor path is not UTF-8") from None
-    if version != "latest" and not version.isdigit():
-        raise CardError(f"version {version!r} must be a positive integer or 'latest'")
-    return check_name(name), version
+    return check_name(name), check_version(version)
+
+
+_VERSION_RE = re.compile(r"[0-9]{1,16}")
+# Largest card a node accepts by do_put or fetches from a peer, unless configured otherwise.
+MAX_CARD_BYTES = 8 << 30
+
+
+def check_version(version: object) -> str:
+    """A requested version: 'latest' or a decimal integer 1 ≤ v < 2**53, as a string."""
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(version)
+    if version == "latest":
+        return "latest"
+    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version) or not 1 <= int(version) < 2**53:
+        raise CardError(f"version {version!r} must be a positive integer (below 2**53) or 'latest'")
+    return version
 
 
 def parse_ticket(ticket: bytes) -> str:

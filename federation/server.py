@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from engine.card import FORMAT_VERSION, METADATA_KEY, LoRACard, card_schema
+from engine.card import FORMAT_VERSION, METADATA_KEY, LoRACard, card_schema, check_name
 from engine.errors import CardError, ConfigError, LoraflightError, StoreError
 
 from ._testing import pause_point
@@ -36,10 +36,12 @@ from .protocol import (
     ACTION_NODE_INFO,
     ACTION_NOTIFY,
     ACTIONS,
+    MAX_CARD_BYTES,
     PROTOCOL_VERSION,
     PUBLISH_OP,
     BusyError,
     CatalogEntry,
+    check_version,
     descriptor_ref,
     entry_to_flight_info,
     parse_criteria,
@@ -60,7 +62,7 @@ MAP_CACHE = 256  # open card maps kept for do_get (address space only; pages are
 class Limits:
     """Bounds against hostile or overloaded peers."""
 
-    max_card_bytes: int = 8 << 30  # largest card accepted by do_put
+    max_card_bytes: int = MAX_CARD_BYTES  # largest card accepted by do_put
     # do_get streams at once: each holds about one batch (≤ 4 MiB) in gRPC's send buffers, so
     # this bounds the server's memory; callers beyond it wait up to get_wait_s, then get 'busy'.
     max_concurrent_gets: int = 4
@@ -388,7 +390,7 @@ class CardServer(flight.FlightServerBase):
                 name, version = req.get("name"), req.get("version", "latest")
                 if not isinstance(name, str):
                     raise CardError('delete body must be {"digest": hex} or {"name": n, "version": v}')
-                digest = self.store.find(name, version).digest
+                digest = self.store.find(check_name(name), check_version(version)).digest
             entry = self.store.remove(digest)
             body = {"removed": entry.digest, "ref": entry.ref, "epoch": self.store.epoch}
         else:

@@ -1,6 +1,7 @@
 """Hostile peers and refused callers: each refusal names the problem and changes nothing."""
 
 import dataclasses
+import json
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -219,3 +220,32 @@ def test_node_without_write_tokens_accepts_no_writes(make_store, make_server):
         ):
             c.publish(make_card("w", 1))
     assert len(s) == 0 and list(s.tmp_dir.iterdir()) == []
+
+
+def test_advertised_size_beyond_the_local_limit_refused_before_any_byte(make_store):
+    # A peer's own claim bounds a transfer; the client's limit bounds the claim.
+    s = make_store()
+    real = make_card("huge", 1, nbytes=2 << 20, modules=2)
+    server = HostileServer(honest_entry(real), real.schema, real.batches)
+    before = snapshot(s)
+    with server, Client(server.uri, retries=0, timeout=10, max_card_bytes=1 << 20) as c:
+        with pytest.raises(PeerError, match="more than this client's limit"):
+            c.fetch("huge", 1, store=s)
+        with pytest.raises(PeerError, match="more than this client's limit"):
+            c.fetch("huge", 1)
+    assert snapshot(s) == before
+    s.close()
+
+
+@pytest.mark.parametrize("version", ["99999999999999999999", "²", "-1", "0", "1.5"])
+def test_absurd_versions_refused_with_a_reason_not_an_internal_error(make_store, make_server, version):
+    s = make_store()
+    srv = make_server(s, write_tokens=["w"])
+    with flight.connect(("127.0.0.1", srv.port)) as raw:
+        with pytest.raises(flight.FlightError, match="positive integer") as e:
+            raw.get_flight_info(flight.FlightDescriptor.for_path("x", version))
+        assert "internal" not in str(e.value).lower()
+        opts = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer w")])
+        body = json.dumps({"name": "x", "version": version}).encode()
+        with pytest.raises(flight.FlightError, match="positive integer"):
+            list(raw.do_action(flight.Action("delete", body), opts))
