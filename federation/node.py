@@ -51,6 +51,9 @@ from .server import CardServer, _edge
 from .store import Store
 from .sync import SyncPolicy, sync
 
+# addresses of one peer tried per probe, each for up to intervals.health_timeout
+_PROBE_ADDRESSES = 4
+
 log = logging.getLogger(__name__)
 
 ACTION_PEERS = "peers"
@@ -427,7 +430,7 @@ class Node:
             return
         timeout = self.config.intervals.health_timeout
         futs = {self._pool.submit(self._probe, uris, timeout): peer for peer, uris in due}
-        done, _ = wait(futs, timeout=timeout * 3 + 1.0)
+        done, _ = wait(futs, timeout=timeout * _PROBE_ADDRESSES + 1.0)
         for f, peer in futs.items():
             if f in done and f.exception() is None:
                 uri, info, err = f.result()
@@ -439,7 +442,7 @@ class Node:
 
     def _probe(self, uris: list[str], timeout: float) -> tuple[str | None, PeerInfo | None, str]:
         err = "no address"
-        for uri in uris[:4]:
+        for uri in uris[:_PROBE_ADDRESSES]:
             if self._stop.is_set():
                 return None, None, "stopping"
             try:
