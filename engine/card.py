@@ -624,12 +624,20 @@ class DigestJob:
         # has been scheduled, which on a busy host costs milliseconds; this way the helper
         # starts hashing as soon as it gets a core and this thread next releases the GIL.
         self._done = threading.Event()
-        _thread.start_new_thread(self._run, (first, pieces_[k:]))
+        started = _thread.allocate_lock()
+        started.acquire()
+        _thread.start_new_thread(self._run, (first, pieces_[k:], started))
         self._threaded = True
+        # Hand the GIL over: wait (GIL released) until the helper is inside its first hash call.
+        # Else it waits for this thread to release the GIL long enough, which Python code does
+        # only every few calls (or after the 5 ms switch interval). Bounded; the helper's
+        # scheduling delay is all it costs, and this thread's work is shorter than the hash.
+        started.acquire(timeout=0.005)
 
-    def _run(self, first: Any, rest: list[Any]) -> None:
+    def _run(self, first: Any, rest: list[Any], started: Any) -> None:
         try:
             h = hashlib.sha256()
+            started.release()  # the caller may go on: this thread holds the GIL until update()
             h.update(first)  # one call: the GIL stays released for the whole buffer
             for piece in rest:
                 if self._cancelled:
