@@ -7,8 +7,8 @@ one run, alternating the tools (A B A B) so drift hits both alike, medians of --
 
   open + reach every tensor      LoRACard.open + torch views   vs  safetensors.torch.load_file, safe_open
   same, copied into preallocated torch tensors (what a load really costs): LoRACard.read_into
-                                 (one memcpy per tensor from the mapping) vs load_file + copy_;
-                                 also torch views + copy_, and os.preadv straight into the tensors
+                                 (os.preadv per batch column straight into the tensors) vs
+                                 load_file + copy_; also torch views + copy_, and a bare preadv
   verify                         values + digest, GB/s         vs  hashlib.sha256 over the same bytes
 
     python -m bench card [--repeats 30] [--warmup 5] [--dir DIR]
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
         def card_copy() -> None:
-            LoRACard.open(card_path).read_into(dst)  # one memcpy per tensor from the mapping
+            LoRACard.open(card_path).read_into(dst)  # os.preadv per batch column into the tensors
 
         dst_bytes = {m: (a.numpy().data.cast("B"), b.numpy().data.cast("B")) for m, (a, b) in dst.items()}
 

@@ -198,3 +198,18 @@ def test_torch_views_and_read_into(tmp_path: Path) -> None:
         card.read_into({**dst, "m0": (dst["m0"][0].float(), dst["m0"][1])})
     with pytest.raises(CardError, match="no destination"):
         card.read_into({k: v for k, v in dst.items() if k != "m4"})
+
+
+def test_read_into_reads_the_opened_file_even_after_it_is_replaced(tmp_path: Path) -> None:
+    first, second = big_card("r", seed=1), big_card("r", seed=2, version=2)
+    path = first.write(tmp_path / "r.lora.arrow")
+    opened = LoRACard.open(path)
+    dst = {m.module: (np.empty_like(m.a), np.empty_like(m.b)) for m in first}
+    opened.read_into(dst)  # unchanged file: read with preadv
+    assert all(np.array_equal(dst[m.module][0], m.a) and np.array_equal(dst[m.module][1], m.b) for m in first)
+    second.write(path)  # replaced by rename: the opened card still reads its own bytes
+    for a, b in dst.values():
+        a.fill(0)
+        b.fill(0)
+    opened.read_into(dst)
+    assert all(np.array_equal(dst[m.module][0], m.a) and np.array_equal(dst[m.module][1], m.b) for m in first)
