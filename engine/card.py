@@ -35,6 +35,7 @@ import operator
 import os
 import re
 import struct
+import sys
 import tempfile
 import threading
 import warnings
@@ -1516,16 +1517,15 @@ def _skip(bufs: list[memoryview], n: int) -> list[memoryview]:
 
 def _writable_bytes(obj: Any, shape: tuple[int, int], dtype: str, what: str) -> memoryview:
     """A writable byte view of a destination array/tensor, checked against shape and dtype."""
-    if not isinstance(obj, np.ndarray):  # a torch tensor (imported lazily by the caller's world)
-        import torch
-
-        if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+    if not isinstance(obj, np.ndarray):  # a torch tensor: torch is imported if one exists
+        torch: Any = sys.modules.get("torch")
+        if torch is None or not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
             raise CardError(f"read_into: {what}: need a numpy array or a CPU torch tensor")
-        want = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-        if obj.dtype != want:
+        if str(obj.dtype) != "torch." + dtype:
             raise CardError(f"read_into: {what}: dtype {obj.dtype}, the card holds {dtype}")
-        obj = obj.detach().view(torch.int16).numpy() if obj.dtype == torch.bfloat16 else obj.detach().numpy()
-        arr = obj.view(np.uint16) if dtype == "bfloat16" else obj
+        if obj.requires_grad:
+            obj = obj.detach()
+        arr = obj.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else obj.numpy()
     else:
         arr = obj
         ok = (
