@@ -28,8 +28,12 @@ test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine federation tests bench
-	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff check loraflight engine federation tests bench
+	$(VENV)/bin/ruff format --check loraflight engine federation tests bench
+	rm -rf .typecheck && mkdir -p .typecheck/loraflight
+	cp loraflight/*.py loraflight/py.typed .typecheck/loraflight/
+	ln -s ../../engine .typecheck/loraflight/engine && ln -s ../../federation .typecheck/loraflight/federation
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -38,4 +42,4 @@ fuzz: $(STAMP)
 	$(PY) -m bench fuzz --cases 100000
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .typecheck build dist

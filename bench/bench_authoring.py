@@ -56,8 +56,8 @@ def bench_train(steps: int, repeats: int, warmup: int) -> list[tuple[str, str, s
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from engine.authoring import builtin_dataset, demo_config, evaluate, load_minilm
-    from engine.authoring.train import LoRAInjection, _pair_loss, split_records
+    from loraflight.engine.authoring import builtin_dataset, demo_config, evaluate, load_minilm
+    from loraflight.engine.authoring.train import LoRAInjection, _pair_loss, split_records
 
     loaded = load_minilm()
     if loaded is None:
@@ -124,7 +124,7 @@ def bench_train(steps: int, repeats: int, warmup: int) -> list[tuple[str, str, s
 def bench_route(repeats: int, warmup: int) -> list[tuple[str, str, str, str]]:
     from sentence_transformers import SentenceTransformer, util
 
-    from engine.authoring import (
+    from loraflight.engine.authoring import (
         HashingEmbedder,
         MiniLMEmbedder,
         Router,
@@ -132,7 +132,7 @@ def bench_route(repeats: int, warmup: int) -> list[tuple[str, str, str, str]]:
         route_accuracy,
         router_labelled_set,
     )
-    from engine.card import CardHeader
+    from loraflight.engine.card import CardHeader
 
     data = router_labelled_set()
     cards, queries = data["cards"], data["queries"]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.card import LoRACard, ModuleLoRA
+from loraflight.engine.card import LoRACard, ModuleLoRA
 
 LAYERS, HIDDEN, RANK = 32, 4096, 16
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")

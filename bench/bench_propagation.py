@@ -52,7 +52,7 @@ def _machine() -> str:
 
 
 def _big_card(version: int, seed: int, key: Any) -> Any:
-    from engine.card import LoRACard, ModuleLoRA
+    from loraflight.engine.card import LoRACard, ModuleLoRA
 
     rng = np.random.default_rng(seed)
     mods = []
@@ -67,10 +67,10 @@ def _big_card(version: int, seed: int, key: Any) -> Any:
 
 def _skill_cards(key: Any, versions: int) -> list[Any]:
     """The demo's skill trained once on MiniLM, re-issued as versions 1..n (same tensors, new digests)."""
-    from engine.authoring.data import DEMO_CARD, builtin_dataset, demo_config
-    from engine.authoring.models import MINILM_ID, load_minilm
-    from engine.authoring.train import train_card
-    from engine.card import LoRACard
+    from loraflight.engine.authoring.data import DEMO_CARD, builtin_dataset, demo_config
+    from loraflight.engine.authoring.models import MINILM_ID, load_minilm
+    from loraflight.engine.authoring.train import train_card
+    from loraflight.engine.card import LoRACard
 
     loaded = load_minilm()
     if loaded is None:
@@ -95,8 +95,8 @@ def _skill_cards(key: Any, versions: int) -> list[Any]:
 
 
 def _direct_fetch(uri: str, name: str, version: int) -> float:
-    from federation.client import Client
-    from federation.store import Store
+    from loraflight.federation.client import Client
+    from loraflight.federation.store import Store
 
     with tempfile.TemporaryDirectory(prefix="lf-bench-fetch-") as d:
         store = Store(d)
@@ -215,7 +215,7 @@ def bench_big(lab: Any, n: int, repeats: int, key: Any) -> dict[str, Any]:
 
 
 def _inside(args: argparse.Namespace) -> int:
-    from engine import keys
+    from loraflight.engine import keys
     from tests.node.netns_lab import Lab
 
     ns = [int(x) for x in args.ns.split(",")]

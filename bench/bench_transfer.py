@@ -57,8 +57,8 @@ def _raw_flight_server(path_dir: str, tls: tuple[bytes, bytes] | None, q) -> Non
 
 
 def _card_server(root: str, tls: tuple[bytes, bytes] | None, q) -> None:
-    from federation import CardServer, ServerTLS, Store
-    from federation.server import Limits
+    from loraflight.federation import CardServer, ServerTLS, Store
+    from loraflight.federation.server import Limits
 
     tls_cfg = ServerTLS(tls[0], tls[1]) if tls else None
     s = CardServer(
@@ -259,7 +259,7 @@ def main() -> None:
 
     import pyarrow.flight as fl
 
-    from federation import Client, ClientTLS, Store, SyncPolicy, sync
+    from loraflight.federation import Client, ClientTLS, Store, SyncPolicy, sync
     from tests.federation.helpers import make_ca, make_card
 
     work = Path(tempfile.mkdtemp(prefix="lf-bench-"))

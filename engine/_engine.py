@@ -60,10 +60,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraflight.errors import CardError, EngineError, LoraflightError
+
 from ._lora import Delta, LoRALinear, RowPlan, Shared, Slot, Snapshot, merged_weight
 from ._torchio import TORCH_DTYPES, copy_card_tensors, dtype_name
 from .card import DigestJob, LoRACard, base_fingerprint, check_digest_matches, check_signature
-from .errors import CardError, EngineError, LoraflightError
 
 log = logging.getLogger(__name__)
 

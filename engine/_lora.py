@@ -170,7 +170,7 @@ def _mixed(snap: Snapshot, key: int, rows: RowPlan, x: torch.Tensor, y: torch.Te
         return y
     n = len(rows.index)
     if x.shape[0] != n:
-        from .errors import EngineError
+        from loraflight.errors import EngineError
 
         raise EngineError(
             f"mixed batch: {n} adapter names were given but a layer received a batch of {x.shape[0]} rows; "

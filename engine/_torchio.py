@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from loraflight.errors import CardError, EngineError
+
 from .card import LoRACard, ModuleLoRA, _all_finite, _split_views, base_fingerprint
-from .errors import CardError, EngineError
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .errors import CardError, TrustError
+from loraflight.errors import CardError, TrustError
+from loraflight.files import fsync_dir
 
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 0
@@ -1674,20 +1675,6 @@ def _map_file(p: Path) -> tuple[pa.Buffer, tuple[int, ...]]:
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename in it survives a crash."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def open_card(path: str | os.PathLike[str]) -> LoRACard:

@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import CardError, ConfigError
+from loraflight.errors import CardError, ConfigError
 
 log = logging.getLogger(__name__)
 

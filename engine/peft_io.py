@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from loraflight.errors import CardError
+from loraflight.files import fsync_dir
+
 from .card import (
     MAX_NAME_LEN,
     LoRACard,
@@ -37,9 +40,7 @@ from .card import (
     base_fingerprint,
     canonical_json,
     check_name,
-    fsync_dir,
 )
-from .errors import CardError
 
 log = logging.getLogger(__name__)
 

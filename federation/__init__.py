@@ -11,33 +11,35 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
-    "Store": "federation.store",
-    "StagedCard": "federation.store",
-    "CardServer": "federation.server",
-    "Limits": "federation.server",
-    "run_server": "federation.server",
-    "Client": "federation.client",
-    "ClientTLS": "federation.security",
-    "ServerTLS": "federation.security",
-    "load_tokens": "federation.security",
-    "SyncPolicy": "federation.sync",
-    "SyncReport": "federation.sync",
-    "SyncProgress": "federation.sync",
-    "Fetch": "federation.sync",
-    "plan_sync": "federation.sync",
-    "sync": "federation.sync",
-    "CatalogEntry": "federation.protocol",
-    "Criteria": "federation.protocol",
-    "CardNotFound": "federation.protocol",
-    "PROTOCOL_VERSION": "federation.protocol",
-    "NodeIdentity": "federation.identity",
-    "TrustedKey": "federation.trust",
+    "Store": "loraflight.federation.store",
+    "StagedCard": "loraflight.federation.store",
+    "CardServer": "loraflight.federation.server",
+    "Limits": "loraflight.federation.server",
+    "run_server": "loraflight.federation.server",
+    "Client": "loraflight.federation.client",
+    "ClientTLS": "loraflight.federation.security",
+    "ServerTLS": "loraflight.federation.security",
+    "load_tokens": "loraflight.federation.security",
+    "SyncPolicy": "loraflight.federation.sync",
+    "SyncReport": "loraflight.federation.sync",
+    "SyncProgress": "loraflight.federation.sync",
+    "Fetch": "loraflight.federation.sync",
+    "plan_sync": "loraflight.federation.sync",
+    "sync": "loraflight.federation.sync",
+    "CatalogEntry": "loraflight.federation.protocol",
+    "Criteria": "loraflight.federation.protocol",
+    "CardNotFound": "loraflight.errors",
+    "PROTOCOL_VERSION": "loraflight.federation.protocol",
+    "NodeIdentity": "loraflight.federation.identity",
+    "TrustedKey": "loraflight.federation.trust",
 }
 
 if TYPE_CHECKING:
+    from loraflight.errors import CardNotFound
+
     from .client import Client
     from .identity import NodeIdentity
-    from .protocol import PROTOCOL_VERSION, CardNotFound, CatalogEntry, Criteria
+    from .protocol import PROTOCOL_VERSION, CatalogEntry, Criteria
     from .security import ClientTLS, ServerTLS, load_tokens
     from .server import CardServer, Limits, run_server
     from .store import StagedCard, Store

@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard
-from engine.errors import (
+from loraflight.engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard
+from loraflight.errors import (
     CardError,
     ConflictError,
     LoraflightError,
@@ -230,7 +230,7 @@ class Client:
     ) -> LoRACard:
         entries = self.list(digest=digest)
         if not entries:
-            from .protocol import CardNotFound
+            from loraflight.errors import CardNotFound
 
             raise CardNotFound(f"{self.uri} holds no card with digest {digest[:16]}…")
         return self.fetch_entry(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine.errors import ConfigError
+from loraflight.errors import ConfigError
 
 _log = logging.getLogger(__name__)
 
@@ -497,7 +497,7 @@ def key_problem(value: str) -> str | None:
     p = Path(os.path.expanduser(v))
     if p.is_file():
         try:
-            from engine import keys
+            from loraflight.engine import keys
 
             keys.public_b64_from_file(p)
             return None
@@ -508,7 +508,7 @@ def key_problem(value: str) -> str | None:
 
 def resolve_keys(values: Iterable[str]) -> list[str]:
     """Trust entries (base64 keys or .pub paths) as base64 public keys."""
-    from engine import keys
+    from loraflight.engine import keys
 
     out = []
     for v in values:

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from engine.errors import LoraflightError
+from loraflight.errors import LoraflightError
 
 from .config import load_config
 from .node import Node
@@ -62,10 +62,10 @@ def run_demo(
     """Run the demo; returns {base_model, metric, before, after, propagation_s, ...}."""
     import dataclasses
 
-    from engine import Engine, keys
-    from engine.authoring.data import DEMO_CARD, builtin_dataset, demo_config
-    from engine.authoring.models import MINILM_ID, load_minilm, tiny_encoder
-    from engine.authoring.train import evaluate, split_records, train_card
+    from loraflight.engine import Engine, keys
+    from loraflight.engine.authoring.data import DEMO_CARD, builtin_dataset, demo_config
+    from loraflight.engine.authoring.models import MINILM_ID, load_minilm, tiny_encoder
+    from loraflight.engine.authoring.train import evaluate, split_records, train_card
 
     say = _Say(console)
     t_start = time.perf_counter()

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine import keys
-from engine.errors import StoreError
+from loraflight.engine import keys
+from loraflight.errors import StoreError
 
 NODE_ID_LEN = 16
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine.errors import ConfigError
+from loraflight.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine.card import LoRACard
-from engine.errors import ConfigError, EngineError, LoraflightError, PeerError, TrustError
+from loraflight.engine.card import LoRACard
+from loraflight.errors import ConfigError, EngineError, LoraflightError, PeerError, TrustError
 
 from .config import NodeConfig, parse_hostport, resolve_keys
 from .discovery import Discovery, interface_addresses, resolve_dns
@@ -776,7 +776,7 @@ class Node:
             return
         tmp = root / f".tmp-{entry.digest[:16]}"
         try:
-            from engine.peft_io import to_peft
+            from loraflight.engine.peft_io import to_peft
 
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -858,8 +858,8 @@ def build_engine(spec: str, device: str = "cpu") -> Any:
     """An `engine.Engine` around the base model named by `engine.base_model`."""
     import re
 
-    from engine import Engine
-    from engine.authoring.models import load_embedding_model, tiny_encoder
+    from loraflight.engine import Engine
+    from loraflight.engine.authoring.models import load_embedding_model, tiny_encoder
 
     m = re.fullmatch(r"tiny(?::(\d+))?", spec)
     if m:

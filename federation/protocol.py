@@ -21,10 +21,12 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from engine.card import MAX_ROWS, METADATA_KEY, CardHeader, card_schema, check_digest, check_name
-from engine.errors import (
+from loraflight.engine.card import MAX_ROWS, METADATA_KEY, CardHeader, card_schema, check_digest, check_name
+from loraflight.errors import (
     AuthError,
+    BusyError,
     CardError,
+    CardNotFound,
     ConfigError,
     ConflictError,
     LoraflightError,
@@ -54,16 +56,9 @@ MAX_ACTION_BODY = 64 * 1024
 
 
 def software_version() -> str:
-    try:
-        from importlib.metadata import version
+    from loraflight import __version__
 
-        return version("loraflight")
-    except Exception:  # not installed (running from a source tree)
-        return "0.1.0"
-
-
-class CardNotFound(LoraflightError, LookupError):
-    """No card with that name, version or digest in the store or on the peer."""
+    return __version__
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -351,10 +346,6 @@ _CODES: dict[str, tuple[type[LoraflightError], str]] = {
 _CODE_RE = re.compile(r"\[lf:([a-z]+)\] ?(.*)", re.S)
 
 
-class BusyError(PeerError):
-    """The peer is at its limit of concurrent transfers; retry later or elsewhere."""
-
-
 def error_code(exc: BaseException) -> str:
     for code, cls in (
         ("busy", BusyError),
@@ -437,8 +428,6 @@ __all__ = [
     "PROTOCOL_HEADER",
     "PROTOCOL_MAJOR",
     "PROTOCOL_VERSION",
-    "BusyError",
-    "CardNotFound",
     "CatalogEntry",
     "Criteria",
     "check_protocol",

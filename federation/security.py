@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.flight as flight
 
-from engine.errors import AuthError, ConfigError, PeerError
+from loraflight.errors import AuthError, ConfigError, PeerError
 
 from .protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, check_protocol, header_json_dict
 

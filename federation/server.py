@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from engine.card import FORMAT_VERSION, METADATA_KEY, LoRACard, card_schema, check_name
-from engine.errors import CardError, ConfigError, LoraflightError, StoreError
+from loraflight.engine.card import FORMAT_VERSION, METADATA_KEY, LoRACard, card_schema, check_name
+from loraflight.errors import BusyError, CardError, ConfigError, LoraflightError, StoreError
 
 from ._testing import pause_point
 from .identity import NodeIdentity
@@ -39,7 +39,6 @@ from .protocol import (
     MAX_CARD_BYTES,
     PROTOCOL_VERSION,
     PUBLISH_OP,
-    BusyError,
     CatalogEntry,
     check_version,
     descriptor_ref,

@@ -41,14 +41,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from engine.card import CARD_SUFFIX, METADATA_KEY, CardDigest, CardHeader, LoRACard, fsync_dir
-from engine.card import check_digest as _check_digest
-from engine.errors import CardError, ConflictError, StoreError, TrustError
-from engine.keys import load_public_b64, signer_id
+from loraflight.engine.card import CARD_SUFFIX, METADATA_KEY, CardDigest, CardHeader, LoRACard
+from loraflight.engine.card import check_digest as _check_digest
+from loraflight.engine.keys import load_public_b64, signer_id
+from loraflight.errors import CardError, CardNotFound, ConflictError, StoreError, TrustError
+from loraflight.files import fsync_dir
 
 from . import trust as _trust
 from ._testing import pause_point
-from .protocol import CardNotFound, CatalogEntry, Criteria
+from .protocol import CatalogEntry, Criteria
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _plain_schema(dtype: str) -> pa.Schema:
     """The card schema of `dtype` without metadata (built once per dtype)."""
     s = _PLAIN_SCHEMAS.get(dtype)
     if s is None:
-        from engine.card import card_schema
+        from loraflight.engine.card import card_schema
 
         s = _PLAIN_SCHEMAS[dtype] = card_schema(dtype)
     return s
@@ -151,7 +152,7 @@ def _value_span(arr: pa.Array, n: int, itemsize: int, label: str) -> tuple[memor
 def check_batch_finite(batch: pa.RecordBatch, dtype: str) -> None:
     """Refuse a received batch holding a NaN or Inf: one vectorised pass over each tensor
     column's whole value span (any alignment); a per-row scan only to name the culprit."""
-    from engine.card import DTYPES
+    from loraflight.engine.card import DTYPES
 
     if batch.num_columns != 7:
         raise CardError(f"a card batch has 7 columns, this one has {batch.num_columns}")
@@ -176,7 +177,7 @@ def hash_batch(digest: CardDigest, batch: pa.RecordBatch, dtype: str, check_fini
     bytes (bounds-checked against every advertised shape) instead of making numpy views;
     the full structural check runs on the written file before commit.
     """
-    from engine.card import DTYPES
+    from loraflight.engine.card import DTYPES
 
     if batch.num_columns != 7:
         raise CardError(f"a card batch has 7 columns, this one has {batch.num_columns}")

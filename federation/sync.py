@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine.errors import LoraflightError, PeerError
+from loraflight.errors import LoraflightError, PeerError
 
 from .protocol import CatalogEntry, dedupe
 from .security import ClientTLS

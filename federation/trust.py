@@ -15,8 +15,8 @@ import dataclasses
 import fnmatch
 from collections.abc import Mapping
 
-from engine.card import CardHeader
-from engine.errors import ConfigError, TrustError
+from loraflight.engine.card import CardHeader
+from loraflight.errors import ConfigError, TrustError
 
 MODES = ("open", "signed")
 
@@ -46,7 +46,7 @@ def check_mode(mode: str) -> str:
 
 def verify_signature(header: CardHeader) -> None:
     """Check the header's signature against its digest and signer key (TrustError if bad)."""
-    from engine.card import _verify_signature  # one definition of the signature rule
+    from loraflight.engine.card import _verify_signature  # one definition of the signature rule
 
     if header.signature is None:
         raise TrustError(f"{header.ref} is unsigned")
@@ -90,7 +90,7 @@ def check_entry(
 
 
 def _sid(key_b64: str) -> str:
-    from engine.keys import signer_id
+    from loraflight.engine.keys import signer_id
 
     try:
         return signer_id(key_b64)

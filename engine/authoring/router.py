@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from loraflight.errors import ConfigError
+
 from ..card import CardHeader, LoRACard
-from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

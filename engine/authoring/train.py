@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from loraflight.errors import TrainingError
+
 from ..card import DTYPES, MAX_RANK, SCALINGS, LoRACard, ModuleLoRA, base_fingerprint
-from ..errors import TrainingError
 from ._arrays import from_float
 
 log = logging.getLogger(__name__)

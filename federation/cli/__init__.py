@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from engine.errors import LoraflightError
+from loraflight.errors import LoraflightError
 
 from ._app import app, card_app, keys_app, trust_app
 

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine.card import CARD_SUFFIX, LoRACard
-from engine.errors import ConfigError
+from loraflight.engine.card import CARD_SUFFIX, LoRACard
+from loraflight.errors import ConfigError
 
 from ._app import app
 
@@ -28,7 +28,7 @@ _BUILTIN_PREFIX = "builtin:"
 def _key(path: Path | None) -> Any:
     if path is None:
         return None
-    from engine.keys import load_private
+    from loraflight.engine.keys import load_private
 
     return load_private(path)
 
@@ -91,9 +91,9 @@ def train_cmd(
     """Train a LoRA card from examples; print held-out metrics before and after."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engine.authoring import data as builtin
-    from engine.authoring.models import load_causal_model, load_embedding_model
-    from engine.authoring.train import TrainConfig, load_dataset, train_card
+    from loraflight.engine.authoring import data as builtin
+    from loraflight.engine.authoring.models import load_causal_model, load_embedding_model
+    from loraflight.engine.authoring.train import TrainConfig, load_dataset, train_card
 
     raw: dict[str, Any] = {}
     if data.startswith(_BUILTIN_PREFIX):
@@ -227,7 +227,7 @@ def extract_cmd(
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key file: sign the card.")] = None,
 ) -> None:
     """Extract a card from a weight delta by truncated SVD; print the kept energy per module."""
-    from engine.authoring.extract import extract_card
+    from loraflight.engine.authoring.extract import extract_card
 
     signing_key = _key(key)
     path = _out_path(out, name, version)
@@ -279,7 +279,7 @@ def compose_cmd(
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key file: sign the card.")] = None,
 ) -> None:
     """Combine cards: weighted sum (default), interpolation, or a child stacked on a parent."""
-    from engine.authoring.compose import compose_add, compose_interpolate, make_child
+    from loraflight.engine.authoring.compose import compose_add, compose_interpolate, make_child
 
     modes = sum(x is not None for x in (weight or None, interpolate, child_of))
     if modes > 1:
@@ -338,7 +338,7 @@ def route_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Rank cards (local files and peers' catalog headers) by how well their description fits the query."""
-    from engine.authoring.router import HashingEmbedder, MiniLMEmbedder, Router
+    from loraflight.engine.authoring.router import HashingEmbedder, MiniLMEmbedder, Router
 
     if embedder not in ("auto", "minilm", "hashing"):
         raise ConfigError(f"--embedder {embedder!r} is not one of auto, minilm, hashing")

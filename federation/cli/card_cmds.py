@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine import keys as keyfiles
-from engine.authoring._arrays import from_float
-from engine.card import CARD_SUFFIX, LoRACard, ModuleLoRA, Verification, base_fingerprint
-from engine.errors import CardError, ConfigError, LoraflightError
+from loraflight.engine import keys as keyfiles
+from loraflight.engine.authoring._arrays import from_float
+from loraflight.engine.card import CARD_SUFFIX, LoRACard, ModuleLoRA, Verification, base_fingerprint
+from loraflight.errors import CardError, ConfigError, LoraflightError
 
 from ._app import card_app, keys_app
 
@@ -209,7 +209,7 @@ def from_peft_cmd(
     key: Annotated[Path | None, typer.Option("--key", help="Also sign with this private key.")] = None,
 ) -> None:
     """Import a PEFT LoRA adapter folder as a card, exactly (refuses what a card cannot hold)."""
-    from engine.peft_io import from_peft
+    from loraflight.engine.peft_io import from_peft
 
     card = from_peft(
         directory,
@@ -232,7 +232,7 @@ def to_peft_cmd(
     directory: Annotated[Path, typer.Argument(help="Output PEFT adapter folder.")],
 ) -> None:
     """Export a card (after verifying it) as a PEFT adapter folder."""
-    from engine.peft_io import to_peft
+    from loraflight.engine.peft_io import to_peft
 
     card = LoRACard.open(file)
     to_peft(card, directory)

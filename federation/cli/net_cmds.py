@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 from rich.table import Column, Table
 
-from engine.errors import ConfigError
+from loraflight.errors import ConfigError
 
 from ._app import app, trust_app
 
@@ -26,14 +26,14 @@ TlsKey = typer.Option(None, "--tls-key", help="PEM client key (mutual TLS).")
 
 def _token(token_file: Path | None) -> str | None:
     if token_file is not None:
-        from federation.security import load_tokens
+        from loraflight.federation.security import load_tokens
 
         return load_tokens(token_file)[0]
     return os.environ.get("LORAFLIGHT_TOKEN") or None
 
 
 def _tls(ca: Path | None, cert: Path | None, key: Path | None, uri: str | None = None):
-    from federation.security import ClientTLS
+    from loraflight.federation.security import ClientTLS
 
     if ca is None and cert is None and key is None:
         if uri is not None and uri.startswith("grpc+tls"):
@@ -43,7 +43,7 @@ def _tls(ca: Path | None, cert: Path | None, key: Path | None, uri: str | None =
 
 
 def _client(uri: str, token_file: Path | None, ca: Path | None, cert: Path | None, key: Path | None):
-    from federation.client import Client
+    from loraflight.federation.client import Client
 
     tls = _tls(ca, cert, key, uri)
     return Client(uri, token=_token(token_file), tls=tls)
@@ -79,10 +79,10 @@ def serve(
 ) -> None:
     """Serve a store over Arrow Flight until SIGTERM/SIGINT (a node without discovery and sync)."""
     # One code path: `serve` is `node run` with discovery and sync off.
-    from federation.config import load_config
-    from federation.node import Node
-    from federation.security import load_tokens
-    from federation.server import normalize_uri
+    from loraflight.federation.config import load_config
+    from loraflight.federation.node import Node
+    from loraflight.federation.security import load_tokens
+    from loraflight.federation.server import normalize_uri
 
     cfg = load_config(
         env={},
@@ -168,7 +168,7 @@ def fetch(
     tls_key: Path | None = TlsKey,
 ) -> None:
     """Fetch a card (verified before it is stored) into a local store."""
-    from federation.store import Store
+    from loraflight.federation.store import Store
 
     name, version = _parse_ref(ref)
     with Store(store, trust=trust) as st, _client(source, token_file, tls_ca, tls_cert, tls_key) as c:
@@ -189,7 +189,7 @@ def publish(
     tls_key: Path | None = TlsKey,
 ) -> None:
     """Upload a card to a node (needs a write token)."""
-    from engine.card import LoRACard
+    from loraflight.engine.card import LoRACard
 
     card = LoRACard.open(file)
     card.verify()
@@ -213,8 +213,8 @@ def sync_cmd(
     tls_key: Path | None = TlsKey,
 ) -> None:
     """Pull what the peers have that the policy wants (newest versions, lineage included)."""
-    from federation.store import Store
-    from federation.sync import SyncPolicy, SyncProgress, sync
+    from loraflight.federation.store import Store
+    from loraflight.federation.sync import SyncPolicy, SyncProgress, sync
 
     policy = SyncPolicy(base_models=tuple(base_model), tags=tuple(tag), names=tuple(name))
     tls = _tls(tls_ca, tls_cert, tls_key, sources[0])
@@ -249,7 +249,7 @@ def sync_cmd(
 
 def _key_arg(key: str) -> str:
     """A key argument as base64: read from the file it names, else the text itself (a key or signer id)."""
-    from engine.keys import public_b64_from_file
+    from loraflight.engine.keys import public_b64_from_file
 
     try:
         is_file = Path(key).is_file()
@@ -268,7 +268,7 @@ def trust_add(
     ),
 ) -> None:
     """Trust a signing key in a store (used by the 'signed' entry policy)."""
-    from federation.store import Store
+    from loraflight.federation.store import Store
 
     b64 = _key_arg(key)
     with Store(store) as st:
@@ -282,7 +282,7 @@ def trust_list(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Keys a store trusts."""
-    from federation.store import Store
+    from loraflight.federation.store import Store
 
     with Store(store) as st:
         keys = list(st.trusted_keys().values())
@@ -305,7 +305,7 @@ def trust_remove(
     store: Path = typer.Option(Path("./loraflight-store"), "--store", help="Store directory."),
 ) -> None:
     """Stop trusting a key."""
-    from federation.store import Store
+    from loraflight.federation.store import Store
 
     ident = _key_arg(key)
     with Store(store) as st:

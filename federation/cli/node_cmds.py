@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from federation.config import KEYS, Key, check_file, load_config
+from loraflight.federation.config import KEYS, Key, check_file, load_config
 
 from ._app import app, node_app
 
@@ -71,7 +71,7 @@ def _run(config: Path | None, print_config: bool, **flags: Any) -> None:
         typer.echo(cfg.to_toml(), nl=False)
         return
     setup_logging(cfg.log.format, cfg.log.level)
-    from federation.node import Node
+    from loraflight.federation.node import Node
 
     node = Node(cfg)
     raise typer.Exit(node.run_forever())
@@ -146,7 +146,7 @@ def check_config_cmd(
 
 
 def _client_tls(ca: Path | None, cert: Path | None, key: Path | None, uri: str) -> Any:
-    from federation.security import ClientTLS
+    from loraflight.federation.security import ClientTLS
 
     if ca is None and cert is None and uri.startswith("grpc+tls"):
         return ClientTLS()
@@ -179,7 +179,7 @@ def status_cmd(
     tls_key: Path | None = KeyOpt,
 ) -> None:
     """A running node's state: id, fleet, epoch, cards, loaded adapters, peers."""
-    from federation.node import node_action
+    from loraflight.federation.node import node_action
 
     tls = _client_tls(tls_ca, tls_cert, tls_key, uri)
     if quiet:
@@ -229,7 +229,7 @@ def peers_cmd(
     tls_key: Path | None = KeyOpt,
 ) -> None:
     """A running node's peer table."""
-    from federation.node import node_action
+    from loraflight.federation.node import node_action
 
     peers = node_action(
         uri, "peers", token=_token(), tls=_client_tls(tls_ca, tls_cert, tls_key, uri), timeout=timeout
@@ -256,7 +256,7 @@ def demo_cmd(
 ) -> None:
     """Three nodes on loopback: node 1 trains, signs and publishes a skill; nodes 2 and 3 discover,
     sync, verify and hot-load it. Prints a held-out metric before/after on each and the propagation time."""
-    from federation.demo import run_demo
+    from loraflight.federation.demo import run_demo
 
     result = run_demo(console=_out, tiny=tiny, steps=steps, workdir=workdir)
     if as_json:

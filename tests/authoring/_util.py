@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.card import LoRACard, ModuleLoRA, base_fingerprint
+from loraflight.engine.card import LoRACard, ModuleLoRA, base_fingerprint
 
 
 class MLP(nn.Module):
@@ -43,7 +43,7 @@ def random_card(
         a = rng.standard_normal((rank, fin)).astype(np.float32)
         b = rng.standard_normal((fout, rank)).astype(np.float32)
         if dtype == "bfloat16":
-            from engine.authoring._arrays import from_float
+            from loraflight.engine.authoring._arrays import from_float
 
             a, b = from_float(a, dtype), from_float(b, dtype)
         else:

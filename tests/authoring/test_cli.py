@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from engine import keys
-from engine.authoring import builtin_dataset, delta_weights
-from engine.card import LoRACard
-from federation.cli import main
+from loraflight.engine import keys
+from loraflight.engine.authoring import builtin_dataset, delta_weights
+from loraflight.engine.card import LoRACard
+from loraflight.federation.cli import main
 
 from ._util import MLP
 

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.authoring import compose_add, compose_interpolate, delta_weights, make_child
-from engine.card import LoRACard, ModuleLoRA
-from engine.errors import CardError
+from loraflight.engine.authoring import compose_add, compose_interpolate, delta_weights, make_child
+from loraflight.engine.card import LoRACard, ModuleLoRA
+from loraflight.errors import CardError
 
 from ._util import MLP, random_card
 
@@ -147,7 +147,7 @@ def test_child_records_parent_digest():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_zero_delta_child_gives_exactly_the_parents_outputs(dtype):
-    engine_mod = pytest.importorskip("engine._engine")
+    engine_mod = pytest.importorskip("loraflight.engine._engine")
     torch.manual_seed(0)
     model = MLP()
     x = torch.randint(0, 32, (4, 7))

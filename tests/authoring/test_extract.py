@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.authoring import delta_weights, extract_card
-from engine.errors import CardError
+from loraflight.engine.authoring import delta_weights, extract_card
+from loraflight.errors import CardError
 
 from ._util import MLP
 

@@ -10,10 +10,16 @@ import sys
 import numpy as np
 import pytest
 
-from engine.authoring import HashingEmbedder, MiniLMEmbedder, Router, route_accuracy, router_labelled_set
-from engine.authoring.router import STOPWORDS, card_text
-from engine.card import CardHeader
-from engine.errors import ConfigError
+from loraflight.engine.authoring import (
+    HashingEmbedder,
+    MiniLMEmbedder,
+    Router,
+    route_accuracy,
+    router_labelled_set,
+)
+from loraflight.engine.authoring.router import STOPWORDS, card_text
+from loraflight.engine.card import CardHeader
+from loraflight.errors import ConfigError
 
 LABELLED = router_labelled_set()
 

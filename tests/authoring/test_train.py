@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import keys
-from engine.authoring import (
+from loraflight.engine import keys
+from loraflight.engine.authoring import (
     LoRAInjection,
     TrainConfig,
     builtin_dataset,
@@ -26,9 +26,9 @@ from engine.authoring import (
     tiny_llama,
     train_card,
 )
-from engine.authoring.train import lora_train_linear_class
-from engine.card import LoRACard, base_fingerprint
-from engine.errors import CardError, TrainingError
+from loraflight.engine.authoring.train import lora_train_linear_class
+from loraflight.engine.card import LoRACard, base_fingerprint
+from loraflight.errors import CardError, TrainingError
 
 from ._util import MLP, same_state, state
 
@@ -113,7 +113,7 @@ def test_minilm_card_is_signed_and_describes_the_model(minilm, trained):
 
 
 def test_minilm_card_loaded_by_engine_gives_the_trained_metric(minilm, trained, tmp_path):
-    Engine = pytest.importorskip("engine._engine").Engine
+    Engine = pytest.importorskip("loraflight.engine._engine").Engine
     model, tok = minilm
     result, before, _ = trained
     path = result.card.write(tmp_path / "ops.lora.arrow")
@@ -131,7 +131,7 @@ def test_minilm_card_loaded_by_engine_gives_the_trained_metric(minilm, trained, 
 
 
 def _held_out(result):
-    from engine.authoring.train import split_records
+    from loraflight.engine.authoring.train import split_records
 
     _, held = split_records(builtin_dataset(), result.config.eval_fraction, result.config.seed, "pairs")
     return held
@@ -171,7 +171,7 @@ def test_completion_training_lowers_heldout_loss_and_restores_llama():
 
 
 def _held_out_completion(cfg):
-    from engine.authoring.train import split_records
+    from loraflight.engine.authoring.train import split_records
 
     return split_records(_completion_records(), cfg.eval_fraction, cfg.seed, "completion")[1]
 

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-import engine.card as cardmod
-from engine.card import (
+import loraflight.engine.card as cardmod
+from loraflight.engine.card import (
     METADATA_KEY,
     CardDigest,
     CardHeader,
@@ -42,8 +42,8 @@ from engine.card import (
     ModuleLoRA,
     card_schema,
 )
-from engine.errors import CardError
-from engine.keys import generate
+from loraflight.engine.keys import generate
+from loraflight.errors import CardError
 
 CASE_DEADLINE_S = 5.0
 

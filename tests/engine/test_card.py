@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import engine.card as cardmod
-from engine import keys
-from engine.card import (
+import loraflight.engine.card as cardmod
+from loraflight.engine import keys
+from loraflight.engine.card import (
     METADATA_KEY,
     CardDigest,
     CardHeader,
@@ -22,7 +22,7 @@ from engine.card import (
     card_schema,
     check_name,
 )
-from engine.errors import CardError, LoraflightError, TrustError
+from loraflight.errors import CardError, LoraflightError, TrustError
 
 
 def _mods(dtype: str = "float32", n: int = 3, rank: int = 4, fin: int = 16, fout: int = 8, seed: int = 0):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.card import LoRACard
-from federation.cli import main
+from loraflight.engine.card import LoRACard
+from loraflight.federation.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -184,8 +184,8 @@ def test_console_script_runs_without_torch(tmp_path: Path) -> None:
 def test_bf16_example_is_the_float32_example_rounded() -> None:
     import numpy as np
 
-    from engine.authoring._arrays import to_float
-    from federation.cli.card_cmds import example_card
+    from loraflight.engine.authoring._arrays import to_float
+    from loraflight.federation.cli.card_cmds import example_card
 
     f32, bf16 = example_card(dtype="float32"), example_card(dtype="bfloat16")
     for m32, m16 in zip(f32, bf16, strict=True):

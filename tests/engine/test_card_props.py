@@ -13,7 +13,7 @@ import pyarrow as pa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.card import DTYPES, CardHeader, LoRACard, ModuleLoRA, compute_digest
+from loraflight.engine.card import DTYPES, CardHeader, LoRACard, ModuleLoRA, compute_digest
 
 _WORD = {"float32": np.uint32, "float16": np.uint16, "bfloat16": np.uint16}
 _EXP = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80}

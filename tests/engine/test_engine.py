@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from engine import Engine, EngineError, LoRACard, ModuleLoRA
-from engine._torchio import card_from_tensors, card_tensors, model_fingerprint
-from engine.card import base_fingerprint
-from engine.errors import CardError, TrustError
-from engine.keys import generate, public_key_b64
+from loraflight.engine import Engine, LoRACard, ModuleLoRA
+from loraflight.engine._torchio import card_from_tensors, card_tensors, model_fingerprint
+from loraflight.engine.card import base_fingerprint
+from loraflight.engine.keys import generate, public_key_b64
+from loraflight.errors import CardError, EngineError, TrustError
 
 
 class MLP(nn.Module):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine import Engine, LoRACard
-from engine._torchio import card_from_tensors
+from loraflight.engine import Engine, LoRACard
+from loraflight.engine._torchio import card_from_tensors
 
 pytestmark = [
     pytest.mark.cuda,
@@ -66,7 +66,7 @@ def test_cuda_peft_parity(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.peft_io import from_peft
+    from loraflight.engine.peft_io import from_peft
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)

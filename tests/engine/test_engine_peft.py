@@ -13,8 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from engine import Engine
-from engine.peft_io import from_peft
+from loraflight.engine import Engine
+from loraflight.engine.peft_io import from_peft
 
 TOL = 1e-5
 

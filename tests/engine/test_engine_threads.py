@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine import Engine, LoRACard, ModuleLoRA
+from loraflight.engine import Engine, LoRACard, ModuleLoRA
 
 DIM, LAYERS = 16, 4
 X = torch.randn(4, DIM, generator=torch.Generator().manual_seed(3))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import keys
-from engine.errors import ConfigError
+from loraflight.engine import keys
+from loraflight.errors import ConfigError
 
 
 @pytest.mark.parametrize("load", [keys.load_private, keys.load_public])

@@ -16,10 +16,10 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from engine.card import LoRACard, base_fingerprint  # noqa: E402
-from engine.errors import CardError  # noqa: E402
-from engine.peft_io import from_peft, get_pattern_key, read_safetensors, to_peft  # noqa: E402
-from federation.cli import main  # noqa: E402
+from loraflight.engine.card import LoRACard, base_fingerprint  # noqa: E402
+from loraflight.engine.peft_io import from_peft, get_pattern_key, read_safetensors, to_peft  # noqa: E402
+from loraflight.errors import CardError  # noqa: E402
+from loraflight.federation.cli import main  # noqa: E402
 
 
 def _llama():
@@ -140,7 +140,7 @@ def test_card_without_peft_header_exports_patterns(tmp_path: Path) -> None:
     """A card not made from PEFT (mixed ranks and alphas) still exports to an exact PEFT folder."""
     base = _llama()
     rng = np.random.default_rng(3)
-    from engine.card import ModuleLoRA
+    from loraflight.engine.card import ModuleLoRA
 
     mods = []
     for i, (name, mod) in enumerate(

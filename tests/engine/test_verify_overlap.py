@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-import engine._engine as engine_mod
-import engine.card as cardmod
-from engine import Engine, LoRACard, ModuleLoRA
-from engine.card import DigestJob, compute_digest
-from engine.errors import CardError, TrustError
-from engine.keys import generate, public_key_b64
+import loraflight.engine._engine as engine_mod
+import loraflight.engine.card as cardmod
+from loraflight.engine import Engine, LoRACard, ModuleLoRA
+from loraflight.engine.card import DigestJob, compute_digest
+from loraflight.engine.keys import generate, public_key_b64
+from loraflight.errors import CardError, TrustError
 
 
 class Big(nn.Module):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _pause_env(phase: str | None, marker: str | None) -> None:
-    from federation._testing import ENV, MARKER_ENV
+    from loraflight.federation._testing import ENV, MARKER_ENV
 
     if phase:
         os.environ[ENV] = phase
@@ -18,7 +18,7 @@ def _pause_env(phase: str | None, marker: str | None) -> None:
 def fetch_into(store_dir: str, uri: str, name: str, phase: str | None, marker: str | None) -> None:
     """Fetch `name` from `uri` into a store; pauses (to be SIGKILLed) at `phase`."""
     _pause_env(phase, marker)
-    from federation import Client, Store
+    from loraflight.federation import Client, Store
 
     with Store(store_dir) as s, Client(uri, timeout=60) as c:
         c.fetch(name, store=s)
@@ -29,7 +29,7 @@ def serve(
 ) -> None:
     """Serve a store until killed (bounded); writes the port to `port_file` once listening."""
     _pause_env(phase, marker)
-    from federation import CardServer, Store
+    from loraflight.federation import CardServer, Store
 
     store = Store(store_dir)
     srv = CardServer(store, node_id="child")

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from federation.server import CardServer
-from federation.store import Store
+from loraflight.federation.server import CardServer
+from loraflight.federation.store import Store
 
 
 @pytest.fixture

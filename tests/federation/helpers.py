@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.card import LoRACard, ModuleLoRA
+from loraflight.engine.card import LoRACard, ModuleLoRA
 
 
 def make_card(

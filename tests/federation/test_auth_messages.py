@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import AuthError
-from federation.client import Client
+from loraflight.errors import AuthError
+from loraflight.federation.client import Client
 
 from .helpers import make_card
 

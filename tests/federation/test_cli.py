@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import keys
-from federation import Store
-from federation.cli import main
+from loraflight.engine import keys
+from loraflight.federation import Store
+from loraflight.federation.cli import main
 
 from .helpers import make_card
 

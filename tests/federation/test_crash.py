@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from federation import Client, Store
+from loraflight.federation import Client, Store
 
 from . import _workers
 from .helpers import make_card

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine.card import LoRACard
-from engine.errors import CardError
-from federation import Client, Store, SyncPolicy, sync
+from loraflight.engine.card import LoRACard
+from loraflight.errors import CardError
+from loraflight.federation import Client, Store, SyncPolicy, sync
 
 from .helpers import make_card
 from .test_hostile import HostileServer, fetch_refused, honest_entry

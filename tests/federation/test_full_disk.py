@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from federation import Store
+from loraflight.federation import Store
 
 from .helpers import make_card
 
@@ -20,8 +20,8 @@ SCRIPT = textwrap.dedent(
     root, uri = sys.argv[1], sys.argv[2]
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", root], check=True)
     sys.path.insert(0, sys.argv[3])
-    from engine.errors import StoreError
-    from federation import Client, Store
+    from loraflight.errors import StoreError
+    from loraflight.federation import Client, Store
     from tests.federation.helpers import make_card
     out = {}
     with Store(root) as s:
@@ -62,9 +62,9 @@ def test_full_disk_clear_error_store_intact(tmp_path, make_store, make_server):
     srv = make_server(src)
     root = tmp_path / "small-disk"
     root.mkdir()
-    import federation
+    import loraflight.federation
 
-    repo = str(__import__("pathlib").Path(federation.__file__).parent.parent)
+    repo = str(__import__("pathlib").Path(loraflight.federation.__file__).parent.parent)
     r = subprocess.run(
         [
             "unshare",

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from engine import keys
-from engine.errors import AuthError, CardError, PeerError, TrustError
-from federation import Client, ClientTLS, ServerTLS, SyncPolicy, sync
-from federation.protocol import CatalogEntry, entry_to_flight_info
+from loraflight.engine import keys
+from loraflight.errors import AuthError, CardError, PeerError, TrustError
+from loraflight.federation import Client, ClientTLS, ServerTLS, SyncPolicy, sync
+from loraflight.federation.protocol import CatalogEntry, entry_to_flight_info
 
 from .helpers import make_ca, make_card
 

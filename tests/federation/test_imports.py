@@ -18,6 +18,6 @@ def test_import_federation_loads_neither_torch_nor_grpc():
 def test_py_typed_present():
     from pathlib import Path
 
-    import federation
+    import loraflight.federation
 
-    assert (Path(federation.__file__).parent / "py.typed").exists()
+    assert (Path(loraflight.federation.__file__).parent / "py.typed").exists()

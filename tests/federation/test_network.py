@@ -6,9 +6,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from engine.errors import AuthError, CardError, ConflictError, PeerError
-from federation import Client, SyncPolicy, sync
-from federation.protocol import CardNotFound
+from loraflight.errors import AuthError, CardError, CardNotFound, ConflictError, PeerError
+from loraflight.federation import Client, SyncPolicy, sync
 
 from .helpers import make_card
 
@@ -39,7 +38,7 @@ def test_three_nodes_publish_sync_chain(make_store, make_server, capsys):
     assert entry.locations[0] == C.location
     assert {A.location, B.location} <= set(entry.locations)
     # the CLI's ls shows the same
-    from federation.cli import main
+    from loraflight.federation.cli import main
 
     assert main(["ls", C.location, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

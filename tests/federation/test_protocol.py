@@ -1,8 +1,7 @@
 import pytest
 
-from engine.errors import AuthError, CardError, ConflictError, PeerError, TrustError
-from federation.protocol import (
-    CardNotFound,
+from loraflight.errors import AuthError, CardError, CardNotFound, ConflictError, PeerError, TrustError
+from loraflight.federation.protocol import (
     CatalogEntry,
     Criteria,
     check_protocol,
@@ -10,7 +9,7 @@ from federation.protocol import (
     parse_criteria,
     to_flight_error,
 )
-from federation.sync import SyncPolicy, plan_sync
+from loraflight.federation.sync import SyncPolicy, plan_sync
 
 from .helpers import make_card
 

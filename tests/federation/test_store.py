@@ -2,11 +2,10 @@ import os
 
 import pytest
 
-from engine import keys
-from engine.card import LoRACard
-from engine.errors import CardError, ConflictError, TrustError
-from federation.protocol import CardNotFound
-from federation.store import Store
+from loraflight.engine import keys
+from loraflight.engine.card import LoRACard
+from loraflight.errors import CardError, CardNotFound, ConflictError, TrustError
+from loraflight.federation.store import Store
 
 from .helpers import make_card
 

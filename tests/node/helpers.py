@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.card import LoRACard, ModuleLoRA
-from federation.config import NodeConfig, load_config
+from loraflight.engine.card import LoRACard, ModuleLoRA
+from loraflight.federation.config import NodeConfig, load_config
 
 TINY_BASE = "loraflight/tiny-encoder"
 

@@ -161,7 +161,7 @@ class Lab:
             return None
 
     def publish(self, i: int, card: Any) -> str:
-        from federation.client import Client
+        from loraflight.federation.client import Client
 
         with Client(self.uri(i), token=TOKEN, timeout=10.0) as c:
             return str(c.publish(card))
@@ -188,7 +188,7 @@ class Lab:
 
 
 def _key() -> tuple[Any, str]:
-    from engine import keys
+    from loraflight.engine import keys
 
     k = keys.generate()
     return k, keys.public_key_b64(k.public_key())

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from federation.cli import _register, app
-from federation.config import KEYS, Key, load_config
+from loraflight.federation.cli import _register, app
+from loraflight.federation.config import KEYS, Key, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -47,7 +47,7 @@ def _sample(key: Key, files: dict[str, str]) -> tuple[Any, Any]:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from engine import keys
+    from loraflight.engine import keys
 
     d = tmp_path_factory.mktemp("cli")
     pems = []

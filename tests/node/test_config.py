@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from engine import keys
-from engine.errors import ConfigError
-from federation.config import KEYS, Key, NodeConfig, check_file, load_config, validate
+from loraflight.engine import keys
+from loraflight.errors import ConfigError
+from loraflight.federation.config import KEYS, Key, NodeConfig, check_file, load_config, validate
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_every_key_from_file_env_and_flag_with_precedence(
 
 
 def _key_of(path: str) -> Key:
-    from federation.config import KEYS_BY_PATH
+    from loraflight.federation.config import KEYS_BY_PATH
 
     return KEYS_BY_PATH[path]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.authoring.models import minilm_path
+from loraflight.engine.authoring.models import minilm_path
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from federation.discovery import (
+from loraflight.federation.discovery import (
     Discovery,
     choose_interfaces,
     instance_name,
@@ -129,7 +129,7 @@ def test_a_flood_of_service_names_stays_bounded() -> None:
 
     from zeroconf import ServiceStateChange
 
-    from federation.discovery import MAX_NAMES, MAX_RESOLVES, SERVICE_TYPE
+    from loraflight.federation.discovery import MAX_NAMES, MAX_RESOLVES, SERVICE_TYPE
 
     d = Discovery(node_id="me", fleet="f", port=1, proto="1.0", interfaces=["127.0.0.1"])
 

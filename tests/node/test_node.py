@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, keys
-from engine.authoring.models import tiny_encoder
-from engine.errors import ConfigError
-from federation.config import load_config
-from federation.node import Node, node_action
+from loraflight.engine import Engine, keys
+from loraflight.engine.authoring.models import tiny_encoder
+from loraflight.errors import ConfigError
+from loraflight.federation.config import load_config
+from loraflight.federation.node import Node, node_action
 from tests.node.helpers import TINY_BASE, node_config, tiny_card, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,7 +177,7 @@ def test_loopback_mdns_trio_propagates(tmp_path: Path, fleet: str, signer) -> No
 
 
 def test_bad_config_refused_before_anything_starts(tmp_path: Path) -> None:
-    from engine.errors import ConfigError
+    from loraflight.errors import ConfigError
 
     with pytest.raises(ConfigError) as ei:
         load_config(env={}, flags={"store": str(tmp_path), "listen": "nope", "intervals.failures": 0})
@@ -248,7 +248,7 @@ def test_status_and_peers_commands_talk_to_a_running_node(tmp_path: Path, fleet:
 
     from typer.testing import CliRunner
 
-    from federation.cli import _register, app
+    from loraflight.federation.cli import _register, app
 
     _register()
     c1 = node_config(tmp_path / "n1", fleet, **{"discovery.enabled": False})
@@ -305,7 +305,7 @@ def test_pair_over_mutual_tls(tmp_path: Path, fleet: str, signer) -> None:
 def test_child_card_loads_over_its_lineage_parent_whatever_the_arrival_order(
     tmp_path: Path, fleet: str, signer
 ) -> None:
-    from engine.authoring.compose import make_child
+    from loraflight.engine.authoring.compose import make_child
 
     key, pub = signer
     parent = tiny_card("base-skill", 1, key=key)
@@ -347,7 +347,7 @@ def test_a_failed_sync_round_does_not_end_syncing(
     """An unexpected error in one round (here the index is locked) is logged; later rounds still run."""
     import sqlite3
 
-    import federation.node as node_mod
+    import loraflight.federation.node as node_mod
 
     real_sync = node_mod.sync
     failed: list[int] = []
@@ -374,7 +374,7 @@ def test_a_failed_sync_round_does_not_end_syncing(
 def test_a_failing_status_action_sends_no_traceback(tmp_path: Path, fleet: str) -> None:
     import sqlite3
 
-    from engine.errors import LoraflightError
+    from loraflight.errors import LoraflightError
 
     with Node(node_config(tmp_path / "n", fleet, **{"discovery.enabled": False})) as n:
         assert n.store is not None
@@ -392,7 +392,7 @@ def test_a_failing_status_action_sends_no_traceback(tmp_path: Path, fleet: str) 
 def test_lineage_parent_of_a_loaded_child_is_never_evicted(tmp_path: Path, fleet: str, signer) -> None:
     """A loaded child holds its parent: swapping the parent's name to a newer version must not let
     the store's LRU cap take the old parent's file."""
-    from engine.authoring.compose import make_child
+    from loraflight.engine.authoring.compose import make_child
 
     key, pub = signer
     parent = tiny_card("base-skill", 1, key=key)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from federation.discovery import Announcement
-from federation.peers import DROPPED, LIVE, PENDING, PeerInfo, PeerTable
+from loraflight.federation.discovery import Announcement
+from loraflight.federation.peers import DROPPED, LIVE, PENDING, PeerInfo, PeerTable
 
 
 class Clock:
@@ -129,7 +129,7 @@ def test_notify_addresses_that_never_answer_are_forgotten_static_ones_kept() -> 
 
 
 def test_notify_flood_of_unknown_addresses_is_bounded() -> None:
-    from federation.peers import MAX_UNCONFIRMED
+    from loraflight.federation.peers import MAX_UNCONFIRMED
 
     t = _table([], Clock())
     for i in range(MAX_UNCONFIRMED + 50):

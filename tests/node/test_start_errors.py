@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import ConfigError, StoreError
-from federation.cli import main
-from federation.node import Node
+from loraflight.errors import ConfigError, StoreError
+from loraflight.federation.cli import main
+from loraflight.federation.node import Node
 from tests.node.helpers import node_config
 
 

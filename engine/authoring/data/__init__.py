@@ -18,7 +18,7 @@ def builtin_dataset(name: str = "ops-runbook") -> list[dict[str, str]]:
     from ..train import _parse_jsonl, load_dataset
 
     if name not in DATASETS:
-        from ...errors import TrainingError
+        from loraflight.errors import TrainingError
 
         raise TrainingError(f"no built-in dataset {name!r}; available: {', '.join(DATASETS)}")
     problems: list[str] = []

@@ -1,4 +1,8 @@
-"""One exception hierarchy for loraflight: whose fault it was, and what to do."""
+"""One exception hierarchy for loraflight, rooted in `LoraflightError`: whose fault it was, and what to do.
+
+Every error loraflight raises on purpose lives here (one module, one root); `loraflight`
+re-exports them all. Each also subclasses the builtin a caller would expect (PEFT does this).
+"""
 
 from __future__ import annotations
 
@@ -41,3 +45,27 @@ class AuthError(LoraflightError, PermissionError):
 
 class TrainingError(LoraflightError, ValueError):
     """Training data or a training configuration is invalid; lists every problem."""
+
+
+class CardNotFound(LoraflightError, LookupError):
+    """No card with that name, version or digest in the store or on the peer."""
+
+
+class BusyError(PeerError):
+    """The peer is at its limit of concurrent transfers; retry later or elsewhere."""
+
+
+__all__ = [
+    "AuthError",
+    "BusyError",
+    "CardError",
+    "CardNotFound",
+    "ConfigError",
+    "ConflictError",
+    "EngineError",
+    "LoraflightError",
+    "PeerError",
+    "StoreError",
+    "TrainingError",
+    "TrustError",
+]
