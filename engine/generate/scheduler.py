@@ -119,15 +119,15 @@ class GenerationScheduler:
         adapter: str | None = None,
         *,
         detok_context: Sequence[int] = (),
-        notify: Callable[[], None] | None = None,
+        notify: Callable[[GenerationHandle], None] | None = None,
         release: Callable[[], None] | None = None,
     ) -> GenerationHandle:
         """Queue a request; its handle streams the text and gives the result.
 
         `adapter`: the engine adapter name its rows use (None: the base). `detok_context`: ids
         the text continues (a completion's prompt: its first word gets its leading space).
-        `notify()` is called from the scheduler thread after each delta and at the end (keep it
-        short); `release()` once when the request leaves, whatever the end.
+        `notify(handle)` is called from the scheduler thread after each delta and at the end
+        (keep it short); `release()` once when the request leaves, whatever the end.
         """
         if not isinstance(params, SamplingParams):
             raise EngineError(f"params must be SamplingParams, got {type(params).__name__}")

@@ -55,7 +55,7 @@ class GenerationHandle:
         adapter: str | None,
         prompt_tokens: int,
         params: SamplingParams,
-        notify: Callable[[], None] | None = None,
+        notify: Callable[[GenerationHandle], None] | None = None,
         wake: Callable[[], None] | None = None,
     ) -> None:
         self.id = next(_IDS)
@@ -143,7 +143,7 @@ class GenerationHandle:
     def _ping(self) -> None:
         if self._notify is not None:
             try:
-                self._notify()
+                self._notify(self)
             except Exception:  # a listener must not stop the scheduler
                 log.exception("generation listener of request %d failed", self.id)
 

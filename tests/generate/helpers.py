@@ -33,6 +33,11 @@ CONFIGS = {
         init_lora_weights=False,
     ),
 }
+DESCRIPTIONS = {
+    "alpha": "french cooking recipes sauces and pastry",
+    "beta": "python programming errors and tracebacks",
+    "gamma": "astronomy telescopes planets and stars",
+}
 PROMPTS = (
     "hello world",
     "the quick brown fox jumps over the lazy dog",
@@ -64,19 +69,22 @@ def build_rig(tmp_path: Path, *, seed: int = 0, adapters: Sequence[str] = ADAPTE
     base = copy.deepcopy(lm.model)
     torch.manual_seed(1234)
     pm = None
-    for name in adapters:
+    for name in (*adapters, "alpha2"):  # alpha2: a second version of alpha (other weights)
+        cfg = copy.deepcopy(CONFIGS[name.rstrip("2")])
         if pm is None:
-            pm = get_peft_model(base, copy.deepcopy(CONFIGS[name]), adapter_name=name)
+            pm = get_peft_model(base, cfg, adapter_name=name)
         else:
-            pm.add_adapter(name, copy.deepcopy(CONFIGS[name]))
+            pm.add_adapter(name, cfg)
     assert pm is not None
     pm.eval()
     pm.save_pretrained(tmp_path / "peft")
     # PEFT saves each non-default adapter in a sub-folder named after it
-    cards = {n: from_peft(tmp_path / "peft" / n, name=n) for n in adapters}
+    cards = {n: from_peft(tmp_path / "peft" / n, name=n, description=DESCRIPTIONS[n]) for n in adapters}
+    # not loaded: the hot-swap tests load it over alpha@1 (PEFT's reference for it: "alpha2")
+    cards["alpha@2"] = from_peft(tmp_path / "peft" / "alpha2", name="alpha", version=2, description="v2")
     engine = Engine(lm.model)
-    for card in cards.values():
-        engine.load(card, activate=False)
+    for n in adapters:
+        engine.load(cards[n], activate=False)
     return Rig(lm=lm, engine=engine, peft=pm, cards=cards)
 
 
@@ -116,4 +124,4 @@ def max_diff(a: Sequence[float], b: Sequence[float]) -> float:
     return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
 
 
-__all__ = ["ADAPTERS", "PROMPTS", "TOL", "Rig", "build_rig", "max_diff", "peft_alone"]
+__all__ = ["ADAPTERS", "DESCRIPTIONS", "PROMPTS", "TOL", "Rig", "build_rig", "max_diff", "peft_alone"]

@@ -58,7 +58,7 @@ def test_a_request_joining_and_one_cancelled_mid_way_do_not_disturb_the_others(r
     seen = {"a": 0}
     overlap = []
 
-    def a_notify():  # runs on the scheduler thread: holds the step until the test has acted
+    def a_notify(_h):  # runs on the scheduler thread: holds the step until the test has acted
         seen["a"] += 1
         if seen["a"] == 4:
             gate.set()
@@ -69,7 +69,7 @@ def test_a_request_joining_and_one_cancelled_mid_way_do_not_disturb_the_others(r
             ha = s.submit(rig.ids(PROMPTS[1]), greedy(30), "alpha", notify=a_notify)
             hb = s.submit(rig.ids(PROMPTS[3]), greedy(30), "beta")
         assert gate.wait(WAIT)
-        hc = s.submit(rig.ids(PROMPTS[5]), greedy(8), "gamma", notify=lambda: overlap.append(not ha.done))
+        hc = s.submit(rig.ids(PROMPTS[5]), greedy(8), "gamma", notify=lambda _h: overlap.append(not ha.done))
         hb.cancel()
         joined.set()
         ra, rb, rc = ha.result(WAIT), hb.result(WAIT), hc.result(WAIT)
@@ -87,7 +87,7 @@ def test_a_cancelled_request_leaves_the_batch_at_once(rig):
     gate, go = threading.Event(), threading.Event()
     count = {"n": 0}
 
-    def notify():
+    def notify(_h):
         count["n"] += 1
         if count["n"] == 2:
             gate.set()
