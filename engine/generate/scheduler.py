@@ -220,16 +220,18 @@ class GenerationScheduler:
                 self._cond.wait(_IDLE_WAIT)
             if self._closed:
                 return None
-            for st in [s for s in self._waiting if s.handle.cancel_requested]:
+            dropped = [s for s in self._waiting if s.handle.cancel_requested]
+            for st in dropped:
                 self._waiting.remove(st)
                 st.finish_reason = "cancelled"
-                st.leave()
-            joiners = []
+            joiners: list[RequestState] = []
             while not self._held and self._waiting and len(self._active) + len(joiners) < self.max_batch:
                 joiners.append(self._waiting.popleft())
             self._active.extend(joiners)
             self._n_active = len(self._active)
-        if joiners:
+        for st in dropped:  # outside the lock: leaving calls the caller's listener and release
+            st.leave()
+        if joiners or dropped:
             self._changed()
         return joiners
 
@@ -272,7 +274,7 @@ class GenerationScheduler:
             self._fail(st, e)
             return
         st.kv = kv
-        self._advance(st, logits)
+        self._advance_or_fail(st, logits)
 
     def _step(self, live: list[RequestState]) -> None:
         try:
@@ -290,12 +292,18 @@ class GenerationScheduler:
         self.step_rows[len(live)] += 1
         for i, s in enumerate(live):
             s.kv = caches[i]
-            self._advance(s, logits[i])
+            self._advance_or_fail(s, logits[i])
 
     def _fail(self, st: RequestState, error: Exception) -> None:
         log.warning("generation request %d (adapter %r) failed: %s", st.handle.id, st.adapter, error)
         st.finish_reason = "stop"
         st.leave(error if isinstance(error, EngineError) else EngineError(f"generation failed: {error}"))
+
+    def _advance_or_fail(self, st: RequestState, logits: torch.Tensor) -> None:
+        try:
+            self._advance(st, logits)
+        except Exception as e:  # one request's failure (say its tokenizer) is not the others'
+            self._fail(st, e)
 
     def _advance(self, st: RequestState, logits: torch.Tensor) -> None:
         """Sample the next token from `logits` (V,) and move the request on (or end it)."""
