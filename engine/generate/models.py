@@ -131,11 +131,26 @@ def minilm_tokenizer() -> Any:
     return tok
 
 
-def load_causal_lm(spec: str) -> CausalLM:
+def is_causal_spec(spec: str) -> bool:
+    """Whether ``engine.base_model`` = `spec` names a causal LM (the built-in chat model or such a folder)."""
+    return spec == TINY_CHAT_LLAMA or is_causal_lm_folder(Path(os.path.expanduser(spec)))
+
+
+def load_causal_lm(spec: str, *, device: str = "cpu") -> CausalLM:
     """`spec`: "tiny-chat-llama" (built in) or a local Hugging Face causal-LM folder (nothing is downloaded)."""
+    lm = _load(spec)
+    if device != "cpu":
+        try:
+            lm.model.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise ConfigError(f"engine.device {device!r}: cannot move the model there ({e})") from None
+    return lm
+
+
+def _load(spec: str) -> CausalLM:
     if spec == TINY_CHAT_LLAMA:
         return tiny_chat_llama()
-    path = Path(spec)
+    path = Path(os.path.expanduser(spec))
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"model {spec!r} is neither {TINY_CHAT_LLAMA!r} nor a local Hugging Face model folder "
@@ -203,6 +218,7 @@ __all__ = [
     "eos_ids",
     "has_chat_template",
     "is_causal_lm_folder",
+    "is_causal_spec",
     "load_causal_lm",
     "minilm_tokenizer",
     "render_chat",

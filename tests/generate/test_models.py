@@ -79,3 +79,12 @@ def test_non_causal_and_missing_folders_are_refused(tmp_path):
         load_causal_lm(str(tmp_path / "enc"))
     with pytest.raises(ConfigError, match="nothing is downloaded"):
         load_causal_lm(str(tmp_path / "nowhere"))
+
+
+def test_is_causal_spec(lm, tmp_path):
+    from loraflight.engine.generate.models import is_causal_spec
+
+    assert is_causal_spec("tiny-chat-llama")
+    lm.model.save_pretrained(tmp_path / "m")
+    assert is_causal_spec(str(tmp_path / "m"))
+    assert not is_causal_spec("minilm") and not is_causal_spec(str(tmp_path / "none"))
