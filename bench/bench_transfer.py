@@ -260,7 +260,7 @@ def main() -> None:
     import pyarrow.flight as fl
 
     from loraflight.federation import Client, ClientTLS, Store, SyncPolicy, sync
-    from tests.federation.helpers import make_ca, make_card
+    from loraflight.testing import make_ca, make_card
 
     work = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     try:

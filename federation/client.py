@@ -460,6 +460,33 @@ class Client:
         return str(digest)
 
 
+def node_action(
+    uri: str, kind: str, *, token: str | None = None, tls: ClientTLS | None = None, timeout: float = 5.0
+) -> Any:
+    """Call one JSON action (`status`, `peers`, `node-info`, `health`) on a running node."""
+    uri = normalize_uri(uri, tls is not None)
+    kw = tls.client_kwargs() if tls is not None else {}
+    try:
+        client = flight.FlightClient(uri, **kw)
+    except (pa.ArrowException, OSError) as e:
+        raise PeerError(f"cannot connect to {uri}: {e}") from None
+    opts = flight.FlightCallOptions(timeout=timeout, headers=call_headers(token))
+    try:
+        out = [r.body.to_pybytes() for r in client.do_action(flight.Action(kind, b""), opts)]
+    except flight.FlightError as e:
+        raise from_flight_error(e, f"{uri} {kind}") from None
+    except pa.ArrowException as e:
+        raise PeerError(f"{uri} {kind}: {e}") from None
+    finally:
+        client.close()
+    if not out:
+        raise PeerError(f"{uri} answered {kind} with nothing")
+    try:
+        return json.loads(out[0])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeerError(f"{uri} answered {kind} with invalid JSON: {e}") from None
+
+
 def _check_trust(header: CardHeader, trusted: set[str] | None, require_signed: bool) -> None:
     """The caller's own trust demands, checked on the header before any byte is stored."""
     if header.signature is not None:
@@ -481,4 +508,4 @@ def _connect(uri: str, tls: ClientTLS | None) -> flight.FlightClient:
         raise PeerError(f"cannot set up a connection to {uri}: {e}") from None
 
 
-__all__ = ["Client", "Progress"]
+__all__ = ["Client", "Progress", "node_action"]
