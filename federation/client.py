@@ -103,6 +103,10 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.uri!r})"
 
+    def stream(self, digest: str) -> flight.FlightStreamReader:
+        """The raw Flight stream of a card (no verification, no retries: for measuring transport)."""
+        return self._conn.do_get(flight.Ticket(digest.encode()), self._opts())
+
     def _opts(self, timeout: float | None = None) -> flight.FlightCallOptions:
         return flight.FlightCallOptions(
             timeout=self.timeout if timeout is None else timeout, headers=call_headers(self.token)

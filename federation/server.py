@@ -28,8 +28,8 @@ import pyarrow.flight as flight
 from loraflight.engine.card import FORMAT_VERSION, METADATA_KEY, LoRACard, card_schema, check_name
 from loraflight.errors import BusyError, CardError, ConfigError, LoraflightError, StoreError
 
-from ._testing import pause_point
 from .identity import NodeIdentity
+from .pause import pause_point
 from .protocol import (
     ACTION_DELETE,
     ACTION_HEALTH,

@@ -261,3 +261,6 @@ def demo_cmd(
     result = run_demo(console=_out, tiny=tiny, steps=steps, workdir=workdir)
     if as_json:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+__all__ = ["check_config_cmd", "demo_cmd", "peers_cmd", "setup_logging", "status_cmd"]

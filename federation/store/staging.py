@@ -22,7 +22,7 @@ import pyarrow as pa
 from loraflight.engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard
 from loraflight.errors import CardError, StoreError
 
-from .._testing import pause_point
+from ..pause import pause_point
 from ..protocol import CatalogEntry
 from .disk import disk_error, start_writeback
 from .values import check_batch_finite, hash_batch, plain_schema
@@ -229,6 +229,12 @@ class StagedCard:
             self._workers = []
         self._raise_worker_error()
         self._checked_values = self._digest is not None
+
+    def received_digest(self) -> str | None:
+        """Wait for the workers to finish what was received; the digest of it (None when the
+        row count was not known up front, so nothing was hashed while receiving)."""
+        self._finish_worker()
+        return self._digest.hexdigest() if self._digest is not None else None
 
     def commit(
         self,

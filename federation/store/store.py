@@ -40,7 +40,7 @@ from loraflight.engine.keys import load_public_b64, signer_id
 from loraflight.errors import CardError, CardNotFound, ConflictError, StoreError, TrustError
 from loraflight.files import replace
 
-from .._testing import pause_point
+from ..pause import pause_point
 from ..protocol import CatalogEntry, Criteria
 from ..trust import TrustedKey, check_entry, check_mode
 from .disk import DirSync, disk_error

@@ -249,9 +249,9 @@ def test_status_and_peers_commands_talk_to_a_running_node(tmp_path: Path, fleet:
 
     from typer.testing import CliRunner
 
-    from loraflight.federation.cli import _register, app
+    from loraflight.federation.cli import app, register_commands
 
-    _register()
+    register_commands()
     c1 = node_config(tmp_path / "n1", fleet, **{"discovery.enabled": False})
     with Node(c1) as n1:
         c2 = node_config(tmp_path / "n2", fleet, **{"discovery.enabled": False, "discovery.peers": [n1.uri]})
