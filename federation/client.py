@@ -464,6 +464,27 @@ class Client:
         return str(digest)
 
 
+def _check_trust(header: CardHeader, trusted: set[str] | None, require_signed: bool) -> None:
+    """The caller's own trust demands, checked on the header before any byte is stored."""
+    if header.signature is not None:
+        verify_signature(header)
+    elif require_signed or trusted is not None:
+        raise TrustError(f"{header.ref} is unsigned, but a signature by a trusted key is required")
+    if trusted is not None and header.signer_key not in trusted and header.signer not in trusted:
+        raise TrustError(
+            f"{header.ref} is signed by {header.signer}, which is not a trusted key; "
+            "add its public key with 'loraflight trust add' if you trust it"
+        )
+
+
+def _connect(uri: str, tls: ClientTLS | None) -> flight.FlightClient:
+    kw = tls.client_kwargs() if tls is not None else {}
+    try:
+        return flight.FlightClient(uri, **kw)
+    except (pa.ArrowException, OSError) as e:
+        raise PeerError(f"cannot set up a connection to {uri}: {e}") from None
+
+
 def node_action(
     uri: str, kind: str, *, token: str | None = None, tls: ClientTLS | None = None, timeout: float = 5.0
 ) -> Any:
@@ -489,27 +510,6 @@ def node_action(
         return json.loads(out[0])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PeerError(f"{uri} answered {kind} with invalid JSON: {e}") from None
-
-
-def _check_trust(header: CardHeader, trusted: set[str] | None, require_signed: bool) -> None:
-    """The caller's own trust demands, checked on the header before any byte is stored."""
-    if header.signature is not None:
-        verify_signature(header)
-    elif require_signed or trusted is not None:
-        raise TrustError(f"{header.ref} is unsigned, but a signature by a trusted key is required")
-    if trusted is not None and header.signer_key not in trusted and header.signer not in trusted:
-        raise TrustError(
-            f"{header.ref} is signed by {header.signer}, which is not a trusted key; "
-            "add its public key with 'loraflight trust add' if you trust it"
-        )
-
-
-def _connect(uri: str, tls: ClientTLS | None) -> flight.FlightClient:
-    kw = tls.client_kwargs() if tls is not None else {}
-    try:
-        return flight.FlightClient(uri, **kw)
-    except (pa.ArrowException, OSError) as e:
-        raise PeerError(f"cannot set up a connection to {uri}: {e}") from None
 
 
 __all__ = ["Client", "Progress", "node_action"]
