@@ -110,7 +110,7 @@ def _direct_fetch(uri: str, name: str, version: int) -> float:
 
 
 def _mesh(lab: Any, hosts: list[int]) -> dict[int, str]:
-    from tests.node.netns_lab import wait_for
+    from loraflight.testing import wait_for
 
     ids = {i: lab.wait_up(i, timeout=300)["node_id"] for i in hosts}
     for i in hosts:
@@ -131,7 +131,7 @@ def _stop_all(lab: Any) -> None:
 
 
 def bench_skill(lab: Any, n: int, repeats: int, key: Any, pub: str, cards: list[Any]) -> dict[str, Any]:
-    from tests.node.netns_lab import wait_for
+    from loraflight.testing import wait_for
 
     hosts = list(range(1, n + 1))
     for i in hosts:
@@ -171,7 +171,7 @@ def bench_skill(lab: Any, n: int, repeats: int, key: Any, pub: str, cards: list[
 
 
 def bench_big(lab: Any, n: int, repeats: int, key: Any) -> dict[str, Any]:
-    from tests.node.netns_lab import wait_for
+    from loraflight.testing import wait_for
 
     hosts = list(range(1, n + 1))
     for i in hosts:
@@ -216,7 +216,7 @@ def bench_big(lab: Any, n: int, repeats: int, key: Any) -> dict[str, Any]:
 
 def _inside(args: argparse.Namespace) -> int:
     from loraflight.engine import keys
-    from tests.node.netns_lab import Lab
+    from loraflight.testing import Lab
 
     ns = [int(x) for x in args.ns.split(",")]
     key = keys.generate()

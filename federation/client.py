@@ -103,6 +103,10 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.uri!r})"
 
+    def stream(self, digest: str) -> flight.FlightStreamReader:
+        """The raw Flight stream of a card (no verification, no retries: for measuring transport)."""
+        return self._conn.do_get(flight.Ticket(digest.encode()), self._opts())
+
     def _opts(self, timeout: float | None = None) -> flight.FlightCallOptions:
         return flight.FlightCallOptions(
             timeout=self.timeout if timeout is None else timeout, headers=call_headers(self.token)
@@ -481,4 +485,31 @@ def _connect(uri: str, tls: ClientTLS | None) -> flight.FlightClient:
         raise PeerError(f"cannot set up a connection to {uri}: {e}") from None
 
 
-__all__ = ["Client", "Progress"]
+def node_action(
+    uri: str, kind: str, *, token: str | None = None, tls: ClientTLS | None = None, timeout: float = 5.0
+) -> Any:
+    """Call one JSON action (`status`, `peers`, `node-info`, `health`) on a running node."""
+    uri = normalize_uri(uri, tls is not None)
+    kw = tls.client_kwargs() if tls is not None else {}
+    try:
+        client = flight.FlightClient(uri, **kw)
+    except (pa.ArrowException, OSError) as e:
+        raise PeerError(f"cannot connect to {uri}: {e}") from None
+    opts = flight.FlightCallOptions(timeout=timeout, headers=call_headers(token))
+    try:
+        out = [r.body.to_pybytes() for r in client.do_action(flight.Action(kind, b""), opts)]
+    except flight.FlightError as e:
+        raise from_flight_error(e, f"{uri} {kind}") from None
+    except pa.ArrowException as e:
+        raise PeerError(f"{uri} {kind}: {e}") from None
+    finally:
+        client.close()
+    if not out:
+        raise PeerError(f"{uri} answered {kind} with nothing")
+    try:
+        return json.loads(out[0])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeerError(f"{uri} answered {kind} with invalid JSON: {e}") from None
+
+
+__all__ = ["Client", "Progress", "node_action"]
