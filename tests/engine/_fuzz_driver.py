@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 import loraflight.engine.card as cardmod
+import loraflight.engine.card.batches as batchmod
 from loraflight.engine.card import (
     METADATA_KEY,
     CardDigest,
@@ -71,7 +72,7 @@ def _mods(rng: np.random.Generator, dtype: str, n: int, rank: int, fin: int, fou
 def corpus() -> list[bytes]:
     """A few small valid cards: each dtype, several batches, a signed one, a newer-minor header."""
     rng = np.random.default_rng(1234)
-    saved = cardmod.BATCH_TARGET_BYTES
+    saved = batchmod.BATCH_TARGET_BYTES
     try:
         cards = [
             LoRACard.build(
@@ -79,10 +80,10 @@ def corpus() -> list[bytes]:
             ),
             LoRACard.build(_mods(rng, "bfloat16", 2, 2, 8, 12), name="fzbf", dtype="bfloat16"),
         ]
-        cardmod.BATCH_TARGET_BYTES = 200  # force one batch per module
+        batchmod.BATCH_TARGET_BYTES = 200  # force one batch per module
         cards.append(LoRACard.build(_mods(rng, "float16", 4, 3, 8, 8), name="fz16", lineage=("ab" * 32,)))
     finally:
-        cardmod.BATCH_TARGET_BYTES = saved
+        batchmod.BATCH_TARGET_BYTES = saved
     cards.append(cards[0].sign(generate()))
     return [c.to_bytes() for c in cards]
 
