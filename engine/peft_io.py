@@ -13,7 +13,6 @@ this module does not understand that is set to a non-default value.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from loraflight.errors import CardError
-from loraflight.files import fsync_dir
+from loraflight.files import atomic_write, replace
 
 from .card import (
     MAX_NAME_LEN,
@@ -198,24 +197,7 @@ def write_safetensors(
             st_dtype, arr = tensors[key]
             f.write(np.ascontiguousarray(arr, dtype=_ST_DTYPES[st_dtype][1]).tobytes())
 
-    return _atomic_write(Path(path), body)
-
-
-def _atomic_write(path: Path, body: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            body(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, body)
 
 
 # --------------------------------------------------------------------------- config rules
@@ -515,17 +497,16 @@ def to_peft(card: LoRACard, directory: str | os.PathLike[str], *, verify: bool =
     text = json.dumps(json.loads(canonical_json(cfg)), indent=2, sort_keys=True) + "\n"
     if d.exists():  # each file replaced atomically
         write_safetensors(d / WEIGHTS_NAME, tensors, {"format": "pt"})
-        _atomic_write(d / CONFIG_NAME, lambda f: f.write(text.encode()))
+        atomic_write(d / CONFIG_NAME, text.encode())
         return d
     # a new folder appears whole or not at all: built beside it, then renamed into place
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-peft-", dir=d.parent))
     try:
         write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
-        _atomic_write(tmp / CONFIG_NAME, lambda f: f.write(text.encode()))
+        atomic_write(tmp / CONFIG_NAME, text.encode())
         os.chmod(tmp, 0o755)
-        os.replace(tmp, d)
-        fsync_dir(d.parent)
+        replace(tmp, d)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

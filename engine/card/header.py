@@ -464,6 +464,20 @@ class CardMeta:
             "author": self.author,
         }
 
+    @classmethod
+    def given(cls, meta: CardMeta | None, name: str | None = None) -> CardMeta:
+        """`meta`, or ``CardMeta(name)`` when only a name is given: the authoring functions'
+        shorthand (``make_child(parent, rows, name="tone")``). Exactly one of the two."""
+        if meta is not None and name is not None:
+            raise CardError("give the card's metadata as meta=CardMeta(...) or just name=, not both")
+        if meta is not None:
+            if not isinstance(meta, CardMeta):
+                raise CardError(f"meta must be a CardMeta, got {type(meta).__name__}")
+            return meta
+        if name is None:
+            raise CardError("the card needs a name: pass meta=CardMeta(name=...) (or name=)")
+        return cls(name)
+
     def replace(self, **changes: Any) -> CardMeta:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from loraflight.engine import keys as keyfiles
-from loraflight.engine.authoring._arrays import from_float
+from loraflight.engine.authoring.arrays import from_float
 from loraflight.engine.card import CARD_SUFFIX, LoRACard, ModuleLoRA, Verification, base_fingerprint
 from loraflight.errors import CardError, ConfigError, LoraflightError
 
