@@ -91,7 +91,7 @@ def compose_add(
     """One card whose delta is Σ wᵢ · ΔWᵢ (weights default to 1). Exact unless `rank=` re-compresses.
 
     `meta` names and describes the result (``name=`` alone is shorthand for ``CardMeta(name)``;
-    the base model is the inputs' own); `key` signs it.
+    the base model is the inputs' own, and `meta` may only repeat it); `key` signs it.
     """
     meta = CardMeta.given(meta, name)
     cards = list(cards)
@@ -141,12 +141,16 @@ def compose_add(
             r = a.shape[0]
         rows.append(
             ModuleLoRA(
-                module, r, alpha_for_scale(1.0, r, scaling), from_float(a, out_dtype), from_float(b, out_dtype)
+                module,
+                r,
+                alpha_for_scale(1.0, r, scaling),
+                from_float(a, out_dtype),
+                from_float(b, out_dtype),
             )
         )
     return _build(
         rows,
-        meta=meta.replace(base_model=base_model),
+        meta=_with_base(meta, base_model),
         dtype=out_dtype,
         shapes=shapes,
         scaling=scaling,
@@ -162,7 +166,11 @@ def compose_add(
 
 def _single(part: tuple[LoRACard, ModuleLoRA, float], scaling: str, dtype: str) -> ModuleLoRA:
     c, m, w = part
-    alpha = m.alpha if c.header.scaling == scaling else alpha_for_scale(m.scale(c.header.scaling), m.rank, scaling)
+    alpha = (
+        m.alpha
+        if c.header.scaling == scaling
+        else alpha_for_scale(m.scale(c.header.scaling), m.rank, scaling)
+    )
     if dtype == c.dtype:
         a = m.a
         b = m.b if w == 1.0 else from_float(w * to_float(m.b, c.dtype), dtype)
@@ -221,7 +229,7 @@ def make_child(
     rows = [_cast_row(m, out_dtype) for m in rows]
     return _build(
         rows,
-        meta=meta.replace(base_model=parent.header.base_model),
+        meta=_with_base(meta, parent.header.base_model),
         dtype=out_dtype,
         shapes={m.module: (m.in_features, m.out_features) for m in rows},
         scaling=scaling or parent.header.scaling,
@@ -242,6 +250,18 @@ def _cast_row(m: ModuleLoRA, dtype: str) -> ModuleLoRA:
         return from_float(x, dtype)
 
     return ModuleLoRA(m.module, m.rank, m.alpha, cast(m.a), cast(m.b))
+
+
+def _with_base(meta: CardMeta, base_model: str | None) -> CardMeta:
+    """`meta` with the inputs' base model; a different one in `meta` is refused."""
+    if base_model is None or meta.base_model == base_model:
+        return meta
+    if meta.base_model is not None:
+        raise CardError(
+            f"the card's metadata names base model {meta.base_model}, but the input cards are for "
+            f"{base_model}; leave base_model out (a composition keeps its inputs' base model)"
+        )
+    return meta.replace(base_model=base_model)
 
 
 def _build(

@@ -451,6 +451,7 @@ class CardMeta:
         if isinstance(tags, str) or not isinstance(tags, Iterable):
             raise CardError(f"tags must be a list of strings, got {tags!r}")
         object.__setattr__(self, "tags", tuple(tags))
+        check_name(self.name)  # the header accepts an empty name; an author may not give one
         CardHeader.from_dict({"format": FORMAT_VERSION, "dtype": "float32", **self.as_kwargs()})
 
     def as_kwargs(self) -> dict[str, Any]:

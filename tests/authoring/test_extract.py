@@ -12,7 +12,7 @@ from loraflight.engine.authoring import delta_weights, extract_card
 from loraflight.engine.card import CardMeta
 from loraflight.errors import CardError
 
-from ._util import MLP
+from .helpers import MLP
 
 
 def _orthonormal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:

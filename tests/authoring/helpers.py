@@ -65,3 +65,6 @@ def same_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> bool:
         now[k].dtype == v.dtype and now[k].shape == v.shape and torch.equal(now[k], v)
         for k, v in saved.items()
     )
+
+
+__all__ = ["MLP", "random_card", "same_state", "state"]

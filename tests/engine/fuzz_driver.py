@@ -2,7 +2,7 @@
 
 Run it in a subprocess, so a crash in native code fails the caller instead of killing it:
 
-    python -m tests.engine._fuzz_driver --cases 2000 --seed 0 [--progress FILE]
+    python -m tests.engine.fuzz_driver --cases 2000 --seed 0 [--progress FILE]
 
 Every case must end in `ok` (the mutation changed nothing that matters: verify passed) or a
 `CardError`; anything else, or a case running past its deadline, is a failure. Targeted cases
@@ -395,7 +395,7 @@ class Summary:
         )
 
 
-def _check(kind: str, outcome: str, msg: str, need: str | None, must_fail: bool) -> str | None:
+def check_outcome(kind: str, outcome: str, msg: str, need: str | None, must_fail: bool) -> str | None:
     """None when the outcome is acceptable, else why not."""
     if outcome in ("other", "hang"):
         return msg
@@ -453,7 +453,7 @@ def run(
                 kind, data, need = mutate(seeds[src], seeds, rng)
                 must_fail = need is not None
             outcome, msg = run_case(data, path)
-            why = _check(kind, outcome, msg, need, must_fail)
+            why = check_outcome(kind, outcome, msg, need, must_fail)
             s.cases += 1
             s.outcomes[outcome] += 1
             s.kinds[kind] += 1
@@ -484,6 +484,19 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(s.to_json() + "\n")
     return 0 if not s.failures else 1
 
+
+__all__ = [
+    "CASE_DEADLINE_S",
+    "Hang",
+    "Summary",
+    "check_outcome",
+    "corpus",
+    "main",
+    "mutate",
+    "run",
+    "run_case",
+    "targeted",
+]
 
 if __name__ == "__main__":
     sys.exit(main())
