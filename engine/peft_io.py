@@ -34,11 +34,11 @@ from loraflight.files import atomic_write, replace
 
 from .card import (
     MAX_NAME_LEN,
+    CardMeta,
     LoRACard,
     ModuleLoRA,
     base_fingerprint,
     canonical_json,
-    check_name,
 )
 
 log = logging.getLogger(__name__)
@@ -324,17 +324,21 @@ def _load_config(path: Path) -> dict[str, Any]:
 def from_peft(
     directory: str | os.PathLike[str],
     *,
+    meta: CardMeta | None = None,
     name: str | None = None,
-    version: int = 1,
-    description: str = "",
-    tags: Iterable[str] = (),
-    base_model: str | None = None,
-    author: str = "",
     created: str | None = None,
     lineage: Iterable[str] = (),
 ) -> LoRACard:
-    """Import a PEFT LoRA adapter folder as a card (exactly, or not at all)."""
+    """Import a PEFT LoRA adapter folder as a card (exactly, or not at all).
+
+    `meta` names and describes the card (``name=`` alone is shorthand for ``CardMeta(name)``;
+    neither: the folder's name, sanitised); without a base model in `meta`, the one in
+    adapter_config.json is recorded.
+    """
     d = Path(directory)
+    if meta is None and name is None:
+        meta = CardMeta(sanitize_name(d.resolve().name))
+    meta = CardMeta.given(meta, name)
     if not d.is_dir():
         raise CardError(f"{d} is not a directory (expected a PEFT adapter folder)")
     cfg = _load_config(d / CONFIG_NAME)
@@ -392,15 +396,10 @@ def from_peft(
     shapes = [(m.module, m.in_features, m.out_features) for m in modules]
     card = LoRACard.build(
         modules,
-        name=check_name(name) if name is not None else sanitize_name(d.resolve().name),
-        version=version,
+        **{**meta.as_kwargs(), "base_model": meta.base_model or cfg.get("base_model_name_or_path") or None},
         dtype=card_dtype,
-        description=description,
-        tags=tags,
-        base_model=base_model if base_model is not None else cfg.get("base_model_name_or_path") or None,
         base_fingerprint=base_fingerprint(shapes),
         scaling="rslora" if rslora else "standard",
-        author=author,
         created=created,
         lineage=lineage,
         peft=peft_cfg,
