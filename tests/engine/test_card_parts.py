@@ -217,3 +217,9 @@ def test_keys_are_written_atomically_with_their_modes(tmp_path: Path) -> None:
     assert stat.S_IMODE(priv.stat().st_mode) == 0o600
     assert stat.S_IMODE(pub.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loraflight.key", "loraflight.pub"]  # no temp left
+
+
+@pytest.mark.parametrize("name", ["header", "batches", "values", "digest", "ipc", "signing", "card"])
+def test_each_card_module_imports_alone(name: str) -> None:
+    """No import cycle hides behind the package's own import order."""
+    subprocess.run([sys.executable, "-c", f"import loraflight.engine.card.{name}"], check=True)
