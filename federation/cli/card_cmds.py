@@ -215,7 +215,7 @@ def from_peft_cmd(
         name=name if name is not None else sanitize_name(directory.resolve().name),
         version=version,
         description=description,
-        tags=_tags(tags),
+        tags=tuple(_tags(tags)),
         base_model=base_model,
         author=author,
     )
