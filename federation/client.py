@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from loraflight.engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard
+from loraflight.engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard, verify_signature
 from loraflight.errors import (
     CardError,
     ConflictError,
@@ -47,7 +47,6 @@ from .protocol import (
 from .security import ClientTLS, call_headers
 from .server import normalize_uri
 from .store import Store, hash_batch
-from .trust import verify_signature
 
 log = logging.getLogger(__name__)
 
@@ -466,15 +465,7 @@ class Client:
 
 def _check_trust(header: CardHeader, trusted: set[str] | None, require_signed: bool) -> None:
     """The caller's own trust demands, checked on the header before any byte is stored."""
-    if header.signature is not None:
-        verify_signature(header)
-    elif require_signed or trusted is not None:
-        raise TrustError(f"{header.ref} is unsigned, but a signature by a trusted key is required")
-    if trusted is not None and header.signer_key not in trusted and header.signer not in trusted:
-        raise TrustError(
-            f"{header.ref} is signed by {header.signer}, which is not a trusted key; "
-            "add its public key with 'loraflight trust add' if you trust it"
-        )
+    verify_signature(header, trusted, require_signed=require_signed)
 
 
 def _connect(uri: str, tls: ClientTLS | None) -> flight.FlightClient:

@@ -66,6 +66,7 @@ def run_demo(
     from loraflight.engine.authoring.data import DEMO_CARD, builtin_dataset, demo_config
     from loraflight.engine.authoring.models import MINILM_ID, load_minilm, tiny_encoder
     from loraflight.engine.authoring.train import evaluate, split_records, train_card
+    from loraflight.engine.card import CardMeta
 
     say = _Say(console)
     t_start = time.perf_counter()
@@ -146,11 +147,13 @@ def run_demo(
             tok,
             records,
             cfg,
-            name=str(DEMO_CARD["name"]),
-            description=str(DEMO_CARD["description"]),
-            tags=tuple(DEMO_CARD["tags"]),
-            base_model=base_id,
-            author="node1",
+            meta=CardMeta(
+                name=str(DEMO_CARD["name"]),
+                description=str(DEMO_CARD["description"]),
+                tags=tuple(DEMO_CARD["tags"]),
+                base_model=base_id,
+                author="node1",
+            ),
             key=key,
         )
         card = result.card
