@@ -70,7 +70,7 @@ def _skill_cards(key: Any, versions: int) -> list[Any]:
     from loraflight.engine.authoring.data import DEMO_CARD, builtin_dataset, demo_config
     from loraflight.engine.authoring.models import MINILM_ID, load_minilm
     from loraflight.engine.authoring.train import train_card
-    from loraflight.engine.card import LoRACard
+    from loraflight.engine.card import CardMeta, LoRACard
 
     loaded = load_minilm()
     if loaded is None:
@@ -81,8 +81,7 @@ def _skill_cards(key: Any, versions: int) -> list[Any]:
         tok,
         builtin_dataset("ops-runbook"),
         demo_config(),
-        name=str(DEMO_CARD["name"]),
-        base_model=MINILM_ID,
+        meta=CardMeta(str(DEMO_CARD["name"]), base_model=MINILM_ID),
         key=key,
     )
     h = res.card.header

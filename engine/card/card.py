@@ -419,7 +419,6 @@ class LoRACard:
         card._ident = None  # no file of its own: read_into copies from the buffers
         return card
 
-    _with_header = with_header  # the old name, until tests/federation use with_header
 
     # -- writing
     def write(self, path: str | os.PathLike[str]) -> Path:

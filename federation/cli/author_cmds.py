@@ -359,3 +359,6 @@ def route_cmd(
         where = "local" if r.local else f"peer {r.location}"
         table.add_row(f"{escape(r.name)}@{r.version}", f"{r.score:.3f}", escape(where), r.digest[:16])
     _out.print(table)
+
+
+__all__ = ["compose_cmd", "extract_cmd", "route_cmd", "train_cmd"]

@@ -302,3 +302,15 @@ def keys_new_cmd(
     typer.echo(f"public key:  {pub}")
     typer.echo(f"public key (base64): {b64}")
     typer.echo(f"signer id: {keyfiles.signer_id(b64)}")
+
+
+__all__ = [
+    "example_card",
+    "example_cmd",
+    "from_peft_cmd",
+    "inspect_cmd",
+    "keys_new_cmd",
+    "sign_cmd",
+    "to_peft_cmd",
+    "verify_cmd",
+]

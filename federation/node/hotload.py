@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
 
+from loraflight.engine.card import verify_signature
+from loraflight.errors import TrustError
+
 from ..protocol import CatalogEntry
 
 Loaded = Mapping[str, tuple[int, str]]  # adapter name -> (version, digest)
@@ -19,12 +22,12 @@ def trust_refusal(entry: CatalogEntry, trust_engine: str, engine_keys: Collectio
 
     The store checked any signature on entry; this checks whose it is.
     """
-    h = entry.header
-    if trust_engine == "signed":
-        if not h.signature:
-            return "it is unsigned and trust.engine is 'signed'"
-        if h.signer_key not in engine_keys:
-            return f"its signer {h.signer} is not among the keys trusted for the engine"
+    if trust_engine != "signed":
+        return None
+    try:
+        verify_signature(entry.header, engine_keys, require_signed=True)
+    except TrustError as e:
+        return f"{e} (trust.engine is 'signed')"
     return None
 
 

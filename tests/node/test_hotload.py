@@ -30,7 +30,7 @@ def test_signed_engine_trust_refuses_unsigned_and_foreign_signers() -> None:
     signed = _entry(key=key)
     assert trust_refusal(signed, "signed", [pub]) is None
     why = trust_refusal(signed, "signed", [other_pub])
-    assert why is not None and "not among the keys trusted" in why
+    assert why is not None and "not a trusted key" in why
 
 
 def test_engine_refusal_base_model_trust_and_version() -> None:
