@@ -295,6 +295,10 @@ def table(systems: dict[str, System]) -> list[str]:
             out.append(f"| {LABELS[k]} | not available: {cell(s.missing)} | | | | | |")
             continue
         v = rps(s)
+        if not v > 0:
+            first = next((r.first_error for r in s.results if r.first_error), "")
+            out.append(f"| {LABELS[k]} | no request answered: {cell(first)} | | | | | |")
+            continue
         p50 = median([r.pct(0.5) for r in s.results]) * 1e3
         p99 = median([r.pct(0.99) for r in s.results]) * 1e3
         errors = sum(r.errors for r in s.results)
@@ -338,7 +342,11 @@ def run_exchange(s: System, a: argparse.Namespace) -> list[str]:
     ex, ht = [], []
     errors = 0
     for i in range(a.exchange_runs):
-        dt, rows, width = exchange(uri, s.models, texts, batch=a.exchange_batch, per_row=per_row)
+        try:
+            dt, rows, width = exchange(uri, s.models, texts, batch=a.exchange_batch, per_row=per_row)
+        except Exception as e:
+            why = f"run {i + 1} failed: {type(e).__name__}: {e}"
+            return [f"| do_exchange vs HTTP, {a.exchange_texts} texts | {cell(why)} | | |"]
         ex.append(rows / dt)
         r = node_api.run(s.models, texts, n_req, per_request=per_req)
         errors += r.errors
@@ -347,6 +355,10 @@ def run_exchange(s: System, a: argparse.Namespace) -> list[str]:
             f"  exchange run {i + 1}: do_exchange {ex[-1]:.0f} texts/s (dim {width}), HTTP {ht[-1]:.0f} texts/s"
         )
     e, h = median(ex), median(ht)
+    if not h > 0:
+        return [
+            f"| do_exchange vs HTTP, {a.exchange_texts} texts | HTTP answered nothing ({errors} errors) | | |"
+        ]
     err = f", {errors} HTTP errors" if errors else ""
     return [
         "| 10k-texts path | texts/s (median) | do_exchange ÷ HTTP | notes |",
@@ -365,7 +377,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=5, help="runs per system, alternating (default 5)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument(
-        "--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch threads per server"
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="torch threads per server (default: half the cores; the load generator needs the rest)",
     )
     ap.add_argument(
         "--warmup", type=int, default=0, help="warm-up requests per system (default 4× concurrency)"
@@ -383,9 +398,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
     a = ap.parse_args(argv)
     if a.quick:
-        a.requests, a.runs, a.exchange_texts, a.exchange_runs = min(a.requests, 96), min(a.runs, 3), 2000, 1
-        a.exchange_batch = min(a.exchange_batch, 500)
-    a.warmup = a.warmup or 4 * a.concurrency
+        a.requests, a.runs, a.exchange_runs = min(a.requests, 96), min(a.runs, 3), 1
+        a.exchange_texts, a.exchange_batch = min(a.exchange_texts, 1000), min(a.exchange_batch, 250)
+    a.warmup = a.warmup or (2 if a.quick else 4) * a.concurrency
     wanted = {x.strip() for x in a.only.split(",") if x.strip()} or set(SYSTEMS)
     bad = wanted - set(SYSTEMS)
     if bad:
