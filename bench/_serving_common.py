@@ -160,9 +160,9 @@ def versions() -> str:
     return f"python {platform.python_version()}, loraflight {ours}, " + ", ".join(parts)
 
 
-def machine() -> str:
+def machine(when: str = "now") -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"nproc {os.cpu_count()}, CPU {cpu_model()}, load average at start {load:.1f}, {sys.platform}"
+    return f"nproc {os.cpu_count()}, CPU {cpu_model()}, load average {when} {load:.1f}, {sys.platform}"
 
 
 __all__ = [

@@ -67,7 +67,8 @@ def config_toml(
             "[api]",
             f'listen = "127.0.0.1:{api_port}"',
             f"max_batch = {int(max_batch)}",
-            f"max_wait_ms = {max_wait_ms!r}",
+            # an integral wait is written as an int: a float key accepts it, an int key would refuse 5.0
+            f"max_wait_ms = {int(max_wait_ms) if float(max_wait_ms).is_integer() else max_wait_ms!r}",
             "",
         ]
     )

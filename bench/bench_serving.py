@@ -216,8 +216,8 @@ def check_agreement(systems: dict[str, System]) -> list[str]:
     try:
         base = vecs(ref, BASE_ID)
         moved = min(diff(vecs(ref, m), base) for m in ref.models)
-    except (RuntimeError, KeyError, ValueError) as e:
-        return [f"agreement: (b) could not be asked for vectors: {e}"]
+    except Exception as e:  # a refused request or a malformed answer: reported, never fatal
+        return [f"agreement: (b) could not be asked for vectors: {type(e).__name__}: {e}"]
     lines.append(f"agreement: each adapter moves (b)'s vectors off the base by ≥ {moved:.3g} (max abs)")
     for key in ("ours", "c"):
         s = systems.get(key)
@@ -229,8 +229,8 @@ def check_agreement(systems: dict[str, System]) -> list[str]:
                 systems["a"].models[0] if key == "ours" and "a" in systems and systems["a"].ok else BASE_ID
             )
             worst_base = diff(vecs(s, node_base), base)
-        except (RuntimeError, KeyError, ValueError) as e:
-            lines.append(f"agreement: {key} could not be compared: {e}")
+        except Exception as e:  # as above
+            lines.append(f"agreement: {key} could not be compared: {type(e).__name__}: {e}")
             continue
         flag = "" if max(worst, worst_base) < 1e-3 else "  <-- DIFFERENT MODELS?"
         lines.append(
@@ -253,13 +253,23 @@ def measure(s: System, seed: int, requests: int, concurrency: int) -> Result:
 def run_rounds(systems: dict[str, System], a: argparse.Namespace) -> None:
     order = [k for k in ("ours", "a", "b", "c", "d") if k in systems and systems[k].ok]
     for k in order:
-        r = measure(systems[k], 12345, a.warmup, a.concurrency)
+        try:
+            r = measure(systems[k], 12345, a.warmup, a.concurrency)
+        except Exception as e:  # (d)'s worker died or hung: that row only
+            systems[k].missing = f"warm-up failed: {type(e).__name__}: {e}"
+            continue
         if r.errors and not r.requests:
             systems[k].missing = f"every warm-up request failed: {r.first_error}"
     order = [k for k in order if systems[k].ok]
     for i in range(a.runs):
         for k in order:
-            r = measure(systems[k], i, a.requests, a.concurrency)
+            if not systems[k].ok:
+                continue
+            try:
+                r = measure(systems[k], i, a.requests, a.concurrency)
+            except Exception as e:  # as above
+                systems[k].missing = f"run {i + 1} failed: {type(e).__name__}: {e}"
+                continue
             systems[k].results.append(r)
             note = f", {r.errors} errors (first: {r.first_error})" if r.errors else ""
             print(
@@ -432,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     systems: dict[str, System] = {}
     t0 = time.monotonic()
     try:
-        print(f"machine: {machine()}", flush=True)
+        print(f"machine: {machine('at start')}", flush=True)
         print(f"versions: {versions()}", flush=True)
         print(
             f"settings: concurrency {a.concurrency}, {a.requests} requests × {a.runs} runs per system after "
@@ -453,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
             print()
             for line in run_exchange(systems["exchange"], a):
                 print(line)
-        print(f"\nmachine: {machine()}\nversions: {versions()}\nwall time {time.monotonic() - t0:.0f} s")
+        print(
+            f"\nmachine: {machine('at the end')}\nversions: {versions()}\nwall time {time.monotonic() - t0:.0f} s"
+        )
         if a.keep:
             print(f"work folder kept: {work} (node log {node_log})")
     except KeyboardInterrupt:
