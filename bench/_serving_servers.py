@@ -71,10 +71,11 @@ def prepare(out: Path, n: int) -> None:
         torch.manual_seed(1000 + i)
         pm.add_adapter(name, cfg)
         for mod in pm.modules():
-            if hasattr(mod, "lora_B") and name in mod.lora_B:
+            lora_b: Any = getattr(mod, "lora_B", None)
+            if lora_b is not None and name in lora_b:
                 # small enough to keep embeddings sensible, large enough that every adapter differs
-                mod.lora_B[name].weight.data.mul_(0.05)
-        pm.save_pretrained(out / "peft", selected_adapters=[name])
+                lora_b[name].weight.data.mul_(0.05)
+        pm.save_pretrained(str(out / "peft"), selected_adapters=[name])
         card = from_peft(out / "peft" / name, name=name, base_model=BASE_ID)
         card.write(out / "cards" / f"{name}.lora.arrow")
         pm.delete_adapter(name)

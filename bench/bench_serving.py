@@ -364,16 +364,16 @@ def run_exchange(s: System, a: argparse.Namespace) -> list[str]:
         print(
             f"  exchange run {i + 1}: do_exchange {ex[-1]:.0f} texts/s (dim {width}), HTTP {ht[-1]:.0f} texts/s"
         )
-    e, h = median(ex), median(ht)
+    xr, h = median(ex), median(ht)
     if not h > 0:
         return [
             f"| do_exchange vs HTTP, {a.exchange_texts} texts | HTTP answered nothing ({errors} errors) | | |"
         ]
     err = f", {errors} HTTP errors" if errors else ""
     return [
-        "| 10k-texts path | texts/s (median) | do_exchange ÷ HTTP | notes |",
+        f"| {a.exchange_texts} texts through | texts/s (median) | do_exchange ÷ HTTP | notes |",
         "| --- | --- | --- | --- |",
-        f"| do_exchange, batches of {a.exchange_batch} | {e:.0f} | {e / h:.2f}× | {note} |",
+        f"| do_exchange, batches of {a.exchange_batch} | {xr:.0f} | {xr / h:.2f}× | {note} |",
         f"| HTTP API, concurrency {a.concurrency}, {per_req} texts/request | {h:.0f}{err} | | |",
     ]
 
