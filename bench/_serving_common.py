@@ -95,6 +95,7 @@ class Children:
             stdout=subprocess.PIPE if stdin else f,
             stderr=f,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            bufsize=0,  # unbuffered pipes: select() then sees every line the child wrote
             start_new_session=True,
         )
         f.close()

@@ -135,13 +135,21 @@ def _st_call(proc: subprocess.Popen, req: dict[str, Any] | None, timeout: float)
     if req is not None:
         proc.stdin.write((json.dumps(req) + "\n").encode())
         proc.stdin.flush()
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise TimeoutError(f"the sentence-transformers worker gave no answer within {timeout:.0f} s")
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the sentence-transformers worker exited ({proc.poll()})")
-    return json.loads(line)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, left))
+        if not ready:
+            raise TimeoutError(f"the sentence-transformers worker gave no answer within {timeout:.0f} s")
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the sentence-transformers worker exited ({proc.poll()})")
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            continue  # something a library printed on stdout: not our answer
+        if isinstance(answer, dict):
+            return answer
 
 
 def start_all(wanted: set[str], work: Path, children: Children, a: argparse.Namespace) -> dict[str, System]:
