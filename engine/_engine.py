@@ -32,6 +32,10 @@ the child applies all of them (once each, even if a parent is also active).
 Unloading a child also unloads the ``auto`` parents nothing else needs;
 unloading a parent that still has loaded children is refused.
 
+Leases (``engine._lease``): a request that resolved a digest holds it with
+``lease()``; a swap or unload keeps the held weights addressable for its rows
+until the last release, while new lookups by name see the change at once.
+
 Module names: a card's module paths are relative to the model it was made
 for. They are mapped onto the wrapped model by the first rule under which
 *every* module resolves: (1) as written; (2) with a PEFT ``base_model.model.``
@@ -60,12 +64,23 @@ from torch import nn
 
 from loraflight.errors import CardError, EngineError, LoraflightError
 
+from ._lease import AdapterLease, digest_of_key, is_lease_key, lease_key
 from ._lora import Delta, LoRALinear, Shared, Slot, Snapshot, merged_weight
-from ._modmap import lookup, map_modules
-from ._records import MAX_LINEAGE_DEPTH, Adapter, Plan, as_card, free_name, lineage, remove, with_rows
+from ._modmap import lookup, plan_card
+from ._records import (
+    MAX_LINEAGE_DEPTH,
+    Adapter,
+    Plan,
+    as_card,
+    chain_deltas,
+    free_name,
+    lineage,
+    remove,
+    with_rows,
+)
 from ._torchio import TORCH_DTYPES, copy_card_tensors, dtype_name
 from ._verify import VERIFIED, Verifying, finish_all
-from .card import LoRACard, base_fingerprint
+from .card import LoRACard
 
 log = logging.getLogger(__name__)
 _VERIFIED = VERIFIED  # the memo, under its old name (tests clear it)
@@ -105,6 +120,8 @@ class Engine:
         self._flight_lock = threading.Lock()
         self._inflight = 0
         self._pending: dict[str, LoRALinear] = {}
+        self._leases: dict[str, int] = {}  # digest -> holds (see engine._lease)
+        self._retained: dict[str, dict[str, tuple[Delta, ...]]] = {}  # leased, no longer loaded
         self._tls = threading.local()
         self._last_forward = 0.0
         self._hooks = [
@@ -147,6 +164,12 @@ class Engine:
     def merged(self) -> tuple[str, ...]:
         with self._lock:
             return self._merged
+
+    @property
+    def retained(self) -> tuple[str, ...]:
+        """Digests no longer loaded under a name but kept resident for leases still held."""
+        with self._lock:
+            return tuple(self._retained)
 
     def __repr__(self) -> str:
         return f"Engine({type(self.model).__name__}, adapters={list(self._adapters)}, active={list(self.active)})"
@@ -202,7 +225,7 @@ class Engine:
         checks: list[Verifying],
     ) -> str:
         name = card.name if name is None else name
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name or is_lease_key(name):
             raise EngineError(f"adapter name must be a non-empty string, got {name!r}")
         if depth > MAX_LINEAGE_DEPTH:
             raise EngineError(f"lineage of {card.ref} is deeper than {MAX_LINEAGE_DEPTH} levels")
@@ -284,62 +307,7 @@ class Engine:
 
     def _plan(self, card: LoRACard) -> Plan:
         """Check the card against the model; all problems in one EngineError."""
-        problems: list[str] = []
-        hdr = card.header
-        if self.base_model is not None and hdr.base_model is not None and hdr.base_model != self.base_model:
-            problems.append(
-                f"the card is for base model {hdr.base_model!r} but this engine serves {self.base_model!r}"
-            )
-        card_shapes = card.shapes  # (module, in, out) per row, without building the numpy rows
-        mapping, missing, rule = self._map_modules([m for m, _, _ in card_shapes])
-        if missing:
-            problems.append(
-                f"{len(missing)} module(s) not found in the model ({rule}): "
-                + ", ".join(repr(m) for m in missing[:10])
-                + (" …" if len(missing) > 10 else "")
-            )
-        targets: dict[str, tuple[torch.device, torch.dtype]] = {}
-        shapes: list[tuple[str, int, int]] = []
-        for cm, fin, fout in card_shapes:
-            path = mapping.get(cm)
-            if path is None:
-                continue
-            mod = lookup(self.model, path)
-            base = mod.base_layer if isinstance(mod, LoRALinear) else mod
-            if not isinstance(base, nn.Linear):
-                problems.append(f"module {path!r} is a {type(base).__name__}, not an nn.Linear")
-                continue
-            shapes.append((cm, int(base.in_features), int(base.out_features)))
-            if (base.in_features, base.out_features) != (fin, fout):
-                problems.append(
-                    f"module {path!r}: the card's shape (in={fin}, out={fout}) does not "
-                    f"fit the layer (in={base.in_features}, out={base.out_features})"
-                )
-                continue
-            w = base.weight
-            if w.dtype not in TORCH_DTYPES.values():
-                problems.append(
-                    f"module {path!r} has {w.dtype} weights; only float32/float16/bfloat16 are supported"
-                )
-                continue
-            targets[cm] = (w.device, w.dtype)
-        if hdr.base_fingerprint is not None and not problems:
-            have = base_fingerprint(shapes)
-            if have != hdr.base_fingerprint:
-                problems.append(
-                    f"base fingerprint mismatch: the card was made for a base whose targeted modules hash to "
-                    f"{hdr.base_fingerprint[:16]}…, this model's hash to {have[:16]}…; use the card's base "
-                    f"model{f' ({hdr.base_model})' if hdr.base_model else ''}"
-                )
-        if problems:
-            shown = problems if len(problems) <= 12 else [*problems[:12], f"… and {len(problems) - 12} more"]
-            raise EngineError(
-                f"card {card.ref} does not fit the model; nothing was changed:\n  - " + "\n  - ".join(shown)
-            )
-        return Plan(mapping, targets)
-
-    def _map_modules(self, names: list[str]) -> tuple[dict[str, str], list[str], str]:
-        return map_modules(self.model, names)
+        return plan_card(self.model, self.base_model, card)
 
     def _prepare(self, card: LoRACard, plan: Plan, verifying: Verifying) -> dict[str, Delta]:
         """Copy the card's tensors to their layers (one copy per record batch and column).
@@ -479,7 +447,15 @@ class Engine:
         merged weights are computed from new tensors, else just before the swap, so the
         snapshot is built while the digest is still being hashed.
         """
-        needed = {m for a in cand.values() for m in a.deltas}
+        visible: dict[str, str] = {}  # digest -> the first loaded name with it
+        for n, a in cand.items():
+            visible.setdefault(a.digest, n)
+        retained = {  # leased digests leaving (or already out of) the loaded set keep their deltas
+            d: self._retained.get(d) or chain_deltas(self._adapters, self._name_of(d))
+            for d in self._leases
+            if d not in visible
+        }
+        needed = {m for a in cand.values() for m in a.deltas} | {m for c in retained.values() for m in c}
         new_wrappers: dict[str, LoRALinear] = {}
         revived: dict[str, LoRALinear] = {}
         with self._flight_lock:
@@ -538,6 +514,14 @@ class Engine:
             touched = dict.fromkeys(m for x in chain for m in cand[x].deltas)
             for m in touched:
                 per_module[m][n] = tuple(cand[x].deltas[m] for x in chain if m in cand[x].deltas)
+        for d, n in visible.items():  # every loaded digest is addressable by its lease key too
+            key = lease_key(d)
+            for per in per_module.values():
+                if n in per:
+                    per[key] = per[n]
+        for d, c in retained.items():
+            for m, ds in c.items():
+                per_module[m][lease_key(d)] = ds
         active_by_module: dict[str, list[Delta]] = {m: [] for m in wrappers}
         for n in unmerged:
             for m, d in cand[n].deltas.items():
@@ -546,7 +530,8 @@ class Engine:
         for m, w in wrappers.items():
             weight = params.get(m, w.base_layer.weight)
             slots[w.key] = Slot(weight, w.base_layer.bias, tuple(active_by_module[m]), per_module[m])  # type: ignore[arg-type]
-        snap = Snapshot(slots=slots, merged=bool(params), names=frozenset(cand))
+        keys = {lease_key(d) for d in (*visible, *retained)}
+        snap = Snapshot(slots=slots, merged=bool(params), names=frozenset(cand) | keys)
         finish_all(checks)  # the digest (and trust) of every new card: the last step that may refuse
 
         # ---- commit: nothing below can fail on bad input
@@ -569,6 +554,7 @@ class Engine:
                 w.weight = w.base_layer.weight
         self._wrappers = wrappers
         self._adapters = cand
+        self._retained = retained
         self._merged = tuple(m for m in merged if m in cand)
         self._merged_cache = merged_cache
         self._shared.state = snap
@@ -636,18 +622,63 @@ class Engine:
             if self._inflight == 0 and self._pending:
                 self._restore_pending()
 
+    # ------------------------------------------------------------------ leases
+    def lease(self, digests: Iterable[str]) -> AdapterLease:
+        """Hold these adapters (by digest) resident until the lease is released.
+
+        While held, a swap or unload of their names keeps the old weights for the lease's
+        rows (``lease.row(digest)`` in ``forward_mixed``); new lookups by name see the swap at
+        once. Raises EngineError for a digest that is neither loaded nor already held.
+        """
+        ds = tuple(dict.fromkeys(digests))
+        with self._lock:
+            have = {a.digest for a in self._adapters.values()} | set(self._retained)
+            missing = [d for d in ds if d not in have]
+            if missing:
+                raise EngineError(
+                    f"no loaded adapter has digest {', '.join(d[:16] + '…' for d in missing)}; "
+                    f"loaded: {sorted(self._adapters) or 'none'}"
+                )
+            for d in ds:
+                self._leases[d] = self._leases.get(d, 0) + 1
+        return AdapterLease(ds, self._release)
+
+    def _release(self, digests: tuple[str, ...]) -> None:
+        with self._lock:
+            dropped = False
+            for d in digests:
+                left = self._leases.get(d, 0) - 1
+                if left > 0:
+                    self._leases[d] = left
+                    continue
+                self._leases.pop(d, None)
+                dropped = dropped or d in self._retained
+            if dropped:  # the last hold on a retained adapter: let it go
+                self._commit(dict(self._adapters), self._merged)
+
+    def _name_of(self, digest: str) -> str:
+        return next(n for n, a in self._adapters.items() if a.digest == digest)
+
     # ------------------------------------------------------------------ mixed batches
     @contextlib.contextmanager
     def mixed(self, names: Sequence[str | None]) -> Iterator[None]:
         """Within this block, row i of the model's batch uses adapter names[i] (None: base)."""
         rows = tuple(names)
         with self._lock:
-            self._check_names([n for n in rows if n is not None])
+            self._check_names([n for n in rows if n is not None and not is_lease_key(n)])
+            unheld = {
+                n for n in rows if n is not None and is_lease_key(n) and digest_of_key(n) not in self._leases
+            }
+            if unheld:
+                raise EngineError(
+                    f"mixed batch rows name {len(unheld)} digest(s) no lease holds; use engine.lease(...).row(digest)"
+                )
             if self._merged:
                 raise EngineError("mixed batches need unmerged adapters; call unmerge() first")
             now = time.monotonic()
             for n in set(rows) - {None}:
-                assert n is not None
+                if n is None or n not in self._adapters:
+                    continue
                 self._adapters[n] = dataclasses.replace(self._adapters[n], last_used=now)
         token = self._mixed_var.set(rows)
         try:
@@ -662,3 +693,6 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+__all__ = ["Engine", "Resolver"]

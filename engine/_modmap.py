@@ -1,4 +1,4 @@
-"""Mapping a card's module names onto a wrapped model (see the engine's theory of operation).
+"""Fitting a card to a wrapped model: its module names mapped, shapes and dtypes checked.
 
 A card's module paths are relative to the model it was made for. They are mapped onto the
 wrapped model by the first rule under which *every* module resolves: (1) as written; (2) with
@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
+
+from loraflight.errors import EngineError
+
+from ._lora import LoRALinear
+from ._records import Plan
+from ._torchio import TORCH_DTYPES
+from .card import LoRACard, base_fingerprint
 
 PEFT_PREFIX = "base_model.model."
 
@@ -86,4 +94,61 @@ def map_modules(model: nn.Module, names: list[str]) -> tuple[dict[str, str], lis
     return mapping, [n for n in names if n not in mapping], label
 
 
-__all__ = ["PEFT_PREFIX", "lookup", "map_modules", "strip_peft"]
+def plan_card(model: nn.Module, base_model: str | None, card: LoRACard) -> Plan:
+    """Check the card against the model; all problems in one EngineError."""
+    problems: list[str] = []
+    hdr = card.header
+    if base_model is not None and hdr.base_model is not None and hdr.base_model != base_model:
+        problems.append(
+            f"the card is for base model {hdr.base_model!r} but this engine serves {base_model!r}"
+        )
+    card_shapes = card.shapes  # (module, in, out) per row, without building the numpy rows
+    mapping, missing, rule = map_modules(model, [m for m, _, _ in card_shapes])
+    if missing:
+        problems.append(
+            f"{len(missing)} module(s) not found in the model ({rule}): "
+            + ", ".join(repr(m) for m in missing[:10])
+            + (" …" if len(missing) > 10 else "")
+        )
+    targets: dict[str, tuple[torch.device, torch.dtype]] = {}
+    shapes: list[tuple[str, int, int]] = []
+    for cm, fin, fout in card_shapes:
+        path = mapping.get(cm)
+        if path is None:
+            continue
+        mod = lookup(model, path)
+        base = mod.base_layer if isinstance(mod, LoRALinear) else mod
+        if not isinstance(base, nn.Linear):
+            problems.append(f"module {path!r} is a {type(base).__name__}, not an nn.Linear")
+            continue
+        shapes.append((cm, int(base.in_features), int(base.out_features)))
+        if (base.in_features, base.out_features) != (fin, fout):
+            problems.append(
+                f"module {path!r}: the card's shape (in={fin}, out={fout}) does not "
+                f"fit the layer (in={base.in_features}, out={base.out_features})"
+            )
+            continue
+        w = base.weight
+        if w.dtype not in TORCH_DTYPES.values():
+            problems.append(
+                f"module {path!r} has {w.dtype} weights; only float32/float16/bfloat16 are supported"
+            )
+            continue
+        targets[cm] = (w.device, w.dtype)
+    if hdr.base_fingerprint is not None and not problems:
+        have = base_fingerprint(shapes)
+        if have != hdr.base_fingerprint:
+            problems.append(
+                f"base fingerprint mismatch: the card was made for a base whose targeted modules hash to "
+                f"{hdr.base_fingerprint[:16]}…, this model's hash to {have[:16]}…; use the card's base "
+                f"model{f' ({hdr.base_model})' if hdr.base_model else ''}"
+            )
+    if problems:
+        shown = problems if len(problems) <= 12 else [*problems[:12], f"… and {len(problems) - 12} more"]
+        raise EngineError(
+            f"card {card.ref} does not fit the model; nothing was changed:\n  - " + "\n  - ".join(shown)
+        )
+    return Plan(mapping, targets)
+
+
+__all__ = ["PEFT_PREFIX", "lookup", "map_modules", "plan_card", "strip_peft"]

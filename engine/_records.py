@@ -44,7 +44,6 @@ class Plan:
     targets: dict[str, tuple[torch.device, torch.dtype]]  # card module -> where its weights go
 
 
-
 def as_card(obj: Any) -> LoRACard:
     if isinstance(obj, LoRACard):
         return obj
@@ -105,4 +104,21 @@ def with_rows(snap: Snapshot, rows: tuple[str | None, ...]) -> Snapshot:
     )
 
 
-__all__ = ["MAX_LINEAGE_DEPTH", "Adapter", "Plan", "as_card", "free_name", "lineage", "remove", "with_rows"]
+def chain_deltas(cand: dict[str, Adapter], name: str) -> dict[str, tuple[Delta, ...]]:
+    """Per model module: the deltas adapter `name` applies there (lineage parents first)."""
+    chain = lineage(cand, name)
+    touched = dict.fromkeys(m for x in chain for m in cand[x].deltas)
+    return {m: tuple(cand[x].deltas[m] for x in chain if m in cand[x].deltas) for m in touched}
+
+
+__all__ = [
+    "MAX_LINEAGE_DEPTH",
+    "Adapter",
+    "Plan",
+    "as_card",
+    "chain_deltas",
+    "free_name",
+    "lineage",
+    "remove",
+    "with_rows",
+]
