@@ -73,6 +73,7 @@ from ._records import (
     Plan,
     as_card,
     chain_deltas,
+    evict,
     free_name,
     lineage,
     remove,
@@ -80,7 +81,7 @@ from ._records import (
 )
 from ._torchio import TORCH_DTYPES, copy_card_tensors, dtype_name
 from ._verify import VERIFIED, Verifying, finish_all
-from .card import LoRACard
+from .card import CardHeader, LoRACard
 
 log = logging.getLogger(__name__)
 _VERIFIED = VERIFIED  # the memo, under its old name (tests clear it)
@@ -164,6 +165,12 @@ class Engine:
     def merged(self) -> tuple[str, ...]:
         with self._lock:
             return self._merged
+
+    @property
+    def headers(self) -> dict[str, CardHeader]:
+        """name -> the header of the card loaded under it (description, tags: what routers read)."""
+        with self._lock:
+            return {n: a.header for n, a in self._adapters.items()}
 
     @property
     def retained(self) -> tuple[str, ...]:
@@ -302,6 +309,7 @@ class Engine:
             ),
             device=str(first.device),
             dtype=dtype_name(first.dtype),
+            header=card.header,
         )
         return name
 
@@ -420,20 +428,7 @@ class Engine:
 
     def _evict(self, cand: dict[str, Adapter], keep: str) -> None:
         assert self.max_adapters is not None
-        protect = set(lineage(cand, keep))
-        for _ in range(len(cand) + 1):
-            users = [n for n, a in cand.items() if not a.auto]
-            if len(users) <= self.max_adapters:
-                return
-            has_children = {p for a in cand.values() for p in a.parents}
-            victims = [n for n in users if n not in protect and n not in has_children]
-            if not victims:
-                raise EngineError(
-                    f"cannot load {keep!r}: max_adapters={self.max_adapters} is reached and every loaded "
-                    "adapter is needed (lineage); unload one or raise max_adapters"
-                )
-            victim = min(victims, key=lambda n: self._used(cand[n]))
-            remove(cand, victim)
+        for victim in evict(cand, keep, self.max_adapters, self._used):
             self.evictions += 1
             log.info("max_adapters=%d: unloaded least recently used %r", self.max_adapters, victim)
 

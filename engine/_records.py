@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from loraflight.errors import EngineError
 
 from ._lora import Delta, RowPlan, Snapshot
-from .card import LoRACard
+from .card import CardHeader, LoRACard
 
 MAX_LINEAGE_DEPTH = 32
 
@@ -36,6 +37,7 @@ class Adapter:
     nbytes: int
     device: str
     dtype: str
+    header: CardHeader
 
 
 @dataclasses.dataclass
@@ -111,12 +113,36 @@ def chain_deltas(cand: dict[str, Adapter], name: str) -> dict[str, tuple[Delta, 
     return {m: tuple(cand[x].deltas[m] for x in chain if m in cand[x].deltas) for m in touched}
 
 
+def evict(
+    cand: dict[str, Adapter], keep: str, max_adapters: int, used: Callable[[Adapter], float]
+) -> list[str]:
+    """Unload least recently used adapters from `cand` until `max_adapters` remain; the victims."""
+    protect = set(lineage(cand, keep))
+    out: list[str] = []
+    for _ in range(len(cand) + 1):
+        users = [n for n, a in cand.items() if not a.auto]
+        if len(users) <= max_adapters:
+            return out
+        has_children = {p for a in cand.values() for p in a.parents}
+        victims = [n for n in users if n not in protect and n not in has_children]
+        if not victims:
+            raise EngineError(
+                f"cannot load {keep!r}: max_adapters={max_adapters} is reached and every loaded "
+                "adapter is needed (lineage); unload one or raise max_adapters"
+            )
+        victim = min(victims, key=lambda n: used(cand[n]))
+        remove(cand, victim)
+        out.append(victim)
+    return out
+
+
 __all__ = [
     "MAX_LINEAGE_DEPTH",
     "Adapter",
     "Plan",
     "as_card",
     "chain_deltas",
+    "evict",
     "free_name",
     "lineage",
     "remove",
