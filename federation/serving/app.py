@@ -79,7 +79,9 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
-        return fail(Failure(exc.status_code, "invalid_request_error", code, str(exc.detail)), request.url.path)
+        return fail(
+            Failure(exc.status_code, "invalid_request_error", code, str(exc.detail)), request.url.path
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:  # never a traceback out
@@ -134,8 +136,7 @@ def create_app(
             if done:
                 break
             if await request.is_disconnected():
-                gone = True
-                fut.cancel()
+                gone = True  # the batcher drops it before its next forward (the lease ends there)
                 metrics.dropped.inc()
                 return fail(
                     Failure(499, "invalid_request_error", "client_closed", "client went away"), "embeddings"

@@ -124,13 +124,14 @@ class Batcher:
                     break
                 self._cv.wait(left)
             spans: list[tuple[Job, int, int]] = []
+            dropped: list[Job] = []
             room = self.max_batch
             while self._jobs and room:
                 job = self._jobs[0]
-                if job.cancelled() and not job.future.done():
-                    self._jobs.popleft()
+                if job.cancelled() or job.future.done():  # the client went away: drop it here,
+                    self._jobs.popleft()  # where none of its rows is in a forward
                     self._waiting -= job.left
-                    job.future.cancel()
+                    dropped.append(job)
                     continue
                 k = min(room, job.left)
                 spans.append((job, job.done_rows, job.done_rows + k))
@@ -140,7 +141,9 @@ class Batcher:
                 if job.left == 0:
                     self._jobs.popleft()
             self._cv.notify_all()
-            return list(dict.fromkeys(j for j, _, _ in spans)), spans
+        for job in dropped:  # outside the lock: cancelling ends the job's lease
+            job.future.cancel()
+        return list(dict.fromkeys(j for j, _, _ in spans)), spans
 
     def _loop(self) -> None:
         while True:
