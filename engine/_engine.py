@@ -509,14 +509,14 @@ class Engine:
             touched = dict.fromkeys(m for x in chain for m in cand[x].deltas)
             for m in touched:
                 per_module[m][n] = tuple(cand[x].deltas[m] for x in chain if m in cand[x].deltas)
-        for d, n in visible.items():  # every loaded digest is addressable by its lease key too
-            key = lease_key(d)
+        for dg, nm in visible.items():  # every loaded digest is addressable by its lease key too
+            key = lease_key(dg)
             for per in per_module.values():
-                if n in per:
-                    per[key] = per[n]
-        for d, c in retained.items():
-            for m, ds in c.items():
-                per_module[m][lease_key(d)] = ds
+                if nm in per:
+                    per[key] = per[nm]
+        for dg, held in retained.items():
+            for m, chain_m in held.items():
+                per_module[m][lease_key(dg)] = chain_m
         active_by_module: dict[str, list[Delta]] = {m: [] for m in wrappers}
         for n in unmerged:
             for m, d in cand[n].deltas.items():
