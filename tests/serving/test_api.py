@@ -105,6 +105,12 @@ def test_auto_routes_each_input_and_the_batch_runs_mixed(api: ApiServer, ref: Re
     assert raw.headers["x-loraflight-digest"] == f"{OPS.digest},{DB.digest},base"
     for d, text, c in zip(r.data, TEXTS, (OPS, DB, None), strict=True):
         assert max_diff(vec(d), ref(c, text)) <= TOL
+    # the router follows the loaded set: without db-tuning its input runs on the base
+    engine = api.service.model.engine
+    engine.unload("db-tuning")
+    assert client(api).embeddings.create(model="auto", input=TEXTS).model == f"ops-runbook@1,{TINY_ID}"
+    engine.load(DB)
+    assert client(api).embeddings.create(model="auto", input=TEXTS[1]).model == "db-tuning@1"
 
 
 def test_32_concurrent_requests_over_4_adapters_and_the_base_share_forwards(
