@@ -25,8 +25,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraflight.errors import BusyError
-
 from .errors import Failure, failure_of, too_large, unauthorized
 from .schemas import parse_embedding_request
 from .service import EmbedService
@@ -35,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DIGEST_HEADER = "x-loraflight-digest"
 _POLL_S = 0.05  # how often a waiting request checks that its client is still there
+CLIENT_GONE = Failure(499, "invalid_request_error", "client_closed", "the client went away before the answer")
 
 
 def _json(
@@ -121,32 +120,28 @@ def create_app(
         req = parse_embedding_request(b"".join(chunks), max_inputs=service.max_inputs)
         if isinstance(req, Failure):
             return fail(req, "embeddings")
-        loop = asyncio.get_running_loop()
-        prep = await loop.run_in_executor(admission, service.prepare, req.model, req.texts)
-        if isinstance(prep, Failure):
-            return fail(prep, "embeddings")
         gone = False
-        try:
-            fut = service.submit(prep, cancelled=lambda: gone)
-        except BusyError as e:
-            return fail(failure_of(e), "embeddings")
+        loop = asyncio.get_running_loop()
+        admitted = await loop.run_in_executor(
+            admission, lambda: service.admit(req.model, req.texts, cancelled=lambda: gone)
+        )
+        if isinstance(admitted, Failure):
+            return fail(admitted, "embeddings")
+        fut, prep = admitted
         wrapped = asyncio.wrap_future(fut)
-        while True:
-            done, _ = await asyncio.wait({wrapped}, timeout=_POLL_S)
-            if done:
-                break
-            if await request.is_disconnected():
-                gone = True  # the batcher drops it before its next forward (the lease ends there)
-                metrics.dropped.inc()
-                return fail(
-                    Failure(499, "invalid_request_error", "client_closed", "client went away"), "embeddings"
-                )
         try:
+            while True:
+                done, _ = await asyncio.wait({wrapped}, timeout=_POLL_S)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    gone = True  # the batcher drops it before its next forward (the lease ends there)
+                    metrics.dropped.inc()
+                    return fail(CLIENT_GONE, "embeddings")
             emb = wrapped.result()
-        except asyncio.CancelledError:
-            return fail(
-                Failure(499, "invalid_request_error", "client_closed", "client went away"), "embeddings"
-            )
+        except asyncio.CancelledError:  # the server is stopping or the client went away
+            gone = True
+            raise
         except Exception as e:
             return fail(failure_of(e), "embeddings")
         if req.encoding_format == "base64":

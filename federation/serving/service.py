@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from loraflight.errors import EngineError
+from loraflight.errors import BusyError, EngineError
 
 from .batcher import Batcher, Job
 from .encoder import encode_rows, tokenize
-from .errors import Failure
+from .errors import Failure, busy, failure_of
 from .metrics import ServingMetrics
 from .resolve import AUTO, BASE, Target, models_list, resolve_model
 
@@ -220,6 +220,27 @@ class EmbedService:
         self.metrics.count_inputs(labels)
         self.metrics.queued.set(self.batcher.waiting)
         return fut
+
+    def admit(
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[concurrent.futures.Future[np.ndarray], Prepared] | Failure:
+        """`prepare` and `submit` in one step (a queue-full is a 429 Failure).
+
+        Once this returns a future, the lease ends with it whatever the caller does next,
+        so an HTTP handler cancelled while this runs cannot leave a lease behind.
+        """
+        prep = self.prepare(model, texts)
+        if isinstance(prep, Failure):
+            return prep
+        try:
+            fut = self.submit(prep, cancelled=cancelled)
+        except BusyError as e:
+            return busy(self.batcher.waiting, self.batcher.queue) if "api.queue" in str(e) else failure_of(e)
+        return fut, prep
 
     def embed(
         self,
