@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from loraflight.errors import ConfigError
 
-from .serving.checks import api_problems, device_problem
+from .serving.checks import api_problems, base_model_problem, device_problem
 
 _log = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ class SyncConfig:
 @dataclass
 class EngineConfig:
     base_model: str = _f(
-        "", "base model to hot-load into: 'minilm', 'tiny:SEED', or a Hugging Face folder (empty: no engine)"
+        "",
+        "base model to hot-load into and serve: 'minilm', 'tiny:SEED', a Hugging Face folder, or a Hugging "
+        "Face id in the local cache (empty: no engine)",
     )
     hot_load: bool = _f(
         True, "hot-load synced cards that match the base model", flag="--hot-load/--no-hot-load"
@@ -605,8 +607,9 @@ def validate(cfg: NodeConfig) -> list[str]:
     # engine
     if cfg.engine.base_model:
         bm = cfg.engine.base_model
-        if not (bm == "minilm" or re.fullmatch(r"tiny(:\d+)?", bm) or Path(os.path.expanduser(bm)).is_dir()):
-            p.append(f"engine.base_model: {bm!r} is not 'minilm', 'tiny:SEED' or an existing model folder")
+        msg = base_model_problem(bm)
+        if msg:
+            p.append(f"engine.base_model: {msg}")
         if (
             cfg.engine.hot_load
             and cfg.trust.engine == "signed"

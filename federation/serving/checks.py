@@ -7,7 +7,12 @@ calls it only when an engine is configured.
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any
+
+_HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def parse_listen(value: str, what: str, problems: list[str]) -> tuple[str, int] | str | None:
@@ -58,7 +63,9 @@ def api_problems(api: Any) -> list[str]:
 
 
 def device_problem(device: str) -> str | None:
-    """None when torch can use `device` here (imports torch)."""
+    """None when torch can use `device` here (imports torch, except for cpu)."""
+    if device == "cpu":
+        return None
     try:
         import torch
     except ImportError:
@@ -74,4 +81,22 @@ def device_problem(device: str) -> str | None:
     return None
 
 
-__all__ = ["api_problems", "device_problem", "parse_listen"]
+def base_model_problem(spec: str) -> str | None:
+    """None when `spec` names a model this machine can load offline (built-in, folder, cached id)."""
+    if spec == "minilm" or re.fullmatch(r"tiny(:\d+)?", spec) or Path(os.path.expanduser(spec)).is_dir():
+        return None
+    if _HF_ID.fullmatch(spec):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return f"{spec!r} looks like a Hugging Face id, but huggingface_hub is not installed"
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return None
+        return (
+            f"{spec!r} is not in the local Hugging Face cache and nothing is downloaded; "
+            f"fetch it beforehand (huggingface-cli download {spec}) or give a folder"
+        )
+    return f"{spec!r} is not 'minilm', 'tiny:SEED', an existing model folder or a cached org/name id"
+
+
+__all__ = ["api_problems", "base_model_problem", "device_problem", "parse_listen"]

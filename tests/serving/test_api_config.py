@@ -137,3 +137,10 @@ def test_tls_from_the_nodes_certificate(tmp_path: Path) -> None:
             httpx.get(server.url.replace("https://", "http://") + "/health", timeout=5).raise_for_status()
     finally:
         server.stop()
+
+
+def test_a_hugging_face_id_must_be_in_the_local_cache() -> None:
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
+        load_config(env={}, flags={"engine.base_model": "someone/not-cached-anywhere", "trust.engine": "any"})
+    with pytest.raises(ConfigError, match="cached org/name id"):
+        load_config(env={}, flags={"engine.base_model": "no such thing", "trust.engine": "any"})
