@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import threading
+
 import numpy as np
+import openai
 
 from loraflight.engine import LoRACard, ModuleLoRA
+from loraflight.engine.authoring.router import HashingEmbedder
 from loraflight.engine.authoring.serving_model import TINY_ID, ServingModel, build_serving_model
+from loraflight.federation.config import load_config
+from loraflight.federation.serving import ApiServer, start_api
 from loraflight.federation.serving.encoder import encode_rows
 
 HIDDEN, LAYERS = 64, 2
@@ -60,4 +67,28 @@ def max_diff(a: object, b: object) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
-__all__ = ["HIDDEN", "TOL", "Reference", "card", "max_diff", "tiny"]
+def serve(sm, **flags) -> ApiServer:
+    cfg = load_config(env={}, flags={"api.listen": "127.0.0.1:0", **flags})
+    return start_api(model=sm, config=cfg, router_embedder=HashingEmbedder())
+
+
+def client(server: ApiServer, key: str = "unused", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+
+def wait_until(pred, timeout: float = 30.0) -> None:
+    ev = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if pred():
+            return
+        ev.wait(0.01)
+    raise AssertionError("timed out waiting for the condition")
+
+
+def vec(d) -> np.ndarray:
+    if isinstance(d.embedding, str):  # asked for base64 explicitly: the client leaves it encoded
+        return np.frombuffer(base64.b64decode(d.embedding), dtype="<f4")
+    return np.asarray(d.embedding, dtype=np.float32)
+
+
+__all__ = ["HIDDEN", "TOL", "Reference", "card", "client", "max_diff", "serve", "tiny", "vec", "wait_until"]

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import threading
 from collections.abc import Iterator
 
-import numpy as np
 import openai
 import pytest
 
-from loraflight.engine.authoring.router import HashingEmbedder
 from loraflight.engine.authoring.serving_model import TINY_ID
-from loraflight.federation.config import load_config
-from loraflight.federation.serving import ApiServer, start_api
+from loraflight.federation.serving import ApiServer
 
-from .helpers import TOL, Reference, card, max_diff, tiny
+from .helpers import TOL, Reference, card, client, max_diff, serve, tiny, vec, wait_until
 
 OPS = card("ops-runbook", 1, 1, "kubernetes pod restart crashloop deployment rollout")
 DB = card("db-tuning", 1, 2, "postgres database vacuum index query planner")
@@ -24,11 +20,6 @@ C3 = card("c3", 1, 3)
 C4 = card("c4", 1, 4)
 OPS2 = card("ops-runbook", 2, 11, "kubernetes pod restart crashloop deployment rollout")
 TEXTS = ["the pod is in crashloop after the deployment rollout", "vacuum the postgres index", "hello there"]
-
-
-def serve(sm, **flags) -> ApiServer:
-    cfg = load_config(env={}, flags={"api.listen": "127.0.0.1:0", **flags})
-    return start_api(model=sm, config=cfg, router_embedder=HashingEmbedder())
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +37,6 @@ def api() -> Iterator[ApiServer]:
         yield server
     finally:
         server.stop()
-
-
-def client(server: ApiServer, key: str = "unused", **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
-
-
-def wait_until(pred, timeout: float = 30.0) -> None:
-    ev = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if pred():
-            return
-        ev.wait(0.01)
-    raise AssertionError("timed out waiting for the condition")
-
-
-def vec(d) -> np.ndarray:
-    if isinstance(d.embedding, str):  # asked for base64 explicitly: the client leaves it encoded
-        return np.frombuffer(base64.b64decode(d.embedding), dtype="<f4")
-    return np.asarray(d.embedding, dtype=np.float32)
 
 
 def test_models_list_shows_the_base_and_every_adapter(api: ApiServer) -> None:

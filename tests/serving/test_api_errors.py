@@ -14,8 +14,7 @@ import pytest
 from loraflight.engine.authoring.serving_model import TINY_ID
 from loraflight.federation.serving import ApiServer
 
-from .helpers import card, tiny
-from .test_api import client, serve, wait_until
+from .helpers import card, client, serve, tiny, wait_until
 
 OPS = card("ops-runbook", 1, 1)
 TOKEN = "read-token-0123456789"

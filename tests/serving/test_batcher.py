@@ -5,14 +5,14 @@ from __future__ import annotations
 import socket
 import threading
 
+import httpx
 import numpy as np
 import pytest
 
 from loraflight.errors import BusyError
 from loraflight.federation.serving.batcher import Batcher, Job
 
-from .helpers import card, tiny
-from .test_api import serve, wait_until
+from .helpers import card, serve, tiny, wait_until
 
 
 class Recorder:
@@ -117,7 +117,7 @@ def test_the_api_drops_a_request_when_its_client_disconnects() -> None:
     svc.batcher.before_forward = gate
     try:
         holder = threading.Thread(
-            target=lambda: __import__("httpx").post(
+            target=lambda: httpx.post(
                 server.url + "/v1/embeddings", json={"model": "ops", "input": "first"}, timeout=60
             )
         )

@@ -16,8 +16,7 @@ from loraflight.federation.server import CardServer
 from loraflight.federation.serving import ApiServer, make_exchange_handler
 from loraflight.federation.store import Store
 
-from .helpers import TOL, card, max_diff, tiny
-from .test_api import client, serve, vec
+from .helpers import TOL, card, client, max_diff, serve, tiny, vec
 
 OPS, DB = card("ops-runbook", 1, 1), card("db-tuning", 1, 2)
 
