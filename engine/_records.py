@@ -91,7 +91,7 @@ def remove(cand: dict[str, Adapter], name: str) -> None:
 def with_rows(snap: Snapshot, rows: tuple[str | None, ...]) -> Snapshot:
     if snap.merged:
         raise EngineError("mixed batches need unmerged adapters; call unmerge() first")
-    names = tuple(dict.fromkeys(n for n in rows if n is not None))
+    names = tuple(sorted({n for n in rows if n is not None}))  # canonical: one stack memo per set
     unknown = [n for n in names if n not in snap.names]
     if unknown:
         raise EngineError(f"mixed batch names adapter(s) {unknown} that are not loaded")
