@@ -58,6 +58,7 @@ class ApiServer:
         self.tls = bool(tls_cert)
         self.sock = _bind(where)
         self.uds = where if isinstance(where, str) else None
+        self._addr: tuple[Any, ...] = () if self.uds is not None else tuple(self.sock.getsockname())  # kept
         app = create_app(
             service, read_tokens=read_tokens, max_body_bytes=max_body_bytes, admission=self._pool
         )
@@ -100,13 +101,13 @@ class ApiServer:
     def port(self) -> int | None:
         if self.uds is not None:
             return None
-        return int(self.sock.getsockname()[1])
+        return int(self._addr[1])
 
     @property
     def host(self) -> str:
         if self.uds is not None:
             return "localhost"
-        h = str(self.sock.getsockname()[0])
+        h = str(self._addr[0])
         if h in ("0.0.0.0", "::"):
             h = "127.0.0.1"
         return f"[{h}]" if ":" in h else h

@@ -53,6 +53,10 @@ def test_unknown_model_is_a_404_never_the_base(api: ApiServer) -> None:
         err = assert_shape(ei.value, 404, "model_not_found")
         assert model in err["message"] and err["param"] == "model"
         still_serves(api)
+    errors = api.service.metrics.registry.get_sample_value(
+        "loraflight_api_errors_total", {"code": "model_not_found"}
+    )
+    assert errors == 3
 
 
 def test_unsupported_and_unknown_fields_are_400s_naming_them(api: ApiServer) -> None:

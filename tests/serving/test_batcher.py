@@ -141,3 +141,50 @@ def test_the_api_drops_a_request_when_its_client_disconnects() -> None:
         svc.batcher.before_forward = None
         server.stop()
     assert ran == [1]  # only the first request's input ever reached a forward
+
+
+def test_stop_lets_a_request_in_flight_finish_and_metrics_count_it() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from loraflight.federation.config import load_config
+    from loraflight.federation.serving import start_api
+
+    sm = tiny()
+    sm.engine.load(card("ops", 1, 1))
+    registry = CollectorRegistry()
+    server = start_api(
+        model=sm, config=load_config(env={}, flags={"api.listen": "127.0.0.1:0"}), registry=registry
+    )
+    svc = server.service
+    entered, go = threading.Event(), threading.Event()
+
+    def gate(_jobs) -> None:
+        entered.set()
+        assert go.wait(30)
+
+    svc.batcher.before_forward = gate
+    answers: list[httpx.Response] = []
+    t = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(server.url + "/v1/embeddings", json={"model": "ops", "input": ["a", "b"]}, timeout=60)
+        )
+    )
+    t.start()
+    assert entered.wait(30)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()  # stopping while the request is in the forward
+    go.set()
+    t.join(30)
+    stopper.join(30)
+    assert not stopper.is_alive() and answers and answers[0].status_code == 200
+    assert len(answers[0].json()["data"]) == 2
+    assert registry.get_sample_value("loraflight_api_inputs_total", {"adapter": "ops"}) == 2
+    assert (
+        registry.get_sample_value(
+            "loraflight_api_requests_total", {"endpoint": "embeddings", "status": "200"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("loraflight_api_batch_rows_count") == 1
+    with pytest.raises(httpx.TransportError):  # stopped: nothing listens any more
+        httpx.get(server.url + "/health", timeout=5)
