@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "ApiServer": "loraflight.federation.serving.server",
     "start_api": "loraflight.federation.serving.server",
+    "start_serving": "loraflight.federation.serving.server",
+    "Serving": "loraflight.federation.serving.server",
     "make_exchange_handler": "loraflight.federation.serving.exchange",
     "EmbedService": "loraflight.federation.serving.service",
     "Batcher": "loraflight.federation.serving.batcher",
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from .batcher import Batcher
     from .exchange import make_exchange_handler
     from .metrics import ServingMetrics
-    from .server import ApiServer, start_api
+    from .server import ApiServer, Serving, start_api, start_serving
     from .service import EmbedService
 
 
@@ -40,8 +42,10 @@ __all__ = [
     "ApiServer",
     "Batcher",
     "EmbedService",
+    "Serving",
     "ServingMetrics",
     "create_app",
     "make_exchange_handler",
     "start_api",
+    "start_serving",
 ]

@@ -214,4 +214,44 @@ def start_api(
     return server.start()
 
 
-__all__ = ["ApiServer", "start_api"]
+class Serving:
+    """What a node runs to serve `model`: the shared `EmbedService`, the Flight ``exchange``
+    handler, and the HTTP API when ``api.listen`` is set (`api` is None otherwise)."""
+
+    def __init__(self, service: EmbedService, api: ApiServer | None) -> None:
+        from .exchange import make_exchange_handler
+
+        self.service = service
+        self.api = api
+        self.exchange = make_exchange_handler(service)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the API (requests in flight finish), then the batcher. Call after the Flight server stopped."""
+        if self.api is not None:
+            self.api.stop()
+        self.service.close(timeout)
+
+
+def start_serving(*, model: Any, config: Any, registry: Any = None, router_embedder: Any = None) -> Serving:
+    """The node's one call: an `EmbedService` on `model` with `config`'s limits (metrics on
+    `registry`), its Flight exchange handler, and the HTTP API when ``api.listen`` is set.
+
+    ``Serving.exchange`` goes to ``CardServer(exchange=...)``; ``Serving.stop()`` after the
+    Flight server stops. `model` None with ``api.listen`` set is a ConfigError.
+    """
+    if model is None:
+        if config.api.listen:
+            raise ConfigError(
+                "api.listen needs an engine to serve: set engine.base_model (or give the node an engine)"
+            )
+        raise ConfigError("serving needs a model: build one with build_serving_model(engine.base_model)")
+    service = EmbedService.from_config(model, config, registry=registry, router_embedder=router_embedder)
+    try:
+        api = start_api(config=config, service=service) if config.api.listen else None
+    except BaseException:
+        service.close()
+        raise
+    return Serving(service, api)
+
+
+__all__ = ["ApiServer", "Serving", "start_api", "start_serving"]

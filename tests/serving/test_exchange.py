@@ -106,3 +106,27 @@ def test_exchange_errors_are_clear(api: ApiServer, flight_server: CardServer, tm
         store.close()
     out, _ = exchange(flight_server, "ops-runbook", table)  # still serving
     assert out.num_rows == 1
+
+
+def test_start_serving_gives_the_node_its_exchange_and_api(tmp_path: Path) -> None:
+    from loraflight.federation.config import load_config
+    from loraflight.federation.serving import start_serving
+
+    sm = tiny()
+    sm.engine.load(OPS)
+    off = start_serving(model=sm, config=load_config(env={}))
+    assert off.api is None  # api.listen empty: the exchange alone
+    off.stop()
+    serving = start_serving(model=sm, config=load_config(env={}, flags={"api.listen": "127.0.0.1:0"}))
+    store = Store(tmp_path / "s")
+    srv = CardServer(store, exchange=serving.exchange)
+    try:
+        out, _ = exchange(srv, "ops-runbook", pa.table({"text": ["pods"]}))
+        assert serving.api is not None
+        want = vec(client(serving.api).embeddings.create(model="ops-runbook", input="pods").data[0])
+        got = np.asarray(out.column("embedding").combine_chunks().flatten())
+        assert max_diff(got, want) <= TOL
+    finally:
+        srv.stop()
+        serving.stop()
+        store.close()
