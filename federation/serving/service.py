@@ -87,6 +87,7 @@ class EmbedService:
         self._router: Any = None
         self._router_key: tuple[tuple[str, str], ...] | None = None
         self._router_lock = threading.Lock()
+        self._tok_lock = threading.Lock()
         self.batcher = Batcher(
             self._run,
             max_batch=max_batch,
@@ -126,7 +127,8 @@ class EmbedService:
         self, model: str, texts: Sequence[str], per_row: Sequence[str | None] | None = None
     ) -> Prepared | Failure:
         """Tokenize, resolve and lease (see the module doc); per_row[i] overrides `model` for input i."""
-        ids = tokenize(self.model, texts, self.max_tokens)
+        with self._tok_lock:  # fast tokenizers refuse concurrent use ("Already borrowed")
+            ids = tokenize(self.model, texts, self.max_tokens)
         if isinstance(ids, Failure):
             return ids
         names = [
@@ -178,7 +180,9 @@ class EmbedService:
         by_digest = {a["digest"]: n for n, a in adapters.items()}
         queries = [t[:MAX_QUERY_CHARS] if t.strip() else "-" for t in texts]
         out = []
-        for routes in router.route_many(queries, k=1):
+        with self._router_lock:  # one routing at a time: the router's embedder has a tokenizer too
+            ranked = router.route_many(queries, k=1)
+        for routes in ranked:
             n = by_digest.get(routes[0].digest) if routes else None
             a = adapters.get(n) if n is not None else None
             out.append(BASE if a is None else Target(n, int(a["version"]), str(a["digest"])))
