@@ -11,7 +11,7 @@ layers are put into the model, the snapshot reference is swapped, and layers
 no longer needed get their original module objects back. If anything fails
 before the commit, nothing has changed.
 
-Verification runs beside a load (``Verifying``): the card's digest is hashed
+Verification runs beside a load (``Verifying``, engine._verify): the card's digest is hashed
 in a helper thread (``engine.card.DigestJob``) from the first step, while this
 thread checks the fit, copies the tensors (checking the copies finite) and
 builds the candidate snapshot; the digest and the trust decision are awaited
