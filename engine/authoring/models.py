@@ -297,10 +297,10 @@ def _load_local(spec: str, *, causal: bool) -> tuple[Any, Any, str]:
 
 
 __all__ = [
-    "ByteTokenizer",
-    "HashTokenizer",
     "MINILM_ID",
     "MINILM_PACKAGE",
+    "ByteTokenizer",
+    "HashTokenizer",
     "encode",
     "load_causal_model",
     "load_embedding_model",

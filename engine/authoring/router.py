@@ -339,13 +339,13 @@ def route_accuracy(router: Router, labelled: Sequence[tuple[str, str]]) -> float
 
 
 __all__ = [
+    "MAX_QUERY_CHARS",
+    "STOPWORDS",
     "Embedder",
     "HashingEmbedder",
-    "MAX_QUERY_CHARS",
     "MiniLMEmbedder",
     "Route",
     "Router",
-    "STOPWORDS",
     "card_text",
     "default_embedder",
     "route_accuracy",
