@@ -57,7 +57,7 @@ def bench_train(steps: int, repeats: int, warmup: int) -> list[tuple[str, str, s
     from peft import LoraConfig, get_peft_model
 
     from loraflight.engine.authoring import builtin_dataset, demo_config, evaluate, load_minilm
-    from loraflight.engine.authoring.train import LoRAInjection, _pair_loss, split_records
+    from loraflight.engine.authoring.train import LoRAInjection, pair_loss, split_records
 
     loaded = load_minilm()
     if loaded is None:
@@ -74,7 +74,7 @@ def bench_train(steps: int, repeats: int, warmup: int) -> list[tuple[str, str, s
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
         net.train()
         for s in range(steps):
-            loss = _pair_loss(net, tok, batches[s % len(batches)], cfg)
+            loss = pair_loss(net, tok, batches[s % len(batches)], cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or 1e9)

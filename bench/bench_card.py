@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             """Experiment: each batch column read with one os.preadv from the file straight into
             the destination tensors (no page faults through the mapping)."""
             card = LoRACard.open(card_path)
-            base = card._map.address  # the bench reaches into the card layout
+            base = card.mapping.address  # the bench reads the card layout (public accessors)
             fd = os.open(card_path, os.O_RDONLY)
             try:
-                for run in card._runs_:
+                for run in card.runs:
                     for col, flat in ((0, run.flat_a), (1, run.flat_b)):
                         bufs = [dst_bytes[n][col] for n in run.names]
                         got = os.preadv(fd, bufs, flat.ctypes.data - base)

@@ -371,7 +371,7 @@ def bench_module(
                 mod.lora_A[k].weight.data = mod.lora_A[k].weight.data.to(device, dtype)
                 mod.lora_B[k].weight.data = mod.lora_B[k].weight.data.to(device, dtype)
     pm.base_model.set_adapter("m0")
-    from loraflight.engine._torchio import card_from_tensors
+    from loraflight.engine.card.torch import card_from_tensors
 
     eng = Engine(ours_m)
     lora = pm.base_model.model.q_proj
@@ -422,7 +422,7 @@ def bench_module(
 
 def bench_7b_load(device: str, repeats: int, tmp: Path, hidden: int = 4096, layers: int = 32) -> list[str]:
     """Hot-load a LLaMA-7B-shape rank-16 fp16 card (32 layers × q,k,v,o of 4096²) into the projections."""
-    from loraflight.engine._torchio import card_from_tensors
+    from loraflight.engine.card.torch import card_from_tensors
 
     class Attn(nn.Module):
         def __init__(self) -> None:

@@ -70,7 +70,7 @@ def _skill_cards(key: Any, versions: int) -> list[Any]:
     from loraflight.engine.authoring.data import DEMO_CARD, builtin_dataset, demo_config
     from loraflight.engine.authoring.models import MINILM_ID, load_minilm
     from loraflight.engine.authoring.train import train_card
-    from loraflight.engine.card import LoRACard
+    from loraflight.engine.card import CardMeta, LoRACard
 
     loaded = load_minilm()
     if loaded is None:
@@ -81,8 +81,7 @@ def _skill_cards(key: Any, versions: int) -> list[Any]:
         tok,
         builtin_dataset("ops-runbook"),
         demo_config(),
-        name=str(DEMO_CARD["name"]),
-        base_model=MINILM_ID,
+        meta=CardMeta(str(DEMO_CARD["name"]), base_model=MINILM_ID),
         key=key,
     )
     h = res.card.header
@@ -110,7 +109,7 @@ def _direct_fetch(uri: str, name: str, version: int) -> float:
 
 
 def _mesh(lab: Any, hosts: list[int]) -> dict[int, str]:
-    from tests.node.netns_lab import wait_for
+    from loraflight.testing import wait_for
 
     ids = {i: lab.wait_up(i, timeout=300)["node_id"] for i in hosts}
     for i in hosts:
@@ -131,7 +130,7 @@ def _stop_all(lab: Any) -> None:
 
 
 def bench_skill(lab: Any, n: int, repeats: int, key: Any, pub: str, cards: list[Any]) -> dict[str, Any]:
-    from tests.node.netns_lab import wait_for
+    from loraflight.testing import wait_for
 
     hosts = list(range(1, n + 1))
     for i in hosts:
@@ -171,7 +170,7 @@ def bench_skill(lab: Any, n: int, repeats: int, key: Any, pub: str, cards: list[
 
 
 def bench_big(lab: Any, n: int, repeats: int, key: Any) -> dict[str, Any]:
-    from tests.node.netns_lab import wait_for
+    from loraflight.testing import wait_for
 
     hosts = list(range(1, n + 1))
     for i in hosts:
@@ -216,7 +215,7 @@ def bench_big(lab: Any, n: int, repeats: int, key: Any) -> dict[str, Any]:
 
 def _inside(args: argparse.Namespace) -> int:
     from loraflight.engine import keys
-    from tests.node.netns_lab import Lab
+    from loraflight.testing import Lab
 
     ns = [int(x) for x in args.ns.split(",")]
     key = keys.generate()

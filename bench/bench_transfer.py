@@ -118,9 +118,7 @@ def raw_do_get(client, digest: str) -> Cleanup:
 
 def ours_receive(client, entry) -> Cleanup:
     """Our client's receive loop alone (read_chunk until the end), nothing else."""
-    import pyarrow.flight as fl
-
-    r = client._conn.do_get(fl.Ticket(entry.digest.encode()), client._opts())
+    r = client.stream(entry.digest)
     while True:
         try:
             r.read_chunk()
@@ -133,9 +131,7 @@ def ours_stage(client, entry, store) -> Cleanup:
     """The transfer phase of a real fetch: receive while workers hash, check values and
     write the temp file; stops before fsync/verify/rename/index (the temp file is dropped
     after the clock stops)."""
-    import pyarrow.flight as fl
-
-    r = client._conn.do_get(fl.Ticket(entry.digest.encode()), client._opts())
+    r = client.stream(entry.digest)
     st = store.stage(r.schema, rows=entry.rows, max_bytes=entry.size, expect=entry)
     try:
         while True:
@@ -144,8 +140,7 @@ def ours_stage(client, entry, store) -> Cleanup:
             except StopIteration:
                 break
             st.write_batch(chunk.data)
-        st._finish_worker()
-        assert st._digest is not None and st._digest.hexdigest() == entry.digest
+        assert st.received_digest() == entry.digest
     except BaseException:
         st.abort()
         raise
@@ -260,7 +255,7 @@ def main() -> None:
     import pyarrow.flight as fl
 
     from loraflight.federation import Client, ClientTLS, Store, SyncPolicy, sync
-    from tests.federation.helpers import make_ca, make_card
+    from loraflight.testing import make_ca, make_card
 
     work = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     try:

@@ -2,9 +2,9 @@
 
     python -m bench fuzz [--cases 100000] [--workers 2] [--chunk 10000] [--seed 0]
 
-Each chunk runs `tests.engine._fuzz_driver` in its own subprocess (a crash fails that chunk and
+Each chunk runs `tests.engine.fuzz_driver` in its own subprocess (a crash fails that chunk and
 is reported with its case number); chunks use seeds seed, seed+1, ... so a failure is
-reproducible with `python -m tests.engine._fuzz_driver --cases CHUNK --seed S`.
+reproducible with `python -m tests.engine.fuzz_driver --cases CHUNK --seed S`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def run_chunk(cases: int, seed: int, workdir: Path, timeout: float) -> dict:
             [
                 sys.executable,
                 "-m",
-                "tests.engine._fuzz_driver",
+                "tests.engine.fuzz_driver",
                 "--cases",
                 str(cases),
                 "--seed",

@@ -198,3 +198,6 @@ def merged_weight(weight: torch.Tensor, deltas: list[Delta]) -> torch.Tensor:
     for a, b, sc in deltas:
         work.addmm_(b.to(torch.float32), a.to(torch.float32), alpha=sc)
     return work.to(weight.dtype) if weight.dtype != torch.float32 else work
+
+
+__all__ = ["Delta", "LoRALinear", "RowPlan", "Shared", "Slot", "Snapshot", "merged_weight"]

@@ -13,13 +13,13 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from loraflight.errors import CardError, ConfigError
+from loraflight.errors import ConfigError
+from loraflight.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -68,34 +68,9 @@ def write_keypair(
     pub_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _atomic_write(priv, pem, 0o600)
-    _atomic_write(pub, pub_pem, 0o644)
+    atomic_write(priv, pem, mode=0o600)  # mkstemp creates the temp file 0600: never readable by others
+    atomic_write(pub, pub_pem, mode=0o644)
     return priv, pub
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 MAX_KEY_FILE = 64 * 1024  # a PEM key is a few hundred bytes
@@ -155,7 +130,6 @@ def public_b64_from_file(path: str | os.PathLike[str]) -> str:
 
 
 __all__ = [
-    "CardError",
     "generate",
     "load_private",
     "load_public",

@@ -13,7 +13,6 @@ this module does not understand that is set to a non-default value.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -31,15 +30,15 @@ from typing import Any
 import numpy as np
 
 from loraflight.errors import CardError
-from loraflight.files import fsync_dir
+from loraflight.files import atomic_write, replace
 
 from .card import (
     MAX_NAME_LEN,
+    CardMeta,
     LoRACard,
     ModuleLoRA,
     base_fingerprint,
     canonical_json,
-    check_name,
 )
 
 log = logging.getLogger(__name__)
@@ -198,24 +197,7 @@ def write_safetensors(
             st_dtype, arr = tensors[key]
             f.write(np.ascontiguousarray(arr, dtype=_ST_DTYPES[st_dtype][1]).tobytes())
 
-    return _atomic_write(Path(path), body)
-
-
-def _atomic_write(path: Path, body: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            body(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, body)
 
 
 # --------------------------------------------------------------------------- config rules
@@ -342,17 +324,21 @@ def _load_config(path: Path) -> dict[str, Any]:
 def from_peft(
     directory: str | os.PathLike[str],
     *,
+    meta: CardMeta | None = None,
     name: str | None = None,
-    version: int = 1,
-    description: str = "",
-    tags: Iterable[str] = (),
-    base_model: str | None = None,
-    author: str = "",
     created: str | None = None,
     lineage: Iterable[str] = (),
 ) -> LoRACard:
-    """Import a PEFT LoRA adapter folder as a card (exactly, or not at all)."""
+    """Import a PEFT LoRA adapter folder as a card (exactly, or not at all).
+
+    `meta` names and describes the card (``name=`` alone is shorthand for ``CardMeta(name)``;
+    neither: the folder's name, sanitised); without a base model in `meta`, the one in
+    adapter_config.json is recorded.
+    """
     d = Path(directory)
+    if meta is None and name is None:
+        meta = CardMeta(sanitize_name(d.resolve().name))
+    meta = CardMeta.given(meta, name)
     if not d.is_dir():
         raise CardError(f"{d} is not a directory (expected a PEFT adapter folder)")
     cfg = _load_config(d / CONFIG_NAME)
@@ -410,15 +396,10 @@ def from_peft(
     shapes = [(m.module, m.in_features, m.out_features) for m in modules]
     card = LoRACard.build(
         modules,
-        name=check_name(name) if name is not None else sanitize_name(d.resolve().name),
-        version=version,
+        **{**meta.as_kwargs(), "base_model": meta.base_model or cfg.get("base_model_name_or_path") or None},
         dtype=card_dtype,
-        description=description,
-        tags=tags,
-        base_model=base_model if base_model is not None else cfg.get("base_model_name_or_path") or None,
         base_fingerprint=base_fingerprint(shapes),
         scaling="rslora" if rslora else "standard",
-        author=author,
         created=created,
         lineage=lineage,
         peft=peft_cfg,
@@ -515,17 +496,16 @@ def to_peft(card: LoRACard, directory: str | os.PathLike[str], *, verify: bool =
     text = json.dumps(json.loads(canonical_json(cfg)), indent=2, sort_keys=True) + "\n"
     if d.exists():  # each file replaced atomically
         write_safetensors(d / WEIGHTS_NAME, tensors, {"format": "pt"})
-        _atomic_write(d / CONFIG_NAME, lambda f: f.write(text.encode()))
+        atomic_write(d / CONFIG_NAME, text.encode())
         return d
     # a new folder appears whole or not at all: built beside it, then renamed into place
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-peft-", dir=d.parent))
     try:
         write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
-        _atomic_write(tmp / CONFIG_NAME, lambda f: f.write(text.encode()))
+        atomic_write(tmp / CONFIG_NAME, text.encode())
         os.chmod(tmp, 0o755)
-        os.replace(tmp, d)
-        fsync_dir(d.parent)
+        replace(tmp, d)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

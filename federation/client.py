@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from loraflight.engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard
+from loraflight.engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard, verify_signature
 from loraflight.errors import (
     CardError,
     ConflictError,
@@ -47,7 +47,6 @@ from .protocol import (
 from .security import ClientTLS, call_headers
 from .server import normalize_uri
 from .store import Store, hash_batch
-from .trust import verify_signature
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +101,10 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client({self.uri!r})"
+
+    def stream(self, digest: str) -> flight.FlightStreamReader:
+        """The raw Flight stream of a card (no verification, no retries: for measuring transport)."""
+        return self._conn.do_get(flight.Ticket(digest.encode()), self._opts())
 
     def _opts(self, timeout: float | None = None) -> flight.FlightCallOptions:
         return flight.FlightCallOptions(
@@ -462,15 +465,7 @@ class Client:
 
 def _check_trust(header: CardHeader, trusted: set[str] | None, require_signed: bool) -> None:
     """The caller's own trust demands, checked on the header before any byte is stored."""
-    if header.signature is not None:
-        verify_signature(header)
-    elif require_signed or trusted is not None:
-        raise TrustError(f"{header.ref} is unsigned, but a signature by a trusted key is required")
-    if trusted is not None and header.signer_key not in trusted and header.signer not in trusted:
-        raise TrustError(
-            f"{header.ref} is signed by {header.signer}, which is not a trusted key; "
-            "add its public key with 'loraflight trust add' if you trust it"
-        )
+    verify_signature(header, trusted, require_signed=require_signed)
 
 
 def _connect(uri: str, tls: ClientTLS | None) -> flight.FlightClient:
@@ -481,4 +476,31 @@ def _connect(uri: str, tls: ClientTLS | None) -> flight.FlightClient:
         raise PeerError(f"cannot set up a connection to {uri}: {e}") from None
 
 
-__all__ = ["Client", "Progress"]
+def node_action(
+    uri: str, kind: str, *, token: str | None = None, tls: ClientTLS | None = None, timeout: float = 5.0
+) -> Any:
+    """Call one JSON action (`status`, `peers`, `node-info`, `health`) on a running node."""
+    uri = normalize_uri(uri, tls is not None)
+    kw = tls.client_kwargs() if tls is not None else {}
+    try:
+        client = flight.FlightClient(uri, **kw)
+    except (pa.ArrowException, OSError) as e:
+        raise PeerError(f"cannot connect to {uri}: {e}") from None
+    opts = flight.FlightCallOptions(timeout=timeout, headers=call_headers(token))
+    try:
+        out = [r.body.to_pybytes() for r in client.do_action(flight.Action(kind, b""), opts)]
+    except flight.FlightError as e:
+        raise from_flight_error(e, f"{uri} {kind}") from None
+    except pa.ArrowException as e:
+        raise PeerError(f"{uri} {kind}: {e}") from None
+    finally:
+        client.close()
+    if not out:
+        raise PeerError(f"{uri} answered {kind} with nothing")
+    try:
+        return json.loads(out[0])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeerError(f"{uri} answered {kind} with invalid JSON: {e}") from None
+
+
+__all__ = ["Client", "Progress", "node_action"]

@@ -1,6 +1,6 @@
 """The Flight server of a node: lists, serves and accepts cards (docs/protocol.md).
 
-Every handler runs through `_edge`, so only `flight.Flight*Error`s leave it, each with a
+Every handler runs through `edge`, so only `flight.Flight*Error`s leave it, each with a
 `[lf:code]` message and no traceback; unexpected exceptions are logged here in full.
 `do_get` streams the mapped card file's record batches without copying them into Python.
 """
@@ -28,8 +28,8 @@ import pyarrow.flight as flight
 from loraflight.engine.card import FORMAT_VERSION, METADATA_KEY, LoRACard, card_schema, check_name
 from loraflight.errors import BusyError, CardError, ConfigError, LoraflightError, StoreError
 
-from ._testing import pause_point
 from .identity import NodeIdentity
+from .pause import pause_point
 from .protocol import (
     ACTION_DELETE,
     ACTION_HEALTH,
@@ -87,7 +87,7 @@ def normalize_uri(addr: str, tls: bool = False) -> str:
     return addr
 
 
-def _edge(fn: F) -> F:
+def edge(fn: F) -> F:
     """Translate everything a handler raises into a Flight error with a clear message."""
 
     @functools.wraps(fn)
@@ -123,6 +123,7 @@ class CardServer(flight.FlightServerBase):
         limits: Limits | None = None,
         on_notify: Callable[[str], None] | None = None,
         peer_locations: Callable[[str], list[str]] | None = None,
+        exchange: Callable[[Any, Any, Any, Any], None] | None = None,
     ) -> None:
         uri = normalize_uri(listen, tls is not None)
         u = urlsplit(uri)
@@ -143,6 +144,7 @@ class CardServer(flight.FlightServerBase):
         self.tls = tls is not None
         self._on_notify = on_notify
         self._peer_locations = peer_locations
+        self._exchange = exchange  # do_exchange handler (serving.make_exchange_handler), or None
         self._write_tokens = tuple(write_tokens)
         self._gets = threading.BoundedSemaphore(self.limits.max_concurrent_gets)
         self._cache: collections.OrderedDict[str, LoRACard] = collections.OrderedDict()
@@ -184,6 +186,11 @@ class CardServer(flight.FlightServerBase):
     @property
     def location(self) -> str:
         return self._locations[0]
+
+    def use_locations(self, locations: list[str]) -> None:
+        """Addresses to advertise, once the bound port is known (listen on port 0)."""
+        if locations:
+            self._locations = list(locations)
 
     def start(self) -> CardServer:
         """The server accepts calls from construction on; kept for symmetry with `stop`."""
@@ -239,7 +246,7 @@ class CardServer(flight.FlightServerBase):
         }
 
     # -- catalog
-    @_edge
+    @edge
     def list_flights(self, context: Any, criteria: bytes) -> Iterator[flight.FlightInfo]:
         c = parse_criteria(criteria)
         limit = min(c.limit or self.limits.max_list_entries, self.limits.max_list_entries)
@@ -252,11 +259,11 @@ class CardServer(flight.FlightServerBase):
         name, version = descriptor_ref(list(descriptor.path))
         return self.store.find(name, version)
 
-    @_edge
+    @edge
     def get_flight_info(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         return entry_to_flight_info(self._entry_locations(self._resolve(descriptor)), flight)
 
-    @_edge
+    @edge
     def get_schema(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         e = self._resolve(descriptor)
         return flight.SchemaResult(card_schema(e.header.dtype, {METADATA_KEY: e.header.to_json()}))
@@ -279,7 +286,7 @@ class CardServer(flight.FlightServerBase):
                 self._cache.popitem(last=False)
         return card
 
-    @_edge
+    @edge
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
         digest = parse_ticket(ticket.ticket)
         card = self._mapped(digest)
@@ -302,7 +309,7 @@ class CardServer(flight.FlightServerBase):
 
         return flight.GeneratorStream(schema, stream())
 
-    @_edge
+    @edge
     def do_put(
         self,
         context: Any,
@@ -352,11 +359,26 @@ class CardServer(flight.FlightServerBase):
             entry = staged.commit(source="local", published=True)
         writer.write(pa.py_buffer(json.dumps({"digest": entry.digest, "ref": entry.ref}).encode()))
 
+    @edge
+    def do_exchange(
+        self,
+        context: Any,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
+        if self._exchange is None:
+            raise ConfigError(
+                "this node does not serve embeddings (do_exchange): it runs no engine; "
+                "start it with engine.base_model set"
+            )
+        self._exchange(context, descriptor, reader, writer)
+
     # -- actions
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
         return list(ACTIONS.items())
 
-    @_edge
+    @edge
     def do_action(self, context: Any, action: flight.Action) -> Iterator[bytes]:
         kind = action.type
         if kind == ACTION_HEALTH:
@@ -465,4 +487,4 @@ def run_server(
     return 0
 
 
-__all__ = ["CardServer", "Limits", "normalize_uri", "run_server"]
+__all__ = ["CardServer", "Limits", "edge", "normalize_uri", "run_server"]

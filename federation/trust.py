@@ -16,6 +16,7 @@ import fnmatch
 from collections.abc import Mapping
 
 from loraflight.engine.card import CardHeader
+from loraflight.engine.card import verify_signature as card_signature
 from loraflight.errors import ConfigError, TrustError
 
 MODES = ("open", "signed")
@@ -45,12 +46,8 @@ def check_mode(mode: str) -> str:
 
 
 def verify_signature(header: CardHeader) -> None:
-    """Check the header's signature against its digest and signer key (TrustError if bad)."""
-    from loraflight.engine.card import _verify_signature  # one definition of the signature rule
-
-    if header.signature is None:
-        raise TrustError(f"{header.ref} is unsigned")
-    _verify_signature(header)
+    """Check the header's signature against its digest and signer key (TrustError if bad or absent)."""
+    card_signature(header, require_signed=True)
 
 
 def check_entry(

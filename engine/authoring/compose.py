@@ -1,6 +1,6 @@
 """Compose cards: weighted sums, interpolation, and parent/child stacking.
 
-A card's delta for a module is ΔW = s · B A (s = alpha/r, or alpha/√r for rsLoRA). A weighted sum
+A card's delta for a module is ΔW = s · B A (s = `lora_scale`: alpha/r, or alpha/√r for rsLoRA). A weighted sum
 Σ wᵢ ΔWᵢ is exact as one LoRA of rank Σ rᵢ: stack the A's and put each wᵢ sᵢ Bᵢ side by side
 (scale 1). With `rank=k` the sum is re-compressed to its best rank-k approximation by SVD, without
 forming the (out, in) matrix: QR of the stacked B and Aᵀ reduces the problem to an R×R SVD.
@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from loraflight.errors import CardError
 
-from ..card import DTYPES, MAX_RANK, LoRACard, ModuleLoRA, base_fingerprint
-from ._arrays import from_float, to_float
+from ..card import (
+    DTYPES,
+    MAX_RANK,
+    CardMeta,
+    LoRACard,
+    ModuleLoRA,
+    alpha_for_scale,
+    base_fingerprint,
+    lora_scale,
+)
+from .arrays import from_float, to_float
 
-
-def _scale(scaling: str, alpha: float, rank: int) -> float:
-    return alpha / math.sqrt(rank) if scaling == "rslora" else alpha / rank
-
-
-def _alpha_for(scaling: str, scale: float, rank: int) -> float:
-    return scale * (math.sqrt(rank) if scaling == "rslora" else rank)
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 def delta_weights(card: LoRACard) -> dict[str, np.ndarray]:
@@ -78,16 +82,18 @@ def compose_add(
     cards: Sequence[LoRACard],
     weights: Sequence[float] | None = None,
     *,
-    name: str,
+    meta: CardMeta | None = None,
+    name: str | None = None,
     rank: int | None = None,
-    version: int = 1,
-    description: str = "",
-    tags: Iterable[str] = (),
     dtype: str | None = None,
-    author: str = "",
-    key: Any = None,
+    key: Ed25519PrivateKey | None = None,
 ) -> LoRACard:
-    """One card whose delta is Σ wᵢ · ΔWᵢ (weights default to 1). Exact unless `rank=` re-compresses."""
+    """One card whose delta is Σ wᵢ · ΔWᵢ (weights default to 1). Exact unless `rank=` re-compresses.
+
+    `meta` names and describes the result (``name=`` alone is shorthand for ``CardMeta(name)``;
+    the base model is the inputs' own, and `meta` may only repeat it); `key` signs it.
+    """
+    meta = CardMeta.given(meta, name)
     cards = list(cards)
     if not cards:
         raise CardError("compose needs at least one card")
@@ -121,7 +127,7 @@ def compose_add(
         if rank is None and len(parts) == 1:
             rows.append(_single(parts[0], scaling, out_dtype))
             continue
-        bs = [w * _scale(c.header.scaling, m.alpha, m.rank) * to_float(m.b, c.dtype) for c, m, w in parts]
+        bs = [w * lora_scale(m.alpha, m.rank, c.header.scaling) * to_float(m.b, c.dtype) for c, m, w in parts]
         as_ = [to_float(m.a, c.dtype) for c, m, _ in parts]
         if rank is None:
             r = sum(m.rank for _, m, _ in parts)
@@ -135,20 +141,19 @@ def compose_add(
             r = a.shape[0]
         rows.append(
             ModuleLoRA(
-                module, r, _alpha_for(scaling, 1.0, r), from_float(a, out_dtype), from_float(b, out_dtype)
+                module,
+                r,
+                alpha_for_scale(1.0, r, scaling),
+                from_float(a, out_dtype),
+                from_float(b, out_dtype),
             )
         )
     return _build(
         rows,
-        name=name,
-        version=version,
+        meta=_with_base(meta, base_model),
         dtype=out_dtype,
-        description=description,
-        tags=tags,
-        base_model=base_model,
         shapes=shapes,
         scaling=scaling,
-        author=author,
         extra={
             "composed_from": [
                 {"digest": c.digest, "ref": c.ref, "weight": w} for c, w in zip(cards, ws, strict=True)
@@ -161,7 +166,11 @@ def compose_add(
 
 def _single(part: tuple[LoRACard, ModuleLoRA, float], scaling: str, dtype: str) -> ModuleLoRA:
     c, m, w = part
-    alpha = m.alpha if c.header.scaling == scaling else _alpha_for(scaling, m.scale(c.header.scaling), m.rank)
+    alpha = (
+        m.alpha
+        if c.header.scaling == scaling
+        else alpha_for_scale(m.scale(c.header.scaling), m.rank, scaling)
+    )
     if dtype == c.dtype:
         a = m.a
         b = m.b if w == 1.0 else from_float(w * to_float(m.b, c.dtype), dtype)
@@ -172,30 +181,37 @@ def _single(part: tuple[LoRACard, ModuleLoRA, float], scaling: str, dtype: str) 
 
 
 def compose_interpolate(
-    a: LoRACard, b: LoRACard, t: float, *, name: str, rank: int | None = None, **kw: Any
+    a: LoRACard,
+    b: LoRACard,
+    t: float,
+    *,
+    meta: CardMeta | None = None,
+    name: str | None = None,
+    rank: int | None = None,
+    dtype: str | None = None,
+    key: Ed25519PrivateKey | None = None,
 ) -> LoRACard:
-    """(1 − t)·a + t·b; t = 0 gives a's modules and t = 1 b's, exactly."""
+    """(1 − t)·a + t·b; t = 0 gives a's modules and t = 1 b's, exactly (see `compose_add`)."""
     t = float(t)
     if not math.isfinite(t):
         raise CardError(f"t must be a finite number, got {t}")
-    return compose_add([a, b], [1.0 - t, t], name=name, rank=rank, **kw)
+    return compose_add([a, b], [1.0 - t, t], meta=CardMeta.given(meta, name), rank=rank, dtype=dtype, key=key)
 
 
 def make_child(
     parent: LoRACard,
     modules: Iterable[ModuleLoRA] | LoRACard,
     *,
-    name: str,
-    version: int = 1,
-    description: str = "",
-    tags: Iterable[str] = (),
+    meta: CardMeta | None = None,
+    name: str | None = None,
     dtype: str | None = None,
     scaling: str | None = None,
-    author: str = "",
-    key: Any = None,
+    key: Ed25519PrivateKey | None = None,
 ) -> LoRACard:
     """A card stacked on `parent`: its lineage records the parent's digest, so loading it loads the parent
-    under it. `modules` are the child's own rows (or another card's); shapes must agree with the parent's."""
+    under it. `modules` are the child's own rows (or another card's); shapes must agree with the parent's.
+    `meta` (or just ``name=``) names the child; its base model is the parent's."""
+    meta = CardMeta.given(meta, name)
     rows = list(modules.modules if isinstance(modules, LoRACard) else modules)
     if not rows:
         raise CardError("a child card needs at least one module")
@@ -213,15 +229,10 @@ def make_child(
     rows = [_cast_row(m, out_dtype) for m in rows]
     return _build(
         rows,
-        name=name,
-        version=version,
+        meta=_with_base(meta, parent.header.base_model),
         dtype=out_dtype,
-        description=description,
-        tags=tags,
-        base_model=parent.header.base_model,
         shapes={m.module: (m.in_features, m.out_features) for m in rows},
         scaling=scaling or parent.header.scaling,
-        author=author,
         lineage=(parent.digest,),
         key=key,
     )
@@ -241,62 +252,40 @@ def _cast_row(m: ModuleLoRA, dtype: str) -> ModuleLoRA:
     return ModuleLoRA(m.module, m.rank, m.alpha, cast(m.a), cast(m.b))
 
 
-def check_card_fields(
-    *,
-    name: str,
-    version: int,
-    description: str = "",
-    tags: Iterable[str] = (),
-    base_model: str | None = None,
-    author: str = "",
-    scaling: str = "standard",
-) -> None:
-    """Raise the CardError the final `LoRACard.build` would, before any expensive work.
-
-    Training or an SVD can take minutes; a bad version or tag must not be found only at the end.
-    """
-    z = np.zeros((1, 1), np.float32)
-    LoRACard.build(
-        [ModuleLoRA("m", 1, 1.0, z, z)],
-        name=name,
-        version=version,
-        description=description,
-        tags=tuple(tags),
-        base_model=base_model,
-        author=author,
-        scaling=scaling,
-    )
+def _with_base(meta: CardMeta, base_model: str | None) -> CardMeta:
+    """`meta` with the inputs' base model; a different one in `meta` is refused."""
+    if base_model is None or meta.base_model == base_model:
+        return meta
+    if meta.base_model is not None:
+        raise CardError(
+            f"the card's metadata names base model {meta.base_model}, but the input cards are for "
+            f"{base_model}; leave base_model out (a composition keeps its inputs' base model)"
+        )
+    return meta.replace(base_model=base_model)
 
 
 def _build(
     rows: list[ModuleLoRA],
     *,
-    name: str,
-    version: int,
+    meta: CardMeta,
     dtype: str,
-    description: str,
-    tags: Iterable[str],
-    base_model: str | None,
     shapes: Mapping[str, tuple[int, int]],
     scaling: str,
-    author: str,
-    key: Any,
+    key: Ed25519PrivateKey | None,
     lineage: tuple[str, ...] = (),
     extra: Mapping[str, Any] | None = None,
 ) -> LoRACard:
     used = {m.module for m in rows}
     card = LoRACard.build(
         rows,
-        name=name,
-        version=version,
+        **meta.as_kwargs(),
         dtype=dtype,
-        description=description,
-        tags=tuple(tags),
-        base_model=base_model,
         base_fingerprint=base_fingerprint((mod, i, o) for mod, (i, o) in shapes.items() if mod in used),
         scaling=scaling,
-        author=author,
         lineage=lineage,
         extra=extra,
     )
     return card.sign(key) if key is not None else card
+
+
+__all__ = ["compose_add", "compose_interpolate", "delta_weights", "make_child"]

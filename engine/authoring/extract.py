@@ -12,15 +12,17 @@ import dataclasses
 import fnmatch
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from loraflight.errors import CardError
 
-from ..card import DTYPES, MAX_RANK, LoRACard, ModuleLoRA, base_fingerprint
-from ._arrays import from_float
-from .compose import check_card_fields
+from ..card import DTYPES, MAX_RANK, CardMeta, LoRACard, ModuleLoRA, alpha_for_scale, base_fingerprint
+from .arrays import from_float
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +108,11 @@ def extract_card(
     rank: int | None = None,
     energy: float | None = None,
     modules: Iterable[str] | None = None,
-    name: str,
-    version: int = 1,
+    meta: CardMeta | None = None,
+    name: str | None = None,
     dtype: str = "float32",
-    description: str = "",
-    tags: Iterable[str] = (),
-    base_model: str | None = None,
-    author: str = "",
     allow_other_changes: bool = False,
-    key: Any = None,
+    key: Ed25519PrivateKey | None = None,
 ) -> ExtractResult:
     """Make a card whose B·A approximate each Linear weight delta between `base` and `tuned`.
 
@@ -122,12 +120,10 @@ def extract_card(
     `rank` (fixed) or `energy` (in (0, 1]: smallest rank keeping that share of the delta's energy).
     `modules` restricts to names or glob patterns. Other changed parameters (biases, LayerNorm,
     embeddings) cannot be represented by a card: they are refused, by name, unless
-    `allow_other_changes=True` (then they are logged and left out).
+    `allow_other_changes=True` (then they are logged and left out). `meta` names and describes the
+    card (``name=`` alone is shorthand for ``CardMeta(name)``); `key` signs it.
     """
-    tags = tuple(tags)
-    check_card_fields(
-        name=name, version=version, description=description, tags=tags, base_model=base_model, author=author
-    )
+    meta = CardMeta.given(meta, name)
     problems = []
     if (rank is None) == (energy is None):
         problems.append("give exactly one of rank= or energy=")
@@ -189,24 +185,23 @@ def extract_card(
         root = np.sqrt(s[:k])
         b = u[:, :k] * root  # (out, k)
         a = root[:, None] * vt[:k]  # (k, in)
-        rows.append(ModuleLoRA(m, k, float(k), from_float(a, dtype), from_float(b, dtype)))
+        alpha = alpha_for_scale(1.0, k)  # scale 1: B·A is the approximation itself
+        rows.append(ModuleLoRA(m, k, alpha, from_float(a, dtype), from_float(b, dtype)))
         report.append(ModuleExtraction(m, k, kept, int(np.sum(s > tol)), norm))
         shapes.append((m, delta.shape[1], delta.shape[0]))
     if not rows:
         raise CardError("base and tuned weights are identical in every selected Linear: nothing to extract")
     card = LoRACard.build(
         rows,
-        name=name,
-        version=version,
+        **meta.as_kwargs(),
         dtype=dtype,
-        description=description,
-        tags=tuple(tags),
-        base_model=base_model,
         base_fingerprint=base_fingerprint(shapes),
         scaling="standard",
-        author=author,
         extra={"extraction": {"rank": rank, "energy": energy}},
     )
     if key is not None:
         card = card.sign(key)
     return ExtractResult(card, report, unchanged)
+
+
+__all__ = ["ExtractResult", "ModuleExtraction", "extract_card"]

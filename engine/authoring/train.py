@@ -17,266 +17,27 @@ evaluates again, and emits a card with `LoRACard.build` (module names relative t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from loraflight.errors import TrainingError
 
-from ..card import DTYPES, MAX_RANK, SCALINGS, LoRACard, ModuleLoRA, base_fingerprint
-from ._arrays import from_float
+from ..card import CardMeta, LoRACard, ModuleLoRA, base_fingerprint, lora_scale
+from .arrays import from_float
+from .config import DEFAULT_TARGETS, HIGHER_IS_BETTER, KINDS, PRIMARY_METRIC, TrainConfig, problems_error
+from .records import load_dataset, split_records
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
-
-KINDS = ("pairs", "completion")
-PRIMARY_METRIC = {"pairs": "margin", "completion": "loss"}
-HIGHER_IS_BETTER = {"margin": True, "loss": False}
-# Used when target_modules is None: the attention projections of BERT- and Llama-style models.
-DEFAULT_TARGETS = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")
-MAX_LISTED_PROBLEMS = 100
-MAX_RECORDS = 1_000_000
-MAX_LINE_BYTES = 1 << 20
-
-
-def _problems_error(what: str, problems: list[str]) -> TrainingError:
-    shown = problems[:MAX_LISTED_PROBLEMS]
-    more = len(problems) - len(shown)
-    tail = f"\n  … and {more} more" if more > 0 else ""
-    return TrainingError(
-        f"{what} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
-        + "\n  ".join(shown)
-        + tail
-    )
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """How to train a card. `validate()` reports every problem at once."""
-
-    kind: str = "pairs"  # "pairs" (contrastive, embedding model) or "completion" (causal LM)
-    rank: int = 8  # LoRA rank r
-    alpha: float = 16.0  # LoRA alpha; scale = alpha/r (or alpha/sqrt(r) with scaling="rslora")
-    dropout: float = 0.0  # dropout on the LoRA branch's input
-    target_modules: tuple[str, ...] | None = (
-        None  # Linear names or name suffixes; None = attention projections
-    )
-    scaling: str = "standard"  # "standard" or "rslora"
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    epochs: int = 1
-    batch_size: int = 16
-    seed: int = 0
-    max_steps: int | None = None  # stop after this many optimiser steps (None: all epochs)
-    eval_fraction: float = 0.2  # share of records held out for the before/after evaluation
-    max_length: int = 64  # tokens per text (pairs) or per prompt+completion (completion)
-    temperature: float = 0.05  # InfoNCE temperature (pairs)
-    grad_clip: float | None = 1.0  # max gradient norm; None = no clipping
-    dtype: str = "float32"  # the card's dtype
-
-    def validate(self) -> TrainConfig:
-        """Return self, or raise TrainingError listing every invalid field."""
-        p: list[str] = []
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-        if self.kind not in KINDS:
-            p.append(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if not is_int(self.rank) or not 1 <= self.rank <= MAX_RANK:
-            p.append(f"rank must be an integer in 1..{MAX_RANK}, got {self.rank!r}")
-        if not is_num(self.alpha) or self.alpha <= 0:
-            p.append(f"alpha must be a finite number > 0, got {self.alpha!r}")
-        if not is_num(self.dropout) or not 0 <= self.dropout < 1:
-            p.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None:
-            tm = self.target_modules
-            if isinstance(tm, str) or not isinstance(tm, Sequence) or not tm:
-                p.append("target_modules must be a non-empty list of module names (or None for the default)")
-            elif not all(isinstance(t, str) and t.strip() for t in tm):
-                p.append(f"target_modules must hold non-empty strings, got {list(tm)!r}")
-        if self.scaling not in SCALINGS:
-            p.append(f"scaling {self.scaling!r} is not one of {', '.join(SCALINGS)}")
-        if not is_num(self.learning_rate) or not 0 < self.learning_rate <= 1:
-            p.append(f"learning_rate must be in (0, 1], got {self.learning_rate!r}")
-        if not is_num(self.weight_decay) or self.weight_decay < 0:
-            p.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not is_int(self.epochs) or not 1 <= self.epochs <= 10_000:
-            p.append(f"epochs must be an integer in 1..10000, got {self.epochs!r}")
-        min_batch = 2 if self.kind == "pairs" else 1
-        if not is_int(self.batch_size) or not min_batch <= self.batch_size <= 65_536:
-            why = (
-                " (contrastive pairs need at least 2 for in-batch negatives)" if self.kind == "pairs" else ""
-            )
-            p.append(f"batch_size must be an integer in {min_batch}..65536{why}, got {self.batch_size!r}")
-        if not is_int(self.seed) or self.seed < 0:
-            p.append(f"seed must be an integer >= 0, got {self.seed!r}")
-        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
-            p.append(f"max_steps must be None or an integer >= 1, got {self.max_steps!r}")
-        if not is_num(self.eval_fraction) or not 0 < self.eval_fraction < 1:
-            p.append(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
-        if not is_int(self.max_length) or not 4 <= self.max_length <= 8192:
-            p.append(f"max_length must be an integer in 4..8192, got {self.max_length!r}")
-        if not is_num(self.temperature) or self.temperature <= 0:
-            p.append(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if self.grad_clip is not None and (not is_num(self.grad_clip) or self.grad_clip <= 0):
-            p.append(f"grad_clip must be None or a number > 0, got {self.grad_clip!r}")
-        if self.dtype not in DTYPES:
-            p.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if p:
-            raise _problems_error("invalid training config", p)
-        return self
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping (e.g. a JSON/TOML file); unknown keys are problems too."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        kw = {k: v for k, v in raw.items() if k in known}
-        if isinstance(kw.get("target_modules"), list):
-            kw["target_modules"] = tuple(kw["target_modules"])
-        cfg = cls(**kw)
-        try:
-            cfg.validate()
-        except TrainingError as e:
-            if unknown:
-                raise TrainingError(f"{e}\n  unknown config keys: {', '.join(unknown)}") from None
-            raise
-        if unknown:
-            raise _problems_error(
-                "invalid training config",
-                [f"unknown config key {k!r} (known: {', '.join(sorted(known))})" for k in unknown],
-            )
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if d["target_modules"] is not None:
-            d["target_modules"] = list(d["target_modules"])
-        return d
-
-
-# --------------------------------------------------------------------------- data
-
-_FIELDS = {"pairs": ({"anchor", "positive"}, {"negative"}), "completion": ({"prompt", "completion"}, set())}
-
-
-def load_dataset(
-    path_or_records: str | os.PathLike[str] | Iterable[Mapping[str, Any]], kind: str = "pairs"
-) -> list[dict[str, str]]:
-    """Read and validate a JSONL file (or an iterable of dicts): every bad line is reported together.
-
-    pairs: {"anchor": str, "positive": str, "negative"?: str}; completion: {"prompt": str, "completion": str}.
-    Blank lines are skipped. Raises TrainingError naming each problem with its line number.
-    """
-    if kind not in KINDS:
-        raise TrainingError(f"dataset kind {kind!r} is not one of {', '.join(KINDS)}")
-    problems: list[str] = []
-    out: list[dict[str, str]] = []
-    if isinstance(path_or_records, str | os.PathLike):
-        path = Path(path_or_records)
-        source = str(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise TrainingError(f"{path}: no such dataset file") from None
-        except OSError as e:
-            raise TrainingError(f"{path}: cannot read the dataset: {e}") from None
-        items: Iterator[tuple[str, Any]] = _parse_jsonl(data, problems)
-    else:
-        source = "records"
-        items = ((f"record {i}", r) for i, r in enumerate(path_or_records, 1))
-    required, optional = _FIELDS[kind]
-    count = 0
-    for where, rec in items:
-        count += 1
-        if count > MAX_RECORDS:
-            problems.append(f"more than {MAX_RECORDS} records; split the dataset")
-            break
-        if not isinstance(rec, Mapping):
-            problems.append(
-                f"{where}: expected a JSON object with {', '.join(sorted(required))}, got {type(rec).__name__}"
-            )
-            continue
-        bad = False
-        missing = sorted(required - set(rec))
-        if missing:
-            problems.append(
-                f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
-            )
-            bad = True
-        unknown = sorted(set(map(str, rec)) - required - optional)
-        if unknown:
-            allowed = ", ".join(sorted(required | optional))
-            problems.append(
-                f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (a {kind} record has {allowed})"
-            )
-            bad = True
-        for k in sorted((required | optional) & set(rec)):
-            v = rec[k]
-            if not isinstance(v, str):
-                problems.append(f"{where}: field {k!r} must be a string, got {type(v).__name__}")
-                bad = True
-            elif not v.strip():
-                problems.append(f"{where}: field {k!r} is empty")
-                bad = True
-        if not bad:
-            out.append({k: rec[k] for k in (required | optional) if k in rec})
-    if not problems and not out:
-        raise TrainingError(f"{source}: the dataset is empty: expected one JSON object per line")
-    if problems:
-        raise _problems_error(f"{source}: bad training data", problems)
-    return out
-
-
-def _parse_jsonl(data: bytes, problems: list[str]) -> Iterator[tuple[str, Any]]:
-    for n, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        where = f"line {n}"
-        if len(line) > MAX_LINE_BYTES:
-            problems.append(f"{where}: longer than {MAX_LINE_BYTES} bytes")
-            continue
-        try:
-            yield where, json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            problems.append(f"{where}: not valid UTF-8")
-        except (json.JSONDecodeError, RecursionError) as e:
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-            problems.append(f"{where}: malformed JSON ({msg})")
-
-
-def split_records(
-    records: Sequence[Mapping[str, str]], eval_fraction: float, seed: int, kind: str = "pairs"
-) -> tuple[list[Any], list[Any]]:
-    """(train, held_out), a seeded shuffle; both sides large enough for `kind`."""
-    need = 2 if kind == "pairs" else 1
-    n = len(records)
-    if n < 2 * need:
-        raise TrainingError(
-            f"{n} record(s) is too few: need at least {2 * need} to hold out an evaluation split "
-            f"({'pairs need 2 per side for negatives' if kind == 'pairs' else '1 per side'})"
-        )
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max(need, round(n * eval_fraction)), n - need)
-    held = [records[i] for i in order[:n_eval]]
-    train = [records[i] for i in order[n_eval:]]
-    return train, held
-
 
 # --------------------------------------------------------------------------- LoRA wrapper
 
@@ -307,7 +68,7 @@ def _make_wrapper_class() -> Any:
             self.base = base
             self.rank = rank
             self.alpha = float(alpha)
-            self.scale = alpha / math.sqrt(rank) if scaling == "rslora" else alpha / rank
+            self.scale = lora_scale(float(alpha), rank, scaling)
             dev = base.weight.device
             self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=torch.float32, device=dev))
             self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=dev))
@@ -403,7 +164,7 @@ class LoRAInjection:
                         )
                 targets.extend(h for h in hit if h not in targets)
             if problems:
-                raise _problems_error("target_modules do not fit the model", problems)
+                raise problems_error("target_modules do not fit the model", problems)
         self.targets: list[str] = sorted(targets, key=list(linears).index)
         self._flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
         self._originals: dict[str, Any] = {}
@@ -487,7 +248,7 @@ class LoRAInjection:
 # --------------------------------------------------------------------------- losses and metrics
 
 
-def _pair_loss(model: Any, tokenizer: Any, batch: Sequence[Mapping[str, str]], cfg: TrainConfig) -> Any:
+def pair_loss(model: Any, tokenizer: Any, batch: Sequence[Mapping[str, str]], cfg: TrainConfig) -> Any:
     """InfoNCE with in-batch negatives (plus any hard negatives); duplicate positives are masked."""
     from .models import encode
 
@@ -675,35 +436,20 @@ def train_card(
     records: Sequence[Mapping[str, str]] | str | os.PathLike[str],
     config: TrainConfig | None = None,
     *,
-    name: str,
-    version: int = 1,
-    description: str = "",
-    tags: Iterable[str] = (),
-    base_model: str | None = None,
-    author: str = "",
-    key: Any = None,
+    meta: CardMeta | None = None,
+    name: str | None = None,
+    key: Ed25519PrivateKey | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train LoRA on `records` and return the card with held-out metrics before and after.
 
-    `records` is a list of dicts or a JSONL path (validated with `load_dataset`). `key` (an Ed25519
-    private key) signs the card. `progress(step, total_steps, loss)` is called after every step. The
+    `records` is a list of dicts or a JSONL path (validated with `load_dataset`). `meta` names and
+    describes the card (``name=`` alone is shorthand for ``CardMeta(name)``); `key` signs it. `progress(step, total_steps, loss)` is called after every step. The
     model is returned to its original modules, flags and train/eval mode; base weights are untouched.
     """
     torch = _t()
+    meta = CardMeta.given(meta, name)  # validated now, not after minutes of training
     cfg = (config or TrainConfig()).validate()
-    from .compose import check_card_fields
-
-    tags = tuple(tags)
-    check_card_fields(
-        name=name,
-        version=version,
-        description=description,
-        tags=tags,
-        base_model=base_model,
-        author=author,
-        scaling=cfg.scaling,
-    )
     data = load_dataset(records, cfg.kind)
     train, held = split_records(data, cfg.eval_fraction, cfg.seed, cfg.kind)
     t0 = time.perf_counter()
@@ -742,7 +488,7 @@ def train_card(
                     continue  # a last batch of one pair has no negatives
                 batch = [train[i] for i in idx]
                 if cfg.kind == "pairs":
-                    loss = _pair_loss(model, tokenizer, batch, cfg)
+                    loss = pair_loss(model, tokenizer, batch, cfg)
                 else:
                     nll, n = _completion_nll(model, tokenizer, batch, cfg.max_length)
                     loss = nll / max(n, 1)
@@ -784,15 +530,10 @@ def train_card(
     }
     card = LoRACard.build(
         modules,
-        name=name,
-        version=version,
+        **meta.as_kwargs(),
         dtype=cfg.dtype,
-        description=description,
-        tags=tuple(tags),
-        base_model=base_model,
         base_fingerprint=base_fingerprint(shapes),
         scaling=cfg.scaling,
-        author=author,
         extra={"training": training},
     )
     if key is not None:
@@ -804,3 +545,20 @@ def train_card(
 
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
+
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "KINDS",
+    "LoRAInjection",
+    "ParamReport",
+    "ProgressFn",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "load_dataset",
+    "lora_train_linear_class",
+    "pair_loss",
+    "split_records",
+    "train_card",
+]

@@ -20,7 +20,8 @@ from ._app import app, card_app, keys_app, trust_app
 _COMMAND_MODULES = ("card_cmds", "net_cmds", "node_cmds", "author_cmds")
 
 
-def _register() -> None:
+def register_commands() -> None:
+    """Import every command module, so each adds its commands to the apps (idempotent)."""
     for name in _COMMAND_MODULES:
         try:
             importlib.import_module(f"{__name__}.{name}")
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("LORAFLIGHT_LOG_LEVEL", "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    _register()
+    register_commands()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="loraflight")
     except LoraflightError as e:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
-__all__ = ["app", "card_app", "console_main", "keys_app", "main", "trust_app"]
+__all__ = ["app", "card_app", "console_main", "keys_app", "main", "register_commands", "trust_app"]
 
 
 def console_main() -> None:

@@ -19,3 +19,5 @@ app.add_typer(card_app, name="card")
 app.add_typer(keys_app, name="keys")
 app.add_typer(trust_app, name="trust")
 app.add_typer(node_app, name="node")
+
+__all__ = ["app", "card_app", "keys_app", "node_app", "trust_app"]

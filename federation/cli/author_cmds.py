@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from loraflight.engine.card import CARD_SUFFIX, LoRACard
+from loraflight.engine.card import CARD_SUFFIX, CardMeta, LoRACard
 from loraflight.errors import ConfigError
 
 from ._app import app
@@ -130,6 +130,7 @@ def train_cmd(
             description = str(builtin.DEMO_CARD["description"])
     else:
         records = load_dataset(Path(data), cfg.kind)
+    meta = CardMeta(name=name, version=version, description=description, tags=tuple(tag or ()))
     signing_key = _key(key)
     path = _out_path(out, name, version)
 
@@ -160,11 +161,7 @@ def train_cmd(
             tok,
             records,
             cfg,
-            name=name,
-            version=version,
-            description=description,
-            tags=tuple(tag or ()),
-            base_model=base_id,
+            meta=meta.replace(base_model=base_id),
             key=signing_key,
             progress=progress,
         )
@@ -237,12 +234,10 @@ def extract_cmd(
         rank=rank,
         energy=energy,
         modules=module or None,
-        name=name,
-        version=version,
+        meta=CardMeta(
+            name=name, version=version, description=description, tags=tuple(tag or ()), base_model=base_model
+        ),
         dtype=dtype,
-        description=description,
-        tags=tuple(tag or ()),
-        base_model=base_model,
         allow_other_changes=allow_other_changes,
         key=signing_key,
     )
@@ -288,25 +283,19 @@ def compose_cmd(
     for c in loaded:
         c.verify()
     signing_key = _key(key)
-    common = {
-        "name": name,
-        "version": version,
-        "description": description,
-        "tags": tuple(tag or ()),
-        "key": signing_key,
-    }
+    meta = CardMeta(name=name, version=version, description=description, tags=tuple(tag or ()))
     if child_of is not None:
         if len(loaded) != 1 or rank is not None:
             raise ConfigError("--child-of takes exactly one card (the child's modules) and no --rank")
         parent = LoRACard.open(child_of)
         parent.verify()
-        card = make_child(parent, loaded[0], **common)
+        card = make_child(parent, loaded[0], meta=meta, key=signing_key)
     elif interpolate is not None:
         if len(loaded) != 2:
             raise ConfigError(f"--interpolate needs exactly two cards, got {len(loaded)}")
-        card = compose_interpolate(loaded[0], loaded[1], interpolate, rank=rank, **common)
+        card = compose_interpolate(loaded[0], loaded[1], interpolate, meta=meta, rank=rank, key=signing_key)
     else:
-        card = compose_add(loaded, weight or None, rank=rank, **common)
+        card = compose_add(loaded, weight or None, meta=meta, rank=rank, key=signing_key)
     path = card.write(_out_path(out, name, version))
     lineage = f", lineage {', '.join(d[:12] for d in card.header.lineage)}" if card.header.lineage else ""
     _out.print(f"wrote {escape(str(path))}: {card.ref}, {len(card)} modules, digest {card.digest}{lineage}")
@@ -370,3 +359,6 @@ def route_cmd(
         where = "local" if r.local else f"peer {r.location}"
         table.add_row(f"{escape(r.name)}@{r.version}", f"{r.score:.3f}", escape(where), r.digest[:16])
     _out.print(table)
+
+
+__all__ = ["compose_cmd", "extract_cmd", "route_cmd", "train_cmd"]

@@ -17,8 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from loraflight.engine import keys as keyfiles
-from loraflight.engine.authoring._arrays import from_float
-from loraflight.engine.card import CARD_SUFFIX, LoRACard, ModuleLoRA, Verification, base_fingerprint
+from loraflight.engine.authoring.arrays import from_float
+from loraflight.engine.card import CARD_SUFFIX, CardMeta, LoRACard, ModuleLoRA, Verification, base_fingerprint
 from loraflight.errors import CardError, ConfigError, LoraflightError
 
 from ._app import card_app, keys_app
@@ -209,17 +209,17 @@ def from_peft_cmd(
     key: Annotated[Path | None, typer.Option("--key", help="Also sign with this private key.")] = None,
 ) -> None:
     """Import a PEFT LoRA adapter folder as a card, exactly (refuses what a card cannot hold)."""
-    from loraflight.engine.peft_io import from_peft
+    from loraflight.engine.peft_io import from_peft, sanitize_name
 
-    card = from_peft(
-        directory,
-        name=name,
+    meta = CardMeta(
+        name=name if name is not None else sanitize_name(directory.resolve().name),
         version=version,
         description=description,
-        tags=_tags(tags),
+        tags=tuple(_tags(tags)),
         base_model=base_model,
         author=author,
     )
+    card = from_peft(directory, meta=meta)
     if key is not None:
         card = card.sign(keyfiles.load_private(key))
     card.write(out)
@@ -302,3 +302,15 @@ def keys_new_cmd(
     typer.echo(f"public key:  {pub}")
     typer.echo(f"public key (base64): {b64}")
     typer.echo(f"signer id: {keyfiles.signer_id(b64)}")
+
+
+__all__ = [
+    "example_card",
+    "example_cmd",
+    "from_peft_cmd",
+    "inspect_cmd",
+    "keys_new_cmd",
+    "sign_cmd",
+    "to_peft_cmd",
+    "verify_cmd",
+]

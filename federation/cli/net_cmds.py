@@ -312,3 +312,6 @@ def trust_remove(
         if not st.trust_remove(ident):
             raise ConfigError(f"{key} is not a trusted key of {store}; see 'loraflight trust list'")
     _out.print(f"removed {key}", highlight=False)
+
+
+__all__ = ["fetch", "ls_cmd", "publish", "serve", "sync_cmd", "trust_add", "trust_list", "trust_remove"]

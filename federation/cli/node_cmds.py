@@ -179,7 +179,7 @@ def status_cmd(
     tls_key: Path | None = KeyOpt,
 ) -> None:
     """A running node's state: id, fleet, epoch, cards, loaded adapters, peers."""
-    from loraflight.federation.node import node_action
+    from loraflight.federation.client import node_action
 
     tls = _client_tls(tls_ca, tls_cert, tls_key, uri)
     if quiet:
@@ -229,7 +229,7 @@ def peers_cmd(
     tls_key: Path | None = KeyOpt,
 ) -> None:
     """A running node's peer table."""
-    from loraflight.federation.node import node_action
+    from loraflight.federation.client import node_action
 
     peers = node_action(
         uri, "peers", token=_token(), tls=_client_tls(tls_ca, tls_cert, tls_key, uri), timeout=timeout
@@ -261,3 +261,6 @@ def demo_cmd(
     result = run_demo(console=_out, tiny=tiny, steps=steps, workdir=workdir)
     if as_json:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+__all__ = ["check_config_cmd", "demo_cmd", "peers_cmd", "setup_logging", "status_cmd"]

@@ -13,7 +13,7 @@ from loraflight.engine.authoring import builtin_dataset, delta_weights
 from loraflight.engine.card import LoRACard
 from loraflight.federation.cli import main
 
-from ._util import MLP
+from .helpers import MLP
 
 
 def test_train_cli_writes_a_signed_card(tmp_path, capsys):

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraflight.engine.authoring import compose_add, compose_interpolate, delta_weights, make_child
-from loraflight.engine.card import LoRACard, ModuleLoRA
+from loraflight.engine.card import CardMeta, LoRACard, ModuleLoRA
 from loraflight.errors import CardError
 
-from ._util import MLP, random_card
+from .helpers import MLP, random_card
 
 SHAPES = {"lin0": (12, 24), "lin1": (24, 12), "head": (12, 3)}
 
@@ -147,7 +147,9 @@ def test_child_records_parent_digest():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_zero_delta_child_gives_exactly_the_parents_outputs(dtype):
-    engine_mod = pytest.importorskip("loraflight.engine._engine")
+    pytest.importorskip("torch")
+    from loraflight.engine import Engine
+
     torch.manual_seed(0)
     model = MLP()
     x = torch.randint(0, 32, (4, 7))
@@ -157,7 +159,7 @@ def test_zero_delta_child_gives_exactly_the_parents_outputs(dtype):
     child = _zero_child(parent)
     with torch.no_grad():
         base = model(x)
-        eng = engine_mod.Engine(model)
+        eng = Engine(model)
         try:
             eng.load(parent)
             with_parent = model(x)
@@ -170,3 +172,27 @@ def test_zero_delta_child_gives_exactly_the_parents_outputs(dtype):
             eng.close()
     assert not torch.equal(with_parent, base)  # the parent does something
     assert torch.equal(with_child, with_parent)
+
+
+def test_compositions_carry_one_card_meta():
+    """The name and descriptive fields come from one CardMeta; the base model is the inputs' own."""
+    rng = np.random.default_rng(7)
+    parent = random_card(rng, {"lin0": (12, 24)}, name="parent")
+    other = random_card(rng, {"lin0": (12, 24)}, name="other")
+    meta = CardMeta("mix", version=3, description="a blend", tags=("x",), author="me")
+    for card in (
+        compose_add([parent, other], meta=meta),
+        compose_interpolate(parent, other, 0.5, meta=meta),
+        make_child(parent, other, meta=meta),
+    ):
+        h = card.header
+        assert (h.name, h.version, h.description, h.tags, h.author) == ("mix", 3, "a blend", ("x",), "me")
+        assert h.base_model == parent.header.base_model
+    assert compose_add([parent], name="short").header.name == "short"  # name= alone is CardMeta(name)
+    assert compose_add([parent], meta=meta.replace(base_model="tiny")).header.base_model == "tiny"
+    with pytest.raises(CardError, match="names base model other, but the input cards are for tiny"):
+        compose_add([parent], meta=meta.replace(base_model="other"))
+    with pytest.raises(CardError, match="not both"):
+        compose_add([parent], meta=meta, name="mix")
+    with pytest.raises(CardError, match="needs a name"):
+        make_child(parent, other)

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraflight.engine.authoring import delta_weights, extract_card
+from loraflight.engine.card import CardMeta
 from loraflight.errors import CardError
 
-from ._util import MLP
+from .helpers import MLP
 
 
 def _orthonormal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
@@ -33,7 +34,7 @@ def test_planted_low_rank_delta_is_recovered():
                 tuned.get_submodule(name).weight.double().numpy()
                 - base.get_submodule(name).weight.double().numpy()
             )
-    res = extract_card(base, tuned, rank=5, name="planted", base_model="tiny")
+    res = extract_card(base, tuned, rank=5, meta=CardMeta("planted", base_model="tiny"))
     got = delta_weights(res.card)
     assert set(got) == {"lin0", "lin1"}
     assert res.unchanged == ["head"]
@@ -115,4 +116,4 @@ def test_bad_card_fields_refused_before_the_svd():
     base = MLP()
     # identical weights would end in "nothing to extract": the version is refused before that work
     with pytest.raises(CardError, match="version must be a positive integer"):
-        extract_card(base, MLP(), rank=1, name="x", version=0)
+        extract_card(base, MLP(), rank=1, meta=CardMeta("x", version=0))

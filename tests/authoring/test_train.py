@@ -27,10 +27,10 @@ from loraflight.engine.authoring import (
     train_card,
 )
 from loraflight.engine.authoring.train import lora_train_linear_class
-from loraflight.engine.card import LoRACard, base_fingerprint
+from loraflight.engine.card import CardMeta, LoRACard, base_fingerprint
 from loraflight.errors import CardError, TrainingError
 
-from ._util import MLP, same_state, state
+from .helpers import MLP, same_state, state
 
 torch.set_num_threads(2)
 
@@ -56,9 +56,11 @@ def trained(minilm, tmp_path_factory):
         tok,
         builtin_dataset(),
         demo_config(),
-        name="ops-runbook",
-        description="incident symptoms to runbook actions",
-        base_model="sentence-transformers/all-MiniLM-L6-v2",
+        meta=CardMeta(
+            name="ops-runbook",
+            description="incident symptoms to runbook actions",
+            base_model="sentence-transformers/all-MiniLM-L6-v2",
+        ),
         key=key,
     )
     return result, before, key
@@ -113,7 +115,8 @@ def test_minilm_card_is_signed_and_describes_the_model(minilm, trained):
 
 
 def test_minilm_card_loaded_by_engine_gives_the_trained_metric(minilm, trained, tmp_path):
-    Engine = pytest.importorskip("loraflight.engine._engine").Engine
+    from loraflight.engine import Engine
+
     model, tok = minilm
     result, before, _ = trained
     path = result.card.write(tmp_path / "ops.lora.arrow")
@@ -154,7 +157,7 @@ def test_completion_training_lowers_heldout_loss_and_restores_llama():
         kind="completion", rank=4, alpha=8, learning_rate=1e-2, epochs=20, batch_size=8, max_steps=25, seed=1
     )
     result = train_card(
-        model, tok, _completion_records(), cfg, name="colors", base_model="loraflight/tiny-llama"
+        model, tok, _completion_records(), cfg, meta=CardMeta("colors", base_model="loraflight/tiny-llama")
     )
     assert result.metric == "loss"
     assert result.after["loss"] < result.before["loss"] - 0.5, (result.before, result.after)
@@ -401,6 +404,6 @@ def test_bad_card_fields_refused_before_any_training_step(fields, needle):
             builtin_dataset()[:24],
             TrainConfig(max_steps=2, batch_size=6, max_length=16),
             progress=lambda step, total, loss: steps.append(step),
-            **kw,
+            meta=CardMeta(**kw),
         )
     assert steps == []

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pytest
 
 import loraflight.engine.card as cardmod
+import loraflight.engine.card.batches as batchmod
+import loraflight.engine.card.digest as digestmod
 from loraflight.engine import keys
 from loraflight.engine.card import (
     METADATA_KEY,
@@ -79,12 +81,12 @@ def test_torch_views_share_the_mapping(tmp_path: Path) -> None:
 
 
 def test_flight_path_from_table_and_incremental_digest(tmp_path: Path) -> None:
-    saved = cardmod.BATCH_TARGET_BYTES
-    cardmod.BATCH_TARGET_BYTES = 300
+    saved = batchmod.BATCH_TARGET_BYTES
+    batchmod.BATCH_TARGET_BYTES = 300
     try:
         card = LoRACard.build(_mods(n=5), name="ft")
     finally:
-        cardmod.BATCH_TARGET_BYTES = saved
+        batchmod.BATCH_TARGET_BYTES = saved
     assert len(card.batches) == 5
     table = pa.ipc.open_file(pa.py_buffer(card.to_bytes())).read_all()
     again = LoRACard.from_table(table)
@@ -476,7 +478,7 @@ def test_big_card_verify_scans_values_and_hashes(tmp_path: Path) -> None:
     a = np.zeros((4, 1 << 20), np.float32)
     b = np.ones((1, 4), np.float32)
     card = LoRACard.build([ModuleLoRA("m.big", 4, 1.0, a, b)], name="big")
-    assert card.tensor_nbytes >= cardmod._PARALLEL_VERIFY_BYTES
+    assert card.tensor_nbytes >= digestmod.PARALLEL_VERIFY_BYTES
     assert card.verify().digest == card.digest
     bad = a.copy()
     bad[3, -1] = np.nan

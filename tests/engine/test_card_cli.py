@@ -184,7 +184,7 @@ def test_console_script_runs_without_torch(tmp_path: Path) -> None:
 def test_bf16_example_is_the_float32_example_rounded() -> None:
     import numpy as np
 
-    from loraflight.engine.authoring._arrays import to_float
+    from loraflight.engine.authoring.arrays import to_float
     from loraflight.federation.cli.card_cmds import example_card
 
     f32, bf16 = example_card(dtype="float32"), example_card(dtype="bfloat16")

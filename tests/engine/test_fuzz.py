@@ -22,7 +22,7 @@ def _run(tmp_path: Path, cases: int, seed: int) -> dict:
         [
             sys.executable,
             "-m",
-            "tests.engine._fuzz_driver",
+            "tests.engine.fuzz_driver",
             "--cases",
             str(cases),
             "--seed",
@@ -68,14 +68,14 @@ def test_mutated_cards_only_raise_card_error(tmp_path: Path, seed: int) -> None:
 def test_driver_reports_a_failure(tmp_path: Path) -> None:
     """The checker is not vacuous: an unexpected exception type or a missing defect name is a failure."""
     sys.path.insert(0, str(ROOT))
-    from tests.engine._fuzz_driver import _check
+    from tests.engine.fuzz_driver import check_outcome
 
-    assert _check("x", "other", "TypeError: boom", None, False) == "TypeError: boom"
-    assert _check("x", "hang", "deadline", None, False) == "deadline"
-    assert _check("t", "CardError", "bad thing", "shape disagrees", True) is not None
-    assert _check("t", "ok", "", "digest", True) is not None
-    assert _check("t", "CardError", "... digest mismatch ...", "digest|NaN", True) is None
-    assert _check("t", "ok", "", None, False) is None
+    assert check_outcome("x", "other", "TypeError: boom", None, False) == "TypeError: boom"
+    assert check_outcome("x", "hang", "deadline", None, False) == "deadline"
+    assert check_outcome("t", "CardError", "bad thing", "shape disagrees", True) is not None
+    assert check_outcome("t", "ok", "", "digest", True) is not None
+    assert check_outcome("t", "CardError", "... digest mismatch ...", "digest|NaN", True) is None
+    assert check_outcome("t", "ok", "", None, False) is None
 
 
 def test_bench_fuzz_command_runs(tmp_path: Path) -> None:

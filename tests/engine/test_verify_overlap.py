@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import loraflight.engine._engine as engine_mod
-import loraflight.engine.card as cardmod
+import loraflight.engine.card.batches as batchmod
 from loraflight.engine import Engine, LoRACard, ModuleLoRA
 from loraflight.engine.card import DigestJob, compute_digest
 from loraflight.engine.keys import generate, public_key_b64
@@ -160,8 +160,8 @@ def test_digest_mismatch_is_reported_before_trust(tmp_path: Path) -> None:
 
 
 def test_torch_views_and_read_into(tmp_path: Path) -> None:
-    saved = cardmod.BATCH_TARGET_BYTES
-    cardmod.BATCH_TARGET_BYTES = 12 << 10  # several batches, mixed shapes in one batch
+    saved = batchmod.BATCH_TARGET_BYTES
+    batchmod.BATCH_TARGET_BYTES = 12 << 10  # several batches, mixed shapes in one batch
     try:
         rng = np.random.default_rng(3)
         mods = [
@@ -179,7 +179,7 @@ def test_torch_views_and_read_into(tmp_path: Path) -> None:
         card = LoRACard.open(LoRACard.build(mods, name="tv").write(tmp_path / "tv.lora.arrow"))
         assert len(card.batches) > 1
     finally:
-        cardmod.BATCH_TARGET_BYTES = saved
+        batchmod.BATCH_TARGET_BYTES = saved
     views = card.torch_tensors()
     dst = {
         m.module: (torch.empty(m.a.shape, dtype=torch.float16), torch.empty(m.b.shape, dtype=torch.float16))

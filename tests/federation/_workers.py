@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _pause_env(phase: str | None, marker: str | None) -> None:
-    from loraflight.federation._testing import ENV, MARKER_ENV
+    from loraflight.federation.pause import ENV, MARKER_ENV
 
     if phase:
         os.environ[ENV] = phase

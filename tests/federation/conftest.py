@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from loraflight.federation.server import CardServer
 from loraflight.federation.store import Store
+from loraflight.testing import server_factory, store_factory
 
 
 @pytest.fixture
 def make_store(tmp_path) -> Iterator[Callable[..., Store]]:
-    stores: list[Store] = []
-
-    def make(name: str = "s", **kw) -> Store:
-        s = Store(tmp_path / name, **kw)
-        stores.append(s)
-        return s
-
-    yield make
-    for s in stores:
-        s.close()
+    with store_factory(tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
 def make_server() -> Iterator[Callable[..., CardServer]]:
-    servers: list[CardServer] = []
-
-    def make(store: Store, **kw) -> CardServer:
-        kw.setdefault("node_id", store.root.name)
-        s = CardServer(store, **kw)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        with contextlib.suppress(Exception):
-            s.stop(timeout=10)
+    with server_factory() as make:
+        yield make

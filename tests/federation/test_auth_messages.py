@@ -6,8 +6,7 @@ import pytest
 
 from loraflight.errors import AuthError
 from loraflight.federation.client import Client
-
-from .helpers import make_card
+from loraflight.testing import make_card
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,7 @@ import pytest
 from loraflight.engine import keys
 from loraflight.federation import Store
 from loraflight.federation.cli import main
-
-from .helpers import make_card
+from loraflight.testing import make_card
 
 
 def loraflight() -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import make_card
+from loraflight.testing import make_card
 
 pytest.importorskip("grpc", reason="grpcio is a dev dependency for the conformance client")
 

@@ -10,8 +10,8 @@ import pytest
 from loraflight.engine.card import LoRACard
 from loraflight.errors import CardError
 from loraflight.federation import Client, Store, SyncPolicy, sync
+from loraflight.testing import make_card
 
-from .helpers import make_card
 from .test_hostile import HostileServer, fetch_refused, honest_entry
 
 
@@ -30,7 +30,7 @@ def _with_nan(card: LoRACard, row: int, column: int) -> LoRACard:
         batches.append(pa.record_batch(cols, schema=b.schema))
     bad = LoRACard(card.header, batches)
     header = dataclasses.replace(card.header, digest=bad.compute_digest())
-    return bad._with_header(header)
+    return bad.with_header(header)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +59,7 @@ def test_stream_header_other_than_listed_is_parsed_and_refused(make_store):
     (same digest claimed) is parsed on its own and fails the digest check."""
     s = make_store()
     real = make_card("skill", 1, nbytes=5 << 20, modules=4)
-    other = real._with_header(dataclasses.replace(real.header, description="not what was listed"))
+    other = real.with_header(dataclasses.replace(real.header, description="not what was listed"))
     assert other.schema.metadata != real.schema.metadata and other.digest == real.digest
     fetch_refused(
         s, HostileServer(honest_entry(real), other.schema, other.batches), CardError, "digest mismatch"

@@ -11,8 +11,7 @@ import textwrap
 import pytest
 
 from loraflight.federation import Store
-
-from .helpers import make_card
+from loraflight.testing import make_card
 
 SCRIPT = textwrap.dedent(
     """
@@ -22,7 +21,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[3])
     from loraflight.errors import StoreError
     from loraflight.federation import Client, Store
-    from tests.federation.helpers import make_card
+    from loraflight.testing import make_card
     out = {}
     with Store(root) as s:
         small = s.add(make_card("small", 1, nbytes=64 * 1024))

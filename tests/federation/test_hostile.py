@@ -11,8 +11,7 @@ from loraflight.engine import keys
 from loraflight.errors import AuthError, CardError, PeerError, TrustError
 from loraflight.federation import Client, ClientTLS, ServerTLS, SyncPolicy, sync
 from loraflight.federation.protocol import CatalogEntry, entry_to_flight_info
-
-from .helpers import make_ca, make_card
+from loraflight.testing import make_ca, make_card
 
 
 class HostileServer(flight.FlightServerBase):
@@ -115,7 +114,7 @@ def test_forged_signature_refused_even_open(make_store):
     # keep the signer, swap the signature for one over another digest
     other_sig = make_card("forged", 1, seed=7, key=k).header.signature
     forged_header = dataclasses.replace(real.header, signature=other_sig)
-    forged = real._with_header(forged_header)
+    forged = real.with_header(forged_header)
     fetch_refused(
         s, HostileServer(honest_entry(forged), forged.schema, forged.batches), TrustError, "signature"
     )

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from loraflight.federation import Client, Store
+from loraflight.testing import make_card
 
 from . import _workers
-from .helpers import make_card
 
 pytestmark = pytest.mark.slow
 CTX = mp.get_context("spawn")

@@ -8,8 +8,7 @@ import pytest
 
 from loraflight.errors import AuthError, CardError, CardNotFound, ConflictError, PeerError
 from loraflight.federation import Client, SyncPolicy, sync
-
-from .helpers import make_card
+from loraflight.testing import make_card
 
 
 def snapshot(store):

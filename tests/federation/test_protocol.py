@@ -10,8 +10,7 @@ from loraflight.federation.protocol import (
     to_flight_error,
 )
 from loraflight.federation.sync import SyncPolicy, plan_sync
-
-from .helpers import make_card
+from loraflight.testing import make_card
 
 
 def test_criteria_round_trip_and_validation():

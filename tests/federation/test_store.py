@@ -6,8 +6,7 @@ from loraflight.engine import keys
 from loraflight.engine.card import LoRACard
 from loraflight.errors import CardError, CardNotFound, ConflictError, TrustError
 from loraflight.federation.store import Store
-
-from .helpers import make_card
+from loraflight.testing import make_card
 
 
 def test_add_get_find_list_epoch(make_store):
@@ -98,7 +97,7 @@ def test_bad_signature_refused_even_when_open(make_store):
     s = make_store()
     k = keys.generate()
     card = make_card("a", 1, key=k)
-    forged = card._with_header(
+    forged = card.with_header(
         dataclasses.replace(card.header, signature=make_card("a", 1, seed=9, key=k).header.signature)
     )
     with pytest.raises(TrustError):

@@ -1,4 +1,5 @@
-"""A lab of hosts in network namespaces joined by a bridge, one loraflight node per host.
+"""Scenarios for a lab of hosts in network namespaces joined by a bridge, one loraflight node per
+host (`loraflight.testing.Lab`).
 
 Run *inside* a private network and mount namespace (``unshare -n -m``), so every namespace,
 veth and bridge it makes dies with it and nothing touches the machine's real network:
@@ -15,188 +16,21 @@ after dumping the nodes' status files and log tails.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SUBNET = "10.77.0"
-BRIDGE = "lfbr0"
-PORT = 8815
-TOKEN = "lab-write-token-0123456789"
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), check=check, capture_output=True, text=True, timeout=30)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-class Lab:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.hosts: list[int] = []
-        self.exe = str(Path(sys.executable).with_name("loraflight"))
-
-    # -- network
-
-    def setup(self) -> None:
-        if os.environ.get("LORAFLIGHT_IN_LAB") != "1":
-            raise SystemExit("netns_lab must run inside `unshare -n -m` (the test sets LORAFLIGHT_IN_LAB=1)")
-        sh("mount", "--make-rprivate", "/")
-        Path("/run/netns").mkdir(parents=True, exist_ok=True)
-        sh("mount", "-t", "tmpfs", "tmpfs", "/run/netns")
-        sh("ip", "link", "set", "lo", "up")
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", BRIDGE)
-        sh("ip", "link", "set", BRIDGE, "up")
-
-    def add_host(self, i: int) -> None:
-        ns = f"h{i}"
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", f"lfv{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "link", "set", f"lfv{i}", "master", BRIDGE, "up")
-        sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i}/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        self.hosts.append(i)
-
-    def link(self, i: int, up: bool) -> None:
-        sh("ip", "link", "set", f"lfv{i}", "up" if up else "down")
-
-    # -- nodes
-
-    def uri(self, i: int) -> str:
-        return f"grpc://{SUBNET}.{i}:{PORT}"
-
-    def status_path(self, i: int) -> Path:
-        return self.workdir / f"h{i}" / "status.json"
-
-    def start_node(self, i: int, fleet: str, *extra: str, engine: str = "tiny") -> None:
-        d = self.workdir / f"h{i}"
-        d.mkdir(parents=True, exist_ok=True)
-        args = [
-            "ip", "netns", "exec", f"h{i}", self.exe, "node", "run",
-            "--store", str(d / "store"),
-            "--listen", f"grpc://0.0.0.0:{PORT}",
-            "--fleet", fleet,
-            "--interface", "eth0",
-            "--status-file", str(self.status_path(i)),
-            "--write-token", TOKEN,
-            "--intervals-health", "0.5",
-            "--intervals-health-timeout", "1.0",
-            "--intervals-failures", "2",
-            "--intervals-probe", "1.0",
-            "--intervals-poll", "30",
-            "--log-level", "INFO",
-        ]  # fmt: skip
-        if engine:
-            args += ["--engine-base-model", engine]
-        args += list(extra)
-        log = open(d / "node.log", "ab")  # noqa: SIM115 (the node process owns it)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.procs[i] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
-
-    def wait_up(self, i: int, timeout: float = 60.0) -> dict[str, Any]:
-        def up() -> dict[str, Any] | None:
-            p = self.procs.get(i)
-            if p is not None and p.poll() is not None:
-                raise AssertionError(f"node h{i} exited with {p.returncode}")
-            st = self.status(i)
-            return st if st and st.get("node_id") else None
-
-        return wait_for(up, timeout, f"node h{i} to start")
-
-    def status(self, i: int) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.status_path(i).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def live_peers(self, i: int) -> set[str]:
-        st = self.status(i) or {}
-        return {p["node_id"] for p in st.get("peers", []) if p["state"] == "live" and p.get("node_id")}
-
-    def mdns_peers(self, i: int) -> set[str]:
-        """Live peers this node has (also) seen announced over mDNS."""
-        st = self.status(i) or {}
-        return {p["node_id"] for p in st.get("peers", []) if p["state"] == "live" and "mdns" in p["sources"]}
-
-    def known_peers(self, i: int) -> set[str]:
-        st = self.status(i) or {}
-        return {p["node_id"] for p in st.get("peers", []) if p.get("node_id")}
-
-    def loaded_version(self, i: int, name: str) -> int | None:
-        st = self.status(i) or {}
-        v = st.get("loaded", {}).get(name)
-        return v["version"] if v else None
-
-    def has_card(self, i: int, ref: str) -> bool:
-        st = self.status(i) or {}
-        return any(c["ref"] == ref for c in st.get("cards", []))
-
-    def stop_node(self, i: int, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        p = self.procs.pop(i)
-        p.send_signal(sig)
-        try:
-            return p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-            return None
-
-    def publish(self, i: int, card: Any) -> str:
-        from loraflight.federation.client import Client
-
-        with Client(self.uri(i), token=TOKEN, timeout=10.0) as c:
-            return str(c.publish(card))
-
-    def teardown(self) -> None:
-        for i in list(self.procs):
-            p = self.procs.pop(i)
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
-
-    def dump(self) -> None:
-        for i in self.hosts:
-            sys.stderr.write(f"--- h{i} status: {json.dumps(self.status(i), indent=1)[:3000]}\n")
-            try:
-                tail = (self.workdir / f"h{i}" / "node.log").read_text().splitlines()[-40:]
-            except OSError:
-                tail = []
-            sys.stderr.write(f"--- h{i} log tail:\n" + "\n".join(tail) + "\n")
+from loraflight.testing import Lab, new_signer, tiny_card, wait_for
 
 
 def _key() -> tuple[Any, str]:
-    from loraflight.engine import keys
-
-    k = keys.generate()
-    return k, keys.public_key_b64(k.public_key())
+    return new_signer()
 
 
 def _card(name: str, version: int, key: Any, seed: int = 0) -> Any:
-    from tests.node.helpers import tiny_card
-
     return tiny_card(name, version, key=key, seed=seed)
 
 

@@ -15,12 +15,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from loraflight.federation.cli import _register, app
+from loraflight.federation.cli import app, register_commands
 from loraflight.federation.config import KEYS, Key, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-_register()
+register_commands()
 runner = CliRunner()
 
 
@@ -39,9 +39,9 @@ def _flag_args(key: Key, value: Any) -> list[str]:
 
 def _sample(key: Key, files: dict[str, str]) -> tuple[Any, Any]:
     """(env value as text, flag value) for a key; both valid and different from each other."""
-    from tests.node.test_config import _values
+    from tests.node.test_config import key_values
 
-    vals = _values(key, files)
+    vals = key_values(key, files)
     return vals[1], vals[2]
 
 
@@ -62,12 +62,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_node_run_flag_for_every_key_beats_env_and_file(
     key: Key, files: dict[str, Any], tmp_path: Path
 ) -> None:
-    from tests.node.test_config import _baseline, _env_text, _toml, _values
+    from tests.node.test_config import baseline_config, env_text, key_values, toml_text
 
-    v_file, v_env, v_flag = _values(key, files)
+    v_file, v_env, v_flag = key_values(key, files)
     cfg = tmp_path / "n.toml"
-    cfg.write_text(_toml({**_baseline(files), key.path: v_file}))
-    env = {key.env: _env_text(key, v_env)}
+    cfg.write_text(toml_text({**baseline_config(files), key.path: v_file}))
+    env = {key.env: env_text(key, v_env)}
     r = _cli("node", "run", "--config", str(cfg), "--print-config", *_flag_args(key, v_flag), env=env)
     assert r.exit_code == 0, r.output
     got = load_config_from_toml_text(r.stdout, tmp_path)

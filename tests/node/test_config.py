@@ -25,7 +25,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"pems": pems, "pubs": pubs, "dir": d}
 
 
-def _values(key: Key, files: dict[str, Any]) -> list[Any]:
+def key_values(key: Key, files: dict[str, Any]) -> list[Any]:
     """Three valid values for a key, each different from the previous one."""
     special: dict[str, list[Any]] = {
         "listen": ["grpc://127.0.0.1:1001", "grpc://127.0.0.1:1002", "grpc://0.0.0.0:0"],
@@ -61,7 +61,7 @@ def _values(key: Key, files: dict[str, Any]) -> list[Any]:
     return [f"/tmp/lf-{key.name}-1", f"/tmp/lf-{key.name}-2", f"/tmp/lf-{key.name}-3"]
 
 
-def _baseline(files: dict[str, Any]) -> dict[str, Any]:
+def baseline_config(files: dict[str, Any]) -> dict[str, Any]:
     """A config in which every key's test values are valid (TLS files and trust keys present)."""
     pem = files["pems"][0]
     return {
@@ -74,7 +74,7 @@ def _baseline(files: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _toml(values: dict[str, Any]) -> str:
+def toml_text(values: dict[str, Any]) -> str:
     top, tables = [], {}
     for path, v in values.items():
         enc = json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
@@ -89,7 +89,7 @@ def _toml(values: dict[str, Any]) -> str:
     return out + "\n"
 
 
-def _env_text(key: Key, v: Any) -> str:
+def env_text(key: Key, v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, list):
@@ -101,20 +101,20 @@ def _env_text(key: Key, v: Any) -> str:
 def test_every_key_from_file_env_and_flag_with_precedence(
     key: Key, files: dict[str, Any], tmp_path: Path
 ) -> None:
-    v_file, v_env, v_flag = _values(key, files)
-    base = _baseline(files)
+    v_file, v_env, v_flag = key_values(key, files)
+    base = baseline_config(files)
     cfg_file = tmp_path / "node.toml"
-    cfg_file.write_text(_toml({**base, key.path: v_file}))
+    cfg_file.write_text(toml_text({**base, key.path: v_file}))
 
     assert load_config(cfg_file, env={}).get(key.path) == v_file
-    env = {key.env: _env_text(key, v_env)}
+    env = {key.env: env_text(key, v_env)}
     assert load_config(cfg_file, env=env).get(key.path) == v_env
     assert load_config(cfg_file, env=env, flags={key.path: v_flag}).get(key.path) == v_flag
     # A flag not given (None) leaves env and file in force.
     assert load_config(cfg_file, env=env, flags={key.path: None}).get(key.path) == v_env
     # The environment alone, without a file.
-    env_only = {k.env: _env_text(k, v) for k, v in ((_key_of(p), v) for p, v in base.items())}
-    env_only[key.env] = _env_text(key, v_env)
+    env_only = {k.env: env_text(k, v) for k, v in ((_key_of(p), v) for p, v in base.items())}
+    env_only[key.env] = env_text(key, v_env)
     assert load_config(None, env=env_only).get(key.path) == v_env
 
 

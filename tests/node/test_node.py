@@ -17,9 +17,10 @@ import pytest
 from loraflight.engine import Engine, keys
 from loraflight.engine.authoring.models import tiny_encoder
 from loraflight.errors import ConfigError
+from loraflight.federation.client import node_action
 from loraflight.federation.config import load_config
-from loraflight.federation.node import Node, node_action
-from tests.node.helpers import TINY_BASE, node_config, tiny_card, wait_for
+from loraflight.federation.node import Node
+from loraflight.testing import TINY_BASE, node_config, tiny_card, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,9 +249,9 @@ def test_status_and_peers_commands_talk_to_a_running_node(tmp_path: Path, fleet:
 
     from typer.testing import CliRunner
 
-    from loraflight.federation.cli import _register, app
+    from loraflight.federation.cli import app, register_commands
 
-    _register()
+    register_commands()
     c1 = node_config(tmp_path / "n1", fleet, **{"discovery.enabled": False})
     with Node(c1) as n1:
         c2 = node_config(tmp_path / "n2", fleet, **{"discovery.enabled": False, "discovery.peers": [n1.uri]})
@@ -266,7 +267,7 @@ def test_status_and_peers_commands_talk_to_a_running_node(tmp_path: Path, fleet:
 
 
 def test_pair_over_mutual_tls(tmp_path: Path, fleet: str, signer) -> None:
-    from tests.federation.helpers import make_ca
+    from loraflight.testing import make_ca
 
     key, pub = signer
     pki = make_ca(tmp_path)
@@ -347,7 +348,7 @@ def test_a_failed_sync_round_does_not_end_syncing(
     """An unexpected error in one round (here the index is locked) is logged; later rounds still run."""
     import sqlite3
 
-    import loraflight.federation.node as node_mod
+    import loraflight.federation.node.loops as node_mod
 
     real_sync = node_mod.sync
     failed: list[int] = []
@@ -371,21 +372,23 @@ def test_a_failed_sync_round_does_not_end_syncing(
             assert 'loraflight_failures_total{kind="sync"} 1.0' in n2.metrics.text()
 
 
-def test_a_failing_status_action_sends_no_traceback(tmp_path: Path, fleet: str) -> None:
+def test_a_failing_status_action_sends_no_traceback(
+    tmp_path: Path, fleet: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sqlite3
 
     from loraflight.errors import LoraflightError
 
     with Node(node_config(tmp_path / "n", fleet, **{"discovery.enabled": False})) as n:
         assert n.store is not None
-        db = n.store._db
-        n.store._db = sqlite3.connect(":memory:")  # no tables: status() fails inside the node
-        try:
+
+        def broken_stats() -> dict[str, int]:
+            raise sqlite3.OperationalError("no such table: cards")  # status() fails inside the node
+
+        with monkeypatch.context() as m:
+            m.setattr(n.store, "stats", broken_stats)
             with pytest.raises(LoraflightError) as ei:
                 node_action(n.uri, "status")
-        finally:
-            n.store._db.close()
-            n.store._db = db
         assert "internal error" in str(ei.value) and "Traceback" not in str(ei.value)
 
 

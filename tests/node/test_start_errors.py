@@ -11,7 +11,7 @@ import pytest
 from loraflight.errors import ConfigError, StoreError
 from loraflight.federation.cli import main
 from loraflight.federation.node import Node
-from tests.node.helpers import node_config
+from loraflight.testing import node_config
 
 
 def test_metrics_port_in_use_is_a_config_error(tmp_path: Path) -> None:

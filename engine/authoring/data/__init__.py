@@ -15,20 +15,20 @@ def _read(filename: str) -> bytes:
 
 def builtin_dataset(name: str = "ops-runbook") -> list[dict[str, str]]:
     """A built-in training set: "ops-runbook" = 60 contrastive pairs (alert text -> runbook action)."""
-    from ..train import _parse_jsonl, load_dataset
+    from ..records import load_dataset, parse_jsonl
 
     if name not in DATASETS:
         from loraflight.errors import TrainingError
 
         raise TrainingError(f"no built-in dataset {name!r}; available: {', '.join(DATASETS)}")
     problems: list[str] = []
-    records = [r for _, r in _parse_jsonl(_read(DATASETS[name]), problems)]
+    records = [r for _, r in parse_jsonl(_read(DATASETS[name]), problems)]
     return load_dataset(records, "pairs")
 
 
 def demo_config() -> Any:
     """The training config of the demo skill: MiniLM, a few seconds of CPU, held-out margin rises."""
-    from ..train import TrainConfig
+    from ..config import TrainConfig
 
     return TrainConfig(
         kind="pairs",
@@ -57,3 +57,6 @@ def router_labelled_set() -> dict[str, Any]:
     """{"cards": [{name, description}], "queries": [{query, card}]}: the router's labelled set."""
     data: dict[str, Any] = json.loads(_read("router_queries.json"))
     return data
+
+
+__all__ = ["DATASETS", "DEMO_CARD", "builtin_dataset", "demo_config", "router_labelled_set"]

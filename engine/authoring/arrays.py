@@ -26,3 +26,6 @@ def from_float(arr: np.ndarray, dtype: str) -> np.ndarray:
             words[nan] = 0x7FC0
         return words
     return np.ascontiguousarray(arr, dtype=DTYPES[dtype])
+
+
+__all__ = ["from_float", "to_float"]

@@ -1,6 +1,10 @@
-"""Card ⇄ torch: copy a card's A/B into device tensors, build a card from torch tensors.
+"""Card ⇄ torch: the thin torch adapter of the card format (the only module here importing torch).
 
-Public helpers (used by the engine and by authoring):
+Loaded lazily by whoever needs torch (`LoRACard.torch_tensors`, the engine, authoring); the
+format core (`loraflight.engine.card`) imports no torch. Public helpers:
+
+- ``card_views(card, module=None)`` → ``{module: (A, B)}`` zero-copy views of the card's buffers
+  (what `LoRACard.torch_tensors` returns).
 
 - ``card_tensors(card, device=None, dtype=None, *, scale=False)`` → ``{module: (A, B)}``
   owned tensors (A: (rank, in), B: (out, rank)); ``scale=True`` folds the module's
@@ -17,9 +21,8 @@ in one Arrow buffer, so one ``copy_`` moves (and casts) all of them at once.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +31,10 @@ from torch import nn
 
 from loraflight.errors import CardError, EngineError
 
-from .card import LoRACard, ModuleLoRA, _all_finite, _split_views, base_fingerprint
+from .batches import ModuleLoRA
+from .card import LoRACard
+from .header import base_fingerprint, lora_scale
+from .values import all_finite, check_finite
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -47,6 +53,57 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     if dtype not in _NAMES:
         raise CardError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
     return _NAMES[dtype]
+
+
+def split_views(flat: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> Sequence[torch.Tensor]:
+    """Views of consecutive 2-D tensors laid end to end in the 1-D torch tensor `flat`."""
+    first = shapes[0]
+    if all(s == first for s in shapes):
+        return flat.view(len(shapes), *first).unbind(0)
+    return [t.view(s) for t, s in zip(flat.split([s[0] * s[1] for s in shapes]), shapes, strict=True)]
+
+
+def card_views(card: LoRACard, module: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (A, B)} as torch tensors sharing memory with the card (zero copy).
+
+    See `LoRACard.torch_tensors`: never write into them (an opened card's are views of a
+    read-only mapping); copy first.
+    """
+    bf16 = card.dtype == "bfloat16"
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers: we only read
+        if module is not None:
+            if not any(module in r.names for r in card.runs):
+                return out
+            m = card[module]
+            a, b = torch.from_numpy(m.a), torch.from_numpy(m.b)
+            if bf16:
+                a, b = a.view(torch.bfloat16), b.view(torch.bfloat16)
+            return {m.module: (a, b)}
+        whole, base = None, 0
+        if card.mapping is not None:  # one tensor over the whole mapping, sliced per batch
+            whole = torch.from_numpy(np.frombuffer(card.mapping, np.uint8))
+            base = card.mapping.address
+        tdt = TORCH_DTYPES[card.dtype]
+        for run in card.runs:
+            fa, fb = run.flat_a, run.flat_b
+            if whole is not None:
+                oa, ob = fa.ctypes.data - base, fb.ctypes.data - base
+                ta = whole[oa : oa + fa.nbytes].view(tdt)
+                tb = whole[ob : ob + fb.nbytes].view(tdt)
+            else:
+                ta, tb = torch.from_numpy(fa), torch.from_numpy(fb)
+                if bf16:
+                    ta, tb = ta.view(torch.bfloat16), tb.view(torch.bfloat16)
+            out.update(
+                zip(
+                    run.names,
+                    zip(split_views(ta, run.shapes_a()), split_views(tb, run.shapes_b()), strict=True),
+                    strict=True,
+                )
+            )
+    return out
 
 
 def _np_to_torch(arr: np.ndarray, card_dtype: str) -> torch.Tensor:
@@ -87,7 +144,7 @@ def copy_card_tensors(
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     flags: list[torch.Tensor] = []  # device-side finiteness flags, read once at the end
     cdt = card.dtype
-    for run in card._runs_:
+    for run in card.runs:
         tg = [targets.get(n) for n in run.names]
         t0 = tg[0]
         if t0 is not None and all(t == t0 for t in tg):
@@ -101,8 +158,8 @@ def copy_card_tensors(
                             _raise_nonfinite(card, run.rows(), targets)
                     else:
                         flags.append(torch.isfinite(buf).all())
-            av = _split_views(buf_a, run.shapes_a())
-            bv = _split_views(buf_b, run.shapes_b())
+            av = split_views(buf_a, run.shapes_a())
+            bv = split_views(buf_b, run.shapes_b())
             out.update(zip(run.names, zip(av, bv, strict=True), strict=True))
             continue
         for m, t in zip(run.rows(), tg, strict=True):
@@ -129,17 +186,14 @@ def _finite_cpu(t: torch.Tensor) -> bool:
     which stalls on a busy 2-core host)."""
     name = _NAMES[t.dtype]
     arr = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
-    return _all_finite(arr, name)
+    return all_finite(arr, name)
 
 
 def _raise_nonfinite(
     card: LoRACard, mods: list[ModuleLoRA], targets: Mapping[str, tuple[torch.device, torch.dtype]]
 ) -> None:
     """Name the first of `mods` that is not finite in the card, or whose cast overflows."""
-    for m in mods:
-        for label, arr in (("lora_a", m.a), ("lora_b", m.b)):
-            if not _all_finite(arr, card.dtype):
-                raise CardError(f"{card.ref}: module {m.module!r}: {label} has NaN or Inf values")
+    check_finite(card.runs, card.dtype, only={m.module for m in mods}, context=f"{card.ref}: ")
     for m in mods:
         t = targets.get(m.module)
         if t is None:
@@ -177,7 +231,7 @@ def card_tensors(
         scaling = card.header.scaling
         for m in card:
             got = out.get(m.module)
-            s = m.scale(scaling)
+            s = lora_scale(m.alpha, m.rank, scaling)
             if got is not None and s != 1.0:
                 got[1].mul_(s)
     return out
@@ -265,5 +319,16 @@ def model_fingerprint(model: nn.Module, modules: Iterable[str]) -> str:
     return base_fingerprint(model_shapes(model, modules))
 
 
-def lora_scale(rank: int, alpha: float, scaling: str) -> float:
-    return alpha / math.sqrt(rank) if scaling == "rslora" else alpha / rank
+__all__ = [
+    "TORCH_DTYPES",
+    "card_from_tensors",
+    "card_tensors",
+    "card_views",
+    "copy_card_tensors",
+    "dtype_name",
+    "model_fingerprint",
+    "model_shapes",
+    "resolve_linear",
+    "split_views",
+    "tensor_to_numpy",
+]

@@ -17,6 +17,7 @@ _MAX_WAIT_S = 120.0
 
 
 def pause_point(phase: str, count: int | None = None) -> None:
+    """Pause here (to be killed) when LORAFLIGHT_TEST_PAUSE names this phase (and count)."""
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -30,3 +31,6 @@ def pause_point(phase: str, count: int | None = None) -> None:
     deadline = time.monotonic() + _MAX_WAIT_S
     while time.monotonic() < deadline:  # waiting to be SIGKILLed by the test
         time.sleep(0.05)
+
+
+__all__ = ["ENV", "MARKER_ENV", "pause_point"]

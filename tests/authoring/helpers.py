@@ -43,7 +43,7 @@ def random_card(
         a = rng.standard_normal((rank, fin)).astype(np.float32)
         b = rng.standard_normal((fout, rank)).astype(np.float32)
         if dtype == "bfloat16":
-            from loraflight.engine.authoring._arrays import from_float
+            from loraflight.engine.authoring.arrays import from_float
 
             a, b = from_float(a, dtype), from_float(b, dtype)
         else:
@@ -65,3 +65,6 @@ def same_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> bool:
         now[k].dtype == v.dtype and now[k].shape == v.shape and torch.equal(now[k], v)
         for k, v in saved.items()
     )
+
+
+__all__ = ["MLP", "random_card", "same_state", "state"]

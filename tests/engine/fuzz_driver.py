@@ -2,7 +2,7 @@
 
 Run it in a subprocess, so a crash in native code fails the caller instead of killing it:
 
-    python -m tests.engine._fuzz_driver --cases 2000 --seed 0 [--progress FILE]
+    python -m tests.engine.fuzz_driver --cases 2000 --seed 0 [--progress FILE]
 
 Every case must end in `ok` (the mutation changed nothing that matters: verify passed) or a
 `CardError`; anything else, or a case running past its deadline, is a failure. Targeted cases
@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 import loraflight.engine.card as cardmod
+import loraflight.engine.card.batches as batchmod
 from loraflight.engine.card import (
     METADATA_KEY,
     CardDigest,
@@ -71,7 +72,7 @@ def _mods(rng: np.random.Generator, dtype: str, n: int, rank: int, fin: int, fou
 def corpus() -> list[bytes]:
     """A few small valid cards: each dtype, several batches, a signed one, a newer-minor header."""
     rng = np.random.default_rng(1234)
-    saved = cardmod.BATCH_TARGET_BYTES
+    saved = batchmod.BATCH_TARGET_BYTES
     try:
         cards = [
             LoRACard.build(
@@ -79,10 +80,10 @@ def corpus() -> list[bytes]:
             ),
             LoRACard.build(_mods(rng, "bfloat16", 2, 2, 8, 12), name="fzbf", dtype="bfloat16"),
         ]
-        cardmod.BATCH_TARGET_BYTES = 200  # force one batch per module
+        batchmod.BATCH_TARGET_BYTES = 200  # force one batch per module
         cards.append(LoRACard.build(_mods(rng, "float16", 4, 3, 8, 8), name="fz16", lineage=("ab" * 32,)))
     finally:
-        cardmod.BATCH_TARGET_BYTES = saved
+        batchmod.BATCH_TARGET_BYTES = saved
     cards.append(cards[0].sign(generate()))
     return [c.to_bytes() for c in cards]
 
@@ -394,7 +395,7 @@ class Summary:
         )
 
 
-def _check(kind: str, outcome: str, msg: str, need: str | None, must_fail: bool) -> str | None:
+def check_outcome(kind: str, outcome: str, msg: str, need: str | None, must_fail: bool) -> str | None:
     """None when the outcome is acceptable, else why not."""
     if outcome in ("other", "hang"):
         return msg
@@ -452,7 +453,7 @@ def run(
                 kind, data, need = mutate(seeds[src], seeds, rng)
                 must_fail = need is not None
             outcome, msg = run_case(data, path)
-            why = _check(kind, outcome, msg, need, must_fail)
+            why = check_outcome(kind, outcome, msg, need, must_fail)
             s.cases += 1
             s.outcomes[outcome] += 1
             s.kinds[kind] += 1
@@ -483,6 +484,19 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(s.to_json() + "\n")
     return 0 if not s.failures else 1
 
+
+__all__ = [
+    "CASE_DEADLINE_S",
+    "Hang",
+    "Summary",
+    "check_outcome",
+    "corpus",
+    "main",
+    "mutate",
+    "run",
+    "run_case",
+    "targeted",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,521 @@
+"""The card header and the format's rules: names, limits, schema, canonical JSON, LoRA scale.
+
+Pure rules, no I/O and no threads: `CardHeader` (the schema metadata under ``loraflight``),
+`CardMeta` (the descriptive fields an author gives), the Arrow schema of a card, the checks
+on names, rows and digests, the base fingerprint, and `lora_scale` (the one home of the
+alpha/r and alpha/sqrt(r) rule). See docs/format.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from loraflight.errors import CardError
+
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+METADATA_KEY = b"loraflight"
+CARD_SUFFIX = ".lora.arrow"
+
+# Limits: a reader never trusts a count it has not checked against these.
+MAX_HEADER_BYTES = 1 << 20  # 1 MiB of header JSON
+MAX_ROWS = 100_000
+MAX_RANK = 4096
+MAX_FEATURES = 1 << 20
+MAX_NAME_LEN = 128
+MAX_MODULE_LEN = 512
+MAX_TAGS = 64
+MAX_TAG_LEN = 64
+MAX_DESCRIPTION = 64 * 1024
+MAX_LINEAGE = 64
+
+
+SCALINGS = ("standard", "rslora")  # alpha/r and alpha/sqrt(r): see lora_scale
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),  # raw 16-bit words; torch views them as bfloat16
+}
+ARROW_VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_MODULE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+_MODULES_RE = re.compile(rf"(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{MAX_MODULE_LEN - 1}}}\n)+\Z")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def card_schema(dtype: str, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
+    """The Arrow schema of a card of `dtype` (metadata optional)."""
+    value = ARROW_VALUE_TYPES[dtype]
+    fields = [
+        pa.field("module", pa.utf8(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("alpha", pa.float64(), nullable=False),
+        pa.field("in_features", pa.int64(), nullable=False),
+        pa.field("out_features", pa.int64(), nullable=False),
+        pa.field("lora_a", pa.list_(pa.field("item", value, nullable=False)), nullable=False),
+        pa.field("lora_b", pa.list_(pa.field("item", value, nullable=False)), nullable=False),
+    ]
+    return pa.schema(fields, metadata=dict(metadata) if metadata else None)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def check_name(name: object, what: str = "card name") -> str:
+    """Return `name` if it is a safe card name, else raise CardError saying why."""
+    if not isinstance(name, str) or not name:
+        raise CardError(f"{what} must be a non-empty string, got {name!r}")
+    if len(name) > MAX_NAME_LEN:
+        raise CardError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME_LEN}")
+    if not name.isprintable() or not name.isascii():
+        raise CardError(
+            f"{what} {name!r} has non-printable or non-ASCII characters; use letters, digits, '.', '_', '-'"
+        )
+    if not _NAME_RE.match(name) or ".." in name:
+        raise CardError(
+            f"{what} {name!r} could escape a directory or is not allowed: use letters, digits, '.', '_', '-', "
+            "starting with a letter or digit, and no '..'"
+        )
+    return name
+
+
+def check_module_name(module: object) -> str:
+    if not isinstance(module, str) or not module:
+        raise CardError(f"module name must be a non-empty string, got {module!r}")
+    if len(module) > MAX_MODULE_LEN:
+        raise CardError(f"module name of {len(module)} characters exceeds the limit of {MAX_MODULE_LEN}")
+    if not module.isascii() or not module.isprintable() or not _MODULE_RE.match(module):
+        raise CardError(f"module name {module!r} is not a module path (letters, digits, '_', '.', '-')")
+    return module
+
+
+def check_digest(digest: object) -> str:
+    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        raise CardError(f"digest {digest!r} is not 64 lowercase hex characters")
+    return digest
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def base_fingerprint(shapes: Iterable[tuple[str, int, int]]) -> str:
+    """Hash of the targeted modules' names and shapes: (module, in_features, out_features).
+
+    Order does not matter; see docs/format.md for the exact encoding.
+    """
+    h = hashlib.sha256(b"loraflight-base-v1\x00")
+    for module, fin, fout in sorted((m, int(i), int(o)) for m, i, o in shapes):
+        h.update(f"{module}\x00{fin}\x00{fout}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- header
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class CardHeader:
+    """The card's header (schema metadata). `extra` keeps keys a newer minor version added."""
+
+    name: str
+    version: int
+    dtype: str
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    base_model: str | None = None
+    base_fingerprint: str | None = None
+    scaling: str = "standard"
+    author: str = ""
+    created: str = ""
+    lineage: tuple[str, ...] = ()
+    peft: Mapping[str, Any] | None = None  # PEFT config fields kept for an exact export
+    format: str = FORMAT_VERSION
+    digest: str = ""
+    signature: str | None = None
+    signer: str | None = None
+    signer_key: str | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    # -- (de)serialisation
+    def signed_part(self) -> dict[str, Any]:
+        """The header as hashed by the digest: everything but digest and signature fields."""
+        d: dict[str, Any] = dict(self.extra)
+        d.update(
+            format=self.format,
+            name=self.name,
+            version=self.version,
+            dtype=self.dtype,
+            description=self.description,
+            tags=list(self.tags),
+            base_model=self.base_model,
+            base_fingerprint=self.base_fingerprint,
+            scaling=self.scaling,
+            author=self.author,
+            created=self.created,
+            lineage=list(self.lineage),
+        )
+        if self.peft is not None:
+            d["peft"] = plain_json(self.peft)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.signed_part()
+        d["digest"] = self.digest
+        if self.signature is not None:
+            d.update(signature=self.signature, signer=self.signer, signer_key=self.signer_key)
+        return d
+
+    def to_json(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> CardHeader:
+        """Validate a header dict; every problem is reported together."""
+        if not isinstance(raw, Mapping):
+            raise CardError("card header is not a JSON object")
+        problems: list[str] = []
+        fmt = raw.get("format")
+        if not isinstance(fmt, str) or not re.match(r"^\d+\.\d+$", fmt):
+            raise CardError(f"card header has no valid format version (got {fmt!r}); expected 'major.minor'")
+        major = int(fmt.split(".")[0])
+        if major != FORMAT_MAJOR:
+            raise CardError(
+                f"card format {fmt} has major version {major}; this loraflight reads major {FORMAT_MAJOR}: "
+                "upgrade loraflight to read it"
+            )
+
+        def want(key: str, typ: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+            if key not in raw:
+                if required:
+                    problems.append(f"header field {key!r} is missing")
+                return default
+            v = raw[key]
+            if v is None and not required:
+                return default
+            if (typ is int and isinstance(v, bool)) or not isinstance(v, typ):
+                problems.append(
+                    f"header field {key!r} has type {type(v).__name__}, expected {_typename(typ)}"
+                )
+                return default
+            return v
+
+        name = want("name", str, "", required=True)
+        version = want("version", int, 0, required=True)
+        dtype = want("dtype", str, "", required=True)
+        description = want("description", str, "")
+        tags = want("tags", list, [])
+        base_model = want("base_model", str)
+        fingerprint = want("base_fingerprint", str)
+        scaling = want("scaling", str, "standard")
+        author = want("author", str, "")
+        created = want("created", str, "")
+        lineage = want("lineage", list, [])
+        peft = want("peft", dict)
+        digest = want("digest", str, "")
+        signature = want("signature", str)
+        signer = want("signer", str)
+        signer_key = want("signer_key", str)
+
+        if name:
+            try:
+                check_name(name)
+            except CardError as e:
+                problems.append(str(e))
+        if "version" in raw and isinstance(version, int) and not 1 <= version < 2**53:
+            problems.append(f"version must be a positive integer, got {version}")
+        if dtype and dtype not in DTYPES:
+            problems.append(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if len(description) > MAX_DESCRIPTION:
+            problems.append(f"description is {len(description)} characters; the limit is {MAX_DESCRIPTION}")
+        if len(tags) > MAX_TAGS or not all(
+            isinstance(t, str) and 0 < len(t) <= MAX_TAG_LEN and t.isprintable() for t in tags
+        ):
+            problems.append(
+                f"tags must be at most {MAX_TAGS} printable strings of 1..{MAX_TAG_LEN} characters"
+            )
+        if scaling not in SCALINGS:
+            problems.append(f"scaling {scaling!r} is not one of {', '.join(SCALINGS)}")
+        if len(lineage) > MAX_LINEAGE or not all(isinstance(x, str) and _DIGEST_RE.match(x) for x in lineage):
+            problems.append(f"lineage must be at most {MAX_LINEAGE} digests (64 lowercase hex characters)")
+        if fingerprint is not None and not _DIGEST_RE.match(fingerprint):
+            problems.append("base_fingerprint must be 64 lowercase hex characters")
+        if digest and not _DIGEST_RE.match(digest):
+            problems.append("digest must be 64 lowercase hex characters")
+        for key, v in (("base_model", base_model), ("author", author), ("created", created)):
+            if v is not None and (len(v) > 1024 or not v.isprintable()):
+                problems.append(f"header field {key!r} must be printable and at most 1024 characters")
+        if (signature is None) != (signer_key is None):
+            problems.append("signature and signer_key must both be present or both absent")
+        if problems:
+            raise CardError("invalid card header: " + "; ".join(problems))
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = {k: v for k, v in raw.items() if k not in known}
+        return cls(
+            name=name,
+            version=version,
+            dtype=dtype,
+            description=description,
+            tags=tuple(tags),
+            base_model=base_model,
+            base_fingerprint=fingerprint,
+            scaling=scaling,
+            author=author,
+            created=created,
+            lineage=tuple(lineage),
+            peft=peft,
+            format=fmt,
+            digest=digest,
+            signature=signature,
+            signer=signer,
+            signer_key=signer_key,
+            extra=extra,
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> CardHeader:
+        if len(data) > MAX_HEADER_BYTES:
+            raise CardError(
+                f"card header is {len(data)} bytes; the limit is {MAX_HEADER_BYTES} (metadata too large)"
+            )
+        try:
+            raw = json.loads(
+                data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_object
+            )
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CardError(f"card header is not valid UTF-8 JSON: {e}") from None
+        except ValueError as e:  # duplicate keys, NaN/Infinity, absurdly long integers
+            raise CardError(f"card header is not canonical-encodable JSON: {e}") from None
+        header = cls.from_dict(raw)
+        header.to_json()  # raises CardError for what canonical JSON cannot encode (lone surrogates)
+        return header
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def unsigned(self) -> CardHeader:
+        return dataclasses.replace(self, signature=None, signer=None, signer_key=None)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in a card header")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {dup!r} in a JSON object")
+    return d
+
+
+def _typename(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(x.__name__ for x in t)
+    return t.__name__
+
+
+def plain_json(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, so a header compares equal after reading."""
+    return json.loads(canonical_json(obj))
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys, no spaces, UTF-8, no NaN (docs/format.md)."""
+    try:
+        return json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+    except (TypeError, ValueError) as e:
+        raise CardError(f"header cannot be encoded as canonical JSON: {e}") from None
+
+
+def check_rows(
+    modules: list[Any], ranks: list[int], alphas: list[float], fins: list[int], fouts: list[int]
+) -> None:
+    """Names, ranks, shapes and alphas of one batch's rows against the limits."""
+    # one regex over all the names (each on its own line) instead of one call per name
+    try:
+        ok = _MODULES_RE.match("\n".join(modules) + "\n") is not None
+    except TypeError:  # not all strings
+        ok = False
+    if not ok:
+        match = _MODULE_RE.match
+        for module in modules:
+            if not isinstance(module, str) or len(module) > MAX_MODULE_LEN or not match(module):
+                check_module_name(module)
+    if min(ranks) < 1 or max(ranks) > MAX_RANK:
+        i = next(i for i, r in enumerate(ranks) if not 1 <= r <= MAX_RANK)
+        raise CardError(f"module {modules[i]!r}: rank {ranks[i]} is 0, negative or absurd (limit {MAX_RANK})")
+    if min(min(fins), min(fouts)) < 1 or max(max(fins), max(fouts)) > MAX_FEATURES:
+        i = next(
+            i
+            for i in range(len(fins))
+            if not (1 <= fins[i] <= MAX_FEATURES and 1 <= fouts[i] <= MAX_FEATURES)
+        )
+        raise CardError(
+            f"module {modules[i]!r}: shape in={fins[i]} out={fouts[i]} is out of range 1..{MAX_FEATURES}"
+        )
+    if not all(map(math.isfinite, alphas)):
+        i = next(i for i, a in enumerate(alphas) if not math.isfinite(a))
+        raise CardError(f"module {modules[i]!r}: alpha is not finite")
+
+
+def header_from_schema(schema: pa.Schema) -> CardHeader:
+    meta = schema.metadata or {}
+    raw = meta.get(METADATA_KEY)
+    if raw is None:
+        raise CardError("not a loraflight card: the schema metadata has no 'loraflight' header")
+    if sum(len(k) + len(v) for k, v in meta.items()) > MAX_HEADER_BYTES + 4096:
+        raise CardError(f"schema metadata is larger than {MAX_HEADER_BYTES} bytes (metadata too large)")
+    header = CardHeader.from_json(raw)
+    expect = card_schema(header.dtype)
+    if not schema.remove_metadata().equals(expect):
+        raise CardError(
+            f"wrong schema for a {header.dtype} card: got ({schema_str(schema)}), "
+            f"expected ({schema_str(expect)})"
+        )
+    return header
+
+
+def schema_str(schema: pa.Schema) -> str:
+    parts = []
+    for i in range(len(schema)):
+        try:
+            f = schema.field(i)
+            parts.append(f"{f.name}: {f.type}")
+        except (UnicodeDecodeError, pa.ArrowException, ValueError):
+            parts.append(f"<field {i} with an undecodable name>")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- LoRA scale
+
+
+def lora_scale(alpha: float, rank: int, scaling: str = "standard") -> float:
+    """The factor a module's B·A is multiplied by: alpha/r, or alpha/sqrt(r) for rsLoRA.
+
+    The one home of this rule (card, engine, training and composition all call it).
+    """
+    if scaling not in SCALINGS:
+        raise CardError(f"scaling {scaling!r} is not one of {', '.join(SCALINGS)}")
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
+        raise CardError(f"rank must be a positive integer, got {rank!r}")
+    return alpha / math.sqrt(rank) if scaling == "rslora" else alpha / rank
+
+
+def alpha_for_scale(scale: float, rank: int, scaling: str = "standard") -> float:
+    """The inverse of `lora_scale`: the alpha that gives `scale` at `rank` under `scaling`."""
+    lora_scale(1.0, rank, scaling)  # the same checks
+    return scale * (math.sqrt(rank) if scaling == "rslora" else rank)
+
+
+# --------------------------------------------------------------------------- author metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class CardMeta:
+    """What an author says about a card: its name, version and descriptive header fields.
+
+    One value carries them from the CLI through training, extraction and composition to
+    `LoRACard.build`. Validated on construction by the header's own rules, so a bad name,
+    version or tag fails at once (before minutes of training), with the CardError the final
+    build would raise.
+    """
+
+    name: str
+    version: int = 1
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    base_model: str | None = None
+    author: str = ""
+
+    def __post_init__(self) -> None:
+        tags = self.tags
+        if isinstance(tags, str) or not isinstance(tags, Iterable):
+            raise CardError(f"tags must be a list of strings, got {tags!r}")
+        object.__setattr__(self, "tags", tuple(tags))
+        check_name(self.name)  # the header accepts an empty name; an author may not give one
+        CardHeader.from_dict({"format": FORMAT_VERSION, "dtype": "float32", **self.as_kwargs()})
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments of `LoRACard.build`."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "tags": list(self.tags),
+            "base_model": self.base_model,
+            "author": self.author,
+        }
+
+    @classmethod
+    def given(cls, meta: CardMeta | None, name: str | None = None) -> CardMeta:
+        """`meta`, or ``CardMeta(name)`` when only a name is given: the authoring functions'
+        shorthand (``make_child(parent, rows, name="tone")``). Exactly one of the two."""
+        if meta is not None and name is not None:
+            raise CardError("give the card's metadata as meta=CardMeta(...) or just name=, not both")
+        if meta is not None:
+            if not isinstance(meta, CardMeta):
+                raise CardError(f"meta must be a CardMeta, got {type(meta).__name__}")
+            return meta
+        if name is None:
+            raise CardError("the card needs a name: pass meta=CardMeta(name=...) (or name=)")
+        return cls(name)
+
+    def replace(self, **changes: Any) -> CardMeta:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = [
+    "ARROW_VALUE_TYPES",
+    "CARD_SUFFIX",
+    "DTYPES",
+    "FORMAT_MAJOR",
+    "FORMAT_MINOR",
+    "FORMAT_VERSION",
+    "MAX_DESCRIPTION",
+    "MAX_FEATURES",
+    "MAX_HEADER_BYTES",
+    "MAX_LINEAGE",
+    "MAX_MODULE_LEN",
+    "MAX_NAME_LEN",
+    "MAX_RANK",
+    "MAX_ROWS",
+    "MAX_TAGS",
+    "MAX_TAG_LEN",
+    "METADATA_KEY",
+    "SCALINGS",
+    "CardHeader",
+    "CardMeta",
+    "alpha_for_scale",
+    "base_fingerprint",
+    "canonical_json",
+    "card_schema",
+    "check_digest",
+    "check_module_name",
+    "check_name",
+    "check_rows",
+    "header_from_schema",
+    "lora_scale",
+    "plain_json",
+    "schema_str",
+    "utc_now",
+]

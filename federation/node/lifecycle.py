@@ -1,0 +1,545 @@
+"""A loraflight node: store + Flight server + discovery + peer table + sync loop + engine hot-load.
+
+Theory of operation
+-------------------
+Threads, each with a bounded wait and joined on `stop()`:
+
+* the Flight server (pyarrow's own threads) serving the store, plus two node actions,
+  `peers` and `status` (`service`);
+* the Zeroconf loop (`Discovery`), feeding mDNS events into the `PeerTable`;
+* ``lf-peers``: health calls to live peers, probes of dropped ones, DNS re-resolution;
+* ``lf-sync``: waits for a reason to sync — a `notify` from a peer, a higher catalog epoch
+  in a peer's TXT or health answer, a new peer, or the slow safety poll — and pulls what
+  the sync policy wants from those peers;
+* ``lf-events``: reacts to every committed catalog change (published here or fetched):
+  bumps the mDNS epoch, sends `notify` to live peers, exports the card as a PEFT folder
+  (`export`), hot-loads it into the engine (`loader`, by the rules of `hotload`: base model
+  and engine trust policy permitting; a newer version swaps in place), calls the user's
+  callbacks, rewrites the status file (`status`).
+
+News travels by `notify` first (milliseconds), mDNS epoch updates second (about a second),
+and the safety poll last, so a lost message delays a card but never loses it.
+
+`Node` wires these together; the loops live in `loops`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit
+
+from loraflight.errors import ConfigError, LoraflightError
+
+from ..client import Client
+from ..config import NodeConfig, resolve_keys
+from ..discovery import Discovery, interface_addresses
+from ..identity import NodeIdentity
+from ..metrics import NodeMetrics
+from ..peers import Peer, PeerTable
+from ..protocol import PROTOCOL_VERSION, CatalogEntry
+from ..security import ClientTLS, ServerTLS
+from ..store import Store
+from . import loops
+from .engine import NodeEngine
+from .export import export_card, unexport_card
+from .hotload import trust_refusal
+from .loader import Loader
+from .service import NodeServer, NodeView
+from .status import build_status, update_gauges, write_status_file
+
+log = logging.getLogger("loraflight.federation.node")
+
+_JOIN_TIMEOUT = 10.0
+
+CardCallback = Callable[[CatalogEntry], None]
+
+
+class Node:
+    """One loraflight node; `start()`/`stop()` or use as a context manager.
+
+    `engine` (an `engine.Engine`, or anything with its `load`/`unload`: `NodeEngine`) receives
+    synced cards when `config.engine.hot_load` is on; with no engine given, one is built from
+    `config.engine.base_model` when that is set. Callbacks get the `CatalogEntry`:
+    `on_card_added` for every card that enters the store, `on_card_loaded` after a hot-load,
+    `on_card_removed` when a card leaves the store.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        engine: NodeEngine | None = None,
+        *,
+        model: Any = None,
+        on_card_added: CardCallback | None = None,
+        on_card_loaded: CardCallback | None = None,
+        on_card_removed: CardCallback | None = None,
+    ) -> None:
+        self.config = config
+        if model is not None and engine is not None and engine is not model.engine:
+            raise ConfigError("give a Node either engine= or model= (a ServingModel carries its engine)")
+        self.model = model  # a ServingModel when the node can serve requests
+        self.engine = engine if engine is not None else (model.engine if model is not None else None)
+        self.serving: Any = None  # loraflight.federation.serving.Serving while started
+        self.on_card_added = on_card_added
+        self.on_card_loaded = on_card_loaded
+        self.on_card_removed = on_card_removed
+        self.metrics = NodeMetrics()
+        self.store: Store | None = None
+        self.server: NodeServer | None = None
+        self.discovery: Discovery | None = None
+        self.peers: PeerTable | None = None
+        self.identity: NodeIdentity | None = None
+        self.mdns = False
+        self.base_model_id: str | None = None
+        self.sync_rounds = 0
+        self._engine_keys: list[str] = []
+        self._client_tls: ClientTLS | None = None
+        self._loader: Loader | None = None
+        self._stop = threading.Event()
+        self._wake_peers = threading.Event()
+        self._sync = loops.SyncLoop(
+            config,
+            stop=self._stop,
+            live_keys=lambda: [p.key for p in self.peers.live()] if self.peers is not None else [],
+            sync_now=lambda keys, trigger: self.sync_now(keys, trigger=trigger),
+            metrics=self.metrics,
+        )
+        self._events = loops.EventLoop(self._handle, stop=self._stop)
+        self._threads: list[threading.Thread] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._status_lock = threading.Lock()
+        self._unsubscribe: Callable[[], None] | None = None
+        self._started = False
+        self._arrived: dict[str, float] = {}  # digest -> wall time it entered the store
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id if self.identity else ""
+
+    @property
+    def uri(self) -> str:
+        assert self.server is not None, "node not started"
+        return self.server.location
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None, "node not started"
+        return int(self.server.port)
+
+    def start(self) -> Node:
+        if self._started:
+            return self
+        try:
+            self._start(self.config)
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+        return self
+
+    def _start(self, cfg: NodeConfig) -> None:
+        # A node may be started again after stop(): its loops must not see the old stop signal.
+        self._stop.clear()
+        self._wake_peers.clear()
+        root = cfg.store_path
+        self.identity = NodeIdentity.load_or_create(root / "identity")
+        self.store = Store(root, max_bytes=cfg.store_max_bytes or None, trust=cfg.trust.entry)
+        for k in resolve_keys(cfg.trust.keys):
+            self.store.trust_add(k, label="config")
+        self._engine_keys = resolve_keys(cfg.trust.engine_keys or cfg.trust.keys)
+        tls = None
+        if cfg.tls.cert:
+            tls = ServerTLS.from_files(
+                cfg.tls.cert, cfg.tls.key, cfg.tls.ca if cfg.tls.verify_client else None
+            )
+        if cfg.tls.ca or cfg.tls.client_cert:
+            self._client_tls = ClientTLS.from_files(
+                cfg.tls.ca or None, cfg.tls.client_cert or None, cfg.tls.client_key or None
+            )
+        if cfg.tokens.write and tls is None:
+            log.warning("write tokens without TLS travel in clear text; configure tls.cert and tls.key")
+        if self.engine is None and cfg.engine.base_model and (cfg.engine.hot_load or cfg.api.listen):
+            from loraflight.engine.authoring.serving_model import build_serving_model
+
+            log.info("loading the base model %s (engine.base_model)", cfg.engine.base_model)
+            self.model = build_serving_model(
+                cfg.engine.base_model, device=cfg.engine.device, model_id=cfg.engine.model_id
+            )
+            self.engine = self.model.engine
+        if cfg.api.listen and self.model is None:
+            raise ConfigError(
+                "api.listen needs a model to serve: set engine.base_model (or pass model= to Node)"
+            )
+        if self.model is not None:
+            from loraflight.federation.serving import start_serving
+
+            self.serving = start_serving(model=self.model, config=cfg, registry=self.metrics.registry)
+        if self.engine is not None:
+            self.base_model_id = getattr(self.engine, "base_model", None)
+            if cfg.engine.hot_load and (self._loader is None or self._loader.engine is not self.engine):
+                self._loader = Loader(
+                    self.engine,
+                    self.store,
+                    base_model=self.base_model_id,
+                    trust_engine=cfg.trust.engine,
+                    engine_keys=self._engine_keys,
+                    metrics=self.metrics,
+                    on_loaded=self._after_load,
+                )
+            elif self._loader is not None:  # started again: same engine, what it holds stays known
+                self._loader.store = self.store
+        self.peers = PeerTable(
+            self_id=self.identity.node_id,
+            fleet=cfg.fleet,
+            health_interval=cfg.intervals.health,
+            probe_interval=cfg.intervals.probe,
+            failures=cfg.intervals.failures,
+            on_event=self._on_peer_event,
+        )
+        listen_port = urlsplit(cfg.listen).port or 0
+        self.server = NodeServer(
+            NodeView(
+                loaded=self.loaded,
+                live_peers=lambda: len(self.peers.live()) if self.peers is not None else 0,
+                peers=lambda: self.peers.snapshot() if self.peers is not None else [],
+                status=self.status,
+            ),
+            self.store,
+            listen=cfg.listen,
+            advertise=cfg.advertise or self._derive_locations(listen_port) or None,
+            tls=tls,
+            write_tokens=cfg.tokens.write,
+            read_tokens=cfg.tokens.read,
+            node_id=self.identity.node_id,
+            fleet_id=cfg.fleet,
+            on_notify=self._on_notify,
+            peer_locations=self._peer_locations,
+            exchange=self.serving.exchange if self.serving is not None else None,
+        )
+        if not cfg.advertise and not listen_port:
+            self.server.use_locations(self._derive_locations(self.server.port))
+        if cfg.metrics.port >= 0:
+            self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        self._unsubscribe = self.store.subscribe(self._on_store_event)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"lf-io-{self.node_id[:6]}")
+        if cfg.discovery.peers:
+            self.peers.set_static("static", cfg.discovery.peers)
+        if cfg.discovery.enabled:
+            self.discovery = Discovery(
+                node_id=self.identity.node_id,
+                fleet=cfg.fleet,
+                port=self.server.port,
+                proto=PROTOCOL_VERSION,
+                tls=tls is not None,
+                epoch=self.store.epoch,
+                interfaces=cfg.discovery.interfaces,
+                advertise=cfg.advertise[0] if cfg.advertise else "",
+                on_peer=self.peers.announce,
+            )
+            self.mdns = self.discovery.start()
+            if not self.mdns:
+                self.discovery = None
+        if self._loader is not None:
+            self._loader.load_existing()
+        peer_loop = loops.PeerLoop(
+            cfg,
+            self.peers,
+            self._pool,
+            self._client,
+            self.metrics,
+            stop=self._stop,
+            wake=self._wake_peers,
+            own_uris=lambda: set(self.server.locations) if self.server else set(),
+            after_round=self._update_gauges,
+        )
+        for name, target in (
+            ("peers", peer_loop.run),
+            ("sync", self._sync.run),
+            ("events", self._events.run),
+        ):
+            t = threading.Thread(target=target, name=f"lf-{name}-{self.node_id[:6]}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._update_gauges()
+        self.write_status()
+        log.info(
+            "node %s up: fleet %s, serving %s, mDNS %s, %d static peers, %d DNS peers",
+            self.node_id,
+            cfg.fleet,
+            ", ".join(self.server.locations),
+            "on" if self.mdns else "off",
+            len(cfg.discovery.peers),
+            len(cfg.discovery.dns),
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Unregister from mDNS (peers see the goodbye), stop loops, abort transfers, close."""
+        self._stop.set()
+        if self.discovery is not None:
+            self.discovery.stop()
+            self.discovery = None
+        self._sync.wake()
+        self._wake_peers.set()
+        self._events.close()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self.server is not None:
+            self.server.stop(timeout)
+        if self.serving is not None:
+            self.serving.stop(timeout)
+            self.serving = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self.metrics.stop()
+        if self.store is not None:
+            self.store.close()
+        self._started = False
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run_forever(
+        self, stop: threading.Event | None = None, on_ready: Callable[[Node], None] | None = None
+    ) -> int:
+        """Serve until SIGTERM/SIGINT (or `stop` is set); then shut down cleanly and return 0."""
+        stop = stop or threading.Event()
+        old: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, lambda *_: stop.set())
+        try:
+            self.start()
+            if on_ready is not None:
+                on_ready(self)
+            while not stop.wait(3600.0):
+                pass
+            log.info("node %s: stopping", self.node_id)
+        finally:
+            self.stop()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+        return 0
+
+    # ------------------------------------------------------------------ addresses
+
+    def _derive_locations(self, port: int) -> list[str]:
+        """Advertised addresses when none are configured: the listen host, or every interface."""
+        if not port:
+            return []
+        u = urlsplit(self.config.listen)
+        scheme = "grpc+tls" if self.config.tls.cert else "grpc"
+        host = u.hostname or ""
+        if host not in ("0.0.0.0", "::", ""):
+            h = f"[{host}]" if ":" in host else host
+            return [f"{scheme}://{h}:{port}"]
+        ips: list[str] = []
+        wanted = set(self.config.discovery.interfaces)
+        for name, addrs in interface_addresses().items():
+            for ip in addrs:
+                if ip.startswith("127."):
+                    continue
+                if wanted and name not in wanted and ip not in wanted:
+                    continue
+                ips.append(ip)
+        return [f"{scheme}://{ip}:{port}" for ip in ips] or [f"{scheme}://127.0.0.1:{port}"]
+
+    def _peer_locations(self, digest: str) -> list[str]:
+        return []
+
+    def _client(self, uri: str, timeout: float) -> Client:
+        tls = self._client_tls if uri.startswith("grpc+tls") else None
+        return Client(uri, self.config.tokens.peer or None, tls, timeout, retries=0)
+
+    # ------------------------------------------------------------------ peers
+
+    def _on_peer_event(self, event: str, peer: Peer) -> None:
+        """Peer table events; may run on the mDNS loop, so nothing here blocks (no store I/O)."""
+        if event in ("added", "back", "epoch"):
+            self._sync.mark_dirty(peer.key, event)
+        if event in ("added", "dropped", "removed", "back"):
+            log.info("peer %s %s (%s)", peer.key, event, peer.uri or ",".join(peer.uris))
+            self._wake_peers.set()  # confirm a new peer with a health call at once
+            loops.submit_quietly(
+                self._pool, self._after_peer_change, peer if event in ("added", "back") else None
+            )
+
+    def _after_peer_change(self, hello_to: Peer | None) -> None:
+        if hello_to is not None and self.store is not None:
+            # Say hello: a peer that knows us only from our call learns our address too.
+            self._notify_peers(self.store.epoch, [hello_to])
+        self._update_gauges()
+        self.write_status()
+
+    def _on_notify(self, peer_uri: str) -> None:
+        """A peer's catalog changed (Flight `notify`): sync from it now (runs on a server thread)."""
+        self.metrics.notifies.inc()
+        if self.peers is None:
+            return
+        peer = self.peers.find_uri(peer_uri)
+        if peer is not None and peer.state == "live":
+            self._sync.mark_dirty(peer.key, "notify")
+        else:
+            # Unknown or not yet confirmed: a health call checks its fleet first, then it syncs.
+            if peer is None:
+                self.peers.add_address("notify", peer_uri)
+            self._wake_peers.set()
+
+    def _notify_peers(self, epoch: int, peers: list[Peer] | None = None) -> None:
+        if self.peers is None or self._pool is None or self.server is None:
+            return
+        me = self.server.location
+        timeout = self.config.intervals.health_timeout
+
+        def send(peer: Peer) -> None:
+            uri = peer.uri or peer.uris[0]
+            try:
+                with self._client(uri, timeout) as c:
+                    c.notify(me, epoch)
+            except (LoraflightError, OSError) as e:
+                log.debug("notify %s failed: %s", uri, e)
+                self.metrics.failures.labels("notify").inc()
+
+        for peer in self.peers.live() if peers is None else peers:
+            loops.submit_quietly(self._pool, send, peer)
+
+    # ------------------------------------------------------------------ sync
+
+    def sync_now(self, peer_keys: Iterable[str] | None = None, trigger: str = "manual") -> list[CatalogEntry]:
+        """Pull what the sync policy wants from these live peers (all when None); returns new entries."""
+        assert self.peers is not None and self.store is not None
+        live = {p.key: p for p in self.peers.live()}
+        peers = list(live.values()) if peer_keys is None else [live[k] for k in peer_keys if k in live]
+        if not peers:
+            return []
+        self.metrics.syncs.labels(trigger).inc()
+        self.sync_rounds += 1
+        t0 = time.perf_counter()
+        added: list[CatalogEntry] = []
+        try:
+            added = loops.sync_round(peers, self.config, self.store, self._client_tls, self.metrics)
+        finally:
+            self.metrics.sync_seconds.observe(time.perf_counter() - t0)
+            self.write_status()
+        return added
+
+    # ------------------------------------------------------------------ catalog changes
+
+    def _on_store_event(self, event: str, entry: CatalogEntry) -> None:
+        """Runs in the thread that committed the change: send the news now, do the rest later."""
+        if event == "added":
+            self._arrived[entry.digest] = time.time()
+        if self.store is not None and not self._stop.is_set():
+            epoch = self.store.epoch
+            if self.discovery is not None:
+                self.discovery.update_epoch(epoch)  # non-blocking: runs on the mDNS loop
+            self._notify_peers(epoch)  # non-blocking: runs on the I/O pool
+        self._events.put(event, entry)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every catalog change so far is handled (loaded, exported, called back)."""
+        return self._events.wait_idle(timeout)
+
+    def _handle(self, event: str, entry: CatalogEntry) -> None:
+        assert self.store is not None
+        self._update_gauges()
+        if event == "added":
+            log.info("card %s (%s…) added from %s", entry.ref, entry.digest[:12], entry.source or "local")
+            self._callback(self.on_card_added, entry)
+            if self._loader is not None:
+                self._loader.load(entry)
+            self._export(entry)
+            if self._loader is not None:
+                self._loader.retry_awaiting()
+        elif event == "removed":
+            log.info("card %s removed", entry.ref)
+            if self._loader is not None:
+                self._loader.forget(entry)
+            if self.config.export_dir:
+                unexport_card(entry, self.config.export_dir)
+            self._callback(self.on_card_removed, entry)
+        self.write_status()
+
+    def _after_load(self, entry: CatalogEntry) -> None:
+        self._update_gauges()
+        self._callback(self.on_card_loaded, entry)
+
+    def _callback(self, cb: CardCallback | None, entry: CatalogEntry) -> None:
+        if cb is None:
+            return
+        try:
+            cb(entry)
+        except Exception:
+            log.exception("user callback %r failed for %s", cb, entry.ref)
+
+    def _export(self, entry: CatalogEntry) -> None:
+        """Write the card as a PEFT folder `<export_dir>/<name>-v<version>` (atomic rename)."""
+        if not self.config.export_dir or self.store is None:
+            return
+        why = trust_refusal(entry, self.config.trust.engine, self._engine_keys)  # served too (vLLM)
+        if why:
+            log.info("not exporting %s: %s", entry.ref, why)
+            return
+        try:
+            final = export_card(self.store.path_of(entry.digest), entry, self.config.export_dir)
+        except (LoraflightError, OSError, ImportError) as e:
+            log.warning("exporting %s as a PEFT folder failed: %s", entry.ref, e)
+            self.metrics.failures.labels("export").inc()
+            return
+        if final is not None:
+            log.info("exported %s to %s", entry.ref, final)
+
+    # ------------------------------------------------------------------ engine and status
+
+    def loaded(self) -> dict[str, dict[str, Any]]:
+        """Adapters this node loaded into its engine: name -> version, digest."""
+        return self._loader.loaded() if self._loader is not None else {}
+
+    def status(self) -> dict[str, Any]:
+        """What `loraflight status` shows and the status file holds."""
+        loader = self._loader
+        loaded = self.loaded()
+        return build_status(
+            node_id=self.node_id,
+            fleet=self.config.fleet,
+            uris=self.server.locations if self.server else [],
+            store=self.store,
+            mdns=self.mdns,
+            arrived=self._arrived,
+            loaded=loaded,
+            loaded_at={n: loader.loaded_at(n) for n in loaded} if loader is not None else {},
+            base_model=self.base_model_id,
+            peers=self.peers,
+            sync_rounds=self.sync_rounds,
+        )
+
+    def write_status(self) -> None:
+        """Atomically rewrite the status file (when configured)."""
+        if not self.config.status_file or self.store is None:
+            return
+        with self._status_lock:
+            try:
+                write_status_file(self.config.status_file, self.status())
+            except (OSError, LoraflightError) as e:
+                log.warning("writing status file %s failed: %s", self.config.status_file, e)
+
+    def _update_gauges(self) -> None:
+        update_gauges(self.metrics, self.peers, self.store, len(self._loader) if self._loader is not None else 0)
+
+
+__all__ = ["CardCallback", "Node"]

@@ -1,0 +1,59 @@
+"""The node's Flight service: the card protocol plus the `peers` and `status` actions.
+
+`NodeServer` knows nothing of `Node`: it gets a `NodeView`, the few read-only callables
+those actions need.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..server import CardServer, edge
+
+ACTION_PEERS = "peers"
+ACTION_STATUS = "status"
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the node's service reads from the node."""
+
+    loaded: Callable[[], dict[str, dict[str, Any]]]  # adapters loaded: name -> version, digest
+    live_peers: Callable[[], int]  # how many peers are live
+    peers: Callable[[], list[dict[str, Any]]]  # the peer table's snapshot
+    status: Callable[[], dict[str, Any]]  # the status dict
+
+
+class NodeServer(CardServer):
+    """The node's Flight service: the card protocol plus `peers` and `status` actions."""
+
+    def __init__(self, view: NodeView, *args: Any, **kwargs: Any) -> None:
+        self._view = view
+        super().__init__(*args, **kwargs)
+
+    def node_info(self) -> dict[str, Any]:
+        info = super().node_info()
+        info["loaded"] = self._view.loaded()
+        info["peers"] = self._view.live_peers()
+        return info
+
+    def list_actions(self, context: Any) -> list[tuple[str, str]]:
+        return [
+            *super().list_actions(context),
+            (ACTION_PEERS, "the node's peer table: node id, address, state, sources, epoch"),
+            (ACTION_STATUS, "node-info plus peers and adapters loaded into the engine"),
+        ]
+
+    @edge  # errors become one Flight error with a message, never a traceback sent to the client
+    def do_action(self, context: Any, action: Any) -> Any:
+        if action.type == ACTION_PEERS:
+            return iter([json.dumps(self._view.peers()).encode()])
+        if action.type == ACTION_STATUS:
+            return iter([json.dumps(self._view.status()).encode()])
+        return super().do_action(context, action)
+
+
+__all__ = ["ACTION_PEERS", "ACTION_STATUS", "NodeServer", "NodeView"]

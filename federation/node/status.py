@@ -1,0 +1,88 @@
+"""What a node reports: the status dict (`loraflight status`, the status file) and the
+Prometheus gauges."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from loraflight.errors import LoraflightError
+from loraflight.files import atomic_write
+
+from ..metrics import NodeMetrics
+from ..peers import PeerTable
+from ..protocol import PROTOCOL_VERSION
+from ..store import Store
+
+
+def build_status(
+    *,
+    node_id: str,
+    fleet: str,
+    uris: Sequence[str],
+    store: Store | None,
+    mdns: bool,
+    arrived: Mapping[str, float],
+    loaded: Mapping[str, Mapping[str, Any]],
+    loaded_at: Mapping[str, float | None],
+    base_model: str | None,
+    peers: PeerTable | None,
+    sync_rounds: int,
+) -> dict[str, Any]:
+    """What `loraflight status` shows and the status file holds."""
+    st = store.stats() if store is not None else {}
+    return {
+        "node_id": node_id,
+        "fleet_id": fleet,
+        "protocol": PROTOCOL_VERSION,
+        "uris": list(uris),
+        "epoch": store.epoch if store is not None else 0,
+        "mdns": mdns,
+        "cards": [
+            {
+                "ref": e.ref,
+                "digest": e.digest,
+                "size": e.size,
+                "source": e.source,
+                "at": arrived.get(e.digest),
+            }
+            for e in (store.list() if store is not None else [])
+        ],
+        "stats": st,
+        "loaded": {n: {**v, "at": loaded_at.get(n)} for n, v in loaded.items()},
+        "base_model": base_model,
+        "peers": peers.snapshot() if peers is not None else [],
+        "sync_rounds": sync_rounds,
+        "time": time.time(),
+    }
+
+
+def write_status_file(path: str | os.PathLike[str], status: Mapping[str, Any]) -> Path:
+    """Atomically rewrite the status file with `status` as JSON (readers never see half of it)."""
+    data = json.dumps(status, indent=1, sort_keys=True).encode()
+    return atomic_write(Path(os.path.expanduser(path)), data, durable=False)
+
+
+def update_gauges(metrics: NodeMetrics, peers: PeerTable | None, store: Store | None, loaded: int) -> None:
+    """Peers by state, cards, store bytes, epoch, adapters loaded."""
+    if peers is not None:
+        counts: dict[str, int] = {"live": 0, "dropped": 0, "pending": 0}
+        for p in peers.all():
+            counts[p.state] = counts.get(p.state, 0) + 1
+        for state, n in counts.items():
+            metrics.peers.labels(state).set(n)
+    if store is not None:
+        with contextlib.suppress(LoraflightError, Exception):
+            st = store.stats()
+            metrics.cards.set(st["cards"])
+            metrics.store_bytes.set(st["bytes"])
+            metrics.epoch.set(store.epoch)
+    metrics.loaded.set(loaded)
+
+
+__all__ = ["build_status", "update_gauges", "write_status_file"]
