@@ -139,6 +139,9 @@ class ApiConfig:
     max_inputs: int = _f(2048, "most inputs in one embeddings request")
     max_input_tokens: int = _f(0, "most tokens in one input (0: the model's context)")
     max_body_bytes: int = _f(8 * 1024 * 1024, "largest request body in bytes; larger bodies get 413")
+    max_tokens: int = _f(
+        256, "most tokens one completion or chat request generates (a larger max_tokens is capped to it)"
+    )
 
 
 @dataclass

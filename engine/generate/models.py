@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ class CausalLM:
     model_id: str  # the id cards are matched against (engine.model_id)
     max_context: int  # positions the model can attend over (prompt + generated)
     eos_token_ids: tuple[int, ...]  # a sampled one of these ends the request (finish_reason "stop")
+    # fast tokenizers refuse concurrent use ("Already borrowed"): every call on `tokenizer` holds it
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
     def has_chat_template(self) -> bool:

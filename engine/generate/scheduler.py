@@ -57,6 +57,7 @@ class GenerationScheduler:
         max_waiting: int = 64,
         on_change: Callable[[int, int], None] | None = None,
         name: str = "loraflight-generate",
+        tokenizer_lock: Any = None,
     ) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise EngineError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -66,6 +67,8 @@ class GenerationScheduler:
             raise EngineError(f"max_context must be an integer of at least 2, got {max_context!r}")
         self.runner = runner
         self.tokenizer = tokenizer
+        # held around every tokenizer call of this thread (share it with whoever else encodes)
+        self.tokenizer_lock = tokenizer_lock if tokenizer_lock is not None else threading.Lock()
         self.max_context = max_context
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.max_batch = max_batch
@@ -87,6 +90,7 @@ class GenerationScheduler:
         """A scheduler over `engine` (mixed rows by adapter name) for a loaded `models.CausalLM`."""
         kwargs.setdefault("max_context", lm.max_context)
         kwargs.setdefault("eos_token_ids", lm.eos_token_ids)
+        kwargs.setdefault("tokenizer_lock", lm.lock)
         return cls(Runner.for_engine(engine), lm.tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ the callers' side
@@ -143,6 +147,7 @@ class GenerationScheduler:
             detok_context=detok_context,
             release=release,
             device=self.runner.device,
+            tokenizer_lock=self.tokenizer_lock,
         )
         with self._cond:
             if self._closed:

@@ -177,13 +177,14 @@ class RequestState:
         detok_context: Sequence[int] = (),
         release: Callable[[], None] | None = None,
         device: Any = "cpu",
+        tokenizer_lock: Any = None,
     ) -> RequestState:
         return cls(
             handle=handle,
             prompt_ids=tuple(int(i) for i in prompt_ids),
             params=handle.params,
             adapter=handle.adapter,
-            detok=IncrementalDetokenizer(tokenizer, detok_context),
+            detok=IncrementalDetokenizer(tokenizer, detok_context, tokenizer_lock),
             text=StopText(handle.params.stop),
             generator=make_generator(handle.params.seed, device),
             release=release,

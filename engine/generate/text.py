@@ -15,6 +15,7 @@ token decides).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,14 +25,16 @@ _CONTEXT_TOKENS = 6  # prompt tokens the window starts with (enough for any lead
 class IncrementalDetokenizer:
     """Feed token ids one by one; get the text each adds (concatenated, the decoded text)."""
 
-    def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Any, context_ids: Sequence[int] = (), lock: Any = None) -> None:
         self._tok = tokenizer
+        self._lock = lock if lock is not None else contextlib.nullcontext()  # held around each decode
         self._ids: list[int] = list(context_ids)[-_CONTEXT_TOKENS:]
         self._prefix = 0  # window start
         self._read = len(self._ids)  # ids up to here have been turned into text
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=True))
+        with self._lock:
+            return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
     def push(self, token_id: int) -> str:
         """The text `token_id` completes ('' while a character or word piece is incomplete)."""

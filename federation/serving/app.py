@@ -25,7 +25,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraflight.errors import ConfigError
+
 from .errors import Failure, failure_of, too_large, unauthorized
+from .gen_routes import add_generation_routes, no_embeddings
+from .generation import GenerationService
 from .schemas import parse_embedding_request
 from .service import EmbedService
 
@@ -49,16 +53,20 @@ def _json(
 
 
 def create_app(
-    service: EmbedService,
+    service: EmbedService | None,
     *,
     read_tokens: Sequence[str] = (),
     max_body_bytes: int = 8 * 1024 * 1024,
     admission: concurrent.futures.Executor | None = None,
+    generation: GenerationService | None = None,
 ) -> FastAPI:
     """The FastAPI app over `service` (`admission`: where tokenizing and routing run)."""
     app = FastAPI(title="loraflight", docs_url=None, redoc_url=None, openapi_url=None)
     tokens = [t.encode() for t in read_tokens]
-    metrics = service.metrics
+    front: Any = service if service is not None else generation  # answers /health and /v1/models
+    if front is None:
+        raise ConfigError("create_app needs an embeddings service, a generation service, or both")
+    metrics = front.metrics
 
     def fail(f: Failure, endpoint: str) -> Response:
         metrics.errors.labels(f.code).inc()
@@ -89,20 +97,22 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        return _json({"status": "ok", "model": service.base_id})
+        return _json({"status": "ok", "model": front.base_id})
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         if not authorized(request):
             return fail(unauthorized(), "models")
         metrics.requests.labels("models", "200").inc()
-        return _json(service.models())
+        return _json(front.models())
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         t0 = time.perf_counter()
         if not authorized(request):
             return fail(unauthorized(), "embeddings")
+        if service is None:
+            return fail(no_embeddings(front.base_id), "embeddings")
         size = request.headers.get("content-length")
         if size is not None:
             try:
@@ -167,7 +177,17 @@ def create_app(
         metrics.latency.labels("embeddings").observe(time.perf_counter() - t0)
         return _json(body, digest=",".join(prep.digests))
 
+    if generation is not None:
+        add_generation_routes(
+            app,
+            generation,
+            authorized=authorized,
+            fail=fail,
+            max_body_bytes=max_body_bytes,
+            admission=admission,
+        )
     app.state.service = service
+    app.state.generation = generation
     app.add_middleware(_DigestHeader)
     return app
 

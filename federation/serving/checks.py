@@ -47,6 +47,7 @@ _API_BOUNDS = {
     "max_inputs": (1, 1_000_000),
     "max_input_tokens": (0, 1_000_000),
     "max_body_bytes": (1, 1 << 31),
+    "max_tokens": (1, 1_000_000),
 }
 
 
@@ -83,7 +84,7 @@ def device_problem(device: str) -> str | None:
 
 def base_model_problem(spec: str) -> str | None:
     """None when `spec` names a model this machine can load offline (built-in, folder, cached id)."""
-    if spec == "minilm" or re.fullmatch(r"tiny(:\d+)?", spec) or Path(os.path.expanduser(spec)).is_dir():
+    if spec in ("minilm", "tiny-chat-llama") or re.fullmatch(r"tiny(:\d+)?", spec) or Path(os.path.expanduser(spec)).is_dir():
         return None
     if _HF_ID.fullmatch(spec):
         try:
@@ -96,7 +97,7 @@ def base_model_problem(spec: str) -> str | None:
             f"{spec!r} is not in the local Hugging Face cache and nothing is downloaded; "
             f"fetch it beforehand (huggingface-cli download {spec}) or give a folder"
         )
-    return f"{spec!r} is not 'minilm', 'tiny:SEED', an existing model folder or a cached org/name id"
+    return f"{spec!r} is not 'minilm', 'tiny:SEED', 'tiny-chat-llama', an existing model folder or a cached org/name id"
 
 
 __all__ = ["api_problems", "base_model_problem", "device_problem", "parse_listen"]

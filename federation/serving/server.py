@@ -23,6 +23,7 @@ from loraflight.errors import ConfigError
 
 from .app import create_app
 from .checks import parse_listen
+from .generation import GenerationService
 from .service import EmbedService
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class ApiServer:
 
     def __init__(
         self,
-        service: EmbedService,
+        service: EmbedService | None,
         listen: str,
         *,
         read_tokens: tuple[str, ...] = (),
@@ -44,6 +45,8 @@ class ApiServer:
         tls_key: str | None = None,
         owns_service: bool = True,
         stop_timeout_s: float = 10.0,
+        generation: GenerationService | None = None,
+        owns_generation: bool = True,
     ) -> None:
         import uvicorn
 
@@ -52,6 +55,8 @@ class ApiServer:
         if where is None:
             raise ConfigError("; ".join(problems))
         self.service = service
+        self.generation = generation
+        self._owns_generation = owns_generation
         self._owns = owns_service
         self._stop_timeout = stop_timeout_s
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="loraflight-api-admit")
@@ -60,7 +65,7 @@ class ApiServer:
         self.uds = where if isinstance(where, str) else None
         self._addr: tuple[Any, ...] = () if self.uds is not None else tuple(self.sock.getsockname())  # kept
         app = create_app(
-            service, read_tokens=read_tokens, max_body_bytes=max_body_bytes, admission=self._pool
+            service, read_tokens=read_tokens, max_body_bytes=max_body_bytes, admission=self._pool, generation=generation
         )
         config = uvicorn.Config(
             app,
@@ -136,8 +141,10 @@ class ApiServer:
             with contextlib.suppress(OSError):
                 os.unlink(self.uds)
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._owns:
+        if self._owns and self.service is not None:
             self.service.close(self._stop_timeout)
+        if self._owns_generation and self.generation is not None:
+            self.generation.close(self._stop_timeout)
 
     def __enter__(self) -> ApiServer:
         return self
@@ -179,23 +186,26 @@ def start_api(
     registry: Any = None,
     service: EmbedService | None = None,
     router_embedder: Any = None,
+    generation: GenerationService | None = None,
 ) -> ApiServer:
     """Start the API of `config.api` (a `NodeConfig`) around `model` (a `ServingModel`).
 
     Give `service` to share one `EmbedService` with the Flight exchange (the caller closes it
     then); else one is made with `config`'s limits and metrics on `registry`, and stopped
-    with the server. Read tokens and TLS are the node's (``tokens.read``, ``tls.cert``/``key``).
+    with the server. Give `generation` (a `GenerationService`, for a causal-LM base; the
+    caller closes it) to serve completions and chat, with or without embeddings.
+    Read tokens and TLS are the node's (``tokens.read``, ``tls.cert``/``key``).
     """
     if not config.api.listen:
         raise ConfigError("api.listen is empty: give HOST:PORT (flag --api-listen) to serve the API")
-    if service is None and model is None:
+    if service is None and model is None and generation is None:
         raise ConfigError(
             "api.listen needs an engine to serve: set engine.base_model (or give the node an engine)"
         )
-    owns = service is None
-    svc = service or EmbedService.from_config(
-        model, config, registry=registry, router_embedder=router_embedder
-    )
+    owns = service is None and model is not None
+    svc = service
+    if svc is None and model is not None:
+        svc = EmbedService.from_config(model, config, registry=registry, router_embedder=router_embedder)
     tls = config.tls
     try:
         server = ApiServer(
@@ -206,9 +216,11 @@ def start_api(
             tls_cert=os.path.expanduser(tls.cert) if tls.cert else None,
             tls_key=os.path.expanduser(tls.key) if tls.key else None,
             owns_service=owns,
+            generation=generation,
+            owns_generation=False,
         )
     except BaseException:
-        if owns:
+        if owns and svc is not None:
             svc.close()
         raise
     return server.start()

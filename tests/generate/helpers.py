@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from loraflight.engine import Engine
+from loraflight.engine.card import CardMeta
 from loraflight.engine.generate.models import CausalLM, encode_prompt, tiny_chat_llama
 from loraflight.engine.generate.scheduler import GenerationScheduler
 from loraflight.engine.peft_io import from_peft
@@ -79,9 +80,13 @@ def build_rig(tmp_path: Path, *, seed: int = 0, adapters: Sequence[str] = ADAPTE
     pm.eval()
     pm.save_pretrained(tmp_path / "peft")
     # PEFT saves each non-default adapter in a sub-folder named after it
-    cards = {n: from_peft(tmp_path / "peft" / n, name=n, description=DESCRIPTIONS[n]) for n in adapters}
+    cards = {
+        n: from_peft(tmp_path / "peft" / n, meta=CardMeta(n, description=DESCRIPTIONS[n])) for n in adapters
+    }
     # not loaded: the hot-swap tests load it over alpha@1 (PEFT's reference for it: "alpha2")
-    cards["alpha@2"] = from_peft(tmp_path / "peft" / "alpha2", name="alpha", version=2, description="v2")
+    cards["alpha@2"] = from_peft(
+        tmp_path / "peft" / "alpha2", meta=CardMeta("alpha", version=2, description="v2")
+    )
     engine = Engine(lm.model)
     for n in adapters:
         engine.load(cards[n], activate=False)
