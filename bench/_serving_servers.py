@@ -61,6 +61,7 @@ def prepare(out: Path, n: int) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from loraflight.engine.card import CardMeta
     from loraflight.engine.peft_io import from_peft
 
     model, _tok, _path = _minilm()
@@ -76,7 +77,7 @@ def prepare(out: Path, n: int) -> None:
                 # small enough to keep embeddings sensible, large enough that every adapter differs
                 lora_b[name].weight.data.mul_(0.05)
         pm.save_pretrained(str(out / "peft"), selected_adapters=[name])
-        card = from_peft(out / "peft" / name, name=name, base_model=BASE_ID)
+        card = from_peft(out / "peft" / name, meta=CardMeta(name, base_model=BASE_ID))
         card.write(out / "cards" / f"{name}.lora.arrow")
         pm.delete_adapter(name)
 

@@ -39,8 +39,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import loraflight.engine._engine as engine_mod  # noqa: E402
 from loraflight.engine import Engine  # noqa: E402
+from loraflight.engine._verify import forget_verified  # noqa: E402
 from loraflight.engine.peft_io import from_peft  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -184,7 +184,7 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
     lines = []
 
     def ours_load_verify() -> None:
-        engine_mod._VERIFIED.clear()
+        forget_verified()
         eng.load(card1, name="x")
 
     def ours_load_memo() -> None:
@@ -246,7 +246,7 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
         return card2 if eng.adapters["x"]["digest"] == digest1 else card1
 
     def ours_swap_verify() -> None:
-        engine_mod._VERIFIED.clear()
+        forget_verified()
         eng.load(other_card(), name="x")
 
     def ours_swap_memo() -> None:
@@ -460,7 +460,7 @@ def bench_7b_load(device: str, repeats: int, tmp: Path, hidden: int = 4096, laye
     eng.load(path, name="resident", activate=False)
 
     def verify_each() -> None:
-        engine_mod._VERIFIED.clear()
+        forget_verified()
         eng.load(path, name="x")
 
     def memo() -> None:

@@ -78,12 +78,11 @@ from ._records import (
     remove,
     with_rows,
 )
-from ._verify import VERIFIED, Verifying, finish_all
+from ._verify import Verifying, finish_all
 from .card import CardHeader, LoRACard, lora_scale
 from .card.torch import TORCH_DTYPES, copy_card_tensors, dtype_name
 
 log = logging.getLogger(__name__)
-_VERIFIED = VERIFIED  # the memo, under its old name (tests clear it)
 
 
 Resolver = Callable[[str], "LoRACard | str | os.PathLike[str] | None"]
