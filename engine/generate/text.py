@@ -7,8 +7,9 @@ the next token completes it. WordPiece continuations (`##ing`) join the previous
 because the window always reaches back at least one emitted token; seeded with the prompt's
 last tokens, a completion's first word gets the space that separates it from the prompt.
 
-Stop strings are matched on the decoded text: the text a request returns ends just before
-the first stop string, and a stream never sends text that a stop string could still
+Stop strings are matched on the decoded text after each token: generation ends at the first
+token whose text completes a stop string, the text a request returns ends just before the
+earliest stop string in it, and a stream never sends text that a stop string could still
 swallow (the longest suffix that is a prefix of a stop string is held back until the next
 token decides).
 """
