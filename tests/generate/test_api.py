@@ -441,3 +441,35 @@ def test_concurrent_requests_over_adapters_share_decode_steps_and_match_peft(api
         toks, lps = peft_alone(rig, adapter, ids, 10)
         got = api.results[r.id]
         assert list(got.token_ids) == toks and max_diff(got.logprobs, lps) <= TOL, (i, model)
+
+
+def test_a_full_queue_is_a_429_with_retry_after(rig):
+    api = start(rig, max_tokens=16, max_batch=1, queue=0)
+    held, go = threading.Event(), threading.Event()
+
+    def on_delta(h):  # hold the one running request until the test has been refused
+        held.set()
+        assert go.wait(WAIT)
+
+    api.service.on_delta = on_delta
+    out: dict = {}
+    t = threading.Thread(
+        target=lambda: out.update(r=api.client.completions.create(model="alpha", prompt="x", max_tokens=2))
+    )
+    try:
+        t.start()
+        assert held.wait(WAIT)
+        r = httpx.post(
+            api.server.url + "/v1/completions",
+            json={"model": "beta", "prompt": "y", "max_tokens": 2},
+            timeout=WAIT,
+        )
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["retry-after"]) >= 1
+        go.set()
+        t.join(WAIT)
+        assert out["r"].usage.completion_tokens == 2
+    finally:
+        go.set()
+        api.client.close()
+        api.server.stop()
