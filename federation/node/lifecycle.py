@@ -166,22 +166,36 @@ class Node:
             )
         if cfg.tokens.write and tls is None:
             log.warning("write tokens without TLS travel in clear text; configure tls.cert and tls.key")
+        generation = None
         if self.engine is None and cfg.engine.base_model and (cfg.engine.hot_load or cfg.api.listen):
-            from loraflight.engine.authoring.serving_model import build_serving_model
+            from loraflight.engine.generate.models import is_causal_spec
 
             log.info("loading the base model %s (engine.base_model)", cfg.engine.base_model)
-            self.model = build_serving_model(
-                cfg.engine.base_model, device=cfg.engine.device, model_id=cfg.engine.model_id
-            )
-            self.engine = self.model.engine
-        if cfg.api.listen and self.model is None:
+            if is_causal_spec(cfg.engine.base_model):  # completions and chat, with its LM head
+                from loraflight.federation.serving.generation import GenerationService
+                from loraflight.federation.serving.metrics import ServingMetrics
+
+                generation = GenerationService.build(
+                    cfg.engine.base_model, cfg, metrics=ServingMetrics(self.metrics.registry)
+                )
+                self.engine = generation.engine
+            else:
+                from loraflight.engine.authoring.serving_model import build_serving_model
+
+                self.model = build_serving_model(
+                    cfg.engine.base_model, device=cfg.engine.device, model_id=cfg.engine.model_id
+                )
+                self.engine = self.model.engine
+        if cfg.api.listen and self.model is None and generation is None:
             raise ConfigError(
                 "api.listen needs a model to serve: set engine.base_model (or pass model= to Node)"
             )
-        if self.model is not None:
+        if self.model is not None or generation is not None:
             from loraflight.federation.serving import start_serving
 
-            self.serving = start_serving(model=self.model, config=cfg, registry=self.metrics.registry)
+            self.serving = start_serving(
+                model=self.model, config=cfg, registry=self.metrics.registry, generation=generation
+            )
         if self.engine is not None:
             self.base_model_id = getattr(self.engine, "base_model", None)
             if cfg.engine.hot_load and (self._loader is None or self._loader.engine is not self.engine):
@@ -539,7 +553,9 @@ class Node:
                 log.warning("writing status file %s failed: %s", self.config.status_file, e)
 
     def _update_gauges(self) -> None:
-        update_gauges(self.metrics, self.peers, self.store, len(self._loader) if self._loader is not None else 0)
+        update_gauges(
+            self.metrics, self.peers, self.store, len(self._loader) if self._loader is not None else 0
+        )
 
 
 __all__ = ["CardCallback", "Node"]

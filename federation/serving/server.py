@@ -65,7 +65,11 @@ class ApiServer:
         self.uds = where if isinstance(where, str) else None
         self._addr: tuple[Any, ...] = () if self.uds is not None else tuple(self.sock.getsockname())  # kept
         app = create_app(
-            service, read_tokens=read_tokens, max_body_bytes=max_body_bytes, admission=self._pool, generation=generation
+            service,
+            read_tokens=read_tokens,
+            max_body_bytes=max_body_bytes,
+            admission=self._pool,
+            generation=generation,
         )
         config = uvicorn.Config(
             app,
@@ -227,43 +231,69 @@ def start_api(
 
 
 class Serving:
-    """What a node runs to serve `model`: the shared `EmbedService`, the Flight ``exchange``
-    handler, and the HTTP API when ``api.listen`` is set (`api` is None otherwise)."""
+    """What a node runs to serve its model: an `EmbedService` (encoder bases) with its Flight
+    ``exchange`` handler, or a `GenerationService` (causal-LM bases), and the HTTP API when
+    ``api.listen`` is set (`api` is None otherwise)."""
 
-    def __init__(self, service: EmbedService, api: ApiServer | None) -> None:
+    def __init__(
+        self,
+        service: EmbedService | None,
+        api: ApiServer | None,
+        generation: GenerationService | None = None,
+    ) -> None:
         from .exchange import make_exchange_handler
 
         self.service = service
+        self.generation = generation
         self.api = api
-        self.exchange = make_exchange_handler(service)
+        self.exchange = make_exchange_handler(service) if service is not None else None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the API (requests in flight finish), then the batcher. Call after the Flight server stopped."""
+        """Stop the API (requests in flight finish), then the batcher or the decode loop.
+        Call after the Flight server stopped."""
         if self.api is not None:
             self.api.stop()
-        self.service.close(timeout)
+        if self.service is not None:
+            self.service.close(timeout)
+        if self.generation is not None:
+            self.generation.close(timeout)
 
 
-def start_serving(*, model: Any, config: Any, registry: Any = None, router_embedder: Any = None) -> Serving:
-    """The node's one call: an `EmbedService` on `model` with `config`'s limits (metrics on
-    `registry`), its Flight exchange handler, and the HTTP API when ``api.listen`` is set.
+def start_serving(
+    *,
+    model: Any = None,
+    config: Any,
+    registry: Any = None,
+    router_embedder: Any = None,
+    generation: GenerationService | None = None,
+) -> Serving:
+    """The node's one call: an `EmbedService` on `model` (a `ServingModel`) with `config`'s
+    limits (metrics on `registry`) and its Flight exchange handler — or `generation` for a
+    causal-LM base — and the HTTP API when ``api.listen`` is set.
 
-    ``Serving.exchange`` goes to ``CardServer(exchange=...)``; ``Serving.stop()`` after the
-    Flight server stops. `model` None with ``api.listen`` set is a ConfigError.
+    ``Serving.exchange`` goes to ``CardServer(exchange=...)`` (None for generation);
+    ``Serving.stop()`` after the Flight server stops; it closes `generation` too.
     """
-    if model is None:
+    if model is None and generation is None:
         if config.api.listen:
             raise ConfigError(
                 "api.listen needs an engine to serve: set engine.base_model (or give the node an engine)"
             )
         raise ConfigError("serving needs a model: build one with build_serving_model(engine.base_model)")
-    service = EmbedService.from_config(model, config, registry=registry, router_embedder=router_embedder)
+    service = (
+        EmbedService.from_config(model, config, registry=registry, router_embedder=router_embedder)
+        if model is not None
+        else None
+    )
     try:
-        api = start_api(config=config, service=service) if config.api.listen else None
+        api = start_api(config=config, service=service, generation=generation) if config.api.listen else None
     except BaseException:
-        service.close()
+        if service is not None:
+            service.close()
+        if generation is not None:
+            generation.close()
         raise
-    return Serving(service, api)
+    return Serving(service, api, generation)
 
 
 __all__ = ["ApiServer", "Serving", "start_api", "start_serving"]
