@@ -131,9 +131,13 @@ def run_demo(
                     "intervals.poll": 30.0,
                 },
             )
-            nodes.append(
-                Node(c, engine=Engine(models[i], base_model=base_id), on_card_loaded=on_loaded(i)).start()
-            )
+            engine = Engine(models[i], base_model=base_id)
+            if i == 2:  # node 3 serves its skills: the node starts the OpenAI-compatible API itself
+                c = dataclasses.replace(c, api=dataclasses.replace(c.api, listen="127.0.0.1:0"))
+                served = _serving_model(engine, tok, base_id)
+                nodes.append(Node(c, model=served, on_card_loaded=on_loaded(i)).start())
+            else:
+                nodes.append(Node(c, engine=engine, on_card_loaded=on_loaded(i)).start())
         say(
             f"three nodes on 127.0.0.1, fleet {fleet}: "
             + ", ".join(f"node{i + 1} {n.uri}" for i, n in enumerate(nodes))
@@ -219,48 +223,48 @@ def _serve_node3(
     say: _Say, node: Node, tok: Any, base_id: str, skill: str, held: list[Any], in_process: float
 ) -> dict[str, Any]:
     """Node 3 answers over its API; the held-out margin is recomputed from the API's embeddings."""
+    assert node.serving is not None and node.serving.api is not None, "node 3 was started with api.listen"
+    api = node.serving.api
+    say(f"node3 serves the OpenAI-compatible API on {api.url}/v1 (adapters: {', '.join(node.loaded())})")
+    embed = _api_client(api.url)
+    first, label, digest = embed(skill, [held[0]["anchor"]])
+    say(
+        f"openai client: embeddings.create(model={skill!r}) -> model {label}, {first.shape[1]} dims, "
+        f"x-loraflight-digest {digest[:16]}…"
+    )
+    anchors = [r["anchor"] for r in held]
+    cands = list(
+        dict.fromkeys([r["positive"] for r in held] + [r["negative"] for r in held if "negative" in r])
+    )
+    a, _, _ = embed(skill, anchors)
+    c, _, _ = embed(skill, cands)
+    via_api = _pair_margin(a, c, held, cands)
+    say(
+        f"held-out margin through node3's API: {via_api:.6f}; in-process: {in_process:.6f} "
+        f"(|difference| {abs(via_api - in_process):.1e})"
+    )
+    queries = [_AUTO_QUERY, "What is the capital of France?"]
+    _, auto_label, auto_digest = embed("auto", queries)
+    say(f"model='auto' on {len(queries)} inputs -> {auto_label} (each input routed on its own)")
+    return {
+        "url": api.url,
+        "model": label,
+        "digest": digest,
+        "margin_api": via_api,
+        "margin_in_process": in_process,
+        "auto_model": auto_label,
+        "auto_digests": auto_digest,
+    }
+
+
+def _serving_model(engine: Any, tok: Any, base_id: str) -> Any:
+    """A ServingModel around the demo's own engine and tokenizer, pooling as MiniLM asks."""
     from loraflight.engine.authoring.models import MINILM_ID, minilm_path
     from loraflight.engine.authoring.serving_model import Pooling, ServingModel, read_pooling
 
-    from .serving import start_api
-
     folder = minilm_path() if base_id == MINILM_ID else None
     pooling = read_pooling(folder) if folder is not None else Pooling("mean", True)  # as `encode` pools
-    served = ServingModel(node.engine, tok, pooling, base_id, _CONTEXT)
-    api = start_api(model=served, config=load_config(env={}, flags={"api.listen": "127.0.0.1:0"}))
-    try:
-        say(f"node3 serves the OpenAI-compatible API on {api.url}/v1 (adapters: {', '.join(node.loaded())})")
-        embed = _api_client(api.url)
-        first, label, digest = embed(skill, [held[0]["anchor"]])
-        say(
-            f"openai client: embeddings.create(model={skill!r}) -> model {label}, {first.shape[1]} dims, "
-            f"x-loraflight-digest {digest[:16]}…"
-        )
-        anchors = [r["anchor"] for r in held]
-        cands = list(
-            dict.fromkeys([r["positive"] for r in held] + [r["negative"] for r in held if "negative" in r])
-        )
-        a, _, _ = embed(skill, anchors)
-        c, _, _ = embed(skill, cands)
-        via_api = _pair_margin(a, c, held, cands)
-        say(
-            f"held-out margin through node3's API: {via_api:.6f}; in-process: {in_process:.6f} "
-            f"(|difference| {abs(via_api - in_process):.1e})"
-        )
-        queries = [_AUTO_QUERY, "What is the capital of France?"]
-        _, auto_label, auto_digest = embed("auto", queries)
-        say(f"model='auto' on {len(queries)} inputs -> {auto_label} (each input routed on its own)")
-        return {
-            "url": api.url,
-            "model": label,
-            "digest": digest,
-            "margin_api": via_api,
-            "margin_in_process": in_process,
-            "auto_model": auto_label,
-            "auto_digests": auto_digest,
-        }
-    finally:
-        api.stop()
+    return ServingModel(engine, tok, pooling, base_id, _CONTEXT)
 
 
 def _pair_margin(a: Any, c: Any, held: list[Any], cands: list[str]) -> float:
