@@ -487,7 +487,6 @@ class LoRACard:
         schema = card_schema(dt, {METADATA_KEY: header.to_json()})
         return LoRACard(header, [pa.record_batch(b.columns, schema=schema) for b in self._batches])
 
-
     # -- writing
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: temp file in the same directory, fsync, rename, fsync the directory."""

@@ -340,7 +340,9 @@ class CardHeader:
 def _pieces(raw: Any, problems: list[str]) -> tuple[tuple[int, int, str], ...]:
     """A format-2 header's piece list: [[first row, rows, BLAKE3 hex], ...], contiguous from 0."""
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_PIECES:
-        problems.append(f"a format-2 header needs 'pieces': a list of 1..{MAX_PIECES} [first row, rows, hash]")
+        problems.append(
+            f"a format-2 header needs 'pieces': a list of 1..{MAX_PIECES} [first row, rows, hash]"
+        )
         return ()
     out: list[tuple[int, int, str]] = []
     nxt = 0
