@@ -58,6 +58,7 @@ from .header import (
     check_module_name,
     check_name,
     lora_scale,
+    upgrade_pair,
 )
 from .pieces import PieceJob, header_digest, piece_hash, verify_piece
 from .signing import check_signature, sign_header, verify_signature
@@ -107,6 +108,7 @@ __all__ = [
     "open_card",
     "piece_hash",
     "sign_header",
+    "upgrade_pair",
     "verify_piece",
     "verify_signature",
 ]

@@ -337,6 +337,21 @@ class CardHeader:
         return dataclasses.replace(self, signature=None, signer=None, signer_key=None)
 
 
+def upgrade_pair(a: CardHeader, b: CardHeader) -> bool:
+    """Whether two headers are one card before and after `card upgrade`: the same name@version,
+    one naming the other's digest in `upgraded_from`, and the same signer key (or both unsigned).
+
+    A store keeps one card of such a pair and does not call it a conflict; another signer's
+    "upgrade" is still a conflict (an upgrade is re-signed by the card's owner).
+    """
+    if (a.name, a.version) != (b.name, b.version) or a.digest == b.digest:
+        return False
+    linked = (a.upgraded_from is not None and a.upgraded_from == b.digest) or (
+        b.upgraded_from is not None and b.upgraded_from == a.digest
+    )
+    return linked and a.signer_key == b.signer_key
+
+
 def _pieces(raw: Any, problems: list[str]) -> tuple[tuple[int, int, str], ...]:
     """A format-2 header's piece list: [[first row, rows, BLAKE3 hex], ...], contiguous from 0."""
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_PIECES:
@@ -577,5 +592,6 @@ __all__ = [
     "lora_scale",
     "plain_json",
     "schema_str",
+    "upgrade_pair",
     "utc_now",
 ]

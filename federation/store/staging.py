@@ -291,7 +291,11 @@ class StagedCard:
             )
             # The mapping survives the rename: the checked card, renamed, is the stored card
             # (no second open, no second structural pass).
-            self.card = _with_path(card, self._store.path_of(entry.digest))
+            if entry.digest == self.header.digest:
+                self.card = _with_path(card, self._store.path_of(entry.digest))
+            else:  # the store kept the other card of an upgrade pair (engine.card.upgrade_pair)
+                del card
+                self.card = self._store.get(entry.digest, touch=False)
             self._done = True
             return entry
         except BaseException:
