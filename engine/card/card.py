@@ -380,17 +380,29 @@ class LoRACard:
     def compute_digest(self) -> str:
         """The digest the content gives (format 2: the header's, with every piece rehashed)."""
         if self._header.major >= 2:
-            first = [p[0] for p in self._header.pieces]
-            dt = self.dtype
-            got = tuple(
-                (first[i], len(r.names), piece_hash(i, first[i], dt, r, max_threads=CPUS))
-                for i, r in enumerate(self._runs_)
-            )
-            return header_digest(dataclasses.replace(self._header, pieces=got))
+            return self.content_header().digest
         h = hashlib.sha256()
         for piece in run_pieces(self._header, self._runs_)[0]:
             h.update(piece)
         return h.hexdigest()
+
+    def content_header(self) -> CardHeader:
+        """The header with what the content determines recomputed: format 2's piece list (one
+        piece per record batch, as laid out) and the digest. Other fields, signature included,
+        are kept; `verify()` judges the result (tools and tests that forge or repair cards)."""
+        if self._header.major < 2:
+            return dataclasses.replace(self._header, digest=self.compute_digest())
+        header = dataclasses.replace(self._header, pieces=self._piece_list())
+        return dataclasses.replace(header, digest=header_digest(header))
+
+    def _piece_list(self) -> tuple[tuple[int, int, str], ...]:
+        """(first row, rows, BLAKE3 hash) of every record batch as a format-2 piece."""
+        pieces = []
+        first = 0
+        for i, r in enumerate(self._runs_):
+            pieces.append((first, len(r.names), piece_hash(i, first, self.dtype, r, max_threads=CPUS)))
+            first += len(r.names)
+        return tuple(pieces)
 
     def check_values(self) -> None:
         """Raise CardError naming the first module with a NaN or Inf (see `values.check_finite`)."""
@@ -470,16 +482,8 @@ class LoRACard:
         if self._header.major >= 2:
             raise CardError(f"{self.ref} is already format {self._header.format}; nothing to upgrade")
         dt = self.dtype
-        pieces = []
-        first = 0
-        for i, r in enumerate(self._runs_):
-            pieces.append((first, len(r.names), piece_hash(i, first, dt, r, max_threads=CPUS)))
-            first += len(r.names)
         header = dataclasses.replace(
-            self._header.unsigned(),
-            format=FORMAT_VERSION,
-            pieces=tuple(pieces),
-            upgraded_from=self._header.digest,
+            self._header.unsigned(), format=FORMAT_VERSION, pieces=self._piece_list(), upgraded_from=self.digest
         )
         header = dataclasses.replace(header, digest=header_digest(header))
         if key is not None:
