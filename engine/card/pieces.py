@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _thread
 import dataclasses
+import itertools
 import os
 import struct
 import threading
@@ -48,6 +49,17 @@ def _cpus() -> int:
 
 
 CPUS = _cpus()
+
+
+def idle_cores() -> int:
+    """Cores idle right now (Linux /proc/loadavg counts running tasks, this thread included);
+    all of them when that cannot be read. A helper thread on a busy core only adds switches."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return CPUS - 1
+    return max(0, CPUS - running)
 
 
 def piece_prefix(
@@ -226,14 +238,18 @@ class PieceStream:
 
 
 class PieceJob:
-    """A format-2 card's pieces hashed in a helper thread while the caller does other work.
+    """A format-2 card's pieces hashed by helper threads while the caller does other work.
 
     BLAKE3 releases the GIL on big buffers, and each piece is three calls (framing, all A
-    values, all B values), so the helper runs beside Python work with no GIL waits to speak
-    of; each piece may use `max_threads` cores (BLAKE3's own pool). Unthreaded (small cards,
-    or ``threaded=False``) it hashes in the constructor. `result()` raises CardError naming
-    every piece that does not match, else returns the digest the header then has.
-    Same interface as `DigestJob`.
+    values, all B values), so helpers run beside Python work with no GIL waits to speak of.
+    Pieces are shared out: up to `threads - 1` helpers take the next unhashed piece, and
+    `result()` makes the caller take pieces too once its own work is done, so the whole card
+    is hashed on every core with the GIL released. A one-piece card is hashed by one helper
+    with BLAKE3's own threads (`max_threads`). Helpers start only on cores idle right now
+    (`idle_cores`, unless `threads` is given). Unthreaded (small cards, one core, no idle core,
+    or ``threaded=False``) it hashes in the constructor. `result()` raises CardError naming every
+    piece that does not match, else returns the digest the header then has. Same interface as
+    `DigestJob`.
     """
 
     def __init__(
@@ -242,56 +258,78 @@ class PieceJob:
         runs: Sequence[BatchRun],
         *,
         threaded: bool | None = None,
-        max_threads: int | None = None,
+        threads: int | None = None,
     ) -> None:
         check_layout(header, [len(r.names) for r in runs])
         first = [p[0] for p in header.pieces]
         self._header = header
         self._tasks = [_run_parts(i, first[i], header.dtype, r) for i, r in enumerate(runs)]
         self.nbytes = sum(a.nbytes + b.nbytes for _, a, b in self._tasks)
-        self._mt = max_threads if max_threads is not None else CPUS
+        n = len(self._tasks)
+        cores = max(1, threads if threads is not None else CPUS)
+        helpers = min(cores - 1, n) if threads is not None else min(idle_cores(), n)
+        self._mt = cores if n == 1 else 1  # one piece: BLAKE3's threads; else one piece per thread
         self._bad: list[int] = []
         self._error: BaseException | None = None
         self._cancelled = False
-        self._finished = False
-        self._threaded = bool(threaded if threaded is not None else (self.nbytes >= 256 << 10 and CPUS > 1))
-        if not self._threaded:
-            self._run(None)
-            return
+        self._next = itertools.count()  # next() is atomic under the GIL: each piece taken once
+        self._count_lock = threading.Lock()
+        self._hashed = 0
         self._done = threading.Event()
-        started = _thread.allocate_lock()
-        started.acquire()
-        _thread.start_new_thread(self._run, (started,))
-        started.acquire(timeout=0.005)  # hand the GIL over until the helper is hashing
+        if threaded is None:
+            threaded = self.nbytes >= 256 << 10 and cores > 1 and helpers > 0
+        self._threaded = bool(threaded)
+        if not self._threaded:
+            self._work()
+            return
+        for k in range(max(1, helpers)):
+            started = _thread.allocate_lock()
+            started.acquire()
+            _thread.start_new_thread(self._helper, (started,))
+            if k == 0:
+                started.acquire(timeout=0.005)  # hand the GIL over until the first helper hashes
 
-    def _run(self, started: Any) -> None:
+    def _helper(self, started: Any) -> None:
+        started.release()
         try:
-            if started is not None:
-                started.release()
-            for i, (prefix, a, b) in enumerate(self._tasks):
-                if self._cancelled:
-                    return
-                if hash_parts(prefix, a, b, self._mt) != self._header.pieces[i][2]:
-                    self._bad.append(i)
-            self._finished = True
+            self._work()
         except BaseException as e:  # handed to the caller by result()
             self._error = e
-        finally:
-            if started is not None:
-                self._done.set()
+            self._done.set()
+
+    def _work(self) -> None:
+        """Hash pieces until none is left (any thread may call it)."""
+        tasks, pieces, n = self._tasks, self._header.pieces, len(self._tasks)
+        while not self._cancelled:
+            i = next(self._next)
+            if i >= n:
+                return
+            prefix, a, b = tasks[i]
+            if hash_parts(prefix, a, b, self._mt) != pieces[i][2]:
+                self._bad.append(i)
+            with self._count_lock:
+                self._hashed += 1
+                if self._hashed == n:
+                    self._done.set()
 
     def cancel(self) -> None:
         self._cancelled = True
 
     def result(self) -> str:
-        if self._threaded and not self._done.wait(_HASH_TIMEOUT_S + self.nbytes / 100e6):
+        if self._threaded and not self._cancelled and self._error is None:
+            try:
+                self._work()  # the caller's own work is done: it hashes what is left too
+            except BaseException as e:
+                self._error = e
+        waited = self._error is None and not self._cancelled
+        if waited and not self._done.wait(_HASH_TIMEOUT_S + self.nbytes / 100e6):
             raise CardError(f"hashing {self.nbytes} bytes did not finish in time; the machine is overloaded")
         if self._error is not None:
             raise CardError(f"hashing the card failed: {self._error}") from self._error
-        if not self._finished:
+        if not self._done.is_set():
             raise CardError("the digest job was cancelled")
         if self._bad:
-            raise bad_piece_error(self._header, self._bad)
+            raise bad_piece_error(self._header, sorted(self._bad))
         return header_digest(self._header)
 
 
@@ -306,6 +344,7 @@ __all__ = [
     "content_digest",
     "hash_parts",
     "header_digest",
+    "idle_cores",
     "piece_hash",
     "piece_prefix",
     "pieces_of",
