@@ -147,7 +147,7 @@ class CardHeader:
     created: str = ""
     lineage: tuple[str, ...] = ()
     peft: Mapping[str, Any] | None = None  # PEFT config fields kept for an exact export
-    format: str = FORMAT_VERSION
+    format: str = FORMAT1_VERSION  # a header built by hand; writers (LoRACard.build) set 2.0
     digest: str = ""
     signature: str | None = None
     signer: str | None = None
