@@ -9,7 +9,13 @@ one run, alternating the tools (A B A B) so drift hits both alike, medians of --
   same, copied into preallocated torch tensors (what a load really costs): LoRACard.read_into
                                  (os.preadv per batch column straight into the tensors) vs
                                  load_file + copy_; also torch views + copy_, and a bare preadv
-  verify                         values + digest, GB/s         vs  hashlib.sha256 over the same bytes
+  verify (format 2)              values + BLAKE3 pieces + digest vs  blake3(buffer, max_threads=2) over
+                                 the same bytes (target >= 0.8x); also after a fresh open
+  verify (format 1)              values + sha256 digest        vs  hashlib.sha256 and the same blake3
+  open + reach, format 1         the same tensors written as format 1 (readers keep reading it)
+
+A fresh copy of the card with one flipped tensor byte is checked to fail verification (no
+cache on the measured paths).
 
     python -m bench card [--repeats 30] [--warmup 5] [--dir DIR]
 """
@@ -27,10 +33,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pyarrow as pa
 
 from loraflight.engine.card import LoRACard, ModuleLoRA
+from loraflight.errors import CardError
 
 LAYERS, HIDDEN, RANK = 32, 4096, 16
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -106,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         card_path, st_path = build(Path(d))
         card_bytes, st_bytes = card_path.stat().st_size, st_path.stat().st_size
         ref = LoRACard.open(card_path)
+        v1_path = LoRACard.build(ref.modules, name=ref.name, created=ref.header.created, major=1).write(
+            Path(d) / "adapter-v1.lora.arrow"
+        )
+        assert ref.format_major == 2 and LoRACard.open(v1_path).format_major == 1
         tensor_bytes = ref.tensor_nbytes
         dst = {
             m.module: (
@@ -121,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def card_reach() -> object:
             return LoRACard.open(card_path).torch_tensors()
+
+        def card1_reach() -> object:
+            return LoRACard.open(v1_path).torch_tensors()
 
         def card_numpy() -> object:
             return [(m.a, m.b) for m in LoRACard.open(card_path)]
@@ -180,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         reach = paired(
             {
                 "card": card_reach,
+                "card1": card1_reach,
                 "card_np": card_numpy,
                 "raw": raw_arrow,
                 "raw_pa": raw_pa_map,
@@ -207,11 +223,29 @@ def main(argv: list[str] | None = None) -> int:
 
         blob = b"".join(m.a.tobytes() + m.b.tobytes() for m in ref)
         opened = LoRACard.open(card_path)
+        opened1 = LoRACard.open(v1_path)
         ver = paired(
-            {"verify": lambda: opened.verify(), "sha256": lambda: hashlib.sha256(blob).digest()},
+            {
+                "verify": lambda: opened.verify(),
+                "verify_open": lambda: LoRACard.open(card_path).verify(),
+                "verify1": lambda: opened1.verify(),
+                "blake3x2": lambda: blake3.blake3(blob, max_threads=2).digest(),
+                "sha256": lambda: hashlib.sha256(blob).digest(),
+            },
             max(5, args.repeats // 3),
             2,
         )
+        # what was timed verifies for real: a fresh file with one flipped tensor byte fails
+        raw = bytearray(card_path.read_bytes())
+        run = ref.runs[len(ref.runs) // 2]
+        raw[run.flat_a.ctypes.data - ref.mapping.address + 1001] ^= 0x01
+        tampered = Path(d) / "tampered.lora.arrow"
+        tampered.write_bytes(bytes(raw))
+        try:
+            LoRACard.open(tampered).verify()
+            raise AssertionError("a flipped tensor byte passed verification")
+        except CardError as e:
+            assert f"piece {len(ref.runs) // 2} of {len(ref.runs)}" in str(e), e
 
     def ms(x: float) -> str:
         return f"{x * 1e3:8.3f} ms"
@@ -243,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| (reference) same with `pa.memory_map` | {ms(reach['raw_pa'])} | safetensors `load_file` | "
         f"{ms(reach['load_file'])} | {reach['load_file'] / reach['raw_pa']:.2f}x | |"
     )
+    print(
+        f"| open + reach every tensor, format-1 card | {ms(reach['card1'])} | safetensors `load_file` | "
+        f"{ms(reach['load_file'])} | {reach['load_file'] / reach['card1']:.2f}x | >= 5x vs load_file |"
+    )
     for comp in ("load_file", "safe_open"):
         print(
             f"| open + copy into preallocated torch tensors | {ms(copy['card'])} | safetensors `{comp}` + `copy_` | "
@@ -257,11 +295,30 @@ def main(argv: list[str] | None = None) -> int:
         f"safetensors `load_file` + `copy_` | {ms(copy['load_file'])} | "
         f"{copy['load_file'] / copy['card_preadv']:.2f}x | |"
     )
-    gbs = tensor_bytes / ver["verify"] / 1e9
-    sha = len(blob) / ver["sha256"] / 1e9
+
+    def gbs(k: str) -> float:
+        return len(blob) / ver[k] / 1e9
+
+    b3 = f"`blake3(buffer, max_threads=2)` over the tensor bytes | {gbs('blake3x2'):.2f} GB/s"
     print(
-        f"| verify (finite + digest) | {gbs:.2f} GB/s ({ms(ver['verify'])}) | hashlib.sha256 of the tensor bytes | "
-        f"{sha:.2f} GB/s | {gbs / sha:.2f} of sha256 | ~ sha256 |"
+        f"| verify, format 2 (finite + {len(ref.runs)} BLAKE3 pieces + digest) | {gbs('verify'):.2f} GB/s "
+        f"({ms(ver['verify'])}) | {b3} | {gbs('verify') / gbs('blake3x2'):.2f}x | >= 0.8x |"
+    )
+    print(
+        f"| verify, format 2, fresh open each time | {gbs('verify_open'):.2f} GB/s ({ms(ver['verify_open'])}) | "
+        f"{b3} | {gbs('verify_open') / gbs('blake3x2'):.2f}x | |"
+    )
+    print(
+        f"| verify, format 1 (finite + sha256 digest) | {gbs('verify1'):.2f} GB/s ({ms(ver['verify1'])}) | "
+        f"{b3} | {gbs('verify1') / gbs('blake3x2'):.2f}x | (format 1) |"
+    )
+    print(
+        f"| verify, format 1 | {gbs('verify1'):.2f} GB/s | hashlib.sha256 of the tensor bytes | "
+        f"{gbs('sha256'):.2f} GB/s | {gbs('verify1') / gbs('sha256'):.2f}x | ~ sha256 |"
+    )
+    print(
+        f"| verify, format 2 vs format 1 | {ms(ver['verify'])} | format-1 verify | {ms(ver['verify1'])} | "
+        f"{ver['verify1'] / ver['verify']:.2f}x | |"
     )
     return 0
 

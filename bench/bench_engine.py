@@ -39,7 +39,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from loraflight.engine import Engine  # noqa: E402
+from loraflight.engine import Engine, LoRACard  # noqa: E402
 from loraflight.engine._verify import forget_verified  # noqa: E402
 from loraflight.engine.peft_io import from_peft  # noqa: E402
 
@@ -182,10 +182,25 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
     pm: PeftModel = PeftModel.from_pretrained(peft_base, seed_dir, adapter_name="resident")
     (dir1, card1), (dir2, card2) = adapters[1], adapters[2]
     lines = []
+    c1 = LoRACard.open(card1)  # the same adapter written as format 1 (sha256), for comparison
+    card1_v1 = LoRACard.build(
+        c1.modules,
+        name=c1.name,
+        dtype=c1.dtype,
+        scaling=c1.header.scaling,
+        base_fingerprint=c1.header.base_fingerprint,
+        peft=c1.header.peft,
+        major=1,
+    ).write(Path(card1).with_name("format1-" + Path(card1).name))
+    del c1
 
     def ours_load_verify() -> None:
         forget_verified()
         eng.load(card1, name="x")
+
+    def ours_load_verify_v1() -> None:
+        forget_verified()
+        eng.load(card1_v1, name="x")
 
     def ours_load_memo() -> None:
         eng.load(card1, name="x")
@@ -202,9 +217,9 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
         pm.delete_adapter("x")
 
     # load and unload alternate; each is timed on its own
-    t: dict[str, list[float]] = {k: [] for k in ("ov", "om", "pl", "ou", "pu")}
+    t: dict[str, list[float]] = {k: [] for k in ("ov", "ov1", "om", "pl", "ou", "pu")}
     for i in range(repeats + 1):
-        for key, load in (("ov", ours_load_verify), ("om", ours_load_memo)):
+        for key, load in (("ov", ours_load_verify), ("ov1", ours_load_verify_v1), ("om", ours_load_memo)):
             a = timed(load, device)
             b = timed(ours_unload, device)
             if i:
@@ -221,6 +236,13 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
         row(
             "hot-load: card file → active (full verify each time) vs load_adapter+set_adapter",
             med["ov"],
+            med["pl"],
+        )
+    )
+    lines.append(
+        row(
+            "hot-load: format-1 card file → active (full verify, sha256) vs load_adapter+set_adapter",
+            med["ov1"],
             med["pl"],
         )
     )

@@ -8,6 +8,7 @@ and checks digest and trust before anything is stored; it walks every location o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from loraflight.engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard, verify_signature
+from loraflight.engine.card import (
+    METADATA_KEY,
+    READ_MAJORS,
+    CardDigest,
+    CardHeader,
+    LoRACard,
+    verify_signature,
+)
 from loraflight.errors import (
     CardError,
     ConflictError,
@@ -84,6 +92,7 @@ class Client:
         self._peers: dict[str, Client] = {}
         self._lock = threading.Lock()
         self._checked = False
+        self._peer_formats: object = None  # the card format majors the node reads (its health says)
 
     # -- lifecycle
     def close(self) -> None:
@@ -155,6 +164,7 @@ class Client:
         h = self._action(ACTION_HEALTH)
         check_protocol(str(h.get("protocol", "")), who=f"node {self.uri}")
         self._checked = True
+        self._peer_formats = h.get("formats")
         return h
 
     def node_info(self) -> dict[str, Any]:
@@ -182,6 +192,8 @@ class Client:
         self._ensure_compatible()
         if criteria is None:
             criteria = Criteria.from_kwargs(kw)
+        if not criteria.formats and isinstance(self._peer_formats, list):  # a node that knows formats
+            criteria = dataclasses.replace(criteria, formats=READ_MAJORS)
         blob = criteria.to_json()
 
         def run() -> list[CatalogEntry]:

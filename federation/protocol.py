@@ -93,6 +93,7 @@ class Criteria:
     since: int | None = None  # only cards added after this catalog epoch
     limit: int | None = None
     digest: str | None = None  # exactly this card
+    formats: tuple[int, ...] = ()  # the card format majors the asker reads (absent: an older node, 1 only)
 
     @classmethod
     def from_kwargs(cls, kw: Mapping[str, Any]) -> Criteria:
@@ -121,6 +122,8 @@ class Criteria:
             d["limit"] = self.limit
         if self.digest is not None:
             d["digest"] = self.digest
+        if self.formats:
+            d["formats"] = list(self.formats)
         return json.dumps(d, sort_keys=True).encode() if d else b""
 
     def matches(self, header: CardHeader) -> bool:
@@ -146,11 +149,20 @@ def parse_criteria(data: bytes | None) -> Criteria:
     if not isinstance(raw, dict):
         raise CardError("criteria must be a JSON object with keys name, base_model, tags, since, limit")
     problems = []
-    keys = ("name", "base_model", "tags", "since", "limit", "digest")
+    keys = ("name", "base_model", "tags", "since", "limit", "digest", "formats")
     unknown = sorted(set(raw) - set(keys))
     if unknown:
         problems.append(f"unknown criteria keys {unknown} (known: {', '.join(keys)})")
-    name, base, tags, since, limit, digest = (raw.get(k) for k in keys)
+    name, base, tags, since, limit, digest, formats = (raw.get(k) for k in keys)
+    if formats is None:
+        formats = []
+    if (
+        not isinstance(formats, list)
+        or len(formats) > 16
+        or not all(isinstance(f, int) and not isinstance(f, bool) and 1 <= f <= 1000 for f in formats)
+    ):
+        problems.append("'formats' must be a list of at most 16 format majors (positive integers)")
+        formats = []
     if digest is not None and (not isinstance(digest, str) or not re.match(r"^[0-9a-f]{64}$", digest)):
         problems.append("'digest' must be 64 lowercase hex characters")
     if name is not None and (not isinstance(name, str) or len(name) > 256):
@@ -167,7 +179,15 @@ def parse_criteria(data: bytes | None) -> Criteria:
             problems.append(f"{key!r} must be a non-negative integer")
     if problems:
         raise CardError("invalid criteria: " + "; ".join(problems))
-    return Criteria(name=name, base_model=base, tags=tuple(tags), since=since, limit=limit, digest=digest)
+    return Criteria(
+        name=name,
+        base_model=base,
+        tags=tuple(tags),
+        since=since,
+        limit=limit,
+        digest=digest,
+        formats=tuple(formats),
+    )
 
 
 # --------------------------------------------------------------------------- catalog entries
@@ -221,6 +241,23 @@ class CatalogEntry:
             "locations": list(self.locations),
             "header": self.header.to_dict(),
         }
+
+
+def offer_filter(
+    entries: Iterable[CatalogEntry], reads: Iterable[int]
+) -> tuple[list[CatalogEntry], dict[str, int]]:
+    """The entries a peer reading format majors `reads` may be offered, and what was left out
+    (count per reason). A peer that names no formats is an older node: it reads major 1."""
+    ok = set(reads)
+    out: list[CatalogEntry] = []
+    skipped: dict[str, int] = {}
+    for e in entries:
+        if e.header.major in ok:
+            out.append(e)
+        else:
+            why = f"format {e.header.major} card, the peer reads {', '.join(map(str, sorted(ok)))}"
+            skipped[why] = skipped.get(why, 0) + 1
+    return out, skipped
 
 
 def dedupe(items: Iterable[str]) -> list[str]:
@@ -434,6 +471,7 @@ __all__ = [
     "entry_from_flight_info",
     "entry_to_flight_info",
     "from_flight_error",
+    "offer_filter",
     "parse_criteria",
     "to_flight_error",
 ]

@@ -25,7 +25,14 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from loraflight.engine.card import FORMAT_VERSION, METADATA_KEY, LoRACard, card_schema, check_name
+from loraflight.engine.card import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    READ_MAJORS,
+    LoRACard,
+    card_schema,
+    check_name,
+)
 from loraflight.errors import BusyError, CardError, ConfigError, LoraflightError, StoreError
 
 from .identity import NodeIdentity
@@ -43,6 +50,7 @@ from .protocol import (
     check_version,
     descriptor_ref,
     entry_to_flight_info,
+    offer_filter,
     parse_criteria,
     parse_json_body,
     parse_ticket,
@@ -138,6 +146,8 @@ class CardServer(flight.FlightServerBase):
                 kwargs["verify_client"] = True
                 kwargs["root_certificates"] = tls.client_ca
         self.store = store
+        self.skipped_offers: collections.Counter[str] = collections.Counter()
+        self._skip_lock = threading.Lock()
         self.node_id = node_id
         self.fleet_id = fleet_id
         self.limits = limits or Limits()
@@ -234,6 +244,8 @@ class CardServer(flight.FlightServerBase):
             "software": software_version(),
             "protocol": PROTOCOL_VERSION,
             "format": FORMAT_VERSION,
+            "formats": list(READ_MAJORS),  # the card format majors this node reads
+            "skipped_offers": dict(self.skipped_offers),  # cards not listed to a peer, by reason
             "epoch": self.store.epoch,
             "cards": st["cards"],
             "bytes": st["bytes"],
@@ -251,6 +263,11 @@ class CardServer(flight.FlightServerBase):
         c = parse_criteria(criteria)
         limit = min(c.limit or self.limits.max_list_entries, self.limits.max_list_entries)
         entries = self.store.list(dataclasses.replace(c, limit=limit))
+        # no peer is offered a card it cannot read: one that sends no formats is an older node (1)
+        entries, skipped = offer_filter(entries, c.formats or (1,))
+        if skipped:
+            with self._skip_lock:
+                self.skipped_offers.update(skipped)
         return iter([entry_to_flight_info(self._entry_locations(e), flight) for e in entries])
 
     def _resolve(self, descriptor: flight.FlightDescriptor) -> CatalogEntry:
@@ -387,6 +404,7 @@ class CardServer(flight.FlightServerBase):
                 "node_id": self.node_id,
                 "fleet_id": self.fleet_id,
                 "protocol": PROTOCOL_VERSION,
+                "formats": list(READ_MAJORS),
                 "epoch": self.store.epoch,
             }
         elif kind == ACTION_NODE_INFO:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from loraflight.engine.card import READ_MAJORS, upgrade_pair
 from loraflight.errors import LoraflightError, PeerError
 
 from .protocol import CatalogEntry, dedupe
@@ -66,10 +67,30 @@ def plan_sync(
     local_entries: Iterable[CatalogEntry],
     peer_catalogs: Mapping[str, Sequence[CatalogEntry]],
     policy: SyncPolicy,
+    skipped: dict[str, int] | None = None,
 ) -> list[Fetch]:
-    """The fetches that bring the local catalog up to date with the peers' (pure)."""
+    """The fetches that bring the local catalog up to date with the peers' (pure).
+
+    Cards of a format this node cannot read, and the other card of an upgrade pair already
+    held (`engine.card.upgrade_pair`), are not fetched; `skipped` counts them by reason.
+    """
     local = list(local_entries)
     have = {e.digest for e in local}
+    held_ref = {(e.name, e.version): e.header for e in local}
+    skip = skipped if skipped is not None else {}
+
+    def skips(e: CatalogEntry) -> bool:
+        why = None
+        if e.header.major not in READ_MAJORS:
+            why = f"format {e.header.major}: this node reads {', '.join(map(str, READ_MAJORS))}"
+        else:
+            mine = held_ref.get((e.name, e.version))
+            if mine is not None and upgrade_pair(mine, e.header):
+                why = "the other card of an upgrade pair is held"
+        if why is not None:
+            skip[why] = skip.get(why, 0) + 1
+        return why is not None
+
     local_newest: dict[str, int] = {}
     for e in local:
         local_newest[e.name] = max(local_newest.get(e.name, 0), e.version)
@@ -82,7 +103,7 @@ def plan_sync(
             locs.setdefault(e.digest, []).extend([*e.locations, peer])
     chosen: dict[str, CatalogEntry] = {}
     for d, e in sorted(by_digest.items(), key=lambda kv: (kv[1].name, -kv[1].version, kv[0])):
-        if d in have or not policy.matches(e):
+        if d in have or not policy.matches(e) or skips(e):
             continue
         if policy.latest_only:
             best = chosen.get(e.name)
@@ -128,6 +149,7 @@ class SyncReport:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # ref -> message
     peer_errors: dict[str, str] = dataclasses.field(default_factory=dict)  # uri -> message
     planned: list[Fetch] = dataclasses.field(default_factory=list)
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> cards not fetched
 
     @property
     def ok(self) -> bool:
@@ -178,7 +200,7 @@ def sync(
             except LoraflightError as e:
                 report.peer_errors[uri] = str(e)
                 log.warning("sync: cannot list %s: %s", uri, e)
-        plan = plan_sync(store.list(), cats, policy)
+        plan = plan_sync(store.list(), cats, policy, report.skipped)
         report.planned = plan
         if not plan:
             return report

@@ -14,7 +14,8 @@ The package, by concern (the format core imports no torch):
 - `header`: constants, limits, names, `CardHeader`, `CardMeta`, canonical JSON, `lora_scale`
 - `batches`: `ModuleLoRA`, a record batch's structural checks, building batches
 - `values`: storage dtypes and the finite-value check
-- `digest`: the digest stream, `CardDigest`, `compute_digest`, the threaded `DigestJob`
+- `digest`: format 1's digest stream, `CardDigest`, `compute_digest`, the threaded `DigestJob`
+- `pieces`: format 2's BLAKE3 pieces, `verify_piece`, `header_digest`, the threaded `PieceJob`
 - `signing`: `sign_header`, `verify_signature` (the one signature rule)
 - `ipc`: the FlatBuffers pre-check, the file mapping, preadv
 - `card`: `LoRACard` and `Verification`
@@ -29,6 +30,7 @@ from .digest import CardDigest, DigestJob, compute_digest
 from .header import (
     CARD_SUFFIX,
     DTYPES,
+    FORMAT1_VERSION,
     FORMAT_MAJOR,
     FORMAT_MINOR,
     FORMAT_VERSION,
@@ -38,11 +40,13 @@ from .header import (
     MAX_LINEAGE,
     MAX_MODULE_LEN,
     MAX_NAME_LEN,
+    MAX_PIECES,
     MAX_RANK,
     MAX_ROWS,
     MAX_TAG_LEN,
     MAX_TAGS,
     METADATA_KEY,
+    READ_MAJORS,
     SCALINGS,
     CardHeader,
     CardMeta,
@@ -54,13 +58,16 @@ from .header import (
     check_module_name,
     check_name,
     lora_scale,
+    upgrade_pair,
 )
+from .pieces import PieceJob, header_digest, piece_hash, verify_piece
 from .signing import check_signature, sign_header, verify_signature
 
 __all__ = [
     "BATCH_TARGET_BYTES",
     "CARD_SUFFIX",
     "DTYPES",
+    "FORMAT1_VERSION",
     "FORMAT_MAJOR",
     "FORMAT_MINOR",
     "FORMAT_VERSION",
@@ -70,11 +77,13 @@ __all__ = [
     "MAX_LINEAGE",
     "MAX_MODULE_LEN",
     "MAX_NAME_LEN",
+    "MAX_PIECES",
     "MAX_RANK",
     "MAX_ROWS",
     "MAX_TAGS",
     "MAX_TAG_LEN",
     "METADATA_KEY",
+    "READ_MAJORS",
     "SCALINGS",
     "CardDigest",
     "CardHeader",
@@ -82,6 +91,7 @@ __all__ = [
     "DigestJob",
     "LoRACard",
     "ModuleLoRA",
+    "PieceJob",
     "Verification",
     "alpha_for_scale",
     "base_fingerprint",
@@ -93,8 +103,12 @@ __all__ = [
     "check_name",
     "check_signature",
     "compute_digest",
+    "header_digest",
     "lora_scale",
     "open_card",
+    "piece_hash",
     "sign_header",
+    "upgrade_pair",
+    "verify_piece",
     "verify_signature",
 ]

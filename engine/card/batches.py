@@ -186,9 +186,8 @@ def batch_run(batch: pa.RecordBatch, dtype: str) -> BatchRun:
     return BatchRun(modules, rl, al, fil, fol, oa, ob, fa, fb)
 
 
-def to_batches(mods: Sequence[ModuleLoRA], header: CardHeader) -> list[pa.RecordBatch]:
-    schema = card_schema(header.dtype, {METADATA_KEY: header.to_json()})
-    value_type = ARROW_VALUE_TYPES[header.dtype]
+def group_rows(mods: Sequence[ModuleLoRA]) -> list[list[ModuleLoRA]]:
+    """The writer's layout: a new batch whenever the next row would pass BATCH_TARGET_BYTES."""
     groups: list[list[ModuleLoRA]] = [[]]
     size = 0
     for m in mods:
@@ -198,6 +197,17 @@ def to_batches(mods: Sequence[ModuleLoRA], header: CardHeader) -> list[pa.Record
             size = 0
         groups[-1].append(m)
         size += nb
+    return groups
+
+
+def to_batches(
+    mods: Sequence[ModuleLoRA], header: CardHeader, groups: Sequence[Sequence[ModuleLoRA]] | None = None
+) -> list[pa.RecordBatch]:
+    """Rows as record batches (`groups`, one per batch; by default `group_rows(mods)`)."""
+    schema = card_schema(header.dtype, {METADATA_KEY: header.to_json()})
+    value_type = ARROW_VALUE_TYPES[header.dtype]
+    if groups is None:
+        groups = group_rows(mods)
     batches = []
     for g in groups:
         cols: list[pa.Array] = [
@@ -230,5 +240,6 @@ __all__ = [
     "batch_run",
     "column_values",
     "contiguous",
+    "group_rows",
     "to_batches",
 ]

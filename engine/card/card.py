@@ -25,11 +25,13 @@ import pyarrow as pa
 from loraflight.errors import CardError
 from loraflight.files import atomic_write
 
-from .batches import BatchRun, ModuleLoRA, batch_run, contiguous, to_batches
+from .batches import BatchRun, ModuleLoRA, batch_run, contiguous, group_rows, to_batches
 from .digest import GATHER_BYTES, DigestJob, compute_digest, run_pieces
 from .header import (
     CARD_SUFFIX,
     DTYPES,
+    FORMAT1_VERSION,
+    FORMAT_MAJOR,
     FORMAT_VERSION,
     MAX_ROWS,
     METADATA_KEY,
@@ -42,6 +44,7 @@ from .header import (
     utc_now,
 )
 from .ipc import compressed_batch, file_identity, map_file, preadv_all, writable_bytes
+from .pieces import CPUS, PieceJob, check_layout, header_digest, piece_hash, pieces_of
 from .signing import sign_header, verify_signature
 from .values import as_storage, check_finite
 
@@ -90,6 +93,8 @@ class LoRACard:
             raise CardError(f"card has {len(names)} modules; the limit is {MAX_ROWS}")
         if not names:
             raise CardError("card has no modules")
+        if header.major >= 2:
+            check_layout(header, [len(r.names) for r in runs])
         if len(set(names)) != len(names):
             seen: set[str] = set()
             dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
@@ -128,8 +133,16 @@ class LoRACard:
         lineage: Iterable[str] = (),
         peft: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
+        upgraded_from: str | None = None,
+        major: int = FORMAT_MAJOR,
     ) -> LoRACard:
-        """Make a card in memory from numpy arrays (bfloat16 as uint16 words with dtype='bfloat16')."""
+        """Make a card in memory from numpy arrays (bfloat16 as uint16 words with dtype='bfloat16').
+
+        Writes format 2 (BLAKE3 pieces); ``major=1`` writes format 1 (sha256), for
+        compatibility tests and benchmarks against older nodes.
+        """
+        if major not in (1, 2):
+            raise CardError(f"major must be 1 or 2 (the formats this loraflight writes), got {major!r}")
         mods = list(modules)
         if not mods:
             raise CardError("a card needs at least one module")
@@ -159,10 +172,16 @@ class LoRACard:
                     as_storage(b, dtype, f"module {m.module!r} lora_b"),
                 )
             )
+        groups = group_rows(norm)
         header = CardHeader.from_dict(
             {
                 **(dict(extra) if extra else {}),
-                "format": FORMAT_VERSION,
+                **(
+                    {"pieces": [list(p) for p in pieces_of(groups, dtype)], "upgraded_from": upgraded_from}
+                    if major >= 2
+                    else {}
+                ),
+                "format": FORMAT_VERSION if major >= 2 else FORMAT1_VERSION,
                 "name": name,
                 "version": version,
                 "dtype": dtype,
@@ -177,8 +196,9 @@ class LoRACard:
                 "peft": plain_json(peft) if peft is not None else None,
             }
         )
-        header = dataclasses.replace(header, digest=compute_digest(header, norm))
-        return cls(header, to_batches(norm, header))
+        digest = header_digest(header) if major >= 2 else compute_digest(header, norm)
+        header = dataclasses.replace(header, digest=digest)
+        return cls(header, to_batches(norm, header, groups))
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> LoRACard:
@@ -303,6 +323,11 @@ class LoRACard:
         return self._path
 
     @property
+    def format_major(self) -> int:
+        """1: one sha256 digest over the rows; 2: BLAKE3 pieces (one per record batch)."""
+        return self._header.major
+
+    @property
     def modules(self) -> list[ModuleLoRA]:
         return list(self._modules)
 
@@ -353,17 +378,43 @@ class LoRACard:
 
     # -- verification
     def compute_digest(self) -> str:
+        """The digest the content gives (format 2: the header's, with every piece rehashed)."""
+        if self._header.major >= 2:
+            return self.content_header().digest
         h = hashlib.sha256()
         for piece in run_pieces(self._header, self._runs)[0]:
             h.update(piece)
         return h.hexdigest()
 
+    def content_header(self) -> CardHeader:
+        """The header with what the content determines recomputed: format 2's piece list (one
+        piece per record batch, as laid out) and the digest. Other fields, signature included,
+        are kept; `verify()` judges the result (tools and tests that forge or repair cards)."""
+        if self._header.major < 2:
+            return dataclasses.replace(self._header, digest=self.compute_digest())
+        header = dataclasses.replace(self._header, pieces=self._piece_list())
+        return dataclasses.replace(header, digest=header_digest(header))
+
+    def _piece_list(self) -> tuple[tuple[int, int, str], ...]:
+        """(first row, rows, BLAKE3 hash) of every record batch as a format-2 piece."""
+        pieces = []
+        first = 0
+        for i, r in enumerate(self._runs_):
+            pieces.append((first, len(r.names), piece_hash(i, first, self.dtype, r, max_threads=CPUS)))
+            first += len(r.names)
+        return tuple(pieces)
+
     def check_values(self) -> None:
         """Raise CardError naming the first module with a NaN or Inf (see `values.check_finite`)."""
         check_finite(self._runs, self.dtype)
 
-    def digest_job(self, *, threaded: bool | None = None, gather: int = GATHER_BYTES) -> DigestJob:
-        """Start computing this card's digest (in a helper thread when big); see `DigestJob`."""
+    def digest_job(self, *, threaded: bool | None = None, gather: int = GATHER_BYTES) -> DigestJob | PieceJob:
+        """Start computing this card's digest (in a helper thread when big); see `DigestJob`.
+
+        Format 2: a `PieceJob` (same interface) whose `result()` names every bad piece.
+        """
+        if self._header.major >= 2:
+            return PieceJob(self._header, self._runs_, threaded=threaded)
         return DigestJob(
             self._header, (), threaded=threaded, gather=gather, pieces=run_pieces(self._header, self._runs)
         )
@@ -417,8 +468,28 @@ class LoRACard:
         card._header, card._batches, card._path = header, batches, None
         card._runs, card._rows, card._n, card._map = self._runs, self._rows, self._n, self._map
         card._ident = None  # no file of its own: read_into copies from the buffers
+        if header.major >= 2:
+            check_layout(header, [len(r.names) for r in self._runs_])
         return card
 
+    def upgrade(self, key: Ed25519PrivateKey | None = None) -> LoRACard:
+        """This format-1 card as format 2: the same rows and batches (each batch a piece), the
+        same header fields, a new digest, ``upgraded_from`` naming the old one; signed by `key`
+        when given (the old signature signed the old digest and does not carry over).
+
+        Verify the card first: the upgrade vouches for what it hashes.
+        """
+        if self._header.major >= 2:
+            raise CardError(f"{self.ref} is already format {self._header.format}; nothing to upgrade")
+        dt = self.dtype
+        header = dataclasses.replace(
+            self._header.unsigned(), format=FORMAT_VERSION, pieces=self._piece_list(), upgraded_from=self.digest
+        )
+        header = dataclasses.replace(header, digest=header_digest(header))
+        if key is not None:
+            header = sign_header(header, key)
+        schema = card_schema(dt, {METADATA_KEY: header.to_json()})
+        return LoRACard(header, [pa.record_batch(b.columns, schema=schema) for b in self._batches])
 
     # -- writing
     def write(self, path: str | os.PathLike[str]) -> Path:

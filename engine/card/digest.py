@@ -1,9 +1,10 @@
 """The card digest: its byte stream (pure rule), incremental hashing, and the threaded job.
 
-The digest (docs/format.md, "Digest") is sha256 over a domain tag, the canonical signed part of
+Format 1's digest (docs/format.md, "Digest") is sha256 over a domain tag, the canonical signed part of
 the header, and each row's fields and tensor bytes in order. `digest_pieces`/`run_pieces` give
 that stream as zero-copy pieces; `compute_digest` and `CardDigest` hash it in the caller's
-thread; `DigestJob` is the one place a helper thread hashes it beside other work.
+thread; `DigestJob` is the one place a helper thread hashes it beside other work. Format 2
+(BLAKE3 pieces) lives in `pieces`; `CardDigest` and `compute_digest` serve both formats.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from loraflight.errors import CardError
 
 from .batches import BatchRun, ModuleLoRA, batch_rows, contiguous
 from .header import CardHeader, canonical_json, card_schema, schema_str
+from .pieces import PieceStream, content_digest
 
 PARALLEL_VERIFY_BYTES = 16 << 20  # from this size verify scans values and hashes in parallel
 
@@ -35,10 +37,14 @@ _DIGEST_DOMAIN = b"loraflight-card-v1\x00"
 class CardDigest:
     """Incremental canonical digest: header first, then record batches in order.
 
-    Lets a receiver hash a card while it arrives (docs/format.md, "Digest").
+    Lets a receiver hash a card while it arrives (docs/format.md, "Digest"). For a format-2
+    header each piece is checked against the header's hash as soon as its rows are in (a bad
+    piece raises CardError naming it) and `hexdigest()` is the header's BLAKE3 digest once all
+    pieces have passed.
     """
 
     def __init__(self, header: CardHeader, num_rows: int) -> None:
+        self._pieces = PieceStream(header, num_rows) if header.major >= 2 else None
         self._h = hashlib.sha256(_DIGEST_DOMAIN)
         head = canonical_json(header.signed_part())
         self._h.update(struct.pack("<Q", len(head)))
@@ -48,6 +54,9 @@ class CardDigest:
         self._schema: pa.Schema | None = None
 
     def update_row(self, module: str, rank: int, alpha: float, fin: int, fout: int, a: Any, b: Any) -> None:
+        if self._pieces is not None:
+            self._pieces.update_row(module, rank, alpha, fin, fout, a, b)
+            return
         h = self._h
         name = module.encode()
         h.update(struct.pack("<I", len(name)))
@@ -74,10 +83,15 @@ class CardDigest:
             )
 
     def hexdigest(self) -> str:
+        if self._pieces is not None:
+            return self._pieces.hexdigest()
         return self._h.hexdigest()
 
 
 def compute_digest(header: CardHeader, modules: Sequence[ModuleLoRA]) -> str:
+    """The digest `modules` give under `header` (format 2: pieces over the header's row ranges)."""
+    if header.major >= 2:
+        return content_digest(header, modules)
     h = hashlib.sha256()
     for piece in digest_pieces(header, modules)[0]:
         h.update(piece)

@@ -22,9 +22,11 @@ import pyarrow as pa
 
 from loraflight.errors import CardError
 
-FORMAT_MAJOR = 1
+FORMAT_MAJOR = 2  # what writers write: pieces hashed with BLAKE3 (docs/format.md, section 11)
 FORMAT_MINOR = 0
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+READ_MAJORS = (1, 2)  # the format majors this loraflight reads and verifies (node-info lists them)
+FORMAT1_VERSION = "1.0"  # what `LoRACard.build(major=1)` writes (compatibility tests, benchmarks)
 METADATA_KEY = b"loraflight"
 CARD_SUFFIX = ".lora.arrow"
 
@@ -39,6 +41,7 @@ MAX_TAGS = 64
 MAX_TAG_LEN = 64
 MAX_DESCRIPTION = 64 * 1024
 MAX_LINEAGE = 64
+MAX_PIECES = 8192  # format 2: record batches (pieces) per card; 8192 x 4 MiB = 32 GiB
 
 
 SCALINGS = ("standard", "rslora")  # alpha/r and alpha/sqrt(r): see lora_scale
@@ -144,12 +147,19 @@ class CardHeader:
     created: str = ""
     lineage: tuple[str, ...] = ()
     peft: Mapping[str, Any] | None = None  # PEFT config fields kept for an exact export
-    format: str = FORMAT_VERSION
+    format: str = FORMAT1_VERSION  # a header built by hand; writers (LoRACard.build) set 2.0
     digest: str = ""
     signature: str | None = None
     signer: str | None = None
     signer_key: str | None = None
+    pieces: tuple[tuple[int, int, str], ...] = ()  # format 2: (first row, rows, BLAKE3 hex)
+    upgraded_from: str | None = None  # format 2: the format-1 digest this card was upgraded from
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def major(self) -> int:
+        """The format major of this header (1: sha256 over the rows; 2: BLAKE3 pieces)."""
+        return int(self.format.split(".")[0])
 
     # -- (de)serialisation
     def signed_part(self) -> dict[str, Any]:
@@ -171,6 +181,10 @@ class CardHeader:
         )
         if self.peft is not None:
             d["peft"] = plain_json(self.peft)
+        if self.major >= 2:
+            d["pieces"] = [[first, rows, h] for first, rows, h in self.pieces]
+            if self.upgraded_from is not None:
+                d["upgraded_from"] = self.upgraded_from
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,10 +207,10 @@ class CardHeader:
         if not isinstance(fmt, str) or not re.match(r"^\d+\.\d+$", fmt):
             raise CardError(f"card header has no valid format version (got {fmt!r}); expected 'major.minor'")
         major = int(fmt.split(".")[0])
-        if major != FORMAT_MAJOR:
+        if major not in READ_MAJORS:
             raise CardError(
-                f"card format {fmt} has major version {major}; this loraflight reads major {FORMAT_MAJOR}: "
-                "upgrade loraflight to read it"
+                f"card format {fmt} has major version {major}; this loraflight reads majors "
+                f"{', '.join(map(str, READ_MAJORS))}: upgrade loraflight to read it"
             )
 
         def want(key: str, typ: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
@@ -261,9 +275,18 @@ class CardHeader:
                 problems.append(f"header field {key!r} must be printable and at most 1024 characters")
         if (signature is None) != (signer_key is None):
             problems.append("signature and signer_key must both be present or both absent")
+        pieces: tuple[tuple[int, int, str], ...] = ()
+        upgraded_from = None
+        if major >= 2:
+            pieces = _pieces(raw.get("pieces"), problems)
+            upgraded_from = want("upgraded_from", str)
+            if upgraded_from is not None and not _DIGEST_RE.match(upgraded_from):
+                problems.append("upgraded_from must be a digest (64 lowercase hex characters)")
         if problems:
             raise CardError("invalid card header: " + "; ".join(problems))
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if major < 2:  # format 1 has no such fields: a key of that name is an extension
+            known -= {"pieces", "upgraded_from"}
         extra = {k: v for k, v in raw.items() if k not in known}
         return cls(
             name=name,
@@ -283,6 +306,8 @@ class CardHeader:
             signature=signature,
             signer=signer,
             signer_key=signer_key,
+            pieces=pieces,
+            upgraded_from=upgraded_from,
             extra=extra,
         )
 
@@ -310,6 +335,53 @@ class CardHeader:
 
     def unsigned(self) -> CardHeader:
         return dataclasses.replace(self, signature=None, signer=None, signer_key=None)
+
+
+def upgrade_pair(a: CardHeader, b: CardHeader) -> bool:
+    """Whether two headers are one card before and after `card upgrade`: the same name@version,
+    one naming the other's digest in `upgraded_from`, and the same signer key (or both unsigned).
+
+    A store keeps one card of such a pair and does not call it a conflict; another signer's
+    "upgrade" is still a conflict (an upgrade is re-signed by the card's owner).
+    """
+    if (a.name, a.version) != (b.name, b.version) or a.digest == b.digest:
+        return False
+    linked = (a.upgraded_from is not None and a.upgraded_from == b.digest) or (
+        b.upgraded_from is not None and b.upgraded_from == a.digest
+    )
+    return linked and a.signer_key == b.signer_key
+
+
+def _pieces(raw: Any, problems: list[str]) -> tuple[tuple[int, int, str], ...]:
+    """A format-2 header's piece list: [[first row, rows, BLAKE3 hex], ...], contiguous from 0."""
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_PIECES:
+        problems.append(
+            f"a format-2 header needs 'pieces': a list of 1..{MAX_PIECES} [first row, rows, hash]"
+        )
+        return ()
+    out: list[tuple[int, int, str]] = []
+    nxt = 0
+    for i, p in enumerate(raw):
+        ok = (
+            isinstance(p, list)
+            and len(p) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in p[:2])
+            and isinstance(p[2], str)
+            and _DIGEST_RE.match(p[2]) is not None
+        )
+        if not ok:
+            problems.append(f"piece {i} is not [first row, rows, 64-hex BLAKE3 hash]")
+            return ()
+        first, rows, h = p
+        if first != nxt or not 1 <= rows <= MAX_ROWS or first + rows > MAX_ROWS:
+            problems.append(
+                f"piece {i} covers rows {first}..{first + rows - 1}; pieces must cover the rows in order "
+                f"from 0 without gaps, each 1..{MAX_ROWS} rows"
+            )
+            return ()
+        nxt = first + rows
+        out.append((first, rows, h))
+    return tuple(out)
 
 
 def _reject_constant(name: str) -> Any:
@@ -452,7 +524,7 @@ class CardMeta:
             raise CardError(f"tags must be a list of strings, got {tags!r}")
         object.__setattr__(self, "tags", tuple(tags))
         check_name(self.name)  # the header accepts an empty name; an author may not give one
-        CardHeader.from_dict({"format": FORMAT_VERSION, "dtype": "float32", **self.as_kwargs()})
+        CardHeader.from_dict({"format": FORMAT1_VERSION, "dtype": "float32", **self.as_kwargs()})
 
     def as_kwargs(self) -> dict[str, Any]:
         """The fields as keyword arguments of `LoRACard.build`."""
@@ -488,6 +560,7 @@ __all__ = [
     "ARROW_VALUE_TYPES",
     "CARD_SUFFIX",
     "DTYPES",
+    "FORMAT1_VERSION",
     "FORMAT_MAJOR",
     "FORMAT_MINOR",
     "FORMAT_VERSION",
@@ -497,11 +570,13 @@ __all__ = [
     "MAX_LINEAGE",
     "MAX_MODULE_LEN",
     "MAX_NAME_LEN",
+    "MAX_PIECES",
     "MAX_RANK",
     "MAX_ROWS",
     "MAX_TAGS",
     "MAX_TAG_LEN",
     "METADATA_KEY",
+    "READ_MAJORS",
     "SCALINGS",
     "CardHeader",
     "CardMeta",
@@ -517,5 +592,6 @@ __all__ = [
     "lora_scale",
     "plain_json",
     "schema_str",
+    "upgrade_pair",
     "utc_now",
 ]

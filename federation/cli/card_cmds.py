@@ -78,6 +78,8 @@ def inspect_cmd(
                 "file_bytes": file.stat().st_size,
                 "tensor_bytes": card.tensor_nbytes,
                 "header": h.to_dict(),
+                "format_major": card.format_major,
+                "pieces": len(h.pieces),
                 "verified": ok,
                 "status": status,
                 "modules": [
@@ -96,7 +98,7 @@ def inspect_cmd(
         return
     _out.print(f"[bold]{h.ref}[/bold]  {file}")
     rows = [
-        ("format", h.format),
+        ("format", f"{h.format} ({_format_words(card)})"),
         ("dtype", h.dtype),
         ("scaling", h.scaling),
         ("description", h.description),
@@ -106,6 +108,7 @@ def inspect_cmd(
         ("author", h.author),
         ("created", h.created),
         ("lineage", ", ".join(x[:16] for x in h.lineage) or "-"),
+        *([("upgraded from", h.upgraded_from)] if h.upgraded_from else []),
         ("from PEFT", "yes" if h.peft is not None else "no"),
         ("digest", h.digest),
         ("signer", h.signer or "-"),
@@ -184,6 +187,47 @@ def sign_cmd(
     signed = card.sign(priv)
     dest = signed.write(out or file)
     typer.echo(f"signed {signed.ref} by {signed.header.signer}: {dest}")
+
+
+def _format_words(card: LoRACard) -> str:
+    if card.format_major >= 2:
+        n = len(card.header.pieces)
+        return f"format 2: {n} BLAKE3 piece{'s' if n != 1 else ''}"
+    return "format 1: one sha256 digest; 'loraflight card upgrade' converts it"
+
+
+@card_app.command("upgrade")
+def upgrade_cmd(
+    file: Annotated[Path, typer.Argument(help="A format-1 .lora.arrow card.")],
+    out: Annotated[Path, typer.Argument(help="Where to write the format-2 card.")],
+    key: Annotated[
+        Path | None, typer.Option("--key", help="Ed25519 private key file (or its directory) to sign with.")
+    ] = None,
+) -> None:
+    """Rewrite a format-1 card as format 2 (BLAKE3 pieces), after verifying it.
+
+    Same tensors and header fields; a new digest, with `upgraded_from` naming the old one.
+    A signed card needs --key: the old signature covers the old digest only.
+    """
+    priv = keyfiles.load_private(key) if key is not None else None
+    card = LoRACard.open(file)
+    card.verify()
+    if card.header.signature is not None and priv is None:
+        raise ConfigError(
+            f"{card.ref} is signed by {card.header.signer}; pass --key KEY to sign the upgraded card "
+            "(the old signature covers the old digest only)"
+        )
+    new = card.upgrade(priv)
+    dest = new.write(out)
+    signed = f", signed by {new.header.signer}" if new.header.signer else ", unsigned"
+    typer.echo(
+        f"upgraded {new.ref} to format {new.header.format}: {new.digest} (from {card.digest}){signed}: {dest}"
+    )
+    if card.header.signer is not None and new.header.signer != card.header.signer:
+        typer.echo(
+            f"note: the old card was signed by {card.header.signer}, the new one by {new.header.signer}; "
+            "stores treat the two as one card only when the signer is the same"
+        )
 
 
 def _tags(tags: list[str] | None) -> list[str]:
@@ -312,5 +356,6 @@ __all__ = [
     "keys_new_cmd",
     "sign_cmd",
     "to_peft_cmd",
+    "upgrade_cmd",
     "verify_cmd",
 ]

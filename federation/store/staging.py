@@ -270,7 +270,7 @@ class StagedCard:
                 )
             card = LoRACard.open(self.tmp)
             try:
-                digest = self._digest.hexdigest() if self._digest is not None else card.compute_digest()
+                digest = self._digest.hexdigest() if self._digest is not None else card.digest_job(threaded=False).result()
                 if digest != self.header.digest:
                     raise CardError(
                         f"{self.header.ref}: digest mismatch: the header says {self.header.digest[:16]}… but "
@@ -291,7 +291,11 @@ class StagedCard:
             )
             # The mapping survives the rename: the checked card, renamed, is the stored card
             # (no second open, no second structural pass).
-            self.card = _with_path(card, self._store.path_of(entry.digest))
+            if entry.digest == self.header.digest:
+                self.card = _with_path(card, self._store.path_of(entry.digest))
+            else:  # the store kept the other card of an upgrade pair (engine.card.upgrade_pair)
+                del card
+                self.card = self._store.get(entry.digest, touch=False)
             self._done = True
             return entry
         except BaseException:

@@ -35,7 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from loraflight.engine.card import CARD_SUFFIX, CardHeader, LoRACard, check_digest
+from loraflight.engine.card import CARD_SUFFIX, CardHeader, LoRACard, check_digest, upgrade_pair
 from loraflight.engine.keys import load_public_b64, signer_id
 from loraflight.errors import CardError, CardNotFound, ConflictError, StoreError, TrustError
 from loraflight.files import replace
@@ -225,6 +225,9 @@ class Store:
             held = self._index.holders(header.digest, header.name, header.version)
             if header.digest in held:
                 return self.entry(header.digest)
+            other = self.entry(held[0]) if len(held) == 1 else None
+            if other is not None and upgrade_pair(header, other.header):
+                return other  # one card before and after `card upgrade`: the store keeps the one it has
             if held:
                 raise ConflictError(
                     f"{header.ref} already exists here with digest {held[0][:16]}…, and this card has "
@@ -274,7 +277,8 @@ class Store:
         card.verify()
         existing = self.check_admission(card.header)
         if existing is not None:
-            return self._merge_existing(existing, published, pinned, locations)
+            same = existing.digest == card.header.digest  # else the upgrade pair's other card
+            return self._merge_existing(existing, published, pinned, locations if same else ())
         tmp = self.temp_path()
         try:
             try:
@@ -317,7 +321,8 @@ class Store:
         if existing is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            return self._merge_existing(existing, published, pinned, locations)
+            same = existing.digest == header.digest  # else the upgrade pair's other card
+            return self._merge_existing(existing, published, pinned, locations if same else ())
         final = self.path_of(header.digest)
         size = os.path.getsize(tmp)
         pause_point("before_rename")

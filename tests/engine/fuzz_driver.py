@@ -42,7 +42,9 @@ from loraflight.engine.card import (
     LoRACard,
     ModuleLoRA,
     card_schema,
+    header_digest,
 )
+from loraflight.engine.card.pieces import rows_piece_hash
 from loraflight.engine.keys import generate
 from loraflight.errors import CardError
 
@@ -70,7 +72,8 @@ def _mods(rng: np.random.Generator, dtype: str, n: int, rank: int, fin: int, fou
 
 
 def corpus() -> list[bytes]:
-    """A few small valid cards: each dtype, several batches, a signed one, a newer-minor header."""
+    """A few small valid cards: each dtype, several batches (format 2: several pieces), a signed
+    one, an upgraded one, and format-1 cards (what older nodes wrote)."""
     rng = np.random.default_rng(1234)
     saved = batchmod.BATCH_TARGET_BYTES
     try:
@@ -80,11 +83,23 @@ def corpus() -> list[bytes]:
             ),
             LoRACard.build(_mods(rng, "bfloat16", 2, 2, 8, 12), name="fzbf", dtype="bfloat16"),
         ]
-        batchmod.BATCH_TARGET_BYTES = 200  # force one batch per module
+        batchmod.BATCH_TARGET_BYTES = 200  # force one batch per module: multi-piece format-2 cards
         cards.append(LoRACard.build(_mods(rng, "float16", 4, 3, 8, 8), name="fz16", lineage=("ab" * 32,)))
+        cards.append(
+            LoRACard.build(_mods(rng, "float32", 3, 2, 8, 8), name="fz32m", description="fuzz me").sign(
+                generate()
+            )
+        )
+        v1 = LoRACard.build(_mods(rng, "float16", 3, 3, 8, 8), name="fz1m", major=1)
+        cards += [v1, v1.upgrade(generate())]
     finally:
         batchmod.BATCH_TARGET_BYTES = saved
     cards.append(cards[0].sign(generate()))
+    cards.append(
+        LoRACard.build(_mods(rng, "float32", 2, 4, 16, 8), name="fz1", description="fuzz me", major=1).sign(
+            generate()
+        )
+    )
     return [c.to_bytes() for c in cards]
 
 
@@ -105,7 +120,17 @@ def _raw(
         "scaling": "standard",
     }
     h = {**base, **header}
-    if digest:
+    if digest and h["format"].startswith("2.") and "pieces" not in h:
+        try:  # one piece: all the rows (the writer's own layout for a small card)
+            mods = [
+                ModuleLoRA(m, r, al, np.ascontiguousarray(a), np.ascontiguousarray(b))
+                for m, r, al, fi, fo, a, b in rows
+            ]
+            h["pieces"] = [[0, len(rows), rows_piece_hash(0, 0, dtype, mods)]]
+            h["digest"] = header_digest(CardHeader.from_dict({**h, "digest": ""}))
+        except (CardError, Exception):
+            h["digest"] = "0" * 64
+    elif digest:
         try:
             ch = CardHeader.from_dict({**h, "digest": ""})
             d = CardDigest(ch, len(rows))
@@ -188,7 +213,33 @@ def targeted() -> list[tuple[str, bytes, str | None]]:
         ("name-too-long", _raw({**f32, "name": "a" * 300}, [good]), "limit"),
         ("module-escape", _raw(f32, [("../x", *good[1:])]), "not a module path"),
         ("module-dup", _raw(f32, [good, good]), "appears twice"),
-        ("major", _raw({**f32, "format": "2.0"}, [good]), "major"),
+        ("major", _raw({**f32, "format": "3.0"}, [good]), "major"),
+        ("v2-no-pieces", _raw({**f32, "format": "2.0", "pieces": None}, [good]), "pieces"),
+        (
+            "v2-piece-gap",
+            _raw({**f32, "format": "2.0", "pieces": [[1, 1, "0" * 64]]}, [good]),
+            "pieces must cover",
+        ),
+        ("v2-piece-rows", _raw({**f32, "format": "2.0", "pieces": [[0, 2, "0" * 64]]}, [good]), "piece 0"),
+        (
+            "v2-piece-hash",
+            _raw({**f32, "format": "2.0", "pieces": [[0, 1, "0" * 64]]}, [good]),
+            "piece 0 of 1",
+        ),
+        (
+            "v2-two-pieces",
+            _raw(
+                {**f32, "format": "2.0", "pieces": [[0, 1, "0" * 64], [1, 1, "0" * 64]]},
+                [good, ("model.y", *good[1:])],
+            ),
+            "2 pieces",
+        ),
+        ("v2-upgraded-bad", _raw({**f32, "format": "2.0", "upgraded_from": "xyz"}, [good]), "upgraded_from"),
+        (
+            "v2-ok",
+            _raw({**f32, "format": "2.3", "upgraded_from": "cd" * 32, "future_key": [1]}, [good]),
+            None,
+        ),
         ("no-format", _raw({**f32, "format": "x"}, [good]), "format version"),
         ("dtype", _raw({**f32, "dtype": "float64"}, [good]), "dtype"),
         ("version-0", _raw({**f32, "version": 0}, [good]), "positive integer"),

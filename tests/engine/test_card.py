@@ -272,8 +272,8 @@ def test_unknown_major_refused_newer_minor_keys_kept(tmp_path: Path) -> None:
         LoRACard.open(tmp_path / "w.lora.arrow").verify()
     minor = dict(h.to_dict(), format="1.7")
     assert CardHeader.from_dict(minor).format == "1.7"
-    with pytest.raises(CardError, match="major version 2"):
-        CardHeader.from_dict(dict(h.to_dict(), format="2.0"))
+    with pytest.raises(CardError, match="major version 3"):
+        CardHeader.from_dict(dict(h.to_dict(), format="3.0"))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -397,7 +397,7 @@ def test_header_json_is_canonical() -> None:
 
 
 def test_docs_worked_example(tmp_path: Path) -> None:
-    """docs/format.md section 9, recomputed without the engine's digest code, and with it."""
+    """docs/format.md section 9 (format 1), recomputed without the engine's digest code, and with it."""
     import base64
     import hashlib
     import struct
@@ -449,6 +449,7 @@ def test_docs_worked_example(tmp_path: Path) -> None:
         name="demo",
         created="2026-01-01T00:00:00Z",
         base_fingerprint=fp,
+        major=1,
     )
     assert card.header.signed_part() == json.loads(head)
     assert card.digest == digest
@@ -520,7 +521,7 @@ def test_batches_from_a_peer_are_validated_before_use() -> None:
     with pytest.raises(CardError, match="schema"):
         LoRACard(card.header, [other])
     with pytest.raises(CardError, match="schema"):
-        CardDigest(card.header, 1).update_batch(other)
+        CardDigest(card.header, 2).update_batch(other)
 
 
 def test_compression_bomb_refused_before_inflating(tmp_path: Path) -> None:

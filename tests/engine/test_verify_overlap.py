@@ -54,15 +54,17 @@ def same_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> bool:
     return list(now) == list(sd) and all(torch.equal(now[k], v) for k, v in sd.items())
 
 
-def test_threaded_digest_equals_the_reference_and_cancel_is_safe() -> None:
-    card = big_card()
+@pytest.mark.parametrize("major", [1, 2])
+def test_threaded_digest_equals_the_reference_and_cancel_is_safe(major: int) -> None:
+    card = big_card(major=major)
     assert card.tensor_nbytes >= 256 << 10
     want = compute_digest(card.header, card.modules)
     assert want == card.digest
     for gather in (0, 1000, 1 << 30):
         assert card.digest_job(gather=gather, threaded=True).result() == want
         assert card.digest_job(threaded=False).result() == want
-    assert DigestJob(card.header, card.modules).result() == want
+    if major == 1:
+        assert DigestJob(card.header, card.modules).result() == want
     job = card.digest_job(gather=0, threaded=True)
     job.cancel()
     try:  # a cancelled job either finished first or says it was cancelled

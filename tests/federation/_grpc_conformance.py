@@ -64,7 +64,9 @@ def main(target: str) -> None:
     res["actions"] = [decode(m)[1][0].decode() for m in call("ListActions")(b"", timeout=10)]
     health = list(call("DoAction")(enc_bytes(1, b"health"), timeout=10))
     res["health"] = json.loads(decode(health[0])[1][0])
-    infos = [decode(m) for m in call("ListFlights")(b"", timeout=10)]
+    # Criteria.expression (field 1) names the card formats this reader reads (docs/format.md, 11)
+    criteria = enc_bytes(1, json.dumps({"formats": [1, 2]}).encode())
+    infos = [decode(m) for m in call("ListFlights")(criteria, timeout=10)]
     res["listed"] = []
     for info in infos:
         header = json.loads(info[7][0])

@@ -17,7 +17,7 @@ from .test_hostile import HostileServer, fetch_refused, honest_entry
 
 def _with_nan(card: LoRACard, row: int, column: int) -> LoRACard:
     """`card` with one NaN in `column` (5 = lora_a, 6 = lora_b) of its `row`-th row and a digest
-    recomputed to match: only the value check can refuse it."""
+    (format 2: pieces and digest) recomputed to match: only the value check can refuse it."""
     batches, seen = [], 0
     for b in card.batches:
         cols = list(b.columns)
@@ -29,8 +29,7 @@ def _with_nan(card: LoRACard, row: int, column: int) -> LoRACard:
         seen += b.num_rows
         batches.append(pa.record_batch(cols, schema=b.schema))
     bad = LoRACard(card.header, batches)
-    header = dataclasses.replace(card.header, digest=bad.compute_digest())
-    return bad.with_header(header)
+    return bad.with_header(bad.content_header())
 
 
 @pytest.mark.parametrize(
