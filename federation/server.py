@@ -263,8 +263,12 @@ class CardServer(flight.FlightServerBase):
         c = parse_criteria(criteria)
         limit = min(c.limit or self.limits.max_list_entries, self.limits.max_list_entries)
         entries = self.store.list(dataclasses.replace(c, limit=limit))
-        # no peer is offered a card it cannot read: one that sends no formats is an older node (1)
-        entries, skipped = offer_filter(entries, c.formats or (1,))
+        # No peer is offered a card it cannot read. A loraflight node that sends no formats is an
+        # older one (format 1 only); a generic Flight client (no loraflight-protocol header) reads
+        # Arrow, not cards, and is offered everything.
+        mw = context.get_middleware("auth") if context is not None else None
+        older_node = mw is not None and mw.peer_protocol is not None
+        entries, skipped = offer_filter(entries, c.formats or ((1,) if older_node else READ_MAJORS))
         if skipped:
             with self._skip_lock:
                 self.skipped_offers.update(skipped)

@@ -399,7 +399,7 @@ class LoRACard:
         """(first row, rows, BLAKE3 hash) of every record batch as a format-2 piece."""
         pieces = []
         first = 0
-        for i, r in enumerate(self._runs_):
+        for i, r in enumerate(self._runs):
             pieces.append((first, len(r.names), piece_hash(i, first, self.dtype, r, max_threads=CPUS)))
             first += len(r.names)
         return tuple(pieces)
@@ -414,7 +414,7 @@ class LoRACard:
         Format 2: a `PieceJob` (same interface) whose `result()` names every bad piece.
         """
         if self._header.major >= 2:
-            return PieceJob(self._header, self._runs_, threaded=threaded)
+            return PieceJob(self._header, self._runs, threaded=threaded)
         return DigestJob(
             self._header, (), threaded=threaded, gather=gather, pieces=run_pieces(self._header, self._runs)
         )
@@ -469,7 +469,7 @@ class LoRACard:
         card._runs, card._rows, card._n, card._map = self._runs, self._rows, self._n, self._map
         card._ident = None  # no file of its own: read_into copies from the buffers
         if header.major >= 2:
-            check_layout(header, [len(r.names) for r in self._runs_])
+            check_layout(header, [len(r.names) for r in self._runs])
         return card
 
     def upgrade(self, key: Ed25519PrivateKey | None = None) -> LoRACard:

@@ -17,9 +17,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
-import loraflight.engine._engine as engine_mod
 import loraflight.engine.card.batches as batchmod
 from loraflight.engine import Engine
+from loraflight.engine._verify import forget_verified
 from loraflight.engine.card import (
     READ_MAJORS,
     CardDigest,
@@ -205,7 +205,7 @@ def test_format1_fixtures_hot_load(name: str) -> None:
     with torch.no_grad():
         base = [model.q(i)(x) for i in range(len(card))]
     eng = Engine(model)
-    engine_mod._VERIFIED.clear()
+    forget_verified()
     trust = [DOCS_PUB] if "unsigned" not in name else None
     eng.load(FIXTURES / f"{name}.lora.arrow", trust=trust)
     with torch.no_grad():
@@ -286,7 +286,7 @@ def test_one_flipped_bit_in_any_piece_is_named(tmp_path: Path, monkeypatch: pyte
     card = multi_piece(monkeypatch)
     data = card.to_bytes()
     n = len(card.header.pieces)
-    engine_mod._VERIFIED.clear()
+    forget_verified()
     for i in range(n):
         for which in (0, 1):
             path = tmp_path / f"bad-{i}-{which}.lora.arrow"  # a fresh file each time: no cache helps

@@ -14,6 +14,7 @@ from loraflight.engine.card import LoRACard
 from loraflight.errors import ConflictError
 from loraflight.federation import Client, SyncPolicy, sync
 from loraflight.federation.protocol import CatalogEntry, Criteria, offer_filter, parse_criteria
+from loraflight.federation.security import call_headers
 from loraflight.federation.sync import plan_sync
 from loraflight.testing import make_card
 
@@ -76,12 +77,16 @@ def test_nodes_list_formats_and_offer_only_what_a_peer_reads(make_store, make_se
         assert c.health()["formats"] == [1, 2]
         assert {e.digest for e in c.list()} == {v1.digest, v2.digest}  # this client reads both
         assert c.node_info()["skipped_offers"] == {}
-    # a peer naming no formats is an older node: it reads format 1 only, and is offered only that
+    # a loraflight peer naming no formats is an older node: it reads format 1 only, and is
+    # offered only that; a generic Flight client (no loraflight-protocol header) sees every card
+    older = flight.FlightCallOptions(headers=call_headers(None))
     with flight.connect(("127.0.0.1", srv.port)) as raw:
-        infos = list(raw.list_flights())
+        infos = list(raw.list_flights(b"", options=older))
         assert [json.loads(i.app_metadata)["digest"] for i in infos] == [v1.digest]
-        one = list(raw.list_flights(json.dumps({"formats": [1]}).encode()))
+        one = list(raw.list_flights(json.dumps({"formats": [1]}).encode(), options=older))
         assert len(one) == 1
+        generic = list(raw.list_flights())
+        assert {json.loads(i.app_metadata)["digest"] for i in generic} == {v1.digest, v2.digest}
     with Client(srv.location, retries=0) as c:
         info = c.node_info()
     assert info["formats"] == [1, 2]
