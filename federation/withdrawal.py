@@ -144,7 +144,9 @@ class Withdrawal:
         except (ValueError, TypeError) as e:
             raise TrustError(f"withdrawal of {self.ref}: signer key is malformed: {e}") from None
         if self.signer != sid:
-            raise TrustError(f"withdrawal of {self.ref}: signer id {self.signer!r} does not match the signer key")
+            raise TrustError(
+                f"withdrawal of {self.ref}: signer id {self.signer!r} does not match the signer key"
+            )
         verify_detached(self.signer_key, self.signature, self.message(), what=f"withdrawal of {self.ref}")
 
 
@@ -176,7 +178,9 @@ def new_withdrawal(
     name: str, version: int, key: Ed25519PrivateKey, *, reason: str = "", when: str | None = None
 ) -> Withdrawal:
     """A signed withdrawal of `name@version` (checked like a received one)."""
-    w = Withdrawal.from_dict({"name": name, "version": version, "reason": reason, "time": when or now_rfc3339()})
+    w = Withdrawal.from_dict(
+        {"name": name, "version": version, "reason": reason, "time": when or now_rfc3339()}
+    )
     return w.sign(key)
 
 

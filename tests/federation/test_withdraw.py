@@ -48,7 +48,12 @@ def test_signed_record_verifies_and_its_bytes_are_domain_separated(author):
     w.verify()
     assert w.message().startswith(WITHDRAW_DOMAIN)
     assert Withdrawal.from_json(w.to_json()) == w  # the wire form round-trips exactly
-    for field, value in (("version", 3), ("reason", "other"), ("name", "skill2"), ("time", "2026-01-02T03:04:06Z")):
+    for field, value in (
+        ("version", 3),
+        ("reason", "other"),
+        ("name", "skill2"),
+        ("time", "2026-01-02T03:04:06Z"),
+    ):
         with pytest.raises(TrustError, match="bad signature"):
             dataclasses.replace(w, **{field: value}).verify()
 
@@ -213,7 +218,9 @@ class OldServer(CardServer):
         return super().do_action(context, action)
 
 
-def test_withdraw_over_flight_and_sync_to_a_peer_despite_an_old_server(make_store, make_server, author, stranger):
+def test_withdraw_over_flight_and_sync_to_a_peer_despite_an_old_server(
+    make_store, make_server, author, stranger
+):
     key, _ = author
     a, b, old = make_store("a"), make_store("b"), make_store("old")
     for st in (a, b, old):

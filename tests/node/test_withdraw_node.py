@@ -81,7 +81,9 @@ def test_withdrawal_rolls_back_unloads_children_and_removes_the_export(
                 assert n.wait_idle()
         assert eng.adapters["skill"]["digest"] == v1.digest  # the engine itself holds v1
         assert "tone" not in eng.adapters and "tone" not in n.loaded()
-        assert any("unloaded tone" in r.getMessage() and "withdrawn" in r.getMessage() for r in caplog.records)
+        assert any(
+            "unloaded tone" in r.getMessage() and "withdrawn" in r.getMessage() for r in caplog.records
+        )
         assert not (export / "skill-v2").exists() and (export / "skill-v1").is_dir()
         st = node_action(n.uri, "status")
         assert [w["name"] for w in st["withdrawals"]] == ["skill"]
@@ -152,7 +154,9 @@ def test_withdraw_delete_and_ls_commands(tmp_path: Path, fleet: str, signer, mon
         r = run("delete", "skill@3", "--node", node, "--token-file", str(token_file))
         assert r.returncode == 0, r.stderr
         assert "comes back from peers" in r.stdout and "unless withdrawn" in r.stdout
-        r = run("withdraw", "skill@2", "--node", node, "--key", str(stranger), "--token-file", str(token_file))
+        r = run(
+            "withdraw", "skill@2", "--node", node, "--key", str(stranger), "--token-file", str(token_file)
+        )
         assert r.returncode == 1 and "error:" in r.stderr and "not trusted" in r.stderr, r.stderr
         assert n.store.withdrawals() == []
         r = run("withdraw", "skill", "--node", node, "--key", str(priv), "--token-file", str(token_file))
