@@ -17,7 +17,7 @@ from loraflight.errors import TrustError
 from .header import CardHeader
 
 if TYPE_CHECKING:  # cryptography loads on first use: reading a card does not need it
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SIGN_DOMAIN = b"loraflight-sig-v1\x00"
 
@@ -86,12 +86,12 @@ def _check_valid(header: CardHeader) -> None:
         )
 
 
-def _verify(pub: object, sig: bytes, message: bytes) -> bool:
+def _verify(pub: Ed25519PublicKey, sig: bytes, message: bytes) -> bool:
     """The one Ed25519 check: True when `sig` signs `message` under `pub`."""
     from cryptography.exceptions import InvalidSignature
 
     try:
-        pub.verify(sig, message)  # type: ignore[attr-defined]
+        pub.verify(sig, message)
     except InvalidSignature:
         return False
     return True
