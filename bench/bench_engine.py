@@ -39,8 +39,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import loraflight.engine._engine as engine_mod  # noqa: E402
 from loraflight.engine import Engine  # noqa: E402
+from loraflight.engine._verify import forget_verified  # noqa: E402
 from loraflight.engine.peft_io import from_peft  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -184,7 +184,7 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
     lines = []
 
     def ours_load_verify() -> None:
-        engine_mod._VERIFIED.clear()
+        forget_verified()
         eng.load(card1, name="x")
 
     def ours_load_memo() -> None:
@@ -246,7 +246,7 @@ def bench_load(model: nn.Module, adapters, device: str, repeats: int) -> list[st
         return card2 if eng.adapters["x"]["digest"] == digest1 else card1
 
     def ours_swap_verify() -> None:
-        engine_mod._VERIFIED.clear()
+        forget_verified()
         eng.load(other_card(), name="x")
 
     def ours_swap_memo() -> None:
@@ -371,7 +371,7 @@ def bench_module(
                 mod.lora_A[k].weight.data = mod.lora_A[k].weight.data.to(device, dtype)
                 mod.lora_B[k].weight.data = mod.lora_B[k].weight.data.to(device, dtype)
     pm.base_model.set_adapter("m0")
-    from loraflight.engine._torchio import card_from_tensors
+    from loraflight.engine.card.torch import card_from_tensors
 
     eng = Engine(ours_m)
     lora = pm.base_model.model.q_proj
@@ -422,7 +422,7 @@ def bench_module(
 
 def bench_7b_load(device: str, repeats: int, tmp: Path, hidden: int = 4096, layers: int = 32) -> list[str]:
     """Hot-load a LLaMA-7B-shape rank-16 fp16 card (32 layers × q,k,v,o of 4096²) into the projections."""
-    from loraflight.engine._torchio import card_from_tensors
+    from loraflight.engine.card.torch import card_from_tensors
 
     class Attn(nn.Module):
         def __init__(self) -> None:
@@ -460,7 +460,7 @@ def bench_7b_load(device: str, repeats: int, tmp: Path, hidden: int = 4096, laye
     eng.load(path, name="resident", activate=False)
 
     def verify_each() -> None:
-        engine_mod._VERIFIED.clear()
+        forget_verified()
         eng.load(path, name="x")
 
     def memo() -> None:

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Loaded adapters live in a dict of immutable records (`_Adapter`: per model
+Loaded adapters live in a dict of immutable records (`Adapter`: per model
 module an ``(A, B·scale)`` pair, already cast to the layer's dtype and moved to
 its device). Every change (load, swap, unload, activate, merge) builds a
 *candidate* adapter dict, derives from it a new immutable ``Snapshot`` (see
@@ -11,7 +11,7 @@ layers are put into the model, the snapshot reference is swapped, and layers
 no longer needed get their original module objects back. If anything fails
 before the commit, nothing has changed.
 
-Verification runs beside a load (``_Verifying``): the card's digest is hashed
+Verification runs beside a load (``Verifying``, engine._verify): the card's digest is hashed
 in a helper thread (``engine.card.DigestJob``) from the first step, while this
 thread checks the fit, copies the tensors (checking the copies finite) and
 builds the candidate snapshot; the digest and the trust decision are awaited
@@ -32,6 +32,10 @@ the child applies all of them (once each, even if a parent is also active).
 Unloading a child also unloads the ``auto`` parents nothing else needs;
 unloading a parent that still has loaded children is refused.
 
+Leases (``engine._lease``): a request that resolved a digest holds it with
+``lease()``; a swap or unload keeps the held weights addressable for its rows
+until the last release, while new lookups by name see the change at once.
+
 Module names: a card's module paths are relative to the model it was made
 for. They are mapped onto the wrapped model by the first rule under which
 *every* module resolves: (1) as written; (2) with a PEFT ``base_model.model.``
@@ -44,16 +48,13 @@ missing modules under the rule that resolved the most.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import contextvars
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -62,39 +63,29 @@ from torch import nn
 
 from loraflight.errors import CardError, EngineError, LoraflightError
 
-from ._lora import Delta, LoRALinear, RowPlan, Shared, Slot, Snapshot, merged_weight
-from ._torchio import TORCH_DTYPES, copy_card_tensors, dtype_name
-from .card import DigestJob, LoRACard, base_fingerprint, check_digest_matches, check_signature
+from ._lease import AdapterLease, digest_of_key, is_lease_key, lease_key
+from ._lora import Delta, LoRALinear, Shared, Slot, Snapshot, merged_weight
+from ._modmap import lookup, plan_card
+from ._records import (
+    MAX_LINEAGE_DEPTH,
+    Adapter,
+    Plan,
+    as_card,
+    chain_deltas,
+    evict,
+    free_name,
+    lineage,
+    remove,
+    with_rows,
+)
+from ._verify import Verifying, finish_all
+from .card import CardHeader, LoRACard, lora_scale
+from .card.torch import TORCH_DTYPES, copy_card_tensors, dtype_name
 
 log = logging.getLogger(__name__)
 
-_PEFT_PREFIX = "base_model.model."
-_MAX_LINEAGE_DEPTH = 32
 
 Resolver = Callable[[str], "LoRACard | str | os.PathLike[str] | None"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Adapter:
-    name: str
-    ref: str
-    digest: str
-    version: int
-    card_dtype: str
-    deltas: dict[str, Delta]  # model module path -> (A, B, scale), own weights only
-    parents: tuple[str, ...]  # names of direct lineage parents (loaded adapters)
-    auto: bool  # loaded as someone's lineage parent
-    active: bool
-    last_used: float
-    nbytes: int
-    device: str
-    dtype: str
-
-
-@dataclasses.dataclass
-class _Plan:
-    mapping: dict[str, str]  # card module -> model module path
-    targets: dict[str, tuple[torch.device, torch.dtype]]  # card module -> where its weights go
 
 
 class Engine:
@@ -120,7 +111,7 @@ class Engine:
         self._mixed_var: contextvars.ContextVar[tuple[str | None, ...] | None] = contextvars.ContextVar(
             "loraflight_mixed", default=None
         )
-        self._adapters: dict[str, _Adapter] = {}
+        self._adapters: dict[str, Adapter] = {}
         self._merged: tuple[str, ...] = ()
         self._wrappers: dict[str, LoRALinear] = {}
         self._merged_cache: dict[str, tuple[tuple[int, ...], nn.Parameter]] = {}
@@ -128,6 +119,8 @@ class Engine:
         self._flight_lock = threading.Lock()
         self._inflight = 0
         self._pending: dict[str, LoRALinear] = {}
+        self._leases: dict[str, int] = {}  # digest -> holds (see engine._lease)
+        self._retained: dict[str, dict[str, tuple[Delta, ...]]] = {}  # leased, no longer loaded
         self._tls = threading.local()
         self._last_forward = 0.0
         self._hooks = [
@@ -171,10 +164,22 @@ class Engine:
         with self._lock:
             return self._merged
 
+    @property
+    def headers(self) -> dict[str, CardHeader]:
+        """name -> the header of the card loaded under it (description, tags: what routers read)."""
+        with self._lock:
+            return {n: a.header for n, a in self._adapters.items()}
+
+    @property
+    def retained(self) -> tuple[str, ...]:
+        """Digests no longer loaded under a name but kept resident for leases still held."""
+        with self._lock:
+            return tuple(self._retained)
+
     def __repr__(self) -> str:
         return f"Engine({type(self.model).__name__}, adapters={list(self._adapters)}, active={list(self.active)})"
 
-    def _used(self, a: _Adapter) -> float:
+    def _used(self, a: Adapter) -> float:
         return max(a.last_used, self._last_forward) if a.active else a.last_used
 
     # ------------------------------------------------------------------ load
@@ -192,11 +197,11 @@ class Engine:
         keys or signer ids) and checked against the model before anything changes. A name
         already loaded is swapped in place. `resolver(digest)` supplies lineage parents.
         """
-        card = _as_card(card_or_path)
+        card = as_card(card_or_path)
         trusted = None if trust is None else list(trust)
         with self._lock:
             cand = dict(self._adapters)
-            checks: list[_Verifying] = []
+            checks: list[Verifying] = []
             try:
                 name = self._load_into(
                     cand, card, name, activate, trusted, resolver, auto=False, depth=0, checks=checks
@@ -213,7 +218,7 @@ class Engine:
 
     def _load_into(
         self,
-        cand: dict[str, _Adapter],
+        cand: dict[str, Adapter],
         card: LoRACard,
         name: str | None,
         activate: bool,
@@ -222,13 +227,13 @@ class Engine:
         *,
         auto: bool,
         depth: int,
-        checks: list[_Verifying],
+        checks: list[Verifying],
     ) -> str:
         name = card.name if name is None else name
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name or is_lease_key(name):
             raise EngineError(f"adapter name must be a non-empty string, got {name!r}")
-        if depth > _MAX_LINEAGE_DEPTH:
-            raise EngineError(f"lineage of {card.ref} is deeper than {_MAX_LINEAGE_DEPTH} levels")
+        if depth > MAX_LINEAGE_DEPTH:
+            raise EngineError(f"lineage of {card.ref} is deeper than {MAX_LINEAGE_DEPTH} levels")
         old = cand.get(name)
         now = time.monotonic()
         if old is not None and old.digest == card.digest and trusted is None:
@@ -238,7 +243,7 @@ class Engine:
             return name
         # 0. verification starts first: the digest is hashed in a helper thread while the rest
         #    (fit, copies, the new snapshot) is prepared; it is awaited just before the commit
-        verifying = _Verifying(card, trusted)
+        verifying = Verifying(card, trusted)
         # 1. lineage parents: all found (loaded or from the resolver) before anything else
         parent_slots: list[str | LoRACard] = []
         missing = []
@@ -256,7 +261,7 @@ class Engine:
             if got is None:
                 missing.append(dg)
                 continue
-            pc = _as_card(got)
+            pc = as_card(got)
             if pc.digest != dg:
                 raise EngineError(
                     f"resolver returned {pc.ref} (digest {pc.digest[:16]}…) for lineage parent {dg[:16]}… "
@@ -277,7 +282,7 @@ class Engine:
             if isinstance(p, str):
                 parents.append(p)
             else:
-                pname = _free_name(cand, p)
+                pname = free_name(cand, p)
                 parents.append(
                     self._load_into(
                         cand, p, pname, False, trusted, resolver, auto=True, depth=depth + 1, checks=checks
@@ -286,7 +291,7 @@ class Engine:
         checks.append(verifying)  # after the parents': their errors come first
         deltas = self._prepare(card, plan, verifying)
         first = next(iter(deltas.values()))[0]
-        cand[name] = _Adapter(
+        cand[name] = Adapter(
             name=name,
             ref=card.ref,
             digest=card.digest,
@@ -302,104 +307,15 @@ class Engine:
             ),
             device=str(first.device),
             dtype=dtype_name(first.dtype),
+            header=card.header,
         )
         return name
 
-    def _plan(self, card: LoRACard) -> _Plan:
+    def _plan(self, card: LoRACard) -> Plan:
         """Check the card against the model; all problems in one EngineError."""
-        problems: list[str] = []
-        hdr = card.header
-        if self.base_model is not None and hdr.base_model is not None and hdr.base_model != self.base_model:
-            problems.append(
-                f"the card is for base model {hdr.base_model!r} but this engine serves {self.base_model!r}"
-            )
-        card_shapes = card.shapes  # (module, in, out) per row, without building the numpy rows
-        mapping, missing, rule = self._map_modules([m for m, _, _ in card_shapes])
-        if missing:
-            problems.append(
-                f"{len(missing)} module(s) not found in the model ({rule}): "
-                + ", ".join(repr(m) for m in missing[:10])
-                + (" …" if len(missing) > 10 else "")
-            )
-        targets: dict[str, tuple[torch.device, torch.dtype]] = {}
-        shapes: list[tuple[str, int, int]] = []
-        for cm, fin, fout in card_shapes:
-            path = mapping.get(cm)
-            if path is None:
-                continue
-            mod = _lookup(self.model, path)
-            base = mod.base_layer if isinstance(mod, LoRALinear) else mod
-            if not isinstance(base, nn.Linear):
-                problems.append(f"module {path!r} is a {type(base).__name__}, not an nn.Linear")
-                continue
-            shapes.append((cm, int(base.in_features), int(base.out_features)))
-            if (base.in_features, base.out_features) != (fin, fout):
-                problems.append(
-                    f"module {path!r}: the card's shape (in={fin}, out={fout}) does not "
-                    f"fit the layer (in={base.in_features}, out={base.out_features})"
-                )
-                continue
-            w = base.weight
-            if w.dtype not in TORCH_DTYPES.values():
-                problems.append(
-                    f"module {path!r} has {w.dtype} weights; only float32/float16/bfloat16 are supported"
-                )
-                continue
-            targets[cm] = (w.device, w.dtype)
-        if hdr.base_fingerprint is not None and not problems:
-            have = base_fingerprint(shapes)
-            if have != hdr.base_fingerprint:
-                problems.append(
-                    f"base fingerprint mismatch: the card was made for a base whose targeted modules hash to "
-                    f"{hdr.base_fingerprint[:16]}…, this model's hash to {have[:16]}…; use the card's base "
-                    f"model{f' ({hdr.base_model})' if hdr.base_model else ''}"
-                )
-        if problems:
-            shown = problems if len(problems) <= 12 else [*problems[:12], f"… and {len(problems) - 12} more"]
-            raise EngineError(
-                f"card {card.ref} does not fit the model; nothing was changed:\n  - " + "\n  - ".join(shown)
-            )
-        return _Plan(mapping, targets)
+        return plan_card(self.model, self.base_model, card)
 
-    def _map_modules(self, names: list[str]) -> tuple[dict[str, str], list[str], str]:
-        model = self.model
-
-        def exists(path: str) -> bool:
-            return bool(path) and _lookup(model, path) is not None
-
-        def attempt(fn: Callable[[str], str | None]) -> dict[str, str]:
-            out = {}
-            for n in names:
-                p = fn(n)
-                if p is not None and exists(p):
-                    out[n] = p
-            return out
-
-        rules: list[tuple[str, Callable[[str], str | None]]] = [("names as written", _same)]
-        if any(n.startswith(_PEFT_PREFIX) for n in names):
-            rules.append(("PEFT prefix removed", _strip_peft))
-        for k in (1, 2, 3):
-            rules.append((f"PEFT prefix and {k} leading component(s) removed", _dropper(k)))
-        best: tuple[dict[str, str], str] = ({}, "names as written")
-        for label, fn in rules:
-            got = attempt(fn)
-            if len(got) == len(names):
-                return got, [], label
-            if len(got) > len(best[0]):
-                best = (got, label)
-        # (4) a prefix the model has: find where the first card module sits in the model
-        first = _strip_peft(names[0])
-        prefixes = [p[: -len(first)] for p, _ in model.named_modules() if p.endswith("." + first)]
-        for pre in prefixes[:8]:
-            got = attempt(_prefixer(pre))
-            if len(got) == len(names):
-                return got, [], f"prefix {pre!r} added"
-            if len(got) > len(best[0]):
-                best = (got, f"prefix {pre!r} added")
-        mapping, label = best
-        return mapping, [n for n in names if n not in mapping], label
-
-    def _prepare(self, card: LoRACard, plan: _Plan, verifying: _Verifying) -> dict[str, Delta]:
+    def _prepare(self, card: LoRACard, plan: Plan, verifying: Verifying) -> dict[str, Delta]:
         """Copy the card's tensors to their layers (one copy per record batch and column).
 
         Unless the card is already known verified, every copied value is checked finite in
@@ -413,14 +329,14 @@ class Engine:
             raise
         except Exception as e:  # a corrupt card must not crash the caller with a bare error
             raise CardError(f"{card.ref}: copying the tensors failed: {e}") from e
-        rslora = card.header.scaling == "rslora"
+        scaling = card.header.scaling
         mapping = plan.mapping
         out: dict[str, Delta] = {}
-        for run in card._runs_:
+        for run in card.runs:
             for cm, r, alpha in zip(run.names, run.ranks, run.alphas, strict=True):
                 ab = tensors.get(cm)
                 if ab is not None:  # the scale as ModuleLoRA.scale computes it
-                    out[mapping[cm]] = (ab[0], ab[1], alpha / math.sqrt(r) if rslora else alpha / r)
+                    out[mapping[cm]] = (ab[0], ab[1], lora_scale(alpha, r, scaling))
         return out
 
     # ------------------------------------------------------------------ activate / unload / merge
@@ -465,7 +381,7 @@ class Engine:
                     f"adapter {name!r} is a lineage parent of {', '.join(map(repr, children))}; unload those first"
                 )
             cand = dict(self._adapters)
-            _remove(cand, name)
+            remove(cand, name)
             self._commit(cand, tuple(m for m in self._merged if m in cand))
             log.info("unloaded %r", name)
 
@@ -508,28 +424,15 @@ class Engine:
                 f"no adapter named {', '.join(map(repr, unknown))} is loaded; loaded: {sorted(self._adapters) or 'none'}"
             )
 
-    def _evict(self, cand: dict[str, _Adapter], keep: str) -> None:
+    def _evict(self, cand: dict[str, Adapter], keep: str) -> None:
         assert self.max_adapters is not None
-        protect = set(_lineage(cand, keep))
-        for _ in range(len(cand) + 1):
-            users = [n for n, a in cand.items() if not a.auto]
-            if len(users) <= self.max_adapters:
-                return
-            has_children = {p for a in cand.values() for p in a.parents}
-            victims = [n for n in users if n not in protect and n not in has_children]
-            if not victims:
-                raise EngineError(
-                    f"cannot load {keep!r}: max_adapters={self.max_adapters} is reached and every loaded "
-                    "adapter is needed (lineage); unload one or raise max_adapters"
-                )
-            victim = min(victims, key=lambda n: self._used(cand[n]))
-            _remove(cand, victim)
+        for victim in evict(cand, keep, self.max_adapters, self._used):
             self.evictions += 1
             log.info("max_adapters=%d: unloaded least recently used %r", self.max_adapters, victim)
 
     # ------------------------------------------------------------------ commit
     def _commit(
-        self, cand: dict[str, _Adapter], merged: tuple[str, ...], checks: Sequence[_Verifying] = ()
+        self, cand: dict[str, Adapter], merged: tuple[str, ...], checks: Sequence[Verifying] = ()
     ) -> None:
         """Make `cand` the loaded set: build everything first, then swap it in.
 
@@ -537,7 +440,15 @@ class Engine:
         merged weights are computed from new tensors, else just before the swap, so the
         snapshot is built while the digest is still being hashed.
         """
-        needed = {m for a in cand.values() for m in a.deltas}
+        visible: dict[str, str] = {}  # digest -> the first loaded name with it
+        for n, a in cand.items():
+            visible.setdefault(a.digest, n)
+        retained = {  # leased digests leaving (or already out of) the loaded set keep their deltas
+            d: self._retained.get(d) or chain_deltas(self._adapters, self._name_of(d))
+            for d in self._leases
+            if d not in visible
+        }
+        needed = {m for a in cand.values() for m in a.deltas} | {m for c in retained.values() for m in c}
         new_wrappers: dict[str, LoRALinear] = {}
         revived: dict[str, LoRALinear] = {}
         with self._flight_lock:
@@ -547,14 +458,14 @@ class Engine:
         for m in sorted(needed):
             if m in self._wrappers or m in revived:
                 continue
-            base = _lookup(self.model, m)
+            base = lookup(self.model, m)
             if not isinstance(base, nn.Linear):
                 raise EngineError(f"module {m!r} is a {type(base).__name__}, not an nn.Linear")
             new_wrappers[m] = LoRALinear(base, self._next_key + len(new_wrappers), self._shared)
         wrappers = {m: w for m, w in {**self._wrappers, **revived, **new_wrappers}.items() if m in needed}
 
         merged_all = self._merged_set(cand, merged)
-        eff: dict[str, list[str]] = {n: _lineage(cand, n) for n in cand}
+        eff: dict[str, list[str]] = {n: lineage(cand, n) for n in cand}
         active_order = list(
             dict.fromkeys(x for n, a in cand.items() if a.active or n in merged_all for x in eff[n])
         )
@@ -562,7 +473,7 @@ class Engine:
         unmerged = [x for x in active_order if x not in merged_all]
 
         if merged_order:  # merging reads the new tensors: only verified ones
-            _finish(checks)
+            finish_all(checks)
             checks = ()
         # merged weights first: this is the step that can fail (non-finite)
         params: dict[str, nn.Parameter] = {}
@@ -596,6 +507,14 @@ class Engine:
             touched = dict.fromkeys(m for x in chain for m in cand[x].deltas)
             for m in touched:
                 per_module[m][n] = tuple(cand[x].deltas[m] for x in chain if m in cand[x].deltas)
+        for dg, nm in visible.items():  # every loaded digest is addressable by its lease key too
+            key = lease_key(dg)
+            for per in per_module.values():
+                if nm in per:
+                    per[key] = per[nm]
+        for dg, held in retained.items():
+            for m, chain_m in held.items():
+                per_module[m][lease_key(dg)] = chain_m
         active_by_module: dict[str, list[Delta]] = {m: [] for m in wrappers}
         for n in unmerged:
             for m, d in cand[n].deltas.items():
@@ -604,8 +523,9 @@ class Engine:
         for m, w in wrappers.items():
             weight = params.get(m, w.base_layer.weight)
             slots[w.key] = Slot(weight, w.base_layer.bias, tuple(active_by_module[m]), per_module[m])  # type: ignore[arg-type]
-        snap = Snapshot(slots=slots, merged=bool(params), names=frozenset(cand))
-        _finish(checks)  # the digest (and trust) of every new card: the last step that may refuse
+        keys = {lease_key(d) for d in (*visible, *retained)}
+        snap = Snapshot(slots=slots, merged=bool(params), names=frozenset(cand) | keys)
+        finish_all(checks)  # the digest (and trust) of every new card: the last step that may refuse
 
         # ---- commit: nothing below can fail on bad input
         with self._flight_lock:
@@ -627,6 +547,7 @@ class Engine:
                 w.weight = w.base_layer.weight
         self._wrappers = wrappers
         self._adapters = cand
+        self._retained = retained
         self._merged = tuple(m for m in merged if m in cand)
         self._merged_cache = merged_cache
         self._shared.state = snap
@@ -637,16 +558,16 @@ class Engine:
                     self._restore_pending()
 
     @staticmethod
-    def _merged_set(cand: dict[str, _Adapter], merged: Sequence[str]) -> set[str]:
+    def _merged_set(cand: dict[str, Adapter], merged: Sequence[str]) -> set[str]:
         out: set[str] = set()
         for n in merged:
             if n in cand:
-                out.update(_lineage(cand, n))
+                out.update(lineage(cand, n))
         return out
 
     def _parent_of(self, path: str) -> tuple[nn.Module, str]:
         head, _, attr = path.rpartition(".")
-        parent = _lookup(self.model, head) if head else self.model
+        parent = lookup(self.model, head) if head else self.model
         if parent is None:
             raise EngineError(f"module {head!r} has gone from the model")
         return parent, attr
@@ -673,7 +594,7 @@ class Engine:
             with self._flight_lock:
                 snap = self._shared.state
                 if rows is not None:
-                    snap = _with_rows(snap, rows)
+                    snap = with_rows(snap, rows)
                 self._inflight += 1
         except BaseException:
             stack.append(None)  # the post hook still runs (always_call) and pops this
@@ -694,18 +615,63 @@ class Engine:
             if self._inflight == 0 and self._pending:
                 self._restore_pending()
 
+    # ------------------------------------------------------------------ leases
+    def lease(self, digests: Iterable[str]) -> AdapterLease:
+        """Hold these adapters (by digest) resident until the lease is released.
+
+        While held, a swap or unload of their names keeps the old weights for the lease's
+        rows (``lease.row(digest)`` in ``forward_mixed``); new lookups by name see the swap at
+        once. Raises EngineError for a digest that is neither loaded nor already held.
+        """
+        ds = tuple(dict.fromkeys(digests))
+        with self._lock:
+            have = {a.digest for a in self._adapters.values()} | set(self._retained)
+            missing = [d for d in ds if d not in have]
+            if missing:
+                raise EngineError(
+                    f"no loaded adapter has digest {', '.join(d[:16] + '…' for d in missing)}; "
+                    f"loaded: {sorted(self._adapters) or 'none'}"
+                )
+            for d in ds:
+                self._leases[d] = self._leases.get(d, 0) + 1
+        return AdapterLease(ds, self._release)
+
+    def _release(self, digests: tuple[str, ...]) -> None:
+        with self._lock:
+            dropped = False
+            for d in digests:
+                left = self._leases.get(d, 0) - 1
+                if left > 0:
+                    self._leases[d] = left
+                    continue
+                self._leases.pop(d, None)
+                dropped = dropped or d in self._retained
+            if dropped:  # the last hold on a retained adapter: let it go
+                self._commit(dict(self._adapters), self._merged)
+
+    def _name_of(self, digest: str) -> str:
+        return next(n for n, a in self._adapters.items() if a.digest == digest)
+
     # ------------------------------------------------------------------ mixed batches
     @contextlib.contextmanager
     def mixed(self, names: Sequence[str | None]) -> Iterator[None]:
         """Within this block, row i of the model's batch uses adapter names[i] (None: base)."""
         rows = tuple(names)
         with self._lock:
-            self._check_names([n for n in rows if n is not None])
+            self._check_names([n for n in rows if n is not None and not is_lease_key(n)])
+            unheld = {
+                n for n in rows if n is not None and is_lease_key(n) and digest_of_key(n) not in self._leases
+            }
+            if unheld:
+                raise EngineError(
+                    f"mixed batch rows name {len(unheld)} digest(s) no lease holds; use engine.lease(...).row(digest)"
+                )
             if self._merged:
                 raise EngineError("mixed batches need unmerged adapters; call unmerge() first")
             now = time.monotonic()
             for n in set(rows) - {None}:
-                assert n is not None
+                if n is None or n not in self._adapters:
+                    continue
                 self._adapters[n] = dataclasses.replace(self._adapters[n], last_used=now)
         token = self._mixed_var.set(rows)
         try:
@@ -722,177 +688,4 @@ class Engine:
 # ---------------------------------------------------------------------- helpers
 
 
-# Cards that passed verify(): a card file is immutable once written (writers replace it by
-# rename), so (path, device, inode, size, mtime, ctime, digest) identifies verified bytes;
-# an in-memory card is remembered by identity. Bounded. A memo hit with trust= still checks
-# the signature against the trusted keys (an Ed25519 verify, no hashing of tensors).
-_VERIFIED: collections.OrderedDict[Any, bool] = collections.OrderedDict()
-_VERIFIED_LOCK = threading.Lock()
-_VERIFIED_MAX = 4096
-
-
-def _verified_key(card: LoRACard) -> Any:
-    if card.path is None:
-        return ("obj", id(card), card.digest, weakref.ref(card))
-    try:
-        st = os.stat(card.path)
-    except OSError:
-        return None
-    return (
-        "file",
-        os.fspath(card.path),
-        st.st_dev,
-        st.st_ino,
-        st.st_size,
-        st.st_mtime_ns,
-        st.st_ctime_ns,
-        card.digest,
-    )
-
-
-class _Verifying:
-    """One card's verification, run beside the load (see docs/engine.md, "Loading").
-
-    Unless the card is known verified (the memo), its digest is hashed by a `DigestJob` in a
-    helper thread from the moment the load starts. The signature and trust are checked here at
-    once (one Ed25519 verify), their error held back so that a digest mismatch is reported
-    first, as `LoRACard.verify` does; values are checked finite by the copy (`_prepare`).
-    `finish()` waits for the digest and raises the first failure; it runs before the commit.
-    """
-
-    def __init__(self, card: LoRACard, trusted: list[str] | None) -> None:
-        self.card = card
-        self.memo = _verified_key(card)
-        self.known = self.memo is not None and self.memo in _VERIFIED
-        self.job: DigestJob | None = None
-        self.error: LoraflightError | None = None
-        if not self.known:
-            try:
-                self.job = card.digest_job()
-            except LoraflightError:
-                raise
-            except Exception as e:  # a corrupt card must not crash the caller with a bare error
-                raise CardError(f"{card.ref}: verification failed: {e}") from e
-        if trusted is not None or not self.known:
-            try:
-                check_signature(card.header, trusted)
-            except LoraflightError as e:
-                self.error = e
-
-    def finish(self) -> None:
-        if self.job is not None:
-            check_digest_matches(self.card, self.job.result())
-            self.job = None
-        if self.error is not None:
-            raise self.error
-        if self.memo is not None and not self.known:
-            _remember_verified(self.memo)
-            self.known = True
-
-    def cancel(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
-
-
-def _finish(checks: Sequence[_Verifying]) -> None:
-    for c in checks:
-        c.finish()
-
-
-def _remember_verified(key: Any) -> None:
-    with _VERIFIED_LOCK:
-        _VERIFIED[key] = True
-        while len(_VERIFIED) > _VERIFIED_MAX:
-            _VERIFIED.popitem(last=False)
-
-
-def _lookup(root: nn.Module, path: str) -> nn.Module | None:
-    """The submodule at dotted `path`, or None (get_submodule without its per-level checks)."""
-    m: nn.Module | None = root
-    for part in path.split("."):
-        m = m._modules.get(part) if m is not None else None
-        if m is None:
-            return None
-    return m
-
-
-def _same(n: str) -> str:
-    return n
-
-
-def _strip_peft(n: str) -> str:
-    return n[len(_PEFT_PREFIX) :] if n.startswith(_PEFT_PREFIX) else n
-
-
-def _dropper(k: int) -> Callable[[str], str | None]:
-    def fn(n: str) -> str | None:
-        return ".".join(_strip_peft(n).split(".")[k:]) or None
-
-    return fn
-
-
-def _prefixer(prefix: str) -> Callable[[str], str]:
-    def fn(n: str) -> str:
-        return prefix + _strip_peft(n)
-
-    return fn
-
-
-def _as_card(obj: Any) -> LoRACard:
-    if isinstance(obj, LoRACard):
-        return obj
-    if isinstance(obj, (str, os.PathLike)):
-        return LoRACard.open(obj)
-    raise EngineError(f"expected a LoRACard or a card file path, got {type(obj).__name__}")
-
-
-def _free_name(cand: dict[str, _Adapter], card: LoRACard) -> str:
-    for n in (card.name, card.ref, f"{card.ref}#{card.digest[:12]}"):
-        if n not in cand:
-            return n
-    return f"{card.ref}#{card.digest}"
-
-
-def _lineage(cand: dict[str, _Adapter], name: str) -> list[str]:
-    """Ancestors first (each once), then `name`."""
-    out: dict[str, None] = {}
-
-    def visit(n: str, depth: int) -> None:
-        if n in out or depth > _MAX_LINEAGE_DEPTH or n not in cand:
-            return
-        for p in cand[n].parents:
-            visit(p, depth + 1)
-        out[n] = None
-
-    visit(name, 0)
-    return list(out)
-
-
-def _remove(cand: dict[str, _Adapter], name: str) -> None:
-    """Drop `name` and then every auto-loaded parent that nothing left needs."""
-    cand.pop(name, None)
-    for _ in range(len(cand) + 1):
-        needed = {p for a in cand.values() for p in a.parents}
-        orphans = [n for n, a in cand.items() if a.auto and n not in needed and not a.active]
-        if not orphans:
-            return
-        for n in orphans:
-            cand.pop(n)
-
-
-def _with_rows(snap: Snapshot, rows: tuple[str | None, ...]) -> Snapshot:
-    if snap.merged:
-        raise EngineError("mixed batches need unmerged adapters; call unmerge() first")
-    names = tuple(dict.fromkeys(n for n in rows if n is not None))
-    unknown = [n for n in names if n not in snap.names]
-    if unknown:
-        raise EngineError(f"mixed batch names adapter(s) {unknown} that are not loaded")
-    index = tuple(0 if n is None else names.index(n) + 1 for n in rows)
-    return Snapshot(
-        slots=snap.slots,
-        merged=False,
-        names=snap.names,
-        rows=RowPlan(names, index),
-        _stacks=snap._stacks,
-        _memo_lock=snap._memo_lock,
-    )
+__all__ = ["Engine", "Resolver"]

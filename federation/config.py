@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 from loraflight.errors import ConfigError
 
+from .serving.checks import api_problems, base_model_problem, device_problem
+
 _log = logging.getLogger(__name__)
 
 ENV_PREFIX = "LORAFLIGHT_"
@@ -111,12 +113,32 @@ class SyncConfig:
 @dataclass
 class EngineConfig:
     base_model: str = _f(
-        "", "base model to hot-load into: 'minilm', 'tiny:SEED', or a Hugging Face folder (empty: no engine)"
+        "",
+        "base model to hot-load into and serve: 'minilm', 'tiny:SEED', a Hugging Face folder, or a Hugging "
+        "Face id in the local cache (empty: no engine)",
     )
     hot_load: bool = _f(
         True, "hot-load synced cards that match the base model", flag="--hot-load/--no-hot-load"
     )
     device: str = _f("cpu", "torch device of the engine ('cpu', 'cuda', 'cuda:1')")
+    model_id: str = _f(
+        "", "the base model id cards are matched against (empty: the model's own id, or the MiniLM id)"
+    )
+
+
+@dataclass
+class ApiConfig:
+    listen: str = _f(
+        "",
+        "HTTP address of the OpenAI-compatible API, HOST:PORT (port 0: any free port) or a Unix socket "
+        "path; empty: off",
+    )
+    max_batch: int = _f(64, "most inputs in one forward of the cross-request batcher")
+    max_wait_ms: float = _f(2.0, "how long the batcher waits for more requests before a forward, ms")
+    queue: int = _f(1024, "most inputs admitted and waiting; beyond it requests get 429")
+    max_inputs: int = _f(2048, "most inputs in one embeddings request")
+    max_input_tokens: int = _f(0, "most tokens in one input (0: the model's context)")
+    max_body_bytes: int = _f(8 * 1024 * 1024, "largest request body in bytes; larger bodies get 413")
 
 
 @dataclass
@@ -158,6 +180,7 @@ class NodeConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -584,8 +607,9 @@ def validate(cfg: NodeConfig) -> list[str]:
     # engine
     if cfg.engine.base_model:
         bm = cfg.engine.base_model
-        if not (bm == "minilm" or re.fullmatch(r"tiny(:\d+)?", bm) or Path(os.path.expanduser(bm)).is_dir()):
-            p.append(f"engine.base_model: {bm!r} is not 'minilm', 'tiny:SEED' or an existing model folder")
+        msg = base_model_problem(bm)
+        if msg:
+            p.append(f"engine.base_model: {msg}")
         if (
             cfg.engine.hot_load
             and cfg.trust.engine == "signed"
@@ -602,6 +626,13 @@ def validate(cfg: NodeConfig) -> list[str]:
         )
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.engine.device):
         p.append(f"engine.device: {cfg.engine.device!r} is not cpu, cuda, cuda:N or mps")
+    elif cfg.engine.base_model:  # an engine will be built: the device must exist (loads torch)
+        msg = device_problem(cfg.engine.device)
+        if msg:
+            p.append(f"engine.device: {msg}")
+    if cfg.engine.model_id and (len(cfg.engine.model_id) > 256 or not cfg.engine.model_id.isprintable()):
+        p.append("engine.model_id: at most 256 printable characters")
+    p.extend(api_problems(cfg.api))  # (the node checks that an API has an engine to serve)
     # intervals
     iv = cfg.intervals
     for name in ("health", "health_timeout", "probe", "poll", "dns"):
@@ -629,6 +660,7 @@ __all__ = [
     "DEFAULT_PORT",
     "KEYS",
     "KEYS_BY_PATH",
+    "ApiConfig",
     "DiscoveryConfig",
     "EngineConfig",
     "IntervalsConfig",

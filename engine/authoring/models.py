@@ -294,3 +294,19 @@ def _load_local(spec: str, *, causal: bool) -> tuple[Any, Any, str]:
     tok = AutoTokenizer.from_pretrained(str(path))
     model.eval()
     return model, tok, str(getattr(model.config, "_name_or_path", "") or path.name)
+
+
+__all__ = [
+    "MINILM_ID",
+    "MINILM_PACKAGE",
+    "ByteTokenizer",
+    "HashTokenizer",
+    "encode",
+    "load_causal_model",
+    "load_embedding_model",
+    "load_minilm",
+    "mean_pool",
+    "minilm_path",
+    "tiny_encoder",
+    "tiny_llama",
+]

@@ -265,6 +265,41 @@ class Router:
                 e.vector = v
         return entries
 
+    def route_many(
+        self, queries: Sequence[str], k: int = 1, threshold: float | None = None
+    ) -> list[list[Route]]:
+        """`route` for several queries with one embedding call (what serving's ``auto`` uses)."""
+        for q in queries:
+            self._check_query(q)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        thr = self.embedder.default_threshold if threshold is None else float(threshold)
+        entries = self._embed_pending()
+        if not entries or not queries:
+            return [[] for _ in queries]
+        mat = np.stack([e.vector for e in entries if e.vector is not None])
+        scores = self.embedder.embed(list(queries)) @ mat.T  # (queries, entries)
+        return [self._ranked(entries, row, k, thr) for row in scores]
+
+    @staticmethod
+    def _check_query(query: str) -> None:
+        if not isinstance(query, str) or not query.strip():
+            raise ConfigError("the query must be a non-empty string")
+        if len(query) > MAX_QUERY_CHARS:
+            raise ConfigError(f"the query is {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
+
+    @staticmethod
+    def _ranked(entries: list[_Entry], scores: np.ndarray, k: int, thr: float) -> list[Route]:
+        order = sorted(range(len(entries)), key=lambda i: (-float(scores[i]), entries[i].header.name))
+        out: list[Route] = []
+        for i in order:
+            s = float(scores[i])
+            if s < thr or len(out) >= k:
+                break
+            e = entries[i]
+            out.append(Route(e.header.name, e.header.version, e.header.digest, s, e.local, e.location))
+        return out
+
     def route(self, query: str, k: int = 3, threshold: float | None = None) -> list[Route]:
         """Top-k cards by cosine similarity to `query`, best first, above `threshold`
         (default: the embedder's `default_threshold`)."""
@@ -301,3 +336,17 @@ def route_accuracy(router: Router, labelled: Sequence[tuple[str, str]]) -> float
         r = router.route(query, k=1, threshold=-1.0)
         hits += bool(r and r[0].name == expected)
     return hits / len(labelled)
+
+
+__all__ = [
+    "MAX_QUERY_CHARS",
+    "STOPWORDS",
+    "Embedder",
+    "HashingEmbedder",
+    "MiniLMEmbedder",
+    "Route",
+    "Router",
+    "card_text",
+    "default_embedder",
+    "route_accuracy",
+]

@@ -94,7 +94,7 @@ class LoRACard:
             seen: set[str] = set()
             dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
             raise CardError(f"module {dup!r} appears twice")
-        self._runs_ = runs  # kept under this name while engine/_engine.py reads it; use `runs`
+        self._runs = runs
         self._rows: list[ModuleLoRA] | None = None
         self._n = len(names)
         self._map: pa.Buffer | None = None  # the whole mapped file, for an opened card
@@ -105,7 +105,7 @@ class LoRACard:
         """The rows as `ModuleLoRA` (numpy views), built on first use: opening does not need them."""
         rows = self._rows
         if rows is None:
-            rows = [m for r in self._runs_ for m in r.rows()]
+            rows = [m for r in self._runs for m in r.rows()]
             self._rows = rows
         return rows
 
@@ -332,7 +332,7 @@ class LoRACard:
     @property
     def runs(self) -> list[BatchRun]:
         """The record batches after their structural checks: flat A/B values and row fields."""
-        return list(self._runs_)
+        return list(self._runs)
 
     @property
     def mapping(self) -> pa.Buffer | None:
@@ -341,12 +341,12 @@ class LoRACard:
 
     @property
     def tensor_nbytes(self) -> int:
-        return sum(r.flat_a.nbytes + r.flat_b.nbytes for r in self._runs_)
+        return sum(r.flat_a.nbytes + r.flat_b.nbytes for r in self._runs)
 
     @property
     def shapes(self) -> list[tuple[str, int, int]]:
         """(module, in_features, out_features) per row: what the base fingerprint hashes."""
-        return [t for r in self._runs_ for t in zip(r.names, r.fins, r.fouts, strict=True)]
+        return [t for r in self._runs for t in zip(r.names, r.fins, r.fouts, strict=True)]
 
     def __repr__(self) -> str:
         return f"LoRACard({self.ref}, {len(self)} modules, {self.dtype}, digest={self.digest[:12]})"
@@ -354,18 +354,18 @@ class LoRACard:
     # -- verification
     def compute_digest(self) -> str:
         h = hashlib.sha256()
-        for piece in run_pieces(self._header, self._runs_)[0]:
+        for piece in run_pieces(self._header, self._runs)[0]:
             h.update(piece)
         return h.hexdigest()
 
     def check_values(self) -> None:
         """Raise CardError naming the first module with a NaN or Inf (see `values.check_finite`)."""
-        check_finite(self._runs_, self.dtype)
+        check_finite(self._runs, self.dtype)
 
     def digest_job(self, *, threaded: bool | None = None, gather: int = GATHER_BYTES) -> DigestJob:
         """Start computing this card's digest (in a helper thread when big); see `DigestJob`."""
         return DigestJob(
-            self._header, (), threaded=threaded, gather=gather, pieces=run_pieces(self._header, self._runs_)
+            self._header, (), threaded=threaded, gather=gather, pieces=run_pieces(self._header, self._runs)
         )
 
     def _values_and_digest(self) -> str:
@@ -415,7 +415,7 @@ class LoRACard:
         batches = [pa.record_batch(b.columns, schema=schema) for b in self._batches]
         card = LoRACard.__new__(LoRACard)
         card._header, card._batches, card._path = header, batches, None
-        card._runs_, card._rows, card._n, card._map = self._runs_, self._rows, self._n, self._map
+        card._runs, card._rows, card._n, card._map = self._runs, self._rows, self._n, self._map
         card._ident = None  # no file of its own: read_into copies from the buffers
         return card
 
@@ -466,7 +466,7 @@ class LoRACard:
         card is untrusted.
         """
         views: dict[str, tuple[memoryview, memoryview]] = {}
-        for run in self._runs_:
+        for run in self._runs:
             for name, sa, sb in zip(run.names, run.shapes_a(), run.shapes_b(), strict=True):
                 got = dst.get(name)
                 if got is None:
@@ -486,7 +486,7 @@ class LoRACard:
                 fd = -1
         try:
             base = self._map.address if self._map is not None else 0
-            for run in self._runs_:
+            for run in self._runs:
                 for col, flat in ((0, run.flat_a), (1, run.flat_b)):
                     targets = [views[n][col] for n in run.names]
                     if fd >= 0:

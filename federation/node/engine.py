@@ -1,5 +1,5 @@
 """What the node needs from an engine (`NodeEngine`, a Protocol) and `build_engine`,
-which makes one from `engine.base_model`."""
+which makes one from `engine.base_model`; the node itself builds a `ServingModel`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loraflight.engine.card import LoRACard
-from loraflight.errors import ConfigError
 
 Resolver = Callable[[str], Path | None]
 
@@ -31,27 +30,12 @@ class NodeEngine(Protocol):
         ...
 
 
-def build_engine(spec: str, device: str = "cpu") -> NodeEngine:
-    """An `engine.Engine` around the base model named by `engine.base_model`."""
-    import re
+def build_engine(spec: str, device: str = "cpu", model_id: str = "") -> NodeEngine:
+    """An `engine.Engine` around the base model named by `engine.base_model` (no tokenizer kept:
+    a node that serves builds a `ServingModel` with `build_serving_model` instead)."""
+    from loraflight.engine.authoring.serving_model import build_serving_model
 
-    from loraflight.engine import Engine
-    from loraflight.engine.authoring.models import load_embedding_model, tiny_encoder
-
-    m = re.fullmatch(r"tiny(?::(\d+))?", spec)
-    if m:
-        model, _tok = tiny_encoder(seed=int(m.group(1) or 0))
-        base = "loraflight/tiny-encoder"
-    else:
-        try:
-            model, _tok, base = load_embedding_model(spec)
-        except ConfigError:
-            raise
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"engine.base_model {spec!r} could not be loaded: {e}") from None
-    if device != "cpu":
-        model = model.to(device)
-    engine: NodeEngine = Engine(model, base_model=base)
+    engine: NodeEngine = build_serving_model(spec, device=device, model_id=model_id).engine
     return engine
 
 

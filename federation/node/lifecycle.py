@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
-from loraflight.errors import LoraflightError
+from loraflight.errors import ConfigError, LoraflightError
 
 from ..client import Client
 from ..config import NodeConfig, resolve_keys
@@ -46,7 +46,7 @@ from ..protocol import PROTOCOL_VERSION, CatalogEntry
 from ..security import ClientTLS, ServerTLS
 from ..store import Store
 from . import loops
-from .engine import NodeEngine, build_engine
+from .engine import NodeEngine
 from .export import export_card, unexport_card
 from .hotload import trust_refusal
 from .loader import Loader
@@ -75,12 +75,17 @@ class Node:
         config: NodeConfig,
         engine: NodeEngine | None = None,
         *,
+        model: Any = None,
         on_card_added: CardCallback | None = None,
         on_card_loaded: CardCallback | None = None,
         on_card_removed: CardCallback | None = None,
     ) -> None:
         self.config = config
-        self.engine = engine
+        if model is not None and engine is not None and engine is not model.engine:
+            raise ConfigError("give a Node either engine= or model= (a ServingModel carries its engine)")
+        self.model = model  # a ServingModel when the node can serve requests
+        self.engine = engine if engine is not None else (model.engine if model is not None else None)
+        self.serving: Any = None  # loraflight.federation.serving.Serving while started
         self.on_card_added = on_card_added
         self.on_card_loaded = on_card_loaded
         self.on_card_removed = on_card_removed
@@ -166,8 +171,22 @@ class Node:
             )
         if cfg.tokens.write and tls is None:
             log.warning("write tokens without TLS travel in clear text; configure tls.cert and tls.key")
-        if self.engine is None and cfg.engine.base_model and cfg.engine.hot_load:
-            self.engine = build_engine(cfg.engine.base_model, cfg.engine.device)
+        if self.engine is None and cfg.engine.base_model and (cfg.engine.hot_load or cfg.api.listen):
+            from loraflight.engine.authoring.serving_model import build_serving_model
+
+            log.info("loading the base model %s (engine.base_model)", cfg.engine.base_model)
+            self.model = build_serving_model(
+                cfg.engine.base_model, device=cfg.engine.device, model_id=cfg.engine.model_id
+            )
+            self.engine = self.model.engine
+        if cfg.api.listen and self.model is None:
+            raise ConfigError(
+                "api.listen needs a model to serve: set engine.base_model (or pass model= to Node)"
+            )
+        if self.model is not None:
+            from loraflight.federation.serving import start_serving
+
+            self.serving = start_serving(model=self.model, config=cfg, registry=self.metrics.registry)
         if self.engine is not None:
             self.base_model_id = getattr(self.engine, "base_model", None)
             if cfg.engine.hot_load and (self._loader is None or self._loader.engine is not self.engine):
@@ -208,6 +227,7 @@ class Node:
             fleet_id=cfg.fleet,
             on_notify=self._on_notify,
             peer_locations=self._peer_locations,
+            exchange=self.serving.exchange if self.serving is not None else None,
         )
         if not cfg.advertise and not listen_port:
             self.server.use_locations(self._derive_locations(self.server.port))
@@ -282,6 +302,9 @@ class Node:
             self._unsubscribe = None
         if self.server is not None:
             self.server.stop(timeout)
+        if self.serving is not None:
+            self.serving.stop(timeout)
+            self.serving = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

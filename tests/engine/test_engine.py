@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from loraflight.engine import Engine, LoRACard, ModuleLoRA
-from loraflight.engine._torchio import card_from_tensors, card_tensors, model_fingerprint
 from loraflight.engine.card import base_fingerprint
+from loraflight.engine.card.torch import card_from_tensors, card_tensors, model_fingerprint
 from loraflight.engine.keys import generate, public_key_b64
 from loraflight.errors import CardError, EngineError, TrustError
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from loraflight.engine import Engine, LoRACard
-from loraflight.engine._torchio import card_from_tensors
+from loraflight.engine.card.torch import card_from_tensors
 
 pytestmark = [
     pytest.mark.cuda,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import loraflight.engine._engine as engine_mod
 import loraflight.engine.card.batches as batchmod
 from loraflight.engine import Engine, LoRACard, ModuleLoRA
+from loraflight.engine._verify import forget_verified
 from loraflight.engine.card import DigestJob, compute_digest
 from loraflight.engine.keys import generate, public_key_b64
 from loraflight.errors import CardError, TrustError
@@ -81,7 +81,7 @@ def test_tampered_big_card_file_is_refused_and_not_remembered(tmp_path: Path) ->
     path = tmp_path / "t.lora.arrow"
     path.write_bytes(bytes(raw))
     eng = Engine(model)
-    engine_mod._VERIFIED.clear()
+    forget_verified()
     for _ in range(2):  # the failure is not remembered as verified
         with pytest.raises(CardError, match="digest mismatch"):
             eng.load(path)
