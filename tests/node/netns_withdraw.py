@@ -8,7 +8,9 @@ before withdrawals would.
 
 from __future__ import annotations
 
+import json
 import signal
+import urllib.request
 from typing import Any
 
 import pyarrow.flight as flight
@@ -24,7 +26,9 @@ from loraflight.testing import SUBNET, TOKEN, Lab, new_signer, tiny_card, wait_f
 FLEET = "wd"
 POLL = 3.0  # intervals.poll the hosts run with (health 0.5 s, probe 1 s: the lab's)
 LIVE = 10 * POLL  # every liveness wait here is bounded at 10x the intervals configured
+START = 120.0  # a node process starting (torch and the model load; not a liveness wait)
 ROGUE_PORT = 8816
+API_PORT = 8000  # each host's OpenAI-compatible serving API (api.listen)
 
 
 class IgnoresWithdrawals(CardServer):
@@ -38,6 +42,22 @@ class IgnoresWithdrawals(CardServer):
 
 def _engine_digest(lab: Lab, i: int, name: str) -> str | None:
     return ((lab.status(i) or {}).get("engine_digests") or {}).get(name)
+
+
+def _api_digests(lab: Lab, i: int, name: str) -> tuple[str | None, str | None]:
+    """(the digest /v1/models lists for `name`, the digest an embeddings request on it ran on)."""
+    base = f"http://{SUBNET}.{i}:{API_PORT}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the bridge, never a proxy
+    with opener.open(f"{base}/v1/models", timeout=10) as r:
+        listed = {m["id"]: m.get("digest") for m in json.loads(r.read())["data"]}
+    req = urllib.request.Request(
+        f"{base}/v1/embeddings",
+        data=json.dumps({"model": name, "input": ["is the rollback served?"]}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with opener.open(req, timeout=30) as r:
+        ran_on = r.headers.get("x-loraflight-digest")
+    return listed.get(name), ran_on
 
 
 def _rounds(lab: Lab, i: int) -> int:
@@ -71,13 +91,13 @@ def withdraw_fleet(lab: Lab) -> dict[str, Any]:
         peers = [a for j in hosts if j != i for a in ("--peer", lab.uri(j))]
         lab.start_node(
             i, FLEET, "--trust-key", pub, "--no-discovery", *peers, "--peer", rogue_uri,
-            "--intervals-poll", str(POLL),
+            "--intervals-poll", str(POLL), "--api-listen", f"0.0.0.0:{API_PORT}",
         )  # fmt: skip
 
     try:
         for i in hosts:
             start(i)
-        ids = {i: lab.wait_up(i, LIVE)["node_id"] for i in hosts}
+        ids = {i: lab.wait_up(i, START)["node_id"] for i in hosts}
         for i in hosts:
             want = {ids[j] for j in hosts if j != i} | {"rogue"}
             wait_for(lambda i=i, w=want: lab.live_peers(i) >= w, LIVE, f"h{i} to see its peers live")
@@ -90,6 +110,7 @@ def withdraw_fleet(lab: Lab) -> dict[str, Any]:
             wait_for(
                 lambda i=i: _engine_digest(lab, i, "skill") == v2.digest, LIVE, f"skill@2 in h{i}'s engine"
             )
+            assert _api_digests(lab, i, "skill") == (v2.digest, v2.digest), f"h{i}'s serving API"
 
         # h3 stopped; v2 withdrawn on h2
         assert lab.stop_node(3, signal.SIGTERM) == 0
@@ -133,7 +154,7 @@ def withdraw_fleet(lab: Lab) -> dict[str, Any]:
 
         # h3 restarts holding v2: it drops it, runs v1, and never fetches v2 again
         start(3)
-        lab.wait_up(3, LIVE)
+        lab.wait_up(3, START)
         wait_for(
             lambda: not lab.has_card(3, "skill@2") and _engine_digest(lab, 3, "skill") == v1.digest,
             LIVE,
@@ -147,6 +168,7 @@ def withdraw_fleet(lab: Lab) -> dict[str, Any]:
         assert not fetched, f"h3 fetched skill@2 again: {fetched}"
         for i in hosts:
             assert _engine_digest(lab, i, "skill") == v1.digest
+            assert _api_digests(lab, i, "skill") == (v1.digest, v1.digest), f"h{i}'s serving API"
         out["withdrawals_h3"] = (lab.status(3) or {}).get("withdrawals")
         return out
     finally:
