@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from loraflight.engine import Engine, keys
 from loraflight.engine.authoring.compose import make_child
@@ -66,6 +67,15 @@ def test_withdrawal_rolls_back_unloads_children_and_removes_the_export(
         wait_for(lambda: {"skill", "tone"} <= set(n.loaded()), what="skill@2 and its child loaded")
         assert eng.adapters["skill"]["digest"] == v2.digest
         wait_for(lambda: (export / "skill-v2").is_dir(), what="skill@2 exported")
+        ids = torch.tensor([[1, 5, 9, 13, 2]])
+
+        def embed(row: str | None) -> torch.Tensor:
+            with torch.no_grad():
+                return eng.forward_mixed([row], input_ids=ids).last_hidden_state
+
+        before = embed("skill")
+        # a request admitted on skill@2 before the withdrawal holds it (what the serving API does)
+        lease = eng.lease([v2.digest])
         stranger = keys.generate()
         with Client(n.uri, token=TOKEN) as c:
             with pytest.raises(TrustError):
@@ -80,6 +90,10 @@ def test_withdrawal_rolls_back_unloads_children_and_removes_the_export(
                 )
                 assert n.wait_idle()
         assert eng.adapters["skill"]["digest"] == v1.digest  # the engine itself holds v1
+        # the admitted request still finishes on skill@2's weights; new ones run on skill@1
+        assert torch.equal(embed(lease.row(v2.digest)), before)
+        assert not torch.allclose(embed("skill"), before)
+        lease.release()
         assert "tone" not in eng.adapters and "tone" not in n.loaded()
         assert any(
             "unloaded tone" in r.getMessage() and "withdrawn" in r.getMessage() for r in caplog.records
