@@ -42,6 +42,8 @@ from .protocol import (
     ACTION_HEALTH,
     ACTION_NODE_INFO,
     ACTION_NOTIFY,
+    ACTION_WITHDRAW,
+    ACTION_WITHDRAWALS,
     MAX_CARD_BYTES,
     PUBLISH_OP,
     CatalogEntry,
@@ -55,6 +57,7 @@ from .protocol import (
 from .security import ClientTLS, call_headers
 from .server import normalize_uri
 from .store import Store, hash_batch
+from .withdrawal import Withdrawal, new_withdrawal, parse_ref
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +188,67 @@ class Client:
             raise CardError("delete needs a digest or a name")
         body: dict[str, Any] = {"digest": digest} if digest else {"name": name, "version": version}
         return self._action(ACTION_DELETE, body)
+
+    def withdraw(self, ref: str | Withdrawal, key: Any = None, *, reason: str = "") -> dict[str, Any]:
+        """Publish a withdrawal of `ref` ("NAME@VERSION", signed here by `key`, an
+        Ed25519PrivateKey or a private key file), or send a prepared `Withdrawal` as it is.
+
+        Needs a write token. Returns {"withdrawn": ref, "new": bool, "removed": [digests],
+        "epoch": n}; the node syncs it to the fleet. TrustError when the node does not trust
+        the signer for that name.
+        """
+        if isinstance(ref, Withdrawal):
+            w = ref
+        else:
+            if key is None:
+                raise TrustError(f"withdrawing {ref} needs the signing key (key=...) of a key trusted for it")
+            if isinstance(key, str | os.PathLike):
+                from loraflight.engine.keys import load_private
+
+                key = load_private(key)
+            name, version = parse_ref(ref)
+            w = new_withdrawal(name, version, key, reason=reason)
+        payload = w.to_json()
+
+        def run() -> list[bytes]:
+            return [
+                r.body.to_pybytes()
+                for r in self._conn.do_action(flight.Action(ACTION_WITHDRAW, payload), self._opts())
+            ]
+
+        out = self._call(ACTION_WITHDRAW, run)
+        try:
+            data = json.loads(out[0]) if out else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PeerError(f"{self.uri} answered withdraw with invalid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise PeerError(f"{self.uri} answered withdraw with something other than a JSON object")
+        return data
+
+    def withdrawals(self, *, strict: bool = False) -> list[Withdrawal]:
+        """The withdrawals the node keeps. A node older than withdrawals answers 'unknown
+        action': that is an empty list (or CardError with `strict`). A malformed record is
+        the peer's fault (PeerError)."""
+
+        def run() -> list[bytes]:
+            return [
+                r.body.to_pybytes()
+                for r in self._conn.do_action(flight.Action(ACTION_WITHDRAWALS, b""), self._opts())
+            ]
+
+        try:
+            out = self._call(ACTION_WITHDRAWALS, run)
+        except CardError as e:
+            if not strict and "unknown action" in str(e):
+                return []
+            raise
+        records = []
+        for raw in out[:1_000_000]:
+            try:
+                records.append(Withdrawal.from_json(raw))
+            except CardError as e:
+                raise PeerError(f"{self.uri} listed a malformed withdrawal: {e}") from None
+        return records
 
     # -- catalog
     def list(self, criteria: Criteria | None = None, **kw: Any) -> list[CatalogEntry]:

@@ -44,11 +44,15 @@ ACTION_HEALTH = "health"
 ACTION_NODE_INFO = "node-info"
 ACTION_NOTIFY = "notify"
 ACTION_DELETE = "delete"
+ACTION_WITHDRAW = "withdraw"
+ACTION_WITHDRAWALS = "withdrawals"
 ACTIONS: dict[str, str] = {
     ACTION_HEALTH: "liveness: status, node id, protocol version, catalog epoch",
     ACTION_NODE_INFO: "node id, fleet id, software, protocol and format versions, epoch, counts, bytes",
     ACTION_NOTIFY: 'a peer\'s catalog changed; body JSON {"peer": uri, "epoch": n} (sync from it now)',
     ACTION_DELETE: 'remove a card; body JSON {"digest": hex} or {"name": n, "version": v}; needs a write token',
+    ACTION_WITHDRAW: "honour and keep a signed withdrawal; body: the record's JSON; needs a write token",
+    ACTION_WITHDRAWALS: "every withdrawal this node keeps: one result per record (JSON)",
 }
 PUBLISH_OP = "publish"
 MAX_CRITERIA_BYTES = 64 * 1024
@@ -462,6 +466,8 @@ __all__ = [
     "ACTION_HEALTH",
     "ACTION_NODE_INFO",
     "ACTION_NOTIFY",
+    "ACTION_WITHDRAW",
+    "ACTION_WITHDRAWALS",
     "PROTOCOL_HEADER",
     "PROTOCOL_MAJOR",
     "PROTOCOL_VERSION",

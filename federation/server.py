@@ -42,6 +42,8 @@ from .protocol import (
     ACTION_HEALTH,
     ACTION_NODE_INFO,
     ACTION_NOTIFY,
+    ACTION_WITHDRAW,
+    ACTION_WITHDRAWALS,
     ACTIONS,
     MAX_CARD_BYTES,
     PROTOCOL_VERSION,
@@ -59,6 +61,7 @@ from .protocol import (
 )
 from .security import AuthMiddlewareFactory, ServerTLS, load_tokens, require_write
 from .store import Store
+from .withdrawal import Withdrawal
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -436,6 +439,12 @@ class CardServer(flight.FlightServerBase):
                 digest = self.store.find(check_name(name), check_version(version)).digest
             entry = self.store.remove(digest)
             body = {"removed": entry.digest, "ref": entry.ref, "epoch": self.store.epoch}
+        elif kind == ACTION_WITHDRAW:
+            require_write(context, "withdrawing a card", bool(self._write_tokens))
+            w = Withdrawal.from_json(action.body.to_pybytes() if action.body else b"{}")
+            body = {**self.store.withdraw(w).to_dict(), "epoch": self.store.epoch}
+        elif kind == ACTION_WITHDRAWALS:
+            return iter([w.to_json() for w in self.store.withdrawals()])
         else:
             raise CardError(f"unknown action {kind!r}; known: {', '.join(ACTIONS)}")
         return iter([json.dumps(body).encode()])

@@ -12,12 +12,12 @@ import dataclasses
 import fnmatch
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from loraflight.engine.card import READ_MAJORS, upgrade_pair
-from loraflight.errors import LoraflightError, PeerError
+from loraflight.errors import LoraflightError, PeerError, TrustError
 
 from .protocol import CatalogEntry, dedupe
 from .security import ClientTLS
@@ -68,11 +68,14 @@ def plan_sync(
     peer_catalogs: Mapping[str, Sequence[CatalogEntry]],
     policy: SyncPolicy,
     skipped: dict[str, int] | None = None,
+    withdrawn: Collection[tuple[str, int]] = (),
 ) -> list[Fetch]:
     """The fetches that bring the local catalog up to date with the peers' (pure).
 
     Cards of a format this node cannot read, and the other card of an upgrade pair already
     held (`engine.card.upgrade_pair`), are not fetched; `skipped` counts them by reason.
+    `withdrawn`: (name, version) pairs this node honoured a withdrawal of; never fetched,
+    whoever lists them.
     """
     local = list(local_entries)
     have = {e.digest for e in local}
@@ -97,8 +100,11 @@ def plan_sync(
     # every digest the peers list, with the union of its locations (the listing peer first)
     by_digest: dict[str, CatalogEntry] = {}
     locs: dict[str, list[str]] = {}
+    gone = set(withdrawn)
     for peer, entries in peer_catalogs.items():
         for e in entries:
+            if (e.name, e.version) in gone:
+                continue
             by_digest.setdefault(e.digest, e)
             locs.setdefault(e.digest, []).extend([*e.locations, peer])
     chosen: dict[str, CatalogEntry] = {}
@@ -150,6 +156,7 @@ class SyncReport:
     peer_errors: dict[str, str] = dataclasses.field(default_factory=dict)  # uri -> message
     planned: list[Fetch] = dataclasses.field(default_factory=list)
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> cards not fetched
+    withdrawn: list[str] = dataclasses.field(default_factory=list)  # refs newly withdrawn here
 
     @property
     def ok(self) -> bool:
@@ -169,11 +176,14 @@ def sync(
     require_signed: bool = False,
     timeout: float = 30.0,
     catalogs: Mapping[str, Sequence[CatalogEntry]] | None = None,
+    withdrawals: bool = True,
 ) -> SyncReport:
     """List the peers, plan, and fetch with at most `concurrency` transfers at once.
 
     Per-card and per-peer errors are collected in the report, not raised. `catalogs` lets a
-    caller that already listed the peers skip the listing.
+    caller that already listed the peers skip the listing. With `withdrawals`, each peer's
+    withdrawals are listed too and honoured first (`pull_withdrawals`): the plan then skips
+    every withdrawn name@version.
     """
     from .client import Client
 
@@ -200,7 +210,12 @@ def sync(
             except LoraflightError as e:
                 report.peer_errors[uri] = str(e)
                 log.warning("sync: cannot list %s: %s", uri, e)
-        plan = plan_sync(store.list(), cats, policy, report.skipped)
+        if withdrawals:
+            for uri in peer_list:
+                if uri not in report.peer_errors:
+                    report.withdrawn.extend(pull_withdrawals(client(uri), store))
+        gone = {(w.name, w.version) for w in store.withdrawals()}
+        plan = plan_sync(store.list(), cats, policy, report.skipped, withdrawn=gone)
         report.planned = plan
         if not plan:
             return report
@@ -252,9 +267,41 @@ def sync(
             c.close()
 
 
+def pull_withdrawals(client: Any, store: Store) -> list[str]:
+    """Honour the withdrawals a peer lists that this store does not keep yet; the refs newly
+    withdrawn. Untrusted ones are refused (the store logs each once); a peer older than
+    withdrawals lists none."""
+    try:
+        records = client.withdrawals()
+    except LoraflightError as e:
+        log.info("sync: cannot list withdrawals of %s: %s", client.uri, e)
+        return []
+    done = []
+    for w in records:
+        if store.withdrawal(w.name, w.version) is not None:
+            continue
+        try:
+            if store.withdraw(w).new:
+                done.append(w.ref)
+        except TrustError:
+            continue  # logged by the store, once per record
+        except LoraflightError as e:
+            log.warning("sync: withdrawal of %s from %s failed: %s", w.ref, client.uri, e)
+    return done
+
+
 def sync_from(peer: str, store: Store, **kw: Any) -> SyncReport:
     """sync() from one peer (convenience)."""
     return sync([peer], kw.pop("policy", None), store, **kw)
 
 
-__all__ = ["Fetch", "SyncPolicy", "SyncProgress", "SyncReport", "plan_sync", "sync", "sync_from"]
+__all__ = [
+    "Fetch",
+    "SyncPolicy",
+    "SyncProgress",
+    "SyncReport",
+    "plan_sync",
+    "pull_withdrawals",
+    "sync",
+    "sync_from",
+]

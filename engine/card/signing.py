@@ -17,7 +17,7 @@ from loraflight.errors import TrustError
 from .header import CardHeader
 
 if TYPE_CHECKING:  # cryptography loads on first use: reading a card does not need it
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SIGN_DOMAIN = b"loraflight-sig-v1\x00"
 
@@ -70,8 +70,6 @@ def verify_signature(
 
 
 def _check_valid(header: CardHeader) -> None:
-    from cryptography.exceptions import InvalidSignature
-
     from ..keys import load_public_b64, signer_id
 
     assert header.signature is not None and header.signer_key is not None
@@ -82,15 +80,48 @@ def _check_valid(header: CardHeader) -> None:
         raise TrustError(f"{header.ref}: signature or signer key is malformed: {e}") from None
     if header.signer != signer_id(header.signer_key):
         raise TrustError(f"{header.ref}: signer id {header.signer!r} does not match the signer key")
-    try:
-        pub.verify(sig, signed_message(header.digest))
-    except InvalidSignature:
+    if not _verify(pub, sig, signed_message(header.digest)):
         raise TrustError(
             f"{header.ref}: bad signature: it does not match the digest and signer key"
-        ) from None
+        )
+
+
+def _verify(pub: Ed25519PublicKey, sig: bytes, message: bytes) -> bool:
+    """The one Ed25519 check: True when `sig` signs `message` under `pub`."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        pub.verify(sig, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_detached(signer_key_b64: str, signature_b64: str, message: bytes, *, what: str = "record") -> None:
+    """Check an Ed25519 signature over `message` (domain-separated by the caller) by a base64 key.
+
+    For signed records other than card headers (withdrawals). Raises TrustError saying what
+    was wrong: a malformed key or signature, or a signature that does not match.
+    """
+    from ..keys import load_public_b64
+
+    try:
+        pub = load_public_b64(signer_key_b64)
+        sig = base64.b64decode(signature_b64, validate=True)
+    except (ValueError, TypeError) as e:
+        raise TrustError(f"{what}: signature or signer key is malformed: {e}") from None
+    if not _verify(pub, sig, message):
+        raise TrustError(f"{what}: bad signature: it does not match the record and signer key")
 
 
 check_signature = verify_signature  # the name `LoRACard.verify`'s callers have used
 
 
-__all__ = ["SIGN_DOMAIN", "check_signature", "sign_header", "signed_message", "verify_signature"]
+__all__ = [
+    "SIGN_DOMAIN",
+    "check_signature",
+    "sign_header",
+    "signed_message",
+    "verify_detached",
+    "verify_signature",
+]

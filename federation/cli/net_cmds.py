@@ -1,4 +1,4 @@
-"""Network commands: serve, ls, fetch, publish, sync, and `trust add|list|remove`."""
+"""Network commands: serve, ls, fetch, publish, sync, delete, withdraw, and `trust add|list|remove`."""
 
 from __future__ import annotations
 
@@ -125,6 +125,7 @@ def ls_cmd(
     """List a node's cards with every location that holds them."""
     with _client(uri, token_file, tls_ca, tls_cert, tls_key) as c:
         entries = c.list(name=name, base_model=base_model, tags=tuple(tag))
+        withdrawn = [] if as_json else c.withdrawals()
     if as_json:
         typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
@@ -143,6 +144,7 @@ def ls_cmd(
             "\n".join(e.locations),
         )
     _out.print(t)
+    _print_withdrawals(withdrawn)
 
 
 def _bar() -> Progress:
@@ -244,6 +246,68 @@ def sync_cmd(
         raise typer.Exit(1)
 
 
+# -- delete and withdraw
+
+
+def _print_withdrawals(records: list) -> None:
+    if not records:
+        return
+    t = Table("withdrawn", "signer", "time", "reason", title=f"{len(records)} withdrawn (refused for good)")
+    for w in records:
+        t.add_row(w.ref, w.signer or "", w.time, w.reason)
+    _out.print(t)
+
+
+@app.command()
+def delete(
+    ref: str = typer.Argument(..., help="NAME@VERSION (or NAME: the newest version)."),
+    node: str = typer.Option(..., "--node", help="Node address, HOST:PORT or grpc[+tls]://HOST:PORT."),
+    token_file: Path | None = TokenFile,
+    tls_ca: Path | None = TlsCa,
+    tls_cert: Path | None = TlsCert,
+    tls_key: Path | None = TlsKey,
+) -> None:
+    """Delete a card from ONE node (needs a write token); peers still hold it and send it back."""
+    name, version = _parse_ref(ref)
+    with _client(node, token_file, tls_ca, tls_cert, tls_key) as c:
+        out = c.delete(name=name, version=version)
+    _out.print(
+        f"deleted {out.get('ref', ref)} {out.get('removed', '')} from {node} only: it comes back from peers "
+        f"that hold it unless withdrawn ('loraflight withdraw {out.get('ref', ref)} --node {node} --key KEY')",
+        highlight=False,
+    )
+
+
+@app.command()
+def withdraw(
+    ref: str = typer.Argument(..., help="NAME@VERSION to take back from the whole fleet."),
+    node: str = typer.Option(..., "--node", help="Node address, HOST:PORT or grpc[+tls]://HOST:PORT."),
+    key: Path = typer.Option(..., "--key", help="Private key file of a key trusted for that name."),
+    reason: str = typer.Option("", "--reason", help="Why (kept with the withdrawal, shown by ls and status)."),
+    token_file: Path | None = TokenFile,
+    tls_ca: Path | None = TlsCa,
+    tls_cert: Path | None = TlsCert,
+    tls_key: Path | None = TlsKey,
+) -> None:
+    """Withdraw a card fleet-wide: a signed record every node keeps for good; each deletes the
+    card, never fetches or accepts that NAME@VERSION again and rolls back to the newest
+    remaining version (needs a write token)."""
+    from loraflight.engine.keys import load_private
+    from loraflight.federation.withdrawal import new_withdrawal, parse_ref
+
+    name, version = parse_ref(ref)
+    w = new_withdrawal(name, version, load_private(key), reason=reason)
+    with _client(node, token_file, tls_ca, tls_cert, tls_key) as c:
+        out = c.withdraw(w)
+    removed = out.get("removed") or []
+    state = "withdrawn" if out.get("new") else "already withdrawn"
+    _out.print(
+        f"{state} {w.ref} on {node} (signer {w.signer}); {len(removed)} card(s) deleted there; "
+        "the fleet follows as nodes sync",
+        highlight=False,
+    )
+
+
 # -- trust
 
 
@@ -314,4 +378,15 @@ def trust_remove(
     _out.print(f"removed {key}", highlight=False)
 
 
-__all__ = ["fetch", "ls_cmd", "publish", "serve", "sync_cmd", "trust_add", "trust_list", "trust_remove"]
+__all__ = [
+    "delete",
+    "fetch",
+    "ls_cmd",
+    "publish",
+    "serve",
+    "sync_cmd",
+    "trust_add",
+    "trust_list",
+    "trust_remove",
+    "withdraw",
+]

@@ -151,7 +151,12 @@ class Node:
         self._wake_peers.clear()
         root = cfg.store_path
         self.identity = NodeIdentity.load_or_create(root / "identity")
-        self.store = Store(root, max_bytes=cfg.store_max_bytes or None, trust=cfg.trust.entry)
+        self.store = Store(
+            root,
+            max_bytes=cfg.store_max_bytes or None,
+            trust=cfg.trust.entry,
+            withdraw_owners=cfg.trust.engine == "signed",  # who may withdraw: withdrawal.withdrawal_refusal
+        )
         for k in resolve_keys(cfg.trust.keys):
             self.store.trust_add(k, label="config")
         self._engine_keys = resolve_keys(cfg.trust.engine_keys or cfg.trust.keys)
@@ -481,9 +486,13 @@ class Node:
             if self._loader is not None:
                 self._loader.retry_awaiting()
         elif event == "removed":
-            log.info("card %s removed", entry.ref)
+            withdrawn = self.store.withdrawal(entry.name, entry.version) is not None
+            log.info("card %s %s", entry.ref, "withdrawn" if withdrawn else "removed")
             if self._loader is not None:
-                self._loader.forget(entry)
+                if withdrawn:  # children of it unloaded, the newest remaining version loaded
+                    self._loader.withdrawn(entry)
+                else:
+                    self._loader.forget(entry)
             if self.config.export_dir:
                 unexport_card(entry, self.config.export_dir)
             self._callback(self.on_card_removed, entry)
@@ -540,6 +549,7 @@ class Node:
             base_model=self.base_model_id,
             peers=self.peers,
             sync_rounds=self.sync_rounds,
+            engine=self.engine,
         )
 
     def write_status(self) -> None:

@@ -69,14 +69,18 @@ class Loader:
         for e in newest_per_name(self.store.list()):
             self.load(e)
 
-    def load(self, entry: CatalogEntry) -> None:
-        """Load `entry` if the rules allow it (or park it until its lineage parents arrive)."""
+    def load(self, entry: CatalogEntry, *, rollback: bool = False) -> None:
+        """Load `entry` if the rules allow it (or park it until its lineage parents arrive).
+
+        `rollback`: an older version may replace the loaded one of its name (in place).
+        """
         store = self.store
         with self._lock:
+            loaded = {n: v for n, v in self._loaded.items() if n != entry.name} if rollback else self._loaded
             why = engine_refusal(
                 entry,
                 base_model=self.base_model,
-                loaded=self._loaded,
+                loaded=loaded,
                 trust_engine=self.trust_engine,
                 engine_keys=self.engine_keys,
             )
@@ -135,6 +139,69 @@ class Loader:
                 log.warning("unloading %s: %s", entry.ref, e)
             del self._loaded[entry.name]
             self._repin()
+
+    def withdrawn(self, entry: CatalogEntry) -> list[str]:
+        """`entry` was withdrawn and left the store: unload loaded children whose lineage names
+        it (logged), then put the newest remaining admitted version of each affected name in
+        its place (rollback), or unload the name when none is left. Returns the names touched.
+
+        The engine swaps adapters by snapshot, so requests already running on the withdrawn
+        adapter finish on it.
+        """
+        self._awaiting.pop(entry.digest, None)
+        children = [n for n in self._children_of(entry.digest) if n != entry.name]
+        for name in children:
+            self._unload(name, f"its lineage parent {entry.ref} ({entry.digest[:12]}…) was withdrawn")
+        touched = list(children)
+        cur = self._loaded.get(entry.name)
+        if cur is not None and cur[1] == entry.digest:
+            touched.insert(0, entry.name)
+        for name in touched:
+            if not self._rollback(name, exclude=entry.digest) and name == entry.name:
+                self._unload(name, f"{entry.ref} was withdrawn and no other admitted version is held")
+        return touched
+
+    def _children_of(self, digest: str) -> list[str]:
+        """Loaded names whose lineage (transitively, through held cards) includes `digest`."""
+        store = self.store
+
+        def lineage_of(d: str) -> tuple[str, ...] | None:
+            e = store.entry(d)
+            return None if e is None else tuple(e.header.lineage)
+
+        with self._lock:
+            loaded = dict(self._loaded)
+        out = []
+        for name, (_v, d) in sorted(loaded.items()):
+            if d != digest and digest in pins_needed({name: (0, d)}, lineage_of):
+                out.append(name)
+        return out
+
+    def _unload(self, name: str, why: str) -> None:
+        with self._lock:
+            if name not in self._loaded:
+                return
+            try:
+                self.engine.unload(name)
+            except LoraflightError as e:
+                log.warning("unloading %s: %s", name, e)
+            del self._loaded[name]
+            self._repin()
+        log.warning("unloaded %s: %s", name, why)
+
+    def _rollback(self, name: str, exclude: str) -> bool:
+        """Load the newest held version of `name` the rules admit (not `exclude`); True if one is."""
+        candidates = sorted(
+            (e for e in self.store.list(name=name) if e.name == name and e.digest != exclude),
+            key=lambda e: -e.version,
+        )
+        for e in candidates:
+            self.load(e, rollback=True)
+            cur = self._loaded.get(name)
+            if cur is not None and cur[1] == e.digest:
+                log.warning("rolled %s back to %s (%s…)", name, e.ref, e.digest[:12])
+                return True
+        return False
 
     def _repin(self) -> None:
         """Pin what the engine holds (see `hotload.pins_needed`); unpin what it no longer needs

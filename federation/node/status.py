@@ -33,9 +33,18 @@ def build_status(
     base_model: str | None,
     peers: PeerTable | None,
     sync_rounds: int,
+    engine: object = None,
 ) -> dict[str, Any]:
-    """What `loraflight status` shows and the status file holds."""
+    """What `loraflight status` shows and the status file holds.
+
+    `engine`: when it reports its adapters (`engine.Engine.adapters`), `engine_digests` is
+    what the engine itself holds (name -> digest), beside what the node loaded into it.
+    """
     st = store.stats() if store is not None else {}
+    adapters = getattr(engine, "adapters", None)
+    digests = {}
+    if isinstance(adapters, Mapping):
+        digests = {n: a.get("digest") for n, a in adapters.items() if isinstance(a, Mapping)}
     return {
         "node_id": node_id,
         "fleet_id": fleet,
@@ -58,6 +67,8 @@ def build_status(
         "base_model": base_model,
         "peers": peers.snapshot() if peers is not None else [],
         "sync_rounds": sync_rounds,
+        "withdrawals": [w.to_dict() for w in store.withdrawals()] if store is not None else [],
+        "engine_digests": digests,
         "time": time.time(),
     }
 

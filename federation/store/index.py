@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS owners (name TEXT PRIMARY KEY, signer_key TEXT NOT NU
 CREATE TABLE IF NOT EXISTS trusted (
     key TEXT PRIMARY KEY, signer TEXT NOT NULL, label TEXT NOT NULL, names TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS withdrawals (
+    name TEXT NOT NULL, version INTEGER NOT NULL, record TEXT NOT NULL, digests TEXT NOT NULL,
+    epoch INTEGER NOT NULL, received REAL NOT NULL, PRIMARY KEY (name, version)
+);
 """
 _COLS = "digest, name, version, base_model, tags, size, rows, source, pinned, published, header, epoch"
 MAX_LOCATIONS = 32  # remembered per digest
@@ -301,6 +305,11 @@ class CardIndex:
                     raise ConflictError(
                         f"{header.ref} already exists here with digest {row[0][:16]}…: cards are immutable"
                     )
+                w = self._db.execute(
+                    "SELECT 1 FROM withdrawals WHERE name=? AND version=?", (header.name, header.version)
+                ).fetchone()
+                if w and not row:  # a withdrawal committed since the admission check
+                    raise ConflictError(f"{header.ref} was withdrawn: refused for good, publish a new version")
                 inserted = not row
                 epoch = 0
                 if inserted:
@@ -385,6 +394,56 @@ class CardIndex:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+
+    # -- withdrawals (kept for good: a dropped one would let a stale peer bring the card back)
+    def withdraw(self, name: str, version: int, record: str) -> tuple[bool, builtins.list[CatalogEntry]]:
+        """Record a withdrawal and drop every card row of name@version, in one transaction.
+
+        Returns (new: False when one was recorded already, the entries dropped). The epoch is
+        bumped for a new withdrawal even when no card was held, so peers sync and learn of it.
+        """
+        with self.lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._db.execute(
+                    "SELECT 1 FROM withdrawals WHERE name=? AND version=?", (name, version)
+                ).fetchone():
+                    self._db.execute("COMMIT")
+                    return False, []
+                rows = self._db.execute(
+                    f"SELECT {_COLS} FROM cards WHERE name=? AND version=?", (name, version)
+                ).fetchall()
+                dropped = [self._entry(r) for r in rows]
+                epoch = self._bump_epoch()
+                self._db.execute(
+                    "INSERT INTO withdrawals (name, version, record, digests, epoch, received) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, version, record, json.dumps([e.digest for e in dropped]), epoch, time.time()),
+                )
+                for e in dropped:
+                    self._db.execute("DELETE FROM cards WHERE digest=?", (e.digest,))
+                    self._db.execute("DELETE FROM locations WHERE digest=?", (e.digest,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True, dropped
+
+    def withdrawal(self, name: str, version: int) -> str | None:
+        """The stored record (JSON text) withdrawing name@version, or None."""
+        with self.lock:
+            row = self._db.execute(
+                "SELECT record FROM withdrawals WHERE name=? AND version=?", (name, version)
+            ).fetchone()
+        return row[0] if row else None
+
+    def withdrawals(self) -> builtins.list[tuple[str, builtins.list[str], int]]:
+        """(record JSON, digests dropped here, epoch) of every withdrawal, by name then version."""
+        with self.lock:
+            rows = self._db.execute(
+                "SELECT record, digests, epoch FROM withdrawals ORDER BY name, version"
+            ).fetchall()
+        return [(r, json.loads(d), int(e)) for r, d, e in rows]
 
 
 __all__ = ["MAX_LOCATIONS", "SCHEMA", "CardIndex"]

@@ -43,6 +43,7 @@ from loraflight.files import replace
 from ..pause import pause_point
 from ..protocol import CatalogEntry, Criteria
 from ..trust import TrustedKey, check_entry, check_mode
+from ..withdrawal import Withdrawal, WithdrawResult, withdrawal_refusal
 from .disk import DirSync, disk_error
 from .eviction import choose_victims
 from .index import MAX_LOCATIONS, CardIndex
@@ -63,8 +64,13 @@ class Store:
         *,
         max_bytes: int | None = None,
         trust: str = "open",
+        withdraw_owners: bool = True,
     ) -> None:
         self.root = Path(root)
+        # whether a name's owner (its first signer here) may withdraw it, beside trust.keys
+        # (a node sets this from trust.engine == "signed"; see withdrawal.withdrawal_refusal)
+        self.withdraw_owners = withdraw_owners
+        self._refused: dict[str, str] = {}  # signature -> why, for withdrawals refused (logged once)
         self.cards_dir = self.root / "cards"
         self.tmp_dir = self.root / "tmp"
         self.max_bytes = max_bytes
@@ -223,6 +229,8 @@ class Store:
         with self._lock:
             # one query finds both this digest and any other digest holding name@version
             held = self._index.holders(header.digest, header.name, header.version)
+            if header.digest not in held:
+                self.check_not_withdrawn(header.name, header.version)
             if header.digest in held:
                 return self.entry(header.digest)
             other = self.entry(held[0]) if len(held) == 1 else None
@@ -240,6 +248,63 @@ class Store:
                     header, mode=self.trust_mode, trusted=self.trusted_keys(), owner=self.owner(header.name)
                 )
         return None
+
+    # -- withdrawals
+    def withdrawal(self, name: str, version: int) -> Withdrawal | None:
+        """The withdrawal of name@version this store keeps, or None."""
+        rec = self._index.withdrawal(name, int(version))
+        return Withdrawal.from_json(rec) if rec is not None else None
+
+    def withdrawals(self) -> builtins.list[Withdrawal]:
+        """Every withdrawal this store keeps (for good), by name then version."""
+        return [Withdrawal.from_json(r) for r, _d, _e in self._index.withdrawals()]
+
+    def check_not_withdrawn(self, name: str, version: int) -> None:
+        """Raise ConflictError, saying why, when name@version was withdrawn."""
+        w = self.withdrawal(name, version)
+        if w is not None:
+            why = f" ({w.reason})" if w.reason else ""
+            raise ConflictError(
+                f"{w.ref} was withdrawn by {w.signer} at {w.time or '?'}{why}: it is refused here for good; "
+                "publish the fix as a new version"
+            )
+
+    def withdraw(self, w: Withdrawal) -> WithdrawResult:
+        """Honour a signed withdrawal: keep it for good, delete every card of name@version.
+
+        Raises TrustError (logged once per record) unless `withdrawal_refusal` allows it.
+        A withdrawal kept already is a no-op (`new` False).
+        """
+        if self._index.withdrawal(w.name, w.version) is not None:
+            return WithdrawResult(w, False)
+        with self._lock:
+            trusted = self.trusted_keys()
+        why = withdrawal_refusal(
+            w, owner=self.owner(w.name), trusted=trusted, owners_count=self.withdraw_owners
+        )
+        if why is not None:
+            sig = w.signature or w.ref
+            if sig not in self._refused:
+                if len(self._refused) > 1000:
+                    self._refused.clear()
+                self._refused[sig] = why
+                log.warning("%s", why)
+            raise TrustError(why)
+        new, dropped = self._index.withdraw(w.name, w.version, w.to_json().decode())
+        for e in dropped:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path_of(e.digest))
+        if new:
+            log.warning(
+                "withdrawal of %s by %s honoured%s: %d card(s) deleted",
+                w.ref,
+                w.signer,
+                f" ({w.reason})" if w.reason else "",
+                len(dropped),
+            )
+        for e in dropped:
+            self._emit("removed", e)
+        return WithdrawResult(w, new, tuple(e.digest for e in dropped))
 
     # -- adding
     def stage(

@@ -25,6 +25,8 @@ from typing import Any
 
 from loraflight.testing import Lab, new_signer, tiny_card, wait_for
 
+from .netns_withdraw import withdraw_fleet
+
 
 def _key() -> tuple[Any, str]:
     return new_signer()
@@ -146,6 +148,7 @@ SCENARIOS: dict[str, Callable[[Lab], dict[str, Any]]] = {
     "three_hosts": three_hosts,
     "static_peers": static_peers,
     "two_fleets": two_fleets,
+    "withdraw_fleet": withdraw_fleet,
 }
 
 
