@@ -49,7 +49,11 @@ def _fresh_env(root: Path) -> Path:
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
-    (Path(site) / "_parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # every package folder the running interpreter sees (its own site-packages, and those a
+    # .pth of it added), minus this repo (its root on sys.path would hide a broken mapping)
+    dirs = [p for p in sys.path if p and Path(p).is_dir() and "site-packages" in p]
+    dirs = list(dict.fromkeys([sysconfig.get_paths()["purelib"], *dirs]))
+    (Path(site) / "_parent_env.pth").write_text("".join(d + "\n" for d in dirs if Path(d).resolve() != REPO))
     return py
 
 
