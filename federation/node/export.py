@@ -31,6 +31,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from ..protocol import CatalogEntry
 log = logging.getLogger("loraflight.federation.node")
 
 CONFIG_FILE = "adapter_config.json"
+REMOVED_GRACE = 10.0  # seconds a removed version's folder stays (renamed aside) for readers
 
 
 def export_path(export_dir: str | os.PathLike[str], entry: CatalogEntry) -> Path:
@@ -161,9 +163,12 @@ def exported_versions(export_dir: str | os.PathLike[str], name: str) -> list[int
     return sorted(out)
 
 
-def refresh_stable(export_dir: str | os.PathLike[str], name: str) -> int | None:
-    """Point ``<export_dir>/<name>`` at the newest exported version of `name` (atomic symlink
-    swap, see the module); remove it when none is left. Returns the version pointed at.
+def refresh_stable(
+    export_dir: str | os.PathLike[str], name: str, *, without: int | None = None
+) -> int | None:
+    """Point ``<export_dir>/<name>`` at the newest exported version of `name` other than
+    `without` (atomic symlink swap, see the module); remove it when none is left. Returns the
+    version pointed at.
 
     Raises `ConfigError` when ``<name>`` is something this node did not make (a real folder).
     """
@@ -173,7 +178,7 @@ def refresh_stable(export_dir: str | os.PathLike[str], name: str) -> int | None:
             f"export_dir: {link} is not a symlink this node made; move it away so the stable name "
             f"of {name!r} can point at its newest version"
         )
-    versions = exported_versions(export_dir, name)
+    versions = [v for v in exported_versions(export_dir, name) if v != without]
     if not versions:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(link)
@@ -248,12 +253,19 @@ class Exporter:
         self.path_prefix = path_prefix
         self.on_change = on_change
         self._lock = threading.Lock()
+        self._removed: list[tuple[float, Path]] = []  # (when, folder renamed aside) to delete later
 
     def refresh_all(self) -> None:
         """Point every stable name at its newest folder (a starting node; older exports)."""
         names = set()
         with contextlib.suppress(OSError):
             for p in self.export_dir.iterdir():
+                if p.name.startswith((".removed-", ".tmp-")):  # left by a node that stopped
+                    if p.is_symlink():
+                        p.unlink()
+                    else:
+                        shutil.rmtree(p, ignore_errors=True)
+                    continue
                 name, sep, v = p.name.rpartition("-v")
                 if sep and name and v.isdigit() and not p.name.startswith(".") and not p.is_symlink():
                     names.add(name)
@@ -274,20 +286,47 @@ class Exporter:
         return final
 
     def remove(self, entry: CatalogEntry) -> None:
-        """The card left the store: remove its folder; its stable name falls back to the newest left."""
+        """The card left the store: its stable name falls back to the newest version left (or
+        goes), then its folder is renamed aside and deleted `REMOVED_GRACE` seconds later, so
+        a reader that opened it just before finishes reading a whole version."""
         with self._lock:
-            unexport_card(entry, self.export_dir)
-            self._refresh(entry.name)
+            self._refresh(entry.name, without=entry.version)
+            folder = export_path(self.export_dir, entry)
+            if folder.is_dir() and not folder.is_symlink():
+                aside = self.export_dir / f".removed-{secrets.token_hex(8)}"
+                try:
+                    replace(folder, aside, durable=False)
+                    self._removed.append((time.monotonic(), aside))
+                except OSError as e:
+                    log.warning("export: removing %s: %s", folder, e)
+                    shutil.rmtree(folder, ignore_errors=True)
+            self._sweep(REMOVED_GRACE)
         self._changed()
+
+    def close(self) -> None:
+        """Delete every folder removed so far (the node stops)."""
+        with self._lock:
+            self._sweep(0.0)
+
+    def _sweep(self, grace: float) -> None:
+        now = time.monotonic()
+        keep = []
+        for t, p in self._removed:
+            if now - t >= grace:
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                keep.append((t, p))
+        self._removed = keep
 
     def desired(self) -> dict[str, str]:
         """name -> the newest version's folder as the api.push servers see it."""
         with self._lock:
+            self._sweep(REMOVED_GRACE)
             return server_paths(stable_adapters(self.export_dir), self.export_dir, self.path_prefix)
 
-    def _refresh(self, name: str) -> None:
+    def _refresh(self, name: str, without: int | None = None) -> None:
         try:
-            refresh_stable(self.export_dir, name)
+            refresh_stable(self.export_dir, name, without=without)
         except (ConfigError, OSError) as e:
             log.warning("export: stable name of %s not updated: %s", name, e)
 
@@ -298,6 +337,7 @@ class Exporter:
 
 __all__ = [
     "CONFIG_FILE",
+    "REMOVED_GRACE",
     "Exporter",
     "ensure_root",
     "export_card",

@@ -318,6 +318,8 @@ class Node:
         if self._pusher is not None:
             self._pusher.stop(timeout)
             self._pusher = None
+        if self._exporter is not None:
+            self._exporter.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
