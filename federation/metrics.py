@@ -51,7 +51,8 @@ class NodeMetrics:
         self.push_calls = Counter(
             "loraflight_push_calls",
             "Runtime LoRA API calls to api.push servers, by server, op (load, unload) and outcome "
-            "(ok, error, taken: the name was loaded already, absent: nothing to unload)",
+            "(ok, error, taken: the name was loaded already, held: loaded already from this node's path, "
+            "absent: nothing to unload)",
             ["server", "op", "outcome"],
             registry=r,
         )

@@ -535,7 +535,7 @@ class Node:
         """What `loraflight status` shows and the status file holds."""
         loader = self._loader
         loaded = self.loaded()
-        return build_status(
+        st = build_status(
             node_id=self.node_id,
             fleet=self.config.fleet,
             uris=self.server.locations if self.server else [],
@@ -548,6 +548,9 @@ class Node:
             peers=self.peers,
             sync_rounds=self.sync_rounds,
         )
+        if self._pusher is not None:  # api.push servers: ok, error, rounds, adapters pushed
+            st["push"] = self._pusher.state()
+        return st
 
     def write_status(self) -> None:
         """Atomically rewrite the status file (when configured)."""

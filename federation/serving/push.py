@@ -185,6 +185,13 @@ class Pusher:
                 self._forget(label, c.name)
                 self._count(label, c.op, "absent")
                 return
+            with self._lock:
+                ours = self._pushed[label].get(c.name) == c.path
+            if c.op == "load" and status == 400 and ours:
+                # the server has the name from this very path, pushed by this node: a listing
+                # that does not show adapters, not a stranger's adapter
+                self._count(label, c.op, "held")
+                return
             if c.op == "load" and status == 400 and attempt < self.attempts:
                 log.info("push to %s: %s is loaded already (%s); unloading it first", label, c.name, answer)
                 self._count(label, c.op, "taken")

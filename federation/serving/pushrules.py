@@ -121,9 +121,11 @@ def plan(
 
     A name the server holds from another path is replaced (unload, load); when the listing
     gives no path, what this node pushed last (`pushed`) stands in for it, and a name the node
-    never pushed is replaced once so its path is known.
+    never pushed is replaced once so its path is known. A name the node pushed and no longer
+    wants is unloaded even when the listing does not show it (a server that lists no adapters).
     """
-    calls: list[Call] = [Call("unload", n) for n in sorted(actual) if n not in desired]
+    gone = (set(actual) | set(pushed)) - set(desired)  # pushed: also when the listing omits it
+    calls: list[Call] = [Call("unload", n) for n in sorted(gone)]
     for name in sorted(desired):
         path = desired[name]
         if name not in actual:

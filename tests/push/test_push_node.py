@@ -106,6 +106,8 @@ def test_server_down_at_first_then_restarted_empty_gets_exactly_the_admitted_ada
             with server.lock:
                 server.adapters["stray"] = "/elsewhere/stray"
             wait_for(lambda: server.held() == want, WAIT, "the server brought in line")
+            wait_for(lambda: n.status()["push"][server.url]["ok"], WAIT, "push status ok")
+            assert n.status()["push"][server.url]["adapters"] == want
         finally:
             server.stop()
         # restarted empty on the same port: loaded again within a few intervals
@@ -152,6 +154,18 @@ def test_duplicate_load_answered_400_is_replaced_by_unload_then_load(tmp_path: P
             assert n.metrics.registry.get_sample_value(
                 "loraflight_push_calls_total", {"server": server.url, "op": "load", "outcome": "taken"}
             )
+
+            # later rounds: the listing still omits it, and the 400 for the node's own path is
+            # taken as "held": no unload/load churn
+            def held_count() -> float:
+                labels = {"server": server.url, "op": "load", "outcome": "held"}
+                return n.metrics.registry.get_sample_value("loraflight_push_calls_total", labels) or 0
+
+            wait_for(lambda: held_count() >= 2, WAIT, "two later rounds")
+            assert [c for c in server.calls()[3:] if c != ("load", "skill", 400)] == []
+            # removal unloads it although the listing never showed it
+            n.store.remove(n.store.list()[0].digest)
+            wait_for(lambda: server.held() == {}, WAIT, "skill unloaded")
     finally:
         server.stop()
 

@@ -63,6 +63,8 @@ def test_plan_unloads_what_goes_loads_what_comes_and_replaces_what_changed() -> 
     # the listing gives no path: what this node pushed stands in; unknown -> replaced once
     assert plan({"a": "/e/a-v2"}, {"a": None}, {"a": "/e/a-v2"}) == []
     assert plan({"a": "/e/a-v2"}, {"a": None}, {}) == [Call("unload", "a"), Call("load", "a", "/e/a-v2")]
+    # pushed earlier, not listed (a server that lists no adapters), no longer wanted: unloaded
+    assert plan({}, {}, {"a": "/e/a-v1"}) == [Call("unload", "a")]
     assert Call("load", "a", "/p").body() == {"lora_name": "a", "lora_path": "/p"}
     assert Call("unload", "a").body() == {"lora_name": "a"}
 
