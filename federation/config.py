@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from loraflight.errors import ConfigError
 
 from .serving.checks import api_problems, base_model_problem, device_problem
+from .serving.pushrules import push_problems
 
 _log = logging.getLogger(__name__)
 
@@ -142,6 +143,16 @@ class ApiConfig:
     max_tokens: int = _f(
         256, "most tokens one completion or chat request generates (a larger max_tokens is capped to it)"
     )
+    push: list[str] = _f([], "vLLM/SGLang servers to load exports into: vllm+http://H:P, sglang+http://H:P")
+    push_interval: float = _f(30.0, "seconds between reconciliations of each api.push server's /v1/models")
+    push_token_file: str = _f("", "file holding the bearer token the api.push servers want (empty: none)")
+
+
+@dataclass
+class ExportConfig:
+    model_id: str = _f("", "served model id exports are for, when the node runs no engine (engine.model_id)")
+    path_prefix: str = _f("", "where the api.push servers see export_dir (e.g. its mount in their container)")
+    group: str = _f("", "group owning exported files, 0640/0750 (empty: readable by everyone, 0644/0755)")
 
 
 @dataclass
@@ -184,6 +195,7 @@ class NodeConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -636,6 +648,9 @@ def validate(cfg: NodeConfig) -> list[str]:
     if cfg.engine.model_id and (len(cfg.engine.model_id) > 256 or not cfg.engine.model_id.isprintable()):
         p.append("engine.model_id: at most 256 printable characters")
     p.extend(api_problems(cfg.api))  # (the node checks that an API has an engine to serve)
+    p.extend(push_problems(cfg.api.push, cfg.api.push_interval))  # (and that pushing has export_dir)
+    if cfg.export.path_prefix and not cfg.export.path_prefix.startswith("/"):
+        p.append(f"export.path_prefix: {cfg.export.path_prefix!r} must be an absolute path")
     # intervals
     iv = cfg.intervals
     for name in ("health", "health_timeout", "probe", "poll", "dns"):
@@ -666,6 +681,7 @@ __all__ = [
     "ApiConfig",
     "DiscoveryConfig",
     "EngineConfig",
+    "ExportConfig",
     "IntervalsConfig",
     "Key",
     "LogConfig",

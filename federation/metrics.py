@@ -31,7 +31,7 @@ class NodeMetrics:
         self.fetches = Counter("loraflight_fetches", "Cards fetched from peers", registry=r)
         self.failures = Counter(
             "loraflight_failures",
-            "Failures by kind (fetch, list, health, load, notify, export, sync)",
+            "Failures by kind (fetch, list, health, load, notify, export, sync, push)",
             ["kind"],
             registry=r,
         )
@@ -47,6 +47,14 @@ class NodeMetrics:
             "Duration of one hot-load into the engine",
             registry=r,
             buckets=_LATENCY_BUCKETS,
+        )
+        self.push_calls = Counter(
+            "loraflight_push_calls",
+            "Runtime LoRA API calls to api.push servers, by server, op (load, unload) and outcome "
+            "(ok, error, taken: the name was loaded already, held: loaded already from this node's path, "
+            "absent: nothing to unload)",
+            ["server", "op", "outcome"],
+            registry=r,
         )
         self._server: Any = None
         self._thread: Any = None

@@ -47,7 +47,7 @@ from ..security import ClientTLS, ServerTLS
 from ..store import Store
 from . import loops
 from .engine import NodeEngine
-from .export import export_card, unexport_card
+from .export import Exporter
 from .hotload import trust_refusal
 from .loader import Loader
 from .service import NodeServer, NodeView
@@ -101,6 +101,8 @@ class Node:
         self._engine_keys: list[str] = []
         self._client_tls: ClientTLS | None = None
         self._loader: Loader | None = None
+        self._exporter: Exporter | None = None
+        self._pusher: Any = None  # serving.push.Pusher while api.push is set
         self._stop = threading.Event()
         self._wake_peers = threading.Event()
         self._sync = loops.SyncLoop(
@@ -215,6 +217,19 @@ class Node:
                 )
             elif self._loader is not None:  # started again: same engine, what it holds stays known
                 self._loader.store = self.store
+        if cfg.export_dir:
+            self._exporter = Exporter(
+                cfg.export_dir,
+                model_id=self.base_model_id or cfg.export.model_id,
+                group=cfg.export.group,
+                path_prefix=cfg.export.path_prefix,
+                on_change=lambda: self._pusher.poke() if self._pusher is not None else None,
+            )
+            self._exporter.refresh_all()
+        if cfg.api.push:
+            from loraflight.federation.serving.push import start_push
+
+            self._pusher = start_push(cfg, self._exporter.desired if self._exporter else dict, self.metrics)
         self.peers = PeerTable(
             self_id=self.identity.node_id,
             fleet=cfg.fleet,
@@ -319,6 +334,11 @@ class Node:
         if self.serving is not None:
             self.serving.stop(timeout)
             self.serving = None
+        if self._pusher is not None:
+            self._pusher.stop(timeout)
+            self._pusher = None
+        if self._exporter is not None:
+            self._exporter.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -493,8 +513,8 @@ class Node:
                     self._loader.withdrawn(entry)
                 else:
                     self._loader.forget(entry)
-            if self.config.export_dir:
-                unexport_card(entry, self.config.export_dir)
+            if self._exporter is not None:
+                self._exporter.remove(entry)
             self._callback(self.on_card_removed, entry)
         self.write_status()
 
@@ -511,15 +531,16 @@ class Node:
             log.exception("user callback %r failed for %s", cb, entry.ref)
 
     def _export(self, entry: CatalogEntry) -> None:
-        """Write the card as a PEFT folder `<export_dir>/<name>-v<version>` (atomic rename)."""
-        if not self.config.export_dir or self.store is None:
+        """Write the card as a PEFT folder `<export_dir>/<name>-v<version>` (atomic rename) and
+        point `<export_dir>/<name>` at the newest version (`export.Exporter`)."""
+        if self._exporter is None or self.store is None:
             return
         why = trust_refusal(entry, self.config.trust.engine, self._engine_keys)  # served too (vLLM)
         if why:
             log.info("not exporting %s: %s", entry.ref, why)
             return
         try:
-            final = export_card(self.store.path_of(entry.digest), entry, self.config.export_dir)
+            final = self._exporter.add(self.store.path_of(entry.digest), entry)
         except (LoraflightError, OSError, ImportError) as e:
             log.warning("exporting %s as a PEFT folder failed: %s", entry.ref, e)
             self.metrics.failures.labels("export").inc()
@@ -537,7 +558,7 @@ class Node:
         """What `loraflight status` shows and the status file holds."""
         loader = self._loader
         loaded = self.loaded()
-        return build_status(
+        st = build_status(
             node_id=self.node_id,
             fleet=self.config.fleet,
             uris=self.server.locations if self.server else [],
@@ -551,6 +572,9 @@ class Node:
             sync_rounds=self.sync_rounds,
             engine=self.engine,
         )
+        if self._pusher is not None:  # api.push servers: ok, error, rounds, adapters pushed
+            st["push"] = self._pusher.state()
+        return st
 
     def write_status(self) -> None:
         """Atomically rewrite the status file (when configured)."""
