@@ -30,6 +30,16 @@ def register_commands() -> None:
                 raise
 
 
+def _usage_error(e: typer.TyperException) -> int:
+    """Show a usage error the way click does (usage line, hint, one `Error:` line); its exit code (2)."""
+    show = getattr(e, "show", None)
+    if callable(show):
+        show()
+    else:
+        typer.echo(f"error: {e.format_message()}", err=True)
+    return int(getattr(e, "exit_code", 2) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     logging.basicConfig(
@@ -51,15 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         typer.echo(f"error: {e.strerror or e}{where}", err=True)
         return 1
-    except Exception as e:  # click usage errors arrive as ClickException
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Exit):
-            return int(e.exit_code or 0)
-        raise
+    except typer.TyperException as e:  # usage errors (typer's bundled click raises these)
+        return _usage_error(e)
     return int(rv) if isinstance(rv, int) else 0
 
 
