@@ -65,10 +65,54 @@ def _flag_type(key: Key) -> Any:
     ]
 
 
+SECRET_KEYS = ("tokens.write", "tokens.read", "tokens.peer")
+
+
+def redacted_toml(cfg: Any) -> str:
+    """The config as TOML with every secret replaced by a comment saying how many there are."""
+    out, section = [], ""
+    for line in cfg.to_toml().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        name = line.split(" = ", 1)[0]
+        path = f"{section}.{name}" if section else name
+        if path in SECRET_KEYS and " = " in line:
+            v = cfg.get(path)
+            n = len(v) if isinstance(v, list) else int(bool(v))
+            line = f"# {name}: {n} secret{'s' if n != 1 else ''}, not printed"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _uri_flag(value: str, tls: bool) -> str:
+    """HOST:PORT as grpc[+tls]://HOST:PORT; a URI is kept (the config checks it)."""
+    return value if "://" in value else f"{'grpc+tls' if tls else 'grpc'}://{value}"
+
+
+def _host_port_flag(value: str) -> str:
+    """A DNS peer given as grpc[+tls]://HOST:PORT becomes HOST:PORT."""
+    scheme, sep, rest = value.partition("://")
+    return rest.rstrip("/") if sep and scheme in ("grpc", "grpc+tcp", "grpc+tls") else value
+
+
+def _addresses(config: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """Every address flag accepts HOST:PORT and grpc[+tls]://HOST:PORT (listen gets TLS from tls.cert)."""
+    f = dict(flags)
+    for name in ("advertise", "discovery__peers"):
+        if f.get(name):
+            f[name] = [_uri_flag(v, False) for v in f[name]]
+    if f.get("discovery__dns"):
+        f["discovery__dns"] = [_host_port_flag(v) for v in f["discovery__dns"]]
+    if f.get("listen") and "://" not in f["listen"]:
+        tls = bool(f.get("tls__cert")) or bool(load_config(config, flags={**f, "listen": None}).tls.cert)
+        f["listen"] = _uri_flag(f["listen"], tls)
+    return f
+
+
 def _run(config: Path | None, print_config: bool, **flags: Any) -> None:
-    cfg = load_config(config, flags=flags)
+    cfg = load_config(config, flags=_addresses(config, flags))
     if print_config:
-        typer.echo(cfg.to_toml(), nl=False)
+        typer.echo(redacted_toml(cfg), nl=False)
         return
     setup_logging(cfg.log.format, cfg.log.level)
     from loraflight.federation.node import Node
@@ -155,13 +199,22 @@ def _client_tls(ca: Path | None, cert: Path | None, key: Path | None, uri: str) 
     return ClientTLS.from_files(ca, cert, key)
 
 
-def _token() -> str | None:
+def _token(token_file: Path | None = None) -> str | None:
     import os
 
+    if token_file is not None:
+        from loraflight.federation.security import load_tokens
+
+        return load_tokens(token_file)[0]
     return os.environ.get("LORAFLIGHT_TOKEN") or None
 
 
-Uri = typer.Option(DEFAULT_URI, "--uri", "-u", help="The node's Flight address.")
+Uri = typer.Option(
+    DEFAULT_URI, "--node", "--uri", "-u", help="The node, HOST:PORT or grpc[+tls]://HOST:PORT."
+)
+TokenFile = typer.Option(
+    None, "--token-file", help="File holding the node's read token (else $LORAFLIGHT_TOKEN)."
+)
 Timeout = typer.Option(5.0, "--timeout", help="Seconds to wait for the node.")
 Ca = typer.Option(None, "--tls-ca", help="PEM CA that signed the node's certificate.")
 Cert = typer.Option(None, "--tls-cert", help="PEM client certificate (mutual TLS).")
@@ -174,6 +227,7 @@ def status_cmd(
     timeout: float = Timeout,
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing; exit 0 when the node answers."),
+    token_file: Path | None = TokenFile,
     tls_ca: Path | None = Ca,
     tls_cert: Path | None = Cert,
     tls_key: Path | None = KeyOpt,
@@ -183,9 +237,9 @@ def status_cmd(
 
     tls = _client_tls(tls_ca, tls_cert, tls_key, uri)
     if quiet:
-        node_action(uri, "health", token=_token(), tls=tls, timeout=timeout)
+        node_action(uri, "health", token=_token(token_file), tls=tls, timeout=timeout)
         return
-    st = node_action(uri, "status", token=_token(), tls=tls, timeout=timeout)
+    st = node_action(uri, "status", token=_token(token_file), tls=tls, timeout=timeout)
     if as_json:
         typer.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -224,6 +278,7 @@ def peers_cmd(
     uri: str = Uri,
     timeout: float = Timeout,
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    token_file: Path | None = TokenFile,
     tls_ca: Path | None = Ca,
     tls_cert: Path | None = Cert,
     tls_key: Path | None = KeyOpt,
@@ -232,7 +287,11 @@ def peers_cmd(
     from loraflight.federation.client import node_action
 
     peers = node_action(
-        uri, "peers", token=_token(), tls=_client_tls(tls_ca, tls_cert, tls_key, uri), timeout=timeout
+        uri,
+        "peers",
+        token=_token(token_file),
+        tls=_client_tls(tls_ca, tls_cert, tls_key, uri),
+        timeout=timeout,
     )
     if as_json:
         typer.echo(json.dumps(peers, indent=2, sort_keys=True))
@@ -263,4 +322,4 @@ def demo_cmd(
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
-__all__ = ["check_config_cmd", "demo_cmd", "peers_cmd", "setup_logging", "status_cmd"]
+__all__ = ["SECRET_KEYS", "check_config_cmd", "demo_cmd", "peers_cmd", "redacted_toml", "setup_logging", "status_cmd"]

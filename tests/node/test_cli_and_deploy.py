@@ -16,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from loraflight.federation.cli import app, register_commands
+from loraflight.federation.cli.node_cmds import SECRET_KEYS
 from loraflight.federation.config import KEYS, Key, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +71,12 @@ def test_node_run_flag_for_every_key_beats_env_and_file(
     env = {key.env: env_text(key, v_env)}
     r = _cli("node", "run", "--config", str(cfg), "--print-config", *_flag_args(key, v_flag), env=env)
     assert r.exit_code == 0, r.output
+    if key.path in SECRET_KEYS:  # secrets are never printed: precedence checked on the loaded config
+        for v in (v_file, v_env, v_flag):
+            assert all(tok not in r.stdout for tok in (v if isinstance(v, list) else [v]))
+        assert load_config(cfg, env=env, flags={key.path: v_flag}).get(key.path) == v_flag
+        assert load_config(cfg, env=env).get(key.path) == v_env
+        return
     got = load_config_from_toml_text(r.stdout, tmp_path)
     assert got.get(key.path) == v_flag
     # without the flag the environment wins over the file
