@@ -475,7 +475,9 @@ def _add_token_files(cfg: NodeConfig, problems: list[str]) -> None:
 
 
 # Environment variables with the prefix that are not config keys (read elsewhere).
-_ENV_OTHER = frozenset({"LORAFLIGHT_TOKEN", "LORAFLIGHT_HOME", "LORAFLIGHT_TRUST_DIR"})
+_ENV_OTHER = frozenset(
+    {"LORAFLIGHT_TOKEN", "LORAFLIGHT_TOKEN_FILE", "LORAFLIGHT_HOME", "LORAFLIGHT_TRUST_DIR"}
+)
 
 
 def _format(problems: list[str], file: Any) -> str:

@@ -19,7 +19,12 @@ from ._app import app, trust_app
 _out = Console()
 _err = Console(stderr=True)
 
-TokenFile = typer.Option(None, "--token-file", help="File holding the bearer token (else $LORAFLIGHT_TOKEN).")
+TokenFile = typer.Option(
+    None,
+    "--token-file",
+    envvar="LORAFLIGHT_TOKEN_FILE",
+    help="File holding the bearer token (else $LORAFLIGHT_TOKEN).",
+)
 TlsCa = typer.Option(None, "--tls-ca", help="PEM CA that signed the server's certificate.")
 TlsCert = typer.Option(None, "--tls-cert", help="PEM client certificate (mutual TLS).")
 TlsKey = typer.Option(None, "--tls-key", help="PEM client key (mutual TLS).")

@@ -213,7 +213,10 @@ Uri = typer.Option(
     DEFAULT_URI, "--node", "--uri", "-u", help="The node, HOST:PORT or grpc[+tls]://HOST:PORT."
 )
 TokenFile = typer.Option(
-    None, "--token-file", help="File holding the node's read token (else $LORAFLIGHT_TOKEN)."
+    None,
+    "--token-file",
+    envvar="LORAFLIGHT_TOKEN_FILE",
+    help="File holding the node's read token (else $LORAFLIGHT_TOKEN).",
 )
 Timeout = typer.Option(5.0, "--timeout", help="Seconds to wait for the node.")
 Ca = typer.Option(None, "--tls-ca", help="PEM CA that signed the node's certificate.")
@@ -322,4 +325,12 @@ def demo_cmd(
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
-__all__ = ["SECRET_KEYS", "check_config_cmd", "demo_cmd", "peers_cmd", "redacted_toml", "setup_logging", "status_cmd"]
+__all__ = [
+    "SECRET_KEYS",
+    "check_config_cmd",
+    "demo_cmd",
+    "peers_cmd",
+    "redacted_toml",
+    "setup_logging",
+    "status_cmd",
+]
