@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from loraflight.errors import LoraflightError
+from loraflight.errors import LoraflightError, PeerError
 
 from ._app import app, card_app, keys_app, trust_app
 
@@ -28,6 +28,18 @@ def register_commands() -> None:
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{name}":
                 raise
+
+
+def unreachable_hint(msg: str) -> str:
+    """A peer error without gRPC's wording when nothing answered: what failed and what to check."""
+    head, sep, detail = msg.partition(" unreachable: ")
+    if not sep:
+        return msg
+    reason = detail.rsplit(": ", 1)[-1].strip() or "no answer"
+    return (
+        f"{head}: nothing answered ({reason}); is a node running there? "
+        "check the address (--node HOST:PORT) and that the node runs"
+    )
 
 
 def _usage_error(e: typer.TyperException) -> int:
@@ -49,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     register_commands()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="loraflight")
+    except PeerError as e:
+        typer.echo(f"error: {unreachable_hint(str(e))}", err=True)
+        return 1
     except LoraflightError as e:
         typer.echo(f"error: {e}", err=True)
         return 1
@@ -69,7 +84,16 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
-__all__ = ["app", "card_app", "console_main", "keys_app", "main", "register_commands", "trust_app"]
+__all__ = [
+    "app",
+    "card_app",
+    "console_main",
+    "keys_app",
+    "main",
+    "register_commands",
+    "trust_app",
+    "unreachable_hint",
+]
 
 
 def console_main() -> None:

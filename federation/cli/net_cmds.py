@@ -119,6 +119,10 @@ def serve(
         },
     )
 
+    from .node_cmds import check_listen_free
+
+    check_listen_free(cfg.listen)
+
     def ready(node: Node) -> None:
         _out.print(f"serving {node.uri} node={node.node_id} store={store}", highlight=False)
         _out.file.flush()

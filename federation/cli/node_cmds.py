@@ -109,11 +109,39 @@ def _addresses(config: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
     return f
 
 
+def check_listen_free(uri: str) -> None:
+    """Raise ConfigError when another process listens on the address (gRPC would only say 'did not start')."""
+    import errno
+    import socket
+    from urllib.parse import urlsplit
+
+    from loraflight.errors import ConfigError
+
+    u = urlsplit(uri)
+    if not u.port:
+        return
+    host = u.hostname or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            s.bind((host, u.port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return  # not ours to judge: the server reports it
+            where = f"{host}:{u.port}"
+            raise ConfigError(
+                f"listen: {where} is already in use (another node? 'loraflight status --node {where}'); "
+                "stop it or pick another port with --listen HOST:PORT (port 0: any free port)"
+            ) from None
+
+
 def _run(config: Path | None, print_config: bool, **flags: Any) -> None:
     cfg = load_config(config, flags=_addresses(config, flags))
     if print_config:
         typer.echo(redacted_toml(cfg), nl=False)
         return
+    check_listen_free(cfg.listen)
     setup_logging(cfg.log.format, cfg.log.level)
     from loraflight.federation.node import Node
 
@@ -328,6 +356,7 @@ def demo_cmd(
 __all__ = [
     "SECRET_KEYS",
     "check_config_cmd",
+    "check_listen_free",
     "demo_cmd",
     "peers_cmd",
     "redacted_toml",
