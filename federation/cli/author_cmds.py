@@ -61,7 +61,10 @@ def train_cmd(
         str, typer.Argument(help="JSONL dataset, or builtin:ops-runbook for the demo skill's pairs.")
     ],
     name: Annotated[str, typer.Option("--name", "-n", help="Card name.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Card file, or a folder to write NAME-vVERSION.lora.arrow into.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Card file, or a folder to write NAME-vVERSION.lora.arrow into."),
+    ] = None,
     kind: Annotated[
         str | None,
         typer.Option(help="pairs (contrastive, embedding model; default) or completion (causal LM)."),
@@ -83,7 +86,10 @@ def train_cmd(
     epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (training is deterministic for a seed).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(help="Upper bound on optimiser steps; training also ends after --epochs (say both)."),
+    ] = None,
     eval_fraction: Annotated[float | None, typer.Option(help="Held-out share for before/after eval.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Max tokens per text.")] = None,
     scaling: Annotated[str | None, typer.Option(help="standard (alpha/r) or rslora (alpha/sqrt r).")] = None,
@@ -93,6 +99,12 @@ def train_cmd(
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeat).")] = None,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key file: sign the card.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    created: Annotated[
+        str | None,
+        typer.Option(
+            help="Card creation time, 2026-01-31T12:00:00Z (default: $SOURCE_DATE_EPOCH, else the data file's time)."
+        ),
+    ] = None,
     force: Annotated[bool, Force] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout (no tables).")] = False,
 ) -> None:
@@ -101,6 +113,7 @@ def train_cmd(
 
     from loraflight.engine.authoring import data as builtin
     from loraflight.engine.authoring.models import load_causal_model, load_embedding_model
+    from loraflight.engine.authoring.records import creation_time
     from loraflight.engine.authoring.train import TrainConfig, load_dataset, train_card
 
     raw: dict[str, Any] = {}
@@ -141,6 +154,7 @@ def train_cmd(
     meta = CardMeta(name=name, version=version, description=description, tags=tuple(tag or ()))
     signing_key = _key(key)
     path = _out_path(out, name, version, force)
+    stamp = creation_time(created, None if data.startswith(_BUILTIN_PREFIX) else Path(data))
 
     import torch
 
@@ -174,12 +188,14 @@ def train_cmd(
             meta=meta.replace(base_model=base_id),
             key=signing_key,
             progress=progress,
+            created=stamp,
         )
     result.card.write(path)
     if as_json:
         doc = _card_doc(result.card, path)
         typer.echo(json.dumps({**doc, "metric": result.metric, "eval_size": result.eval_size,
-                               "before": result.before, "after": result.after}))  # fmt: skip
+                               "before": result.before, "after": result.after, "steps": result.steps,
+                               "note": result.note, "created": result.card.header.created}))  # fmt: skip
         return
     table = Table(title=f"held-out evaluation ({result.eval_size} records)")
     table.add_column("metric")
@@ -224,7 +240,10 @@ def extract_cmd(
     base: Annotated[Path, typer.Argument(help="Base weights: .safetensors file or folder.")],
     tuned: Annotated[Path, typer.Argument(help="Fine-tuned weights: .safetensors file or folder.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Card name.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Card file, or a folder to write NAME-vVERSION.lora.arrow into.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Card file, or a folder to write NAME-vVERSION.lora.arrow into."),
+    ] = None,
     rank: Annotated[int | None, typer.Option(help="Fixed rank per module.")] = None,
     energy: Annotated[float | None, typer.Option(help="Smallest rank keeping this share of energy.")] = None,
     module: Annotated[
@@ -282,7 +301,10 @@ def extract_cmd(
 def compose_cmd(
     cards: Annotated[list[Path], typer.Argument(help="Card files.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Name of the new card.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Card file, or a folder to write NAME-vVERSION.lora.arrow into.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Card file, or a folder to write NAME-vVERSION.lora.arrow into."),
+    ] = None,
     weight: Annotated[
         list[float] | None, typer.Option("--weight", "-w", help="Weight per card (repeat).")
     ] = None,
@@ -370,7 +392,9 @@ def route_cmd(
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"{c}: cannot read the catalog: {e}") from None
         if not isinstance(entries, list):
-            raise ConfigError(f"{c}: a catalog file is a JSON list of card headers (or 'loraflight ls --json')")
+            raise ConfigError(
+                f"{c}: a catalog file is a JSON list of card headers (or 'loraflight ls --json')"
+            )
         for e in entries:  # `ls --json` entries carry the header and where the card is
             if isinstance(e, dict) and isinstance(e.get("header"), dict):
                 router.add_catalog([e["header"]], peer=(e.get("locations") or [peer])[0])

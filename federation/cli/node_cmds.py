@@ -208,9 +208,22 @@ node_app.command("run")(_make_run_command())
 def check_config_cmd(
     file: Path = typer.Argument(..., help="TOML config file to validate."),
     with_env: bool = typer.Option(False, "--with-env", help="Also apply LORAFLIGHT_* environment variables."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout: ok, problems."),
 ) -> None:
     """Validate a config file; lists every problem, exits 1 when there is one."""
-    cfg = load_config(file) if with_env else check_file(file)
+    from loraflight.errors import ConfigError
+
+    try:
+        cfg = load_config(file) if with_env else check_file(file)
+    except ConfigError as e:
+        if not as_json:
+            raise
+        problems = [line[4:] for line in str(e).splitlines() if line.startswith("  - ")] or [str(e)]
+        typer.echo(json.dumps({"file": str(file), "ok": False, "problems": problems}))
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"file": str(file), "ok": True, "fleet": cfg.fleet, "listen": cfg.listen}))
+        return
     _out.print(f"{file}: ok (fleet {cfg.fleet}, listen {cfg.listen})", highlight=False)
 
 
