@@ -52,8 +52,30 @@ def setup_logging(fmt: str, level: str) -> None:
     )
     root.addHandler(h)
     root.setLevel(level.upper())
+    if fmt == "json":
+        quiet_libraries()
     # Zeroconf logs every malformed packet on a busy LAN at WARNING; keep it quieter.
     logging.getLogger("zeroconf").setLevel(max(logging.ERROR, root.level))
+
+
+def quiet_libraries() -> None:
+    """Keep stderr one JSON object per line: no progress bars, library chatter through `logging`.
+
+    Hugging Face libraries read these when they are imported (the engine imports them later);
+    Python warnings become log records.
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.captureWarnings(True)
+    tf = sys.modules.get("transformers")
+    if tf is not None:  # already imported (in-process use): switch its own handler and bars off too
+        tf.logging.disable_progress_bar()
+        tf.logging.disable_default_handler()
+        tf.logging.enable_propagation()
 
 
 # ---------------------------------------------------------------- node run: flags from the schema
@@ -372,6 +394,7 @@ __all__ = [
     "check_listen_free",
     "demo_cmd",
     "peers_cmd",
+    "quiet_libraries",
     "redacted_toml",
     "setup_logging",
     "status_cmd",
