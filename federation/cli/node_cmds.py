@@ -314,12 +314,16 @@ def status_cmd(
         f"mDNS {'on' if st.get('mdns') else 'off'}  serving {', '.join(st.get('uris', []))}",
         highlight=False,
     )
+    has_engine = st.get("engine") or st.get("base_model")
+    base = f"base model {st['base_model']}" if st.get("base_model") else "base model unknown"
+    _out.print(f"engine: {base}" if has_engine else "engine: none", highlight=False)
     t = Table("card", "digest", "size", "source", "loaded", title=f"{len(st['cards'])} cards")
     loaded = st.get("loaded", {})
     for c in st["cards"]:
         name = c["ref"].split("@")[0]
         is_loaded = loaded.get(name, {}).get("digest") == c["digest"]
-        t.add_row(c["ref"], c["digest"][:16], str(c["size"]), c["source"], "yes" if is_loaded else "")
+        state = "yes" if is_loaded else (f"no: {c['refused']}" if c.get("refused") else "")
+        t.add_row(c["ref"], c["digest"][:16], str(c["size"]), c["source"], state)
     _out.print(t)
     _print_peers(st.get("peers", []))
 

@@ -51,7 +51,7 @@ from .export import export_card, unexport_card
 from .hotload import trust_refusal
 from .loader import Loader
 from .service import NodeServer, NodeView
-from .status import build_status, update_gauges, write_status_file
+from .status import build_status, engine_refusals, update_gauges, write_status_file
 
 log = logging.getLogger("loraflight.federation.node")
 
@@ -526,6 +526,16 @@ class Node:
             base_model=self.base_model_id,
             peers=self.peers,
             sync_rounds=self.sync_rounds,
+            engine=self.engine is not None,
+            refused=engine_refusals(
+                self.store,
+                loaded,
+                base_model=self.base_model_id,
+                trust_engine=self.config.trust.engine,
+                engine_keys=self._engine_keys,
+            )
+            if loader is not None
+            else None,
         )
 
     def write_status(self) -> None:
