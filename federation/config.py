@@ -63,16 +63,12 @@ class TokensConfig:
     )
     read: list[str] = _f([], "bearer tokens required to read (empty: reads are open)", flag="--read-token")
     peer: str = _f("", "bearer token this node presents when it reads from peers", flag="--peer-token")
-    # Token files keep secrets out of `ps` and of config files: their tokens join the lists above.
+    # Token files keep secrets out of `ps` and config files (federation/token_files.py reads them).
     write_file: str = _f(
-        "", "file of write tokens, one per line (added to tokens.write)", flag="--write-token-file"
+        "", "file of write tokens, one a line (join tokens.write)", flag="--write-token-file"
     )
-    read_file: str = _f(
-        "", "file of read tokens, one per line (added to tokens.read)", flag="--read-token-file"
-    )
-    peer_file: str = _f(
-        "", "file holding the peer token (used when tokens.peer is empty)", flag="--peer-token-file"
-    )
+    read_file: str = _f("", "file of read tokens, one a line (join tokens.read)", flag="--read-token-file")
+    peer_file: str = _f("", "file of the peer token (when tokens.peer is empty)", flag="--peer-token-file")
 
 
 @dataclass
@@ -446,32 +442,13 @@ def load_config(
         v = _coerce(key, value, f"flag {key.flag_names[0]}", problems)
         if v is not None:
             cfg.set(key.path, v)
-    _add_token_files(cfg, problems)
+    from .token_files import add_token_files
+
+    add_token_files(cfg, problems)
     problems.extend(validate(cfg))
     if problems:
         raise ConfigError(_format(problems, file))
     return cfg
-
-
-def _add_token_files(cfg: NodeConfig, problems: list[str]) -> None:
-    """Read tokens.*_file into tokens.write / read / peer (a file that cannot be read is a problem)."""
-    from .security import load_tokens
-
-    t = cfg.tokens
-    for kind in ("write", "read", "peer"):
-        path = getattr(t, f"{kind}_file")
-        if not path:
-            continue
-        try:
-            toks = load_tokens(os.path.expanduser(path))
-        except (ConfigError, OSError) as e:
-            problems.append(f"tokens.{kind}_file: {e}")
-            continue
-        if kind == "peer":
-            t.peer = t.peer or toks[0]
-        else:
-            have = getattr(t, kind)
-            have.extend(x for x in toks if x not in have)
 
 
 # Environment variables with the prefix that are not config keys (read elsewhere).

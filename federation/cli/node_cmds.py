@@ -158,6 +158,21 @@ def check_listen_free(uri: str) -> None:
             ) from None
 
 
+def _say_starting(cfg: Any) -> None:
+    """Loading a base model takes a while and the node answers only after it: say so at any log level."""
+    import time
+
+    msg = (
+        f"loading the base model {cfg.engine.base_model} (engine.base_model); "
+        f"the node answers on {cfg.listen} once it is loaded"
+    )
+    if cfg.log.format == "json":
+        rec = {"ts": round(time.time(), 3), "level": "INFO", "logger": "loraflight.cli", "msg": msg}
+        typer.echo(json.dumps(rec), err=True)
+    else:
+        typer.echo(msg, err=True)
+
+
 def _run(config: Path | None, print_config: bool, **flags: Any) -> None:
     cfg = load_config(config, flags=_addresses(config, flags))
     if print_config:
@@ -165,6 +180,8 @@ def _run(config: Path | None, print_config: bool, **flags: Any) -> None:
         return
     check_listen_free(cfg.listen)
     setup_logging(cfg.log.format, cfg.log.level)
+    if cfg.engine.base_model and (cfg.engine.hot_load or cfg.api.listen):
+        _say_starting(cfg)
     from loraflight.federation.node import Node
 
     node = Node(cfg)

@@ -57,3 +57,19 @@ def test_status_shows_the_engine_base_model_and_why_cards_are_not_loaded(tmp_pat
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def test_node_run_says_it_is_loading_the_model_at_the_default_log_level(tmp_path: Path) -> None:
+    hp = f"127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen(
+        [*exe(), "node", "run", "--store", str(tmp_path / "s"), "--listen", hp, "--no-discovery", "--no-sync",
+         "--engine-base-model", "tiny:1", "--trust-engine", "any"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # printed before the model loads
+        assert "loading the base model tiny:1" in first and f"answers on grpc://{hp}" in first
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

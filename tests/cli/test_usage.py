@@ -30,7 +30,7 @@ def test_a_group_without_a_subcommand_shows_its_help_and_exits_2(args: tuple[str
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (("fetch", "x"), "Missing option '--from'"),
+        (("fetch", "x"), "Missing option '--node'"),
         (("ls", "--bogus"), "No such option: --bogus"),
         (("card", "inspect", "--nope", "f"), "No such option: --nope"),
         (("node", "run", "--lissten", "x"), "No such option: --lissten"),
