@@ -64,6 +64,12 @@ class TokensConfig:
     )
     read: list[str] = _f([], "bearer tokens required to read (empty: reads are open)", flag="--read-token")
     peer: str = _f("", "bearer token this node presents when it reads from peers", flag="--peer-token")
+    # Token files keep secrets out of `ps` and config files (federation/token_files.py reads them).
+    write_file: str = _f(
+        "", "file of write tokens, one a line (join tokens.write)", flag="--write-token-file"
+    )
+    read_file: str = _f("", "file of read tokens, one a line (join tokens.read)", flag="--read-token-file")
+    peer_file: str = _f("", "file of the peer token (when tokens.peer is empty)", flag="--peer-token-file")
 
 
 @dataclass
@@ -451,6 +457,9 @@ def load_config(
         v = _coerce(key, value, f"flag {key.flag_names[0]}", problems)
         if v is not None:
             cfg.set(key.path, v)
+    from .token_files import add_token_files
+
+    add_token_files(cfg, problems)
     problems.extend(validate(cfg))
     if problems:
         raise ConfigError(_format(problems, file))
@@ -458,7 +467,9 @@ def load_config(
 
 
 # Environment variables with the prefix that are not config keys (read elsewhere).
-_ENV_OTHER = frozenset({"LORAFLIGHT_TOKEN", "LORAFLIGHT_HOME", "LORAFLIGHT_TRUST_DIR"})
+_ENV_OTHER = frozenset(
+    {"LORAFLIGHT_TOKEN", "LORAFLIGHT_TOKEN_FILE", "LORAFLIGHT_HOME", "LORAFLIGHT_TRUST_DIR"}
+)
 
 
 def _format(problems: list[str], file: Any) -> str:

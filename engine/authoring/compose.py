@@ -45,10 +45,13 @@ def delta_weights(card: LoRACard) -> dict[str, np.ndarray]:
 
 
 def _common_base(cards: Sequence[LoRACard]) -> str | None:
-    bases = {c.header.base_model for c in cards if c.header.base_model}
+    """The one base model of all cards; a card naming none does not mix with one that names one."""
+    bases = {c.header.base_model or None for c in cards}
     if len(bases) > 1:
+        each = ", ".join(f"{c.ref}: {c.header.base_model or 'no base model'}" for c in cards)
         raise CardError(
-            f"cards are for different base models ({', '.join(sorted(bases))}); they cannot be composed"
+            f"cards are for different base models ({each}); only cards of one base model compose "
+            "(a card without one: give it the right base model when you make it, e.g. --base-model)"
         )
     return next(iter(bases), None)
 
@@ -212,6 +215,8 @@ def make_child(
     under it. `modules` are the child's own rows (or another card's); shapes must agree with the parent's.
     `meta` (or just ``name=``) names the child; its base model is the parent's."""
     meta = CardMeta.given(meta, name)
+    if isinstance(modules, LoRACard):
+        _common_base([parent, modules])
     rows = list(modules.modules if isinstance(modules, LoRACard) else modules)
     if not rows:
         raise CardError("a child card needs at least one module")

@@ -163,7 +163,10 @@ def extract_card(
             f"these changed parameters cannot be represented by a LoRA card: {', '.join(changed_other[:20])}"
         )
         if not allow_other_changes:
-            raise CardError(msg + " (pass allow_other_changes=True to leave them out)")
+            raise CardError(
+                msg + " (to leave them out of the card: --allow-other-changes on the command line, "
+                "allow_other_changes=True in Python)"
+            )
         log.warning("%s; left out", msg)
 
     rows: list[ModuleLoRA] = []

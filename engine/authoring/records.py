@@ -129,4 +129,50 @@ def split_records(
     return train, held
 
 
-__all__ = ["FIELDS", "MAX_LINE_BYTES", "MAX_RECORDS", "load_dataset", "parse_jsonl", "split_records"]
+EPOCH_0 = "1970-01-01T00:00:00Z"
+
+
+def creation_time(
+    created: str | None = None,
+    data: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """The `created` header of a card made from `data`, so the same inputs give the same card bytes.
+
+    `created` (ISO 8601 UTC, ``YYYY-MM-DDTHH:MM:SSZ``) when given; else ``SOURCE_DATE_EPOCH``
+    (seconds, the reproducible-builds convention); else the data file's modification time; else
+    (data in memory) the Unix epoch.
+    """
+    import datetime as dt
+
+    def iso(seconds: float) -> str:
+        return dt.datetime.fromtimestamp(int(seconds), dt.UTC).isoformat().replace("+00:00", "Z")
+
+    if created is not None:
+        try:
+            when = dt.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            raise TrainingError(
+                f"created {created!r} is not an ISO 8601 UTC time like 2026-01-31T12:00:00Z"
+            ) from None
+        return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    sde = (os.environ if env is None else env).get("SOURCE_DATE_EPOCH")
+    if sde:
+        if not sde.strip().isdigit():
+            raise TrainingError(f"SOURCE_DATE_EPOCH={sde!r} is not a whole number of seconds")
+        return iso(int(sde))
+    if data is not None and Path(data).is_file():
+        return iso(Path(data).stat().st_mtime)
+    return EPOCH_0
+
+
+__all__ = [
+    "EPOCH_0",
+    "FIELDS",
+    "MAX_LINE_BYTES",
+    "MAX_RECORDS",
+    "creation_time",
+    "load_dataset",
+    "parse_jsonl",
+    "split_records",
+]

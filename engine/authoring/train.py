@@ -32,7 +32,7 @@ from loraflight.errors import TrainingError
 from ..card import CardMeta, LoRACard, ModuleLoRA, base_fingerprint, lora_scale
 from .arrays import from_float
 from .config import DEFAULT_TARGETS, HIGHER_IS_BETTER, KINDS, PRIMARY_METRIC, TrainConfig, problems_error
-from .records import load_dataset, split_records
+from .records import creation_time, load_dataset, split_records
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -416,6 +416,7 @@ class TrainResult:
     eval_size: int
     seconds: float
     config: TrainConfig
+    note: str = ""  # why fewer steps ran than max_steps asked for ("" when not)
 
     @property
     def improved(self) -> bool:
@@ -424,7 +425,10 @@ class TrainResult:
 
     def summary(self) -> str:
         b, a = self.before[self.metric], self.after[self.metric]
-        return f"held-out {self.metric}: {b:.4f} -> {a:.4f} ({'better' if self.improved else 'not better'}) after {self.steps} steps"
+        verdict = "better" if self.improved else "not better"
+        steps = f"{self.steps} step{'' if self.steps == 1 else 's'}"
+        note = f" ({self.note})" if self.note else ""
+        return f"held-out {self.metric}: {b:.4f} -> {a:.4f} ({verdict}) after {steps}{note}"
 
 
 ProgressFn = Callable[[int, int, float], None]
@@ -440,12 +444,15 @@ def train_card(
     name: str | None = None,
     key: Ed25519PrivateKey | None = None,
     progress: ProgressFn | None = None,
+    created: str | None = None,
 ) -> TrainResult:
     """Train LoRA on `records` and return the card with held-out metrics before and after.
 
     `records` is a list of dicts or a JSONL path (validated with `load_dataset`). `meta` names and
     describes the card (``name=`` alone is shorthand for ``CardMeta(name)``); `key` signs it. `progress(step, total_steps, loss)` is called after every step. The
     model is returned to its original modules, flags and train/eval mode; base weights are untouched.
+    `created` is the card's creation time (default `records.creation_time`: SOURCE_DATE_EPOCH, the
+    data file's time, else the Unix epoch), so the same data, config and seed give the same card bytes.
     """
     torch = _t()
     meta = CardMeta.given(meta, name)  # validated now, not after minutes of training
@@ -460,6 +467,14 @@ def train_card(
         total = min(total, cfg.max_steps)
     if cfg.kind == "pairs" and len(train) < 2:
         raise TrainingError("contrastive training needs at least 2 training pairs")
+    created_at = creation_time(created, records if isinstance(records, str | os.PathLike) else None)
+    note = ""
+    if cfg.max_steps is not None and cfg.max_steps > steps_per_epoch * cfg.epochs:
+        note = (
+            f"max_steps {cfg.max_steps} is only an upper bound: {cfg.epochs} epoch(s) of {len(train)} "
+            f"examples in batches of {cfg.batch_size} give {steps_per_epoch * cfg.epochs} step(s); "
+            "raise epochs to train longer"
+        )
 
     was_training = model.training
     det_was = torch.are_deterministic_algorithms_enabled()
@@ -534,13 +549,16 @@ def train_card(
         dtype=cfg.dtype,
         base_fingerprint=base_fingerprint(shapes),
         scaling=cfg.scaling,
+        created=created_at,
         extra={"training": training},
     )
     if key is not None:
         card = card.sign(key)
     seconds = time.perf_counter() - t0
     log.info("trained %s: %s (%s)", card.ref, training, report)
-    return TrainResult(card, metric, before, after, report, step, losses, len(train), len(held), seconds, cfg)
+    return TrainResult(
+        card, metric, before, after, report, step, losses, len(train), len(held), seconds, cfg, note
+    )
 
 
 def _finite(x: float) -> float | None:

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from loraflight.errors import LoraflightError
+from loraflight.errors import LoraflightError, PeerError
 
 from ._app import app, card_app, keys_app, trust_app
 
@@ -30,6 +30,28 @@ def register_commands() -> None:
                 raise
 
 
+def unreachable_hint(msg: str) -> str:
+    """A peer error without gRPC's wording when nothing answered: what failed and what to check."""
+    head, sep, detail = msg.partition(" unreachable: ")
+    if not sep:
+        return msg
+    reason = detail.rsplit(": ", 1)[-1].strip() or "no answer"
+    return (
+        f"{head}: nothing answered ({reason}); is a node running there? "
+        "check the address (--node HOST:PORT) and that the node runs"
+    )
+
+
+def _usage_error(e: typer.TyperException) -> int:
+    """Show a usage error the way click does (usage line, hint, one `Error:` line); its exit code (2)."""
+    show = getattr(e, "show", None)
+    if callable(show):
+        show()
+    else:
+        typer.echo(f"error: {e.format_message()}", err=True)
+    return int(getattr(e, "exit_code", 2) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     logging.basicConfig(
@@ -39,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     register_commands()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="loraflight")
+    except PeerError as e:
+        typer.echo(f"error: {unreachable_hint(str(e))}", err=True)
+        return 1
     except LoraflightError as e:
         typer.echo(f"error: {e}", err=True)
         return 1
@@ -51,22 +76,24 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         typer.echo(f"error: {e.strerror or e}{where}", err=True)
         return 1
-    except Exception as e:  # click usage errors arrive as ClickException
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Exit):
-            return int(e.exit_code or 0)
-        raise
+    except typer.TyperException as e:  # usage errors (typer's bundled click raises these)
+        return _usage_error(e)
     return int(rv) if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
-__all__ = ["app", "card_app", "console_main", "keys_app", "main", "register_commands", "trust_app"]
+__all__ = [
+    "app",
+    "card_app",
+    "console_main",
+    "keys_app",
+    "main",
+    "register_commands",
+    "trust_app",
+    "unreachable_hint",
+]
 
 
 def console_main() -> None:

@@ -19,6 +19,7 @@ from loraflight.engine.card import CARD_SUFFIX, CardMeta, LoRACard
 from loraflight.errors import ConfigError
 
 from ._app import app
+from .outputs import Force, card_out_path
 
 _out = Console(highlight=False, soft_wrap=True)
 
@@ -33,16 +34,21 @@ def _key(path: Path | None) -> Any:
     return load_private(path)
 
 
-def _out_path(out: Path | None, name: str, version: int) -> Path:
-    """Where the card goes; its folder is made now, so a bad --out fails before the work does."""
-    if out is None:
-        return Path(f"{name}-v{version}{CARD_SUFFIX}")
-    path = out / f"{name}-v{version}{CARD_SUFFIX}" if out.is_dir() else out
+def _out_path(out: Path | None, name: str, version: int, force: bool = False) -> Path:
+    """Where the card goes (see outputs.card_out_path); the name is checked first, before any work."""
+    from loraflight.engine.card.header import check_name
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create the folder {path.parent}: {e.strerror or e}") from None
-    return path
+        check_name(name)
+    except ValueError as e:
+        raise ConfigError(f"--name {name!r}: {e}") from None
+    return card_out_path(out, name, version, force=force)
+
+
+def _card_doc(card: LoRACard, path: Path) -> dict[str, Any]:
+    h = card.header
+    return {"ref": card.ref, "name": h.name, "version": h.version, "digest": card.digest, "path": str(path),
+            "base_model": h.base_model, "signer": h.signer, "modules": len(card)}  # fmt: skip
 
 
 def _fmt(x: float | None) -> str:
@@ -55,7 +61,10 @@ def train_cmd(
         str, typer.Argument(help="JSONL dataset, or builtin:ops-runbook for the demo skill's pairs.")
     ],
     name: Annotated[str, typer.Option("--name", "-n", help="Card name.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Card file or directory.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Card file, or a folder to write NAME-vVERSION.lora.arrow into."),
+    ] = None,
     kind: Annotated[
         str | None,
         typer.Option(help="pairs (contrastive, embedding model; default) or completion (causal LM)."),
@@ -77,7 +86,10 @@ def train_cmd(
     epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (training is deterministic for a seed).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(help="Upper bound on optimiser steps; training also ends after --epochs (say both)."),
+    ] = None,
     eval_fraction: Annotated[float | None, typer.Option(help="Held-out share for before/after eval.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Max tokens per text.")] = None,
     scaling: Annotated[str | None, typer.Option(help="standard (alpha/r) or rslora (alpha/sqrt r).")] = None,
@@ -87,12 +99,21 @@ def train_cmd(
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeat).")] = None,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key file: sign the card.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    created: Annotated[
+        str | None,
+        typer.Option(
+            help="Card creation time, 2026-01-31T12:00:00Z (default: $SOURCE_DATE_EPOCH, else the data file's time)."
+        ),
+    ] = None,
+    force: Annotated[bool, Force] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout (no tables).")] = False,
 ) -> None:
     """Train a LoRA card from examples; print held-out metrics before and after."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from loraflight.engine.authoring import data as builtin
     from loraflight.engine.authoring.models import load_causal_model, load_embedding_model
+    from loraflight.engine.authoring.records import creation_time
     from loraflight.engine.authoring.train import TrainConfig, load_dataset, train_card
 
     raw: dict[str, Any] = {}
@@ -132,7 +153,8 @@ def train_cmd(
         records = load_dataset(Path(data), cfg.kind)
     meta = CardMeta(name=name, version=version, description=description, tags=tuple(tag or ()))
     signing_key = _key(key)
-    path = _out_path(out, name, version)
+    path = _out_path(out, name, version, force)
+    stamp = creation_time(created, None if data.startswith(_BUILTIN_PREFIX) else Path(data))
 
     import torch
 
@@ -141,7 +163,8 @@ def train_cmd(
     spec = model or ("minilm" if cfg.kind == "pairs" else "tiny-llama")
     loader = load_embedding_model if cfg.kind == "pairs" else load_causal_model
     net, tok, base_id = loader(spec)
-    _out.print(f"training {escape(name)} on {len(records)} {cfg.kind} records with {escape(base_id)}")
+    if not as_json:
+        _out.print(f"training {escape(name)} on {len(records)} {cfg.kind} records with {escape(base_id)}")
     with Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -150,6 +173,7 @@ def train_cmd(
         TimeElapsedColumn(),
         console=_out,
         transient=False,
+        disable=as_json,
     ) as bar:
         task = bar.add_task("train", total=None, loss="—")
 
@@ -164,8 +188,15 @@ def train_cmd(
             meta=meta.replace(base_model=base_id),
             key=signing_key,
             progress=progress,
+            created=stamp,
         )
     result.card.write(path)
+    if as_json:
+        doc = _card_doc(result.card, path)
+        typer.echo(json.dumps({**doc, "metric": result.metric, "eval_size": result.eval_size,
+                               "before": result.before, "after": result.after, "steps": result.steps,
+                               "note": result.note, "created": result.card.header.created}))  # fmt: skip
+        return
     table = Table(title=f"held-out evaluation ({result.eval_size} records)")
     table.add_column("metric")
     table.add_column("before", justify="right")
@@ -209,7 +240,10 @@ def extract_cmd(
     base: Annotated[Path, typer.Argument(help="Base weights: .safetensors file or folder.")],
     tuned: Annotated[Path, typer.Argument(help="Fine-tuned weights: .safetensors file or folder.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Card name.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Card file or directory.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Card file, or a folder to write NAME-vVERSION.lora.arrow into."),
+    ] = None,
     rank: Annotated[int | None, typer.Option(help="Fixed rank per module.")] = None,
     energy: Annotated[float | None, typer.Option(help="Smallest rank keeping this share of energy.")] = None,
     module: Annotated[
@@ -222,12 +256,14 @@ def extract_cmd(
     base_model: Annotated[str | None, typer.Option(help="Base model id recorded in the card.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeat).")] = None,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key file: sign the card.")] = None,
+    force: Annotated[bool, Force] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout (no tables).")] = False,
 ) -> None:
     """Extract a card from a weight delta by truncated SVD; print the kept energy per module."""
     from loraflight.engine.authoring.extract import extract_card
 
     signing_key = _key(key)
-    path = _out_path(out, name, version)
+    path = _out_path(out, name, version, force)
     result = extract_card(
         _load_weights(base),
         _load_weights(tuned),
@@ -241,6 +277,12 @@ def extract_cmd(
         allow_other_changes=allow_other_changes,
         key=signing_key,
     )
+    if as_json:
+        result.card.write(path)
+        mods = [{"module": m.module, "rank": m.rank, "energy": m.energy} for m in result.modules]
+        typer.echo(json.dumps({**_card_doc(result.card, path), "module_ranks": mods,
+                               "unchanged": list(result.unchanged)}))  # fmt: skip
+        return
     table = Table(title="extracted modules")
     for col in ("module", "rank", "energy kept", "delta rank", "‖ΔW‖"):
         table.add_column(col, justify="left" if col == "module" else "right")
@@ -259,7 +301,10 @@ def extract_cmd(
 def compose_cmd(
     cards: Annotated[list[Path], typer.Argument(help="Card files.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Name of the new card.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Card file or directory.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Card file, or a folder to write NAME-vVERSION.lora.arrow into."),
+    ] = None,
     weight: Annotated[
         list[float] | None, typer.Option("--weight", "-w", help="Weight per card (repeat).")
     ] = None,
@@ -272,6 +317,8 @@ def compose_cmd(
     description: Annotated[str, typer.Option(help="What the skill does.")] = "",
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeat).")] = None,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key file: sign the card.")] = None,
+    force: Annotated[bool, Force] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
 ) -> None:
     """Combine cards: weighted sum (default), interpolation, or a child stacked on a parent."""
     from loraflight.engine.authoring.compose import compose_add, compose_interpolate, make_child
@@ -279,6 +326,7 @@ def compose_cmd(
     modes = sum(x is not None for x in (weight or None, interpolate, child_of))
     if modes > 1:
         raise ConfigError("use one of --weight, --interpolate, --child-of")
+    dest = _out_path(out, name, version, force)
     loaded = [LoRACard.open(p) for p in cards]
     for c in loaded:
         c.verify()
@@ -296,7 +344,10 @@ def compose_cmd(
         card = compose_interpolate(loaded[0], loaded[1], interpolate, meta=meta, rank=rank, key=signing_key)
     else:
         card = compose_add(loaded, weight or None, meta=meta, rank=rank, key=signing_key)
-    path = card.write(_out_path(out, name, version))
+    path = card.write(dest)
+    if as_json:
+        typer.echo(json.dumps({**_card_doc(card, path), "lineage": list(card.header.lineage)}))
+        return
     lineage = f", lineage {', '.join(d[:12] for d in card.header.lineage)}" if card.header.lineage else ""
     _out.print(f"wrote {escape(str(path))}: {card.ref}, {len(card)} modules, digest {card.digest}{lineage}")
 
@@ -341,8 +392,14 @@ def route_cmd(
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"{c}: cannot read the catalog: {e}") from None
         if not isinstance(entries, list):
-            raise ConfigError(f"{c}: a catalog file is a JSON list of card headers")
-        router.add_catalog(entries, peer=peer)
+            raise ConfigError(
+                f"{c}: a catalog file is a JSON list of card headers (or 'loraflight ls --json')"
+            )
+        for e in entries:  # `ls --json` entries carry the header and where the card is
+            if isinstance(e, dict) and isinstance(e.get("header"), dict):
+                router.add_catalog([e["header"]], peer=(e.get("locations") or [peer])[0])
+            else:
+                router.add_catalog([e], peer=peer)
     if not len(router):
         raise ConfigError("no cards to route to: give card files/directories or --catalog")
     routes = router.route(query, k=k, threshold=threshold)

@@ -22,6 +22,7 @@ from loraflight.engine.card import CARD_SUFFIX, CardMeta, LoRACard, ModuleLoRA, 
 from loraflight.errors import CardError, ConfigError, LoraflightError
 
 from ._app import card_app, keys_app
+from .outputs import Force, check_overwrite, check_peft_folder
 
 _out = Console(highlight=False, soft_wrap=True)
 
@@ -179,8 +180,11 @@ def sign_cmd(
     file: Annotated[Path, typer.Argument(help="A .lora.arrow card.")],
     key: Annotated[Path, typer.Option("--key", help="Ed25519 private key file (or its directory).")],
     out: Annotated[Path | None, typer.Option("--out", help="Write here instead of in place.")] = None,
+    force: Annotated[bool, Force] = False,
 ) -> None:
     """Sign a card (after verifying it); writes atomically, in place by default."""
+    if out is not None:
+        check_overwrite(out, force)
     priv = keyfiles.load_private(key)
     card = LoRACard.open(file)
     card.verify()
@@ -251,10 +255,13 @@ def from_peft_cmd(
     ] = None,
     author: Annotated[str, typer.Option(help="Author.")] = "",
     key: Annotated[Path | None, typer.Option("--key", help="Also sign with this private key.")] = None,
+    force: Annotated[bool, Force] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Import a PEFT LoRA adapter folder as a card, exactly (refuses what a card cannot hold)."""
     from loraflight.engine.peft_io import from_peft, sanitize_name
 
+    check_overwrite(out, force)
     meta = CardMeta(
         name=name if name is not None else sanitize_name(directory.resolve().name),
         version=version,
@@ -267,19 +274,29 @@ def from_peft_cmd(
     if key is not None:
         card = card.sign(keyfiles.load_private(key))
     card.write(out)
+    if as_json:
+        _echo_json({"ref": card.ref, "digest": card.digest, "modules": len(card), "dtype": card.dtype,
+                    "path": str(out)})  # fmt: skip
+        return
     typer.echo(f"wrote {card.ref} ({len(card)} modules, {card.dtype}) {card.digest}: {out}")
 
 
 @card_app.command("to-peft")
 def to_peft_cmd(
     file: Annotated[Path, typer.Argument(help="A .lora.arrow card.")],
-    directory: Annotated[Path, typer.Argument(help="Output PEFT adapter folder.")],
+    directory: Annotated[Path, typer.Argument(help="Output PEFT adapter folder (new or empty).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier PEFT export there.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Export a card (after verifying it) as a PEFT adapter folder."""
     from loraflight.engine.peft_io import to_peft
 
+    check_peft_folder(directory, force)
     card = LoRACard.open(file)
     to_peft(card, directory)
+    if as_json:
+        _echo_json({"ref": card.ref, "digest": card.digest, "path": str(directory)})
+        return
     typer.echo(f"wrote {card.ref} as a PEFT adapter: {directory}")
 
 
@@ -326,8 +343,10 @@ def example_cmd(
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     seed: Annotated[int, typer.Option(help="Random seed (the card is deterministic).")] = 0,
     key: Annotated[Path | None, typer.Option("--key", help="Also sign with this private key.")] = None,
+    force: Annotated[bool, Force] = False,
 ) -> None:
     """Write a small example adapter card (2 layers, q/v projections, hidden 64, rank 4)."""
+    check_overwrite(out, force)
     card = example_card(name=name, version=version, dtype=dtype, seed=seed)
     if key is not None:
         card = card.sign(keyfiles.load_private(key))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -18,10 +19,17 @@ from ._app import app, trust_app
 _out = Console()
 _err = Console(stderr=True)
 
-TokenFile = typer.Option(None, "--token-file", help="File holding the bearer token (else $LORAFLIGHT_TOKEN).")
+TokenFile = typer.Option(
+    None,
+    "--token-file",
+    envvar="LORAFLIGHT_TOKEN_FILE",
+    help="File holding the bearer token (else $LORAFLIGHT_TOKEN).",
+)
 TlsCa = typer.Option(None, "--tls-ca", help="PEM CA that signed the server's certificate.")
 TlsCert = typer.Option(None, "--tls-cert", help="PEM client certificate (mutual TLS).")
 TlsKey = typer.Option(None, "--tls-key", help="PEM client key (mutual TLS).")
+AsJson = typer.Option(False, "--json", help="One JSON document on stdout.")
+NODE_HELP = "The node, HOST:PORT or grpc[+tls]://HOST:PORT"
 
 
 def _token(token_file: Path | None) -> str | None:
@@ -47,6 +55,14 @@ def _client(uri: str, token_file: Path | None, ca: Path | None, cert: Path | Non
 
     tls = _tls(ca, cert, key, uri)
     return Client(uri, token=_token(token_file), tls=tls)
+
+
+def _one_node(positional: str | None, option: str | None) -> str:
+    if positional and option and positional != option:
+        raise typer.BadParameter(f"two nodes given ({positional!r} and --node {option!r}); name one")
+    if not (positional or option):
+        raise typer.BadParameter("name the node: --node HOST:PORT")
+    return positional or option or ""
 
 
 def _parse_ref(ref: str) -> tuple[str, int | str]:
@@ -103,6 +119,10 @@ def serve(
         },
     )
 
+    from .node_cmds import check_listen_free
+
+    check_listen_free(cfg.listen)
+
     def ready(node: Node) -> None:
         _out.print(f"serving {node.uri} node={node.node_id} store={store}", highlight=False)
         _out.file.flush()
@@ -112,7 +132,8 @@ def serve(
 
 @app.command("ls")
 def ls_cmd(
-    uri: str = typer.Argument(..., help="Node address, HOST:PORT or grpc[+tls]://HOST:PORT."),
+    uri: str | None = typer.Argument(None, help=f"{NODE_HELP} (or --node).", show_default=False),
+    node: str | None = typer.Option(None, "--node", help=f"{NODE_HELP}."),
     name: str | None = typer.Option(None, "--name", help="Name glob."),
     base_model: str | None = typer.Option(None, "--base-model"),
     tag: list[str] = typer.Option([], "--tag", help="Required tag (repeatable)."),
@@ -123,6 +144,7 @@ def ls_cmd(
     tls_key: Path | None = TlsKey,
 ) -> None:
     """List a node's cards with every location that holds them."""
+    uri = _one_node(uri, node)
     with _client(uri, token_file, tls_ca, tls_cert, tls_key) as c:
         entries = c.list(name=name, base_model=base_model, tags=tuple(tag))
         withdrawn = [] if as_json else c.withdrawals()
@@ -147,7 +169,7 @@ def ls_cmd(
     _print_withdrawals(withdrawn)
 
 
-def _bar() -> Progress:
+def _bar(quiet: bool = False) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -155,15 +177,17 @@ def _bar() -> Progress:
         TransferSpeedColumn(),
         console=_err,
         transient=True,
+        disable=quiet,
     )
 
 
 @app.command()
 def fetch(
     ref: str = typer.Argument(..., help="NAME or NAME@VERSION."),
-    source: str = typer.Option(..., "--from", help="Node address to fetch from."),
+    source: str = typer.Option(..., "--node", "--from", help=f"{NODE_HELP} to fetch from."),
     store: Path = typer.Option(Path("./loraflight-store"), "--store", help="Store directory."),
     trust: str = typer.Option("open", "--trust", help="Entry policy of the store: open or signed."),
+    as_json: bool = AsJson,
     token_file: Path | None = TokenFile,
     tls_ca: Path | None = TlsCa,
     tls_cert: Path | None = TlsCert,
@@ -174,17 +198,35 @@ def fetch(
 
     name, version = _parse_ref(ref)
     with Store(store, trust=trust) as st, _client(source, token_file, tls_ca, tls_cert, tls_key) as c:
-        entry = c.info(name, version)
-        with _bar() as bar:
+        entry = _remote_info(c, source, name, version)
+        with _bar(quiet=as_json) as bar:
             task = bar.add_task(entry.ref, total=entry.size)
             card = c.fetch_entry(entry, store=st, progress=lambda done, tot: bar.update(task, completed=done))
-        _out.print(f"fetched {card.ref} {card.digest} -> {card.path}", highlight=False)
+    if as_json:
+        doc = {"ref": card.ref, "name": card.name, "version": card.version, "digest": card.digest}
+        typer.echo(json.dumps({**doc, "size": entry.size, "path": str(card.path), "node": source}))
+        return
+    _out.print(f"fetched {card.ref} {card.digest} -> {card.path}", highlight=False)
+
+
+def _remote_info(c: Any, node: str, name: str, version: int | str) -> Any:
+    """The node's entry for NAME@VERSION; a missing card says which node lacks it and how to look."""
+    from loraflight.errors import CardNotFound
+
+    try:
+        return c.info(name, version)
+    except CardNotFound:
+        what = name if version == "latest" else f"{name}@{version}"
+        raise CardNotFound(
+            f"node {node} has no card {what}; 'loraflight ls --node {node}' lists what it has"
+        ) from None
 
 
 @app.command()
 def publish(
     file: Path = typer.Argument(..., help="A .lora.arrow card file."),
-    to: str = typer.Option(..., "--to", help="Node address to publish to."),
+    to: str = typer.Option(..., "--node", "--to", help=f"{NODE_HELP} to publish to."),
+    as_json: bool = AsJson,
     token_file: Path | None = TokenFile,
     tls_ca: Path | None = TlsCa,
     tls_cert: Path | None = TlsCert,
@@ -197,18 +239,28 @@ def publish(
     card.verify()
     with _client(to, token_file, tls_ca, tls_cert, tls_key) as c:
         digest = c.publish(card)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"ref": card.ref, "name": card.name, "version": card.version, "digest": digest, "node": to}
+            )
+        )
+        return
     _out.print(f"published {card.ref} {digest}", highlight=False)
 
 
 @app.command("sync")
 def sync_cmd(
-    sources: list[str] = typer.Option(..., "--from", help="Peer address (repeatable)."),
+    sources: list[str] = typer.Option(
+        ..., "--node", "--from", help=f"{NODE_HELP} to pull from (repeatable)."
+    ),
     store: Path = typer.Option(Path("./loraflight-store"), "--store", help="Store directory."),
     base_model: list[str] = typer.Option([], "--base-model", help="Only these base models."),
     tag: list[str] = typer.Option([], "--tag", help="Only cards with one of these tags."),
     name: list[str] = typer.Option([], "--name", help="Only names matching these globs."),
     trust: str = typer.Option("open", "--trust", help="Entry policy of the store: open or signed."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, max=64),
+    as_json: bool = AsJson,
     token_file: Path | None = TokenFile,
     tls_ca: Path | None = TlsCa,
     tls_cert: Path | None = TlsCert,
@@ -220,7 +272,7 @@ def sync_cmd(
 
     policy = SyncPolicy(base_models=tuple(base_model), tags=tuple(tag), names=tuple(name))
     tls = _tls(tls_ca, tls_cert, tls_key, sources[0])
-    with Store(store, trust=trust) as st, _bar() as bar:
+    with Store(store, trust=trust) as st, _bar(quiet=as_json) as bar:
         tasks: dict[str, TaskID] = {}
 
         def progress(p: SyncProgress) -> None:
@@ -231,6 +283,20 @@ def sync_cmd(
         report = sync(
             sources, policy, st, concurrency=concurrency, progress=progress, token=_token(token_file), tls=tls
         )
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "fetched": [{"ref": e.ref, "digest": e.digest} for e in report.fetched],
+                    "errors": dict(report.errors),
+                    "peer_errors": dict(report.peer_errors),
+                }
+            )
+        )
+        if not report.ok:
+            raise typer.Exit(1)
+        return
     for e in report.fetched:
         _out.print(f"fetched {e.ref} {e.digest}", highlight=False)
     for uri, msg in report.peer_errors.items():

@@ -52,8 +52,30 @@ def setup_logging(fmt: str, level: str) -> None:
     )
     root.addHandler(h)
     root.setLevel(level.upper())
+    if fmt == "json":
+        quiet_libraries()
     # Zeroconf logs every malformed packet on a busy LAN at WARNING; keep it quieter.
     logging.getLogger("zeroconf").setLevel(max(logging.ERROR, root.level))
+
+
+def quiet_libraries() -> None:
+    """Keep stderr one JSON object per line: no progress bars, library chatter through `logging`.
+
+    Hugging Face libraries read these when they are imported (the engine imports them later);
+    Python warnings become log records.
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.captureWarnings(True)
+    tf = sys.modules.get("transformers")
+    if tf is not None:  # already imported (in-process use): switch its own handler and bars off too
+        tf.logging.disable_progress_bar()
+        tf.logging.disable_default_handler()
+        tf.logging.enable_propagation()
 
 
 # ---------------------------------------------------------------- node run: flags from the schema
@@ -65,12 +87,101 @@ def _flag_type(key: Key) -> Any:
     ]
 
 
-def _run(config: Path | None, print_config: bool, **flags: Any) -> None:
-    cfg = load_config(config, flags=flags)
-    if print_config:
-        typer.echo(cfg.to_toml(), nl=False)
+SECRET_KEYS = ("tokens.write", "tokens.read", "tokens.peer")
+
+
+def redacted_toml(cfg: Any) -> str:
+    """The config as TOML with every secret replaced by a comment saying how many there are."""
+    out, section = [], ""
+    for line in cfg.to_toml().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        name = line.split(" = ", 1)[0]
+        path = f"{section}.{name}" if section else name
+        if path in SECRET_KEYS and " = " in line:
+            v = cfg.get(path)
+            n = len(v) if isinstance(v, list) else int(bool(v))
+            line = f"# {name}: {n} secret{'s' if n != 1 else ''}, not printed"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _uri_flag(value: str, tls: bool) -> str:
+    """HOST:PORT as grpc[+tls]://HOST:PORT; a URI is kept (the config checks it)."""
+    return value if "://" in value else f"{'grpc+tls' if tls else 'grpc'}://{value}"
+
+
+def _host_port_flag(value: str) -> str:
+    """A DNS peer given as grpc[+tls]://HOST:PORT becomes HOST:PORT."""
+    scheme, sep, rest = value.partition("://")
+    return rest.rstrip("/") if sep and scheme in ("grpc", "grpc+tcp", "grpc+tls") else value
+
+
+def _addresses(config: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """Every address flag accepts HOST:PORT and grpc[+tls]://HOST:PORT (listen gets TLS from tls.cert)."""
+    f = dict(flags)
+    for name in ("advertise", "discovery__peers"):
+        if f.get(name):
+            f[name] = [_uri_flag(v, False) for v in f[name]]
+    if f.get("discovery__dns"):
+        f["discovery__dns"] = [_host_port_flag(v) for v in f["discovery__dns"]]
+    if f.get("listen") and "://" not in f["listen"]:
+        tls = bool(f.get("tls__cert")) or bool(load_config(config, flags={**f, "listen": None}).tls.cert)
+        f["listen"] = _uri_flag(f["listen"], tls)
+    return f
+
+
+def check_listen_free(uri: str) -> None:
+    """Raise ConfigError when another process listens on the address (gRPC would only say 'did not start')."""
+    import errno
+    import socket
+    from urllib.parse import urlsplit
+
+    from loraflight.errors import ConfigError
+
+    u = urlsplit(uri)
+    if not u.port:
         return
+    host = u.hostname or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            s.bind((host, u.port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return  # not ours to judge: the server reports it
+            where = f"{host}:{u.port}"
+            raise ConfigError(
+                f"listen: {where} is already in use (another node? 'loraflight status --node {where}'); "
+                "stop it or pick another port with --listen HOST:PORT (port 0: any free port)"
+            ) from None
+
+
+def _say_starting(cfg: Any) -> None:
+    """Loading a base model takes a while and the node answers only after it: say so at any log level."""
+    import time
+
+    msg = (
+        f"loading the base model {cfg.engine.base_model} (engine.base_model); "
+        f"the node answers on {cfg.listen} once it is loaded"
+    )
+    if cfg.log.format == "json":
+        rec = {"ts": round(time.time(), 3), "level": "INFO", "logger": "loraflight.cli", "msg": msg}
+        typer.echo(json.dumps(rec), err=True)
+    else:
+        typer.echo(msg, err=True)
+
+
+def _run(config: Path | None, print_config: bool, **flags: Any) -> None:
+    cfg = load_config(config, flags=_addresses(config, flags))
+    if print_config:
+        typer.echo(redacted_toml(cfg), nl=False)
+        return
+    check_listen_free(cfg.listen)
     setup_logging(cfg.log.format, cfg.log.level)
+    if cfg.engine.base_model and (cfg.engine.hot_load or cfg.api.listen):
+        _say_starting(cfg)
     from loraflight.federation.node import Node
 
     node = Node(cfg)
@@ -136,9 +247,22 @@ node_app.command("run")(_make_run_command())
 def check_config_cmd(
     file: Path = typer.Argument(..., help="TOML config file to validate."),
     with_env: bool = typer.Option(False, "--with-env", help="Also apply LORAFLIGHT_* environment variables."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout: ok, problems."),
 ) -> None:
     """Validate a config file; lists every problem, exits 1 when there is one."""
-    cfg = load_config(file) if with_env else check_file(file)
+    from loraflight.errors import ConfigError
+
+    try:
+        cfg = load_config(file) if with_env else check_file(file)
+    except ConfigError as e:
+        if not as_json:
+            raise
+        problems = [line[4:] for line in str(e).splitlines() if line.startswith("  - ")] or [str(e)]
+        typer.echo(json.dumps({"file": str(file), "ok": False, "problems": problems}))
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"file": str(file), "ok": True, "fleet": cfg.fleet, "listen": cfg.listen}))
+        return
     _out.print(f"{file}: ok (fleet {cfg.fleet}, listen {cfg.listen})", highlight=False)
 
 
@@ -155,13 +279,25 @@ def _client_tls(ca: Path | None, cert: Path | None, key: Path | None, uri: str) 
     return ClientTLS.from_files(ca, cert, key)
 
 
-def _token() -> str | None:
+def _token(token_file: Path | None = None) -> str | None:
     import os
 
+    if token_file is not None:
+        from loraflight.federation.security import load_tokens
+
+        return load_tokens(token_file)[0]
     return os.environ.get("LORAFLIGHT_TOKEN") or None
 
 
-Uri = typer.Option(DEFAULT_URI, "--uri", "-u", help="The node's Flight address.")
+Uri = typer.Option(
+    DEFAULT_URI, "--node", "--uri", "-u", help="The node, HOST:PORT or grpc[+tls]://HOST:PORT."
+)
+TokenFile = typer.Option(
+    None,
+    "--token-file",
+    envvar="LORAFLIGHT_TOKEN_FILE",
+    help="File holding the node's read token (else $LORAFLIGHT_TOKEN).",
+)
 Timeout = typer.Option(5.0, "--timeout", help="Seconds to wait for the node.")
 Ca = typer.Option(None, "--tls-ca", help="PEM CA that signed the node's certificate.")
 Cert = typer.Option(None, "--tls-cert", help="PEM client certificate (mutual TLS).")
@@ -174,6 +310,7 @@ def status_cmd(
     timeout: float = Timeout,
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing; exit 0 when the node answers."),
+    token_file: Path | None = TokenFile,
     tls_ca: Path | None = Ca,
     tls_cert: Path | None = Cert,
     tls_key: Path | None = KeyOpt,
@@ -183,9 +320,9 @@ def status_cmd(
 
     tls = _client_tls(tls_ca, tls_cert, tls_key, uri)
     if quiet:
-        node_action(uri, "health", token=_token(), tls=tls, timeout=timeout)
+        node_action(uri, "health", token=_token(token_file), tls=tls, timeout=timeout)
         return
-    st = node_action(uri, "status", token=_token(), tls=tls, timeout=timeout)
+    st = node_action(uri, "status", token=_token(token_file), tls=tls, timeout=timeout)
     if as_json:
         typer.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -194,12 +331,16 @@ def status_cmd(
         f"mDNS {'on' if st.get('mdns') else 'off'}  serving {', '.join(st.get('uris', []))}",
         highlight=False,
     )
+    has_engine = st.get("engine") or st.get("base_model")
+    base = f"base model {st['base_model']}" if st.get("base_model") else "base model unknown"
+    _out.print(f"engine: {base}" if has_engine else "engine: none", highlight=False)
     t = Table("card", "digest", "size", "source", "loaded", title=f"{len(st['cards'])} cards")
     loaded = st.get("loaded", {})
     for c in st["cards"]:
         name = c["ref"].split("@")[0]
         is_loaded = loaded.get(name, {}).get("digest") == c["digest"]
-        t.add_row(c["ref"], c["digest"][:16], str(c["size"]), c["source"], "yes" if is_loaded else "")
+        state = "yes" if is_loaded else (f"no: {c['refused']}" if c.get("refused") else "")
+        t.add_row(c["ref"], c["digest"][:16], str(c["size"]), c["source"], state)
     _out.print(t)
     _print_peers(st.get("peers", []))
 
@@ -224,6 +365,7 @@ def peers_cmd(
     uri: str = Uri,
     timeout: float = Timeout,
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    token_file: Path | None = TokenFile,
     tls_ca: Path | None = Ca,
     tls_cert: Path | None = Cert,
     tls_key: Path | None = KeyOpt,
@@ -232,7 +374,11 @@ def peers_cmd(
     from loraflight.federation.client import node_action
 
     peers = node_action(
-        uri, "peers", token=_token(), tls=_client_tls(tls_ca, tls_cert, tls_key, uri), timeout=timeout
+        uri,
+        "peers",
+        token=_token(token_file),
+        tls=_client_tls(tls_ca, tls_cert, tls_key, uri),
+        timeout=timeout,
     )
     if as_json:
         typer.echo(json.dumps(peers, indent=2, sort_keys=True))
@@ -263,4 +409,14 @@ def demo_cmd(
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
-__all__ = ["check_config_cmd", "demo_cmd", "peers_cmd", "setup_logging", "status_cmd"]
+__all__ = [
+    "SECRET_KEYS",
+    "check_config_cmd",
+    "check_listen_free",
+    "demo_cmd",
+    "peers_cmd",
+    "quiet_libraries",
+    "redacted_toml",
+    "setup_logging",
+    "status_cmd",
+]

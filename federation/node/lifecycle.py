@@ -51,7 +51,7 @@ from .export import Exporter
 from .hotload import trust_refusal
 from .loader import Loader
 from .service import NodeServer, NodeView
-from .status import build_status, update_gauges, write_status_file
+from .status import build_status, engine_refusals, update_gauges, write_status_file
 
 log = logging.getLogger("loraflight.federation.node")
 
@@ -571,6 +571,15 @@ class Node:
             peers=self.peers,
             sync_rounds=self.sync_rounds,
             engine=self.engine,
+            refused=engine_refusals(
+                self.store,
+                loaded,
+                base_model=self.base_model_id,
+                trust_engine=self.config.trust.engine,
+                engine_keys=self._engine_keys,
+            )
+            if loader is not None
+            else None,
         )
         if self._pusher is not None:  # api.push servers: ok, error, rounds, adapters pushed
             st["push"] = self._pusher.state()

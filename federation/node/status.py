@@ -33,14 +33,18 @@ def build_status(
     base_model: str | None,
     peers: PeerTable | None,
     sync_rounds: int,
+    refused: Mapping[str, str] | None = None,
     engine: object = None,
 ) -> dict[str, Any]:
     """What `loraflight status` shows and the status file holds.
 
     `engine`: when it reports its adapters (`engine.Engine.adapters`), `engine_digests` is
     what the engine itself holds (name -> digest), beside what the node loaded into it.
+    `refused` maps a card digest to why the engine does not hold it (other base model, unsigned,
+    a newer version loaded).
     """
     st = store.stats() if store is not None else {}
+    refused = refused or {}
     adapters = getattr(engine, "adapters", None)
     digests = {}
     if isinstance(adapters, Mapping):
@@ -59,12 +63,14 @@ def build_status(
                 "size": e.size,
                 "source": e.source,
                 "at": arrived.get(e.digest),
+                **({"refused": refused[e.digest]} if e.digest in refused else {}),
             }
             for e in (store.list() if store is not None else [])
         ],
         "stats": st,
         "loaded": {n: {**v, "at": loaded_at.get(n)} for n, v in loaded.items()},
         "base_model": base_model,
+        "engine": engine is not None,
         "peers": peers.snapshot() if peers is not None else [],
         "sync_rounds": sync_rounds,
         "withdrawals": [w.to_dict() for w in store.withdrawals()] if store is not None else [],
@@ -96,4 +102,30 @@ def update_gauges(metrics: NodeMetrics, peers: PeerTable | None, store: Store | 
     metrics.loaded.set(loaded)
 
 
-__all__ = ["build_status", "update_gauges", "write_status_file"]
+def engine_refusals(
+    store: Store | None,
+    loaded: Mapping[str, Mapping[str, Any]],
+    *,
+    base_model: str | None,
+    trust_engine: str,
+    engine_keys: Sequence[str],
+) -> dict[str, str]:
+    """digest -> why the engine does not hold that stored card (the hot-load rules, applied now)."""
+    from .hotload import engine_refusal
+
+    if store is None:
+        return {}
+    held = {n: (int(v["version"]), str(v["digest"])) for n, v in loaded.items()}
+    digests = {d for _, d in held.values()}
+    out = {}
+    for e in store.list():
+        if e.digest in digests:
+            continue
+        why = engine_refusal(
+            e, base_model=base_model, loaded=held, trust_engine=trust_engine, engine_keys=engine_keys
+        )
+        out[e.digest] = why or "not loaded (see the node log: the engine refused it or it waits for a parent)"
+    return out
+
+
+__all__ = ["build_status", "engine_refusals", "update_gauges", "write_status_file"]

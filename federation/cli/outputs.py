@@ -1,0 +1,64 @@
+"""Where commands write: folders are created or refused clearly, nothing is overwritten without --force."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from loraflight.engine.card import CARD_SUFFIX
+from loraflight.errors import ConfigError
+
+# For Annotated[bool, Force] = False parameters.
+Force = typer.Option("--force", help="Overwrite what is already there.")
+
+# What `card to-peft` writes into its folder (engine.peft_io.CONFIG_NAME / WEIGHTS_NAME).
+PEFT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"})
+
+
+def card_out_path(out: Path | None, name: str, version: int, *, force: bool = False) -> Path:
+    """The card file for --out: a folder (existing, or a path not ending in .lora.arrow) gets
+    NAME-vVERSION.lora.arrow inside it; the folder is made now, so a bad --out fails before the work."""
+    default = f"{name}-v{version}{CARD_SUFFIX}"
+    if out is None:
+        path = Path(default)
+    elif out.is_dir() or not out.name.endswith(CARD_SUFFIX):
+        path = out / default
+    else:
+        path = out
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the folder {path.parent}: {e.strerror or e}") from None
+    check_overwrite(path, force)
+    return path
+
+
+def check_overwrite(path: Path, force: bool) -> None:
+    """Refuse to replace an existing file unless --force."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; name a {CARD_SUFFIX} file (or a folder to write into)")
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists; pass --force to overwrite it, or choose another path")
+
+
+def check_peft_folder(directory: Path, force: bool) -> None:
+    """A PEFT export goes into a new or empty folder, or over an earlier export with --force."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory} exists and is not a folder; name a new folder for the PEFT adapter")
+    if not directory.is_dir():
+        return
+    entries = {p.name for p in directory.iterdir()}
+    if not entries:
+        return
+    if not entries <= PEFT_FILES:
+        others = ", ".join(sorted(entries - PEFT_FILES)[:3])
+        raise ConfigError(
+            f"{directory} is not empty and is not a PEFT adapter folder (it holds {others}); "
+            "name a new or empty folder"
+        )
+    if not force:
+        raise ConfigError(f"{directory} already holds a PEFT adapter; pass --force to overwrite it")
+
+
+__all__ = ["PEFT_FILES", "Force", "card_out_path", "check_overwrite", "check_peft_folder"]
