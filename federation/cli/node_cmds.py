@@ -342,6 +342,13 @@ def status_cmd(
         state = "yes" if is_loaded else (f"no: {c['refused']}" if c.get("refused") else "")
         t.add_row(c["ref"], c["digest"][:16], str(c["size"]), c["source"], state)
     _out.print(t)
+    for w in st.get("withdrawals", []):  # peer-supplied text: printed as plain text
+        reason = f": {w['reason']}" if w.get("reason") else ""
+        _out.print(
+            f"withdrawn {w['name']}@{w['version']} by {w.get('signer')} at {w.get('time')}{reason}",
+            highlight=False,
+            markup=False,
+        )
     _print_peers(st.get("peers", []))
 
 

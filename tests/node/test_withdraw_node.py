@@ -185,3 +185,6 @@ def test_withdraw_delete_and_ls_commands(tmp_path: Path, fleet: str, signer, mon
         r = run("ls", node)
         assert r.returncode == 0, r.stderr
         assert "skill@2" in r.stdout and "bad evals" in r.stdout and "withdrawn" in r.stdout
+        r = run("status", "--node", node)
+        assert r.returncode == 0, r.stderr
+        assert "withdrawn skill@2" in r.stdout and "bad evals" in r.stdout
