@@ -18,7 +18,7 @@ from typing import Any
 
 from loraflight.errors import CardError, LoraflightError
 
-from .card import DigestJob, LoRACard, check_digest_matches, check_signature
+from .card import DigestJob, LoRACard, PieceJob, check_digest_matches, check_signature
 
 VERIFIED: collections.OrderedDict[Any, bool] = collections.OrderedDict()
 _VERIFIED_LOCK = threading.Lock()
@@ -73,7 +73,7 @@ class Verifying:
         self.card = card
         self.memo = verified_key(card)
         self.known = self.memo is not None and self.memo in VERIFIED
-        self.job: DigestJob | None = None
+        self.job: DigestJob | PieceJob | None = None
         self.error: LoraflightError | None = None
         if not self.known:
             try:

@@ -395,11 +395,11 @@ def route_cmd(
             raise ConfigError(
                 f"{c}: a catalog file is a JSON list of card headers (or 'loraflight ls --json')"
             )
-        for e in entries:  # `ls --json` entries carry the header and where the card is
-            if isinstance(e, dict) and isinstance(e.get("header"), dict):
-                router.add_catalog([e["header"]], peer=(e.get("locations") or [peer])[0])
+        for item in entries:  # `ls --json` entries carry the header and where the card is
+            if isinstance(item, dict) and isinstance(item.get("header"), dict):
+                router.add_catalog([item["header"]], peer=(item.get("locations") or [peer])[0])
             else:
-                router.add_catalog([e], peer=peer)
+                router.add_catalog([item], peer=peer)
     if not len(router):
         raise ConfigError("no cards to route to: give card files/directories or --catalog")
     routes = router.route(query, k=k, threshold=threshold)

@@ -46,6 +46,8 @@ class StagingTarget(Protocol):
         locations: Iterable[str],
     ) -> CatalogEntry: ...
 
+    def get(self, digest: str, *, touch: bool = True) -> LoRACard: ...
+
 
 _WRITEBACK_STEP = 4 << 20
 _WRITE_BUFFER = 256 << 10
