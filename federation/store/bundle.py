@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +29,7 @@ from loraflight.errors import CardError, LoraflightError, PeerError, StoreError
 
 from ..pause import pause_point
 from ..protocol import CatalogEntry
-from .disk import disk_error
+from .disk import disk_error, start_writeback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,7 @@ class BundleReceiver:
         self._size = 0
         self._written = 0
         self._done = False
+        self._unsynced: dict[str, Any] = {}  # verified files not fsynced yet (open)
 
     def __enter__(self) -> BundleReceiver:
         return self
@@ -170,16 +173,13 @@ class BundleReceiver:
         assert tmp is not None
         self._current = self._file = self._tmp = None
         try:
-            try:
-                f.flush()
-                os.fsync(f.fileno())
-            finally:
-                f.close()
+            f.flush()  # the fsync comes at commit, for the whole group at once
+            start_writeback(f.fileno(), 0, self._size)
         except OSError as e:
             with contextlib.suppress(OSError):
+                f.close()
                 os.unlink(tmp)
             raise disk_error(e, f"cannot store {entry.ref}") from None
-        pause_point("bundle_after_fsync", len(self.verified) + len(self.errors) + 1)
         try:
             card = LoRACard.open(tmp)
             try:
@@ -187,16 +187,51 @@ class BundleReceiver:
                     raise CardError(f"{entry.ref}: the received file's header is not the one listed; refused")
                 if len(card) != entry.rows:
                     raise CardError(f"{entry.ref}: received {len(card)} rows, {entry.rows} were listed")
-                card.verify()  # values and digest
+                # values and digest, in this thread (a small card is not worth a hashing thread)
+                card.check_values()
+                digest = card.digest_job(threaded=False).result()
+                if digest != entry.digest:
+                    raise CardError(
+                        f"{entry.ref}: digest mismatch: listed {entry.digest[:16]}…, the received content "
+                        f"hashes to {digest[:16]}…; the card was tampered with or corrupted in transit; refused"
+                    )
             finally:
                 del card
         except LoraflightError as e:
             with contextlib.suppress(OSError):
+                f.close()
                 os.unlink(tmp)
             self.errors[entry.digest] = e
             return
         locs = self._locations.get(entry.digest, ())
         self.verified[entry.digest] = VerifiedFile(tmp, entry.header, entry.rows, self._source, locs)
+        self._unsynced[entry.digest] = f
+
+    def _fsync_all(self) -> None:
+        """fsync every verified file at once (threads: the kernel's journal commits concurrent
+        fsyncs together), then close them. A file that cannot be synced is dropped."""
+        files, self._unsynced = self._unsynced, {}
+        if not files:
+            return
+
+        def one(item: tuple[str, Any]) -> tuple[str, OSError | None]:
+            d, f = item
+            try:
+                os.fsync(f.fileno())
+                return d, None
+            except OSError as e:
+                return d, e
+            finally:
+                with contextlib.suppress(OSError):
+                    f.close()
+
+        for d, err in _fsync_pool().map(one, files.items()):
+            if err is not None:
+                vf = self.verified.pop(d)
+                with contextlib.suppress(OSError):
+                    os.unlink(vf.tmp)
+                self.errors[d] = disk_error(err, f"cannot store {vf.header.ref}")
+        pause_point("bundle_after_fsync", len(files))
 
     # -- ending
     def missing(self) -> list[str]:
@@ -210,9 +245,11 @@ class BundleReceiver:
         self._close_current("the bundle ended mid-card")
         for d in self.missing():
             self.errors[d] = PeerError(f"the bundle ended before {self._expected[d].ref}")
-        files = [self.verified[d] for d in self._order if d in self.verified]
-        out: dict[str, CatalogEntry | LoraflightError] = dict(self.errors)
+        out: dict[str, CatalogEntry | LoraflightError] = {}
         try:
+            self._fsync_all()
+            files = [self.verified[d] for d in self._order if d in self.verified]
+            out.update(self.errors)
             if files:
                 for f, res in zip(files, self._store.commit_group(files), strict=True):
                     out[f.header.digest] = res
@@ -227,9 +264,26 @@ class BundleReceiver:
         self._drop_temps()
 
     def _drop_temps(self) -> None:
+        for f in self._unsynced.values():
+            with contextlib.suppress(OSError):
+                f.close()
+        self._unsynced = {}
         for f in self.verified.values():
             with contextlib.suppress(OSError):
                 os.unlink(f.tmp)  # after a commit, only those not renamed are still there
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _fsync_pool() -> ThreadPoolExecutor:
+    """Threads shared by every bundle for its group fsync (set up once per process)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="loraflight-fsync")
+        return _POOL
 
 
 __all__ = ["BundleReceiver", "GroupTarget", "VerifiedFile"]
