@@ -219,13 +219,16 @@ def sync(
     timeout: float = 30.0,
     catalogs: Mapping[str, Sequence[CatalogEntry]] | None = None,
     withdrawals: bool = True,
+    bundle_cards: int = BUNDLE_CARDS,
 ) -> SyncReport:
     """List the peers, plan, and fetch with at most `concurrency` transfers at once.
 
     Per-card and per-peer errors are collected in the report, not raised. `catalogs` lets a
     caller that already listed the peers skip the listing. With `withdrawals`, each peer's
     withdrawals are listed too and honoured first (`pull_withdrawals`): the plan then skips
-    every withdrawn name@version.
+    every withdrawn name@version. A peer whose `health` advertises bundles (`get_many`) sends
+    its cards in bundles of at most `bundle_cards` (one stream, one group commit each, see
+    `plan_bundles`); any other peer, and whatever a bundle did not deliver, go card by card.
     """
     from .client import Client
 
@@ -342,7 +345,7 @@ def sync(
             max_workers=max(1, concurrency), thread_name_prefix="ThreadPoolExecutor-sync"
         ) as ex:
             for batch in (parents, rest):
-                singles, groups = plan_bundles(batch, concurrency, bundled)
+                singles, groups = plan_bundles(batch, concurrency, bundled, max_cards=bundle_cards)
                 futs = [ex.submit(run_group, g) for g in groups] + [ex.submit(run, f) for f in singles]
                 for fut in futs:
                     fut.result()

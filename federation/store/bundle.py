@@ -18,7 +18,6 @@ import dataclasses
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -225,7 +224,7 @@ class BundleReceiver:
                 with contextlib.suppress(OSError):
                     f.close()
 
-        for d, err in _fsync_pool().map(one, files.items()):
+        for d, err in parallel_map(one, list(files.items())):
             if err is not None:
                 vf = self.verified.pop(d)
                 with contextlib.suppress(OSError):
@@ -273,17 +272,30 @@ class BundleReceiver:
                 os.unlink(f.tmp)  # after a commit, only those not renamed are still there
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+FSYNC_THREADS = 16
 
 
-def _fsync_pool() -> ThreadPoolExecutor:
-    """Threads shared by every bundle for its group fsync (set up once per process)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="loraflight-fsync")
-        return _POOL
+def parallel_map(fn: Any, items: Sequence[Any], threads: int = FSYNC_THREADS) -> list[Any]:
+    """`[fn(x) for x in items]` on up to `threads` short-lived daemon threads (for calls that
+    release the GIL, like fsync); `fn` must not raise. Bounded: every thread ends with the list."""
+    out: list[Any] = [None] * len(items)
+    it = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(it, None)
+            if i is None:
+                return
+            out[i] = fn(items[i])
+
+    ts = [threading.Thread(target=work, name="loraflight-fsync", daemon=True) for _ in range(min(threads, len(items)))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return out
 
 
-__all__ = ["BundleReceiver", "GroupTarget", "VerifiedFile"]
+__all__ = ["FSYNC_THREADS", "BundleReceiver", "GroupTarget", "VerifiedFile", "parallel_map"]

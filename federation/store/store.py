@@ -90,6 +90,7 @@ class Store:
         self._tmp_prefix = uuid.uuid4().hex[:16]
         self._tmp_seq = itertools.count()
         self._dir_sync = DirSync(self.cards_dir)  # group commit of the cards/ directory fsync
+        self._groups = itertools.count(1)  # commit_group calls, numbered
         self._touched: dict[str, float] = {}
         self._listeners: list[Listener] = []
         self._closed = False
@@ -444,7 +445,8 @@ class Store:
                 continue
             todo.append((i, f, self.path_of(f.header.digest)))
         if todo:
-            pause_point("group_before_rename")
+            seq = next(self._groups)  # the n-th group this store commits (pause points count them)
+            pause_point("group_before_rename", seq)
             try:
                 for k, (_i, f, final) in enumerate(todo):
                     replace(f.tmp, final, durable=False)
@@ -452,7 +454,7 @@ class Store:
                 self._dir_sync.sync()
             except OSError as e:
                 raise disk_error(e, f"cannot store a group of {len(todo)} cards") from None
-            pause_point("group_before_index_commit")
+            pause_point("group_before_index_commit", seq)
             items = [
                 (f.header, f.rows, os.path.getsize(final), f.source, published, pinned, f.locations)
                 for _i, f, final in todo
