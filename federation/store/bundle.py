@@ -150,7 +150,8 @@ class BundleReceiver:
     def _open(self, digest: str, size: int) -> None:
         self._tmp = self._store.temp_path()
         try:
-            self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _finish/_close_current
+            # unbuffered: each piece is one write(2) of an Arrow buffer, no copy into a Python buffer
+            self._file = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in _finish/_close_current
         except OSError as e:
             raise disk_error(e, f"cannot start receiving {self._expected[digest].ref}") from None
         self._current, self._size, self._written = digest, size, 0
