@@ -415,7 +415,8 @@ class Client:
         """Fetch several listed cards from this node in one stream (a bundle) and store them as
         one group (one directory fsync, one index transaction); per digest its stored entry or
         the error that kept it out. No failover here: the caller retries what failed card by
-        card (`fetch_entry_stored`). Needs a node that advertises bundles (`get_many`)."""
+        card (`fetch_entry_stored`). A node that does not advertise bundles (`get_many`) is
+        fetched card by card here, one `DoGet` each."""
         tset = None if trusted is None else set(trusted)
         out: dict[str, CatalogEntry | LoraflightError] = {}
         want: list[CatalogEntry] = []
@@ -437,7 +438,14 @@ class Client:
                 want.append(e)
         if not want:
             return out
-        limit = self.get_many() or 1
+        limit = self.get_many()
+        if not limit:  # a node from before bundles: card by card, from this node only
+            for e in want:
+                try:
+                    out[e.digest] = self._fetch_once(e, store, tset, require_signed, None)[1] or e
+                except LoraflightError as err:
+                    out[e.digest] = err
+            return {e.digest: out[e.digest] for e in entries if e.digest in out}
         for i in range(0, len(want), limit):
             out.update(self._bundle_once(want[i : i + limit], store, locations or {}))
         return {e.digest: out[e.digest] for e in entries if e.digest in out}

@@ -167,6 +167,9 @@ def test_a_peer_without_bundles_is_fetched_card_by_card(older, make_store):
     dest = make_store("dest")
     with Client(srv.location) as c:
         assert c.get_many() == 0
+        some = c.list()[:3]
+        got = c.fetch_bundle(some, store=make_store("direct"))  # one DoGet per card, no bundle ticket
+        assert {d for d, e in got.items() if e.digest == d} == {e.digest for e in some}
     rep = sync([srv.location], SyncPolicy(), dest, concurrency=2)
     assert rep.ok, rep.errors
     assert {e.digest for e in rep.fetched} == digests
