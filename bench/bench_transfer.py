@@ -1,6 +1,7 @@
 """Transfer benchmark: loraflight over Flight vs raw pyarrow do_get, http.server + urllib, iperf3.
 
 Run: .venv/bin/python bench/bench_transfer.py [--repeats 5] [--mib 64] [--small 200]
+Catch-up rows only (issue 17): .venv/bin/python -m bench transfer --catchup [--small 200 --many 2000]
 
 Every server runs in its own spawned process and all are up at once; the client side runs
 here, alternating competitors (A B A B ...) so drift hits both alike. Each figure is the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import http.client
 import http.server
 import multiprocessing as mp
 import os
@@ -180,6 +182,137 @@ def http_fetch(url: str, dest_dir: Path, expect_sha: str, ctx=None) -> Cleanup:
     return final.unlink
 
 
+_FSYNC_POOL = ThreadPoolExecutor(16, thread_name_prefix="bench-fsync")
+
+
+def http_group(conn, names: list[str], dest_dir: Path, shas: dict[str, str]) -> list[Path]:
+    """The competitor of one bundle, with our grouped fsync policy: one GET per card over a
+    kept-alive connection, sha256 while receiving, each file written; then the group's files
+    fsynced at once (16 threads, as our BundleReceiver), renamed, the directory fsynced once."""
+    done = []
+    for n in names:
+        h = hashlib.sha256()
+        tmp = dest_dir / f".tmp-{threading.get_ident()}-{time.perf_counter_ns()}"
+        conn.request("GET", f"/{n}")
+        r = conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status} for {n}")
+        f = open(tmp, "wb")  # noqa: SIM115 - closed after the group fsync
+        while True:
+            b = r.read(1 << 20)
+            if not b:
+                break
+            h.update(b)
+            f.write(b)
+        f.flush()
+        if h.hexdigest() != shas[n]:
+            raise RuntimeError("sha256 mismatch")
+        done.append((f, tmp, dest_dir / n))
+
+    def sync_close(f) -> None:
+        os.fsync(f.fileno())
+        f.close()
+
+    list(_FSYNC_POOL.map(sync_close, [f for f, _t, _n in done]))
+    for _f, tmp, final in done:
+        os.replace(tmp, final)
+    fd = os.open(dest_dir, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return [final for _f, _t, final in done]
+
+
+def catchup_row(work: Path, count: int, kib: int, concurrency: int, repeats: int) -> tuple[tuple, dict]:
+    """`count` cards of `kib` KiB synced from one peer: our sync (bundles, group commits) vs
+    one HTTP request per card over keep-alive, same sha256 verify, same grouped fsyncs."""
+    from loraflight.federation import Store, SyncPolicy, sync
+    from loraflight.federation.sync import BUNDLE_BYTES, BUNDLE_CARDS
+    from loraflight.testing import make_card
+
+    root = work / f"catchup-{count}x{kib}k"
+    with Store(root) as s:
+        for i in range(count):
+            s.add(make_card(f"cu-{i:05d}", 1, nbytes=kib << 10, modules=1, seed=i))
+    shas = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (root / "cards").iterdir()}
+    names = sorted(shas)
+    file_size = max((root / "cards" / n).stat().st_size for n in names)
+    # the same grouping as ours: sync.plan_bundles' cards per bundle for one peer
+    per = max(1, min(BUNDLE_CARDS, -(-count // concurrency), max(1, BUNDLE_BYTES // file_size)))
+    groups = [names[i : i + per] for i in range(0, len(names), per)]
+    procs = []
+    p, port = start(_card_server, str(root), None)
+    procs.append(p)
+    p, http_port = start(_http_server, str(root / "cards"), None)
+    procs.append(p)
+    uri = f"grpc://127.0.0.1:{port}"
+
+    def ours() -> Cleanup:
+        d = work / f"cu-dest-{time.perf_counter_ns()}"
+        with Store(d) as st:
+            rep = sync([uri], SyncPolicy(), st, concurrency=concurrency)
+            assert len(rep.fetched) == count, rep.errors
+        return lambda: shutil.rmtree(d)
+
+    local = threading.local()
+
+    def conn() -> http.client.HTTPConnection:
+        c = getattr(local, "conn", None)
+        if c is None:
+            c = local.conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=120)
+        return c
+
+    def http_run() -> Cleanup:
+        d = work / f"cu-http-{time.perf_counter_ns()}"
+        d.mkdir()
+        with ThreadPoolExecutor(concurrency) as ex:
+            list(ex.map(lambda g: http_group(conn(), g, d, shas), groups))
+        return lambda: shutil.rmtree(d)
+
+    try:
+        res = median_runs({"ours": ours, "http": http_run}, repeats)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(10)
+    size = f"{kib // 1024} MiB" if kib >= 1024 and kib % 1024 == 0 else f"{kib} KiB"
+    row = (
+        f"{count} cards of {size}, sync from one peer (concurrency {concurrency})",
+        f"{count} HTTP GETs over keep-alive, sha256, grouped fsync ({per}/group), {concurrency} threads",
+        f"{res['http']:.3f} s",
+        f"{res['ours']:.3f} s",
+        f"{res['http'] / res['ours']:.2f}× HTTP (target ≥ 1.5)",
+    )
+    return row, res
+
+
+def print_rows(rows: list[tuple]) -> None:
+    head = ("measure", "competing tool", "competitor", "loraflight", "ratio")
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(5)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+def catchup_main(args) -> None:
+    """Only the catch-up rows: --small cards of --small-kib, then --many cards of --many-kib."""
+    work = Path(tempfile.mkdtemp(prefix="lf-bench-catchup-"))
+    try:
+        r = max(3, args.repeats)
+        print(f"# loraflight catch-up benchmark — {machine()}")
+        print(f"# medians of {r} runs after a warm-up, competitors alternated; load average {os.getloadavg()}")
+        rows, raw = [], {}
+        for count, kib in ((args.small, args.small_kib), (args.many, args.many_kib)):
+            if count > 0:
+                row, res = catchup_row(work, count, kib, args.concurrency, r)
+                rows.append(row)
+                raw[f"{count}x{kib}KiB"] = res
+        print_rows(rows)
+        print(f"# raw medians (s): {raw}; load average after {os.getloadavg()}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def median_runs(fns: dict[str, Callable[[], Cleanup]], repeats: int) -> dict[str, float]:
     """Warm up each, then alternate A B A B ...; return median seconds per name."""
     for fn in fns.values():
@@ -249,33 +382,33 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--small", type=int, default=200)
+    ap.add_argument("--small-kib", type=int, default=1024, help="size of each of the --small cards")
+    ap.add_argument("--many", type=int, default=2000, help="catch-up row 2: this many cards (--catchup)")
+    ap.add_argument("--many-kib", type=int, default=64, help="size of each of the --many cards")
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument(
+        "--catchup", action="store_true", help="only the catch-up rows (--small and --many cards, one peer)"
+    )
     args = ap.parse_args()
+    if args.catchup:
+        catchup_main(args)
+        return
 
     import pyarrow.flight as fl
 
-    from loraflight.federation import Client, ClientTLS, Store, SyncPolicy, sync
+    from loraflight.federation import Client, ClientTLS, Store
     from loraflight.testing import make_ca, make_card
 
     work = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     try:
         pki = make_ca(work, "bench")
         cert, key = pki["server_cert"].read_bytes(), pki["server_key"].read_bytes()
-        big_root, small_root = work / "big", work / "small"
+        big_root = work / "big"
         big = make_card("bench-64m", 1, nbytes=args.mib << 20, modules=max(args.mib // 4, 1))
         with Store(big_root) as s:
             big_entry = s.add(big)
-        smalls = [
-            make_card(f"small-{i:03d}", 1, nbytes=1 << 20, modules=1, seed=i) for i in range(args.small)
-        ]
-        with Store(small_root) as s:
-            for c in smalls:
-                s.add(c)
         big_file = big_root / "cards" / f"{big.digest}.lora.arrow"
         big_sha = hashlib.sha256(big_file.read_bytes()).hexdigest()
-        small_shas = {
-            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (small_root / "cards").iterdir()
-        }
         size = big_file.stat().st_size
 
         procs = []
@@ -287,15 +420,11 @@ def main() -> None:
         procs.append(p)
         p, ours_tls_port = start(_card_server, str(big_root), (cert, key))
         procs.append(p)
-        p, small_port = start(_card_server, str(small_root), None)
-        procs.append(p)
         p, http_port = start(_http_server, str(big_root / "cards"), None)
         procs.append(p)
         p, https_port = start(
             _http_server, str(big_root / "cards"), (str(pki["server_cert"]), str(pki["server_key"]))
         )
-        procs.append(p)
-        p, http_small_port = start(_http_server, str(small_root / "cards"), None)
         procs.append(p)
 
         ca = pki["ca"].read_bytes()
@@ -344,31 +473,8 @@ def main() -> None:
             },
             r,
         )
-        # 200 small cards: our sync (bounded concurrency) vs the same number of HTTP requests
-        small_uri = f"grpc://127.0.0.1:{small_port}"
-        names = sorted(small_shas)
-
-        def ours_small() -> Cleanup:
-            d = work / f"small-dest-{time.perf_counter_ns()}"
-            with Store(d) as st:
-                rep = sync([small_uri], SyncPolicy(), st, concurrency=args.concurrency)
-                assert len(rep.fetched) == args.small, rep.errors
-            return lambda: shutil.rmtree(d)
-
-        def http_small() -> Cleanup:
-            d = work / f"http-small-{time.perf_counter_ns()}"
-            d.mkdir()
-            with ThreadPoolExecutor(args.concurrency) as ex:
-                list(
-                    ex.map(
-                        lambda n: http_fetch(f"http://127.0.0.1:{http_small_port}/{n}", d, small_shas[n]),
-                        names,
-                    )
-                )
-            return lambda: shutil.rmtree(d)
-
-        small_r = max(3, r // 2 + 1)
-        small = median_runs({"ours": ours_small, "http": http_small}, small_r)
+        # small cards from one peer: our sync (bundles) vs keep-alive HTTP, same grouped fsyncs
+        small_row, small = catchup_row(work, args.small, args.small_kib, args.concurrency, max(3, r // 2 + 1))
         ip = iperf3_rate()
 
         def gbs(seconds: float, nbytes: int = size) -> str:
@@ -411,13 +517,7 @@ def main() -> None:
                 gbs(e2e["ours"]),
                 f"{e2e['http'] / e2e['ours']:.2f}× HTTP (target ≥ 1.2)",
             ),
-            (
-                f"{args.small} cards of 1 MiB (concurrency {args.concurrency})",
-                f"{args.small} HTTP requests, same work, {args.concurrency} threads",
-                f"{small['http']:.3f} s",
-                f"{small['ours']:.3f} s",
-                f"{small['http'] / small['ours']:.2f}× HTTP (target ≥ 1.5)",
-            ),
+            small_row,
             (
                 f"TLS: {args.mib} MiB transfer phase (as above)",
                 "raw pyarrow do_get over TLS",
@@ -433,12 +533,7 @@ def main() -> None:
                 f"{tls['https'] / tls['ours']:.2f}× HTTPS",
             ),
         ]
-        head = ("measure", "competing tool", "competitor", "loraflight", "ratio")
-        widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(5)]
-        print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
-        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        for row in rows:
-            print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        print_rows(rows)
         print(f"# raw medians (s): transfer {transfer}, e2e {e2e}, tls {tls}, small {small}")
         for c in (ours, ours_tls):
             c.close()

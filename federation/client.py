@@ -48,6 +48,8 @@ from .protocol import (
     PUBLISH_OP,
     CatalogEntry,
     Criteria,
+    advertised_get_many,
+    bundle_ticket,
     check_protocol,
     dedupe,
     entry_from_flight_info,
@@ -96,6 +98,7 @@ class Client:
         self._lock = threading.Lock()
         self._checked = False
         self._peer_formats: object = None  # the card format majors the node reads (its health says)
+        self._get_many = 0  # cards per bundle the node serves (its health says; 0: card by card)
 
     # -- lifecycle
     def close(self) -> None:
@@ -168,6 +171,7 @@ class Client:
         check_protocol(str(h.get("protocol", "")), who=f"node {self.uri}")
         self._checked = True
         self._peer_formats = h.get("formats")
+        self._get_many = advertised_get_many(h)
         return h
 
     def node_info(self) -> dict[str, Any]:
@@ -391,6 +395,93 @@ class Client:
         if card_errors:
             raise type(card_errors[0])(f"fetching {entry.ref} failed at every location: {detail}")
         raise PeerError(f"fetching {entry.ref} failed at every location: {detail}")
+
+    def get_many(self) -> int:
+        """How many cards per bundle this node serves (its `health` says; 0: one do_get per card)."""
+        if not self._checked:
+            with contextlib.suppress(LoraflightError):
+                self.health()
+        return self._get_many
+
+    def fetch_bundle(
+        self,
+        entries: Sequence[CatalogEntry],
+        *,
+        store: Store,
+        trusted: Iterable[str] | None = None,
+        require_signed: bool = False,
+        locations: dict[str, tuple[str, ...]] | None = None,
+    ) -> dict[str, CatalogEntry | LoraflightError]:
+        """Fetch several listed cards from this node in one stream (a bundle) and store them as
+        one group (one directory fsync, one index transaction); per digest its stored entry or
+        the error that kept it out. No failover here: the caller retries what failed card by
+        card (`fetch_entry_stored`). A node that does not advertise bundles (`get_many`) is
+        fetched card by card here, one `DoGet` each."""
+        tset = None if trusted is None else set(trusted)
+        out: dict[str, CatalogEntry | LoraflightError] = {}
+        want: list[CatalogEntry] = []
+        for e in entries:
+            try:
+                _check_trust(e.header, tset, require_signed)
+                existing = store.check_admission(e.header)
+            except LoraflightError as err:
+                out[e.digest] = err
+                continue
+            if existing is not None:
+                out[e.digest] = existing
+            elif e.size > self.max_card_bytes:
+                out[e.digest] = PeerError(
+                    f"{self.uri} advertises {e.ref} at {e.size} bytes, more than this client's limit of "
+                    f"{self.max_card_bytes}; refused"
+                )
+            elif e.digest not in out:
+                want.append(e)
+        if not want:
+            return out
+        limit = self.get_many()
+        if not limit:  # a node from before bundles: card by card, from this node only
+            for e in want:
+                try:
+                    out[e.digest] = self._fetch_once(e, store, tset, require_signed, None)[1] or e
+                except LoraflightError as err:
+                    out[e.digest] = err
+            return {e.digest: out[e.digest] for e in entries if e.digest in out}
+        for i in range(0, len(want), limit):
+            out.update(self._bundle_once(want[i : i + limit], store, locations or {}))
+        return {e.digest: out[e.digest] for e in entries if e.digest in out}
+
+    def _bundle_once(
+        self, want: Sequence[CatalogEntry], store: Store, locations: dict[str, tuple[str, ...]]
+    ) -> dict[str, CatalogEntry | LoraflightError]:
+        locs = {e.digest: tuple(dedupe([self.uri, *e.locations, *locations.get(e.digest, ())])) for e in want}
+        deadline = time.monotonic() + self.fetch_timeout
+        total = sum(e.size for e in want)
+        opts = self._opts(timeout=self.fetch_timeout)
+        ticket = flight.Ticket(bundle_ticket([e.digest for e in want]))
+        with store.receive_bundle(want, source=self.uri, locations=locs) as rx:
+            try:
+                reader = self._call("do_get", lambda: self._conn.do_get(ticket, opts))
+                try:
+                    for _ in range(total // 4096 + 2 * len(want) + 2):  # bounded: pieces are never tiny
+                        try:
+                            chunk = self._call("do_get", reader.read_chunk)
+                        except StopIteration:
+                            break
+                        if chunk.data is not None:
+                            rx.write_batch(chunk.data)
+                        if time.monotonic() > deadline:
+                            raise PeerError(f"{self.uri}: a bundle exceeded its {self.fetch_timeout:.0f} s deadline")
+                    else:
+                        raise PeerError(f"{self.uri} sent a bundle of more pieces than its cards allow")
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        reader.cancel()
+                    raise
+            except (CardError, PeerError) as e:
+                # what was verified still commits; the rest reports the stream's error
+                for d in rx.missing():
+                    rx.errors[d] = e
+            return rx.commit()
 
     def _fetch_once(
         self,

@@ -4,6 +4,10 @@
 k)` create the file named by LORAFLIGHT_TEST_PAUSE_MARKER and then wait (bounded, 120 s) to be
 killed: crash tests SIGKILL it there. Phases: `stage_batches` (after k batches written),
 `after_fsync`, `before_rename`, `before_index_commit`, `serve_batches` (server sent k batches).
+Bundles (several cards per stream, stored as one group): `bundle_after_fsync` (k: the group's
+files, all fsynced, none renamed), `group_before_rename` and `group_before_index_commit` (k: the
+store's k-th group commit), `group_renamed` (k: files of the group renamed so far),
+`serve_bundle_cards` (server sent k whole cards of a bundle).
 """
 
 from __future__ import annotations

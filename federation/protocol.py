@@ -354,6 +354,61 @@ def parse_ticket(ticket: bytes) -> str:
         raise CardError("ticket is not an ASCII digest") from None
 
 
+# -- several cards in one do_get (a "bundle"; docs/protocol.md, "Catching up: bundles")
+# A node that serves bundles says so in `health` and `node-info`: {"get_many": MAX_BUNDLE_CARDS}.
+# A peer that does not advertise it is fetched card by card (one do_get per digest).
+GET_MANY_KEY = "get_many"
+BUNDLE_PREFIX = b"cards:"
+MAX_BUNDLE_CARDS = 256
+BUNDLE_CHUNK_BYTES = 4 << 20  # a bundle batch carries at most about this many file bytes
+
+
+def bundle_ticket(digests: Iterable[str]) -> bytes:
+    """The do_get ticket asking for several cards: b"cards:" + comma-separated digests."""
+    ds = [check_digest(d) for d in digests]
+    if not 1 <= len(ds) <= MAX_BUNDLE_CARDS:
+        raise CardError(f"a bundle names 1 to {MAX_BUNDLE_CARDS} digests, not {len(ds)}")
+    return BUNDLE_PREFIX + ",".join(ds).encode("ascii")
+
+
+def parse_bundle_ticket(ticket: bytes) -> list[str] | None:
+    """The digests a bundle ticket names (deduplicated, in order), or None for a plain ticket."""
+    raw = bytes(ticket)
+    if not raw.startswith(BUNDLE_PREFIX):
+        return None
+    try:
+        text = raw[len(BUNDLE_PREFIX) :].decode("ascii")
+    except UnicodeDecodeError:
+        raise CardError("bundle ticket is not ASCII: b'cards:' then comma-separated hex digests") from None
+    parts = text.split(",") if text else []
+    if not 1 <= len(parts) <= MAX_BUNDLE_CARDS:
+        raise CardError(f"a bundle ticket names 1 to {MAX_BUNDLE_CARDS} digests, not {len(parts)}")
+    return dedupe(check_digest(p) for p in parts)
+
+
+def bundle_schema() -> Any:
+    """The schema of a bundle stream: each row is one piece of one card's file.
+
+    digest: the card; size: the whole file's bytes (-1: this node does not hold that card,
+    data empty); offset: where `data` starts in the file. A card's pieces arrive in order and
+    contiguous, cards one after another in the ticket's order.
+    """
+    import pyarrow as pa
+
+    return pa.schema(
+        [("digest", pa.string()), ("size", pa.int64()), ("offset", pa.int64()), ("data", pa.binary())],
+        metadata={b"loraflight-bundle": b"1"},
+    )
+
+
+def advertised_get_many(health: Mapping[str, Any]) -> int:
+    """How many cards a peer serves per bundle, from its `health`/`node-info` (0: none, card by card)."""
+    n = health.get(GET_MANY_KEY)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        return 0
+    return min(n, MAX_BUNDLE_CARDS)
+
+
 def parse_json_body(body: bytes | None, what: str) -> dict[str, Any]:
     data = bytes(body or b"")
     if len(data) > MAX_ACTION_BODY:
@@ -468,16 +523,24 @@ __all__ = [
     "ACTION_NOTIFY",
     "ACTION_WITHDRAW",
     "ACTION_WITHDRAWALS",
+    "BUNDLE_CHUNK_BYTES",
+    "BUNDLE_PREFIX",
+    "GET_MANY_KEY",
+    "MAX_BUNDLE_CARDS",
     "PROTOCOL_HEADER",
     "PROTOCOL_MAJOR",
     "PROTOCOL_VERSION",
     "CatalogEntry",
     "Criteria",
+    "advertised_get_many",
+    "bundle_schema",
+    "bundle_ticket",
     "check_protocol",
     "entry_from_flight_info",
     "entry_to_flight_info",
     "from_flight_error",
     "offer_filter",
+    "parse_bundle_ticket",
     "parse_criteria",
     "to_flight_error",
 ]

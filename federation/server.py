@@ -45,14 +45,19 @@ from .protocol import (
     ACTION_WITHDRAW,
     ACTION_WITHDRAWALS,
     ACTIONS,
+    BUNDLE_CHUNK_BYTES,
+    GET_MANY_KEY,
+    MAX_BUNDLE_CARDS,
     MAX_CARD_BYTES,
     PROTOCOL_VERSION,
     PUBLISH_OP,
     CatalogEntry,
+    bundle_schema,
     check_version,
     descriptor_ref,
     entry_to_flight_info,
     offer_filter,
+    parse_bundle_ticket,
     parse_criteria,
     parse_json_body,
     parse_ticket,
@@ -248,6 +253,7 @@ class CardServer(flight.FlightServerBase):
             "protocol": PROTOCOL_VERSION,
             "format": FORMAT_VERSION,
             "formats": list(READ_MAJORS),  # the card format majors this node reads
+            GET_MANY_KEY: MAX_BUNDLE_CARDS,  # serves several cards per do_get (bundle tickets)
             "skipped_offers": dict(self.skipped_offers),  # cards not listed to a peer, by reason
             "epoch": self.store.epoch,
             "cards": st["cards"],
@@ -312,13 +318,13 @@ class CardServer(flight.FlightServerBase):
 
     @edge
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
+        many = parse_bundle_ticket(ticket.ticket)
+        if many is not None:
+            self._acquire_get()
+            return flight.GeneratorStream(bundle_schema(), self._bundle_stream(many))
         digest = parse_ticket(ticket.ticket)
         card = self._mapped(digest)
-        if not self._gets.acquire(timeout=self.limits.get_wait_s):
-            raise BusyError(
-                f"this node is serving {self.limits.max_concurrent_gets} transfers already; retry or "
-                "fetch from another location"
-            )
+        self._acquire_get()
         schema = card.batches[0].schema
         batches = card.batches
 
@@ -332,6 +338,62 @@ class CardServer(flight.FlightServerBase):
                 self._gets.release()
 
         return flight.GeneratorStream(schema, stream())
+
+    def _acquire_get(self) -> None:
+        if not self._gets.acquire(timeout=self.limits.get_wait_s):
+            raise BusyError(
+                f"this node is serving {self.limits.max_concurrent_gets} transfers already; retry or "
+                "fetch from another location"
+            )
+
+    def _bundle_stream(self, digests: list[str]) -> Iterator[pa.RecordBatch]:
+        """The files of several cards as (digest, size, offset, data) pieces, in order; one
+        transfer slot for the whole bundle. A card this node does not hold is one row of size -1.
+        Large pieces go out zero-copy from the mapped file; small cards share a batch."""
+        schema = bundle_schema()
+        rows: list[tuple[str, int, int, pa.Buffer]] = []
+        pending = 0
+        sent = 0
+
+        def batch() -> pa.RecordBatch:
+            datas = [pa.Array.from_buffers(pa.binary(), 1, [None, _offsets(len(b)), b]) for _d, _s, _o, b in rows]
+            data = datas[0] if len(datas) == 1 else pa.concat_arrays(datas)
+            return pa.record_batch(
+                [
+                    pa.array([r[0] for r in rows], pa.string()),
+                    pa.array([r[1] for r in rows], pa.int64()),
+                    pa.array([r[2] for r in rows], pa.int64()),
+                    data,
+                ],
+                schema=schema,
+            )
+
+        try:
+            for digest in digests:
+                buf = None
+                if self.store.entry_exists(digest):
+                    try:
+                        buf = pa.memory_map(str(self.store.path_of(digest))).read_buffer()
+                    except (OSError, pa.ArrowException):
+                        buf = None  # removed meanwhile
+                if buf is None:
+                    rows.append((digest, -1, 0, pa.py_buffer(b"")))
+                    continue
+                self.store.touch(digest)
+                size = buf.size
+                for off in range(0, max(size, 1), BUNDLE_CHUNK_BYTES):
+                    piece = buf.slice(off, min(BUNDLE_CHUNK_BYTES, size - off))
+                    if rows and pending + piece.size > BUNDLE_CHUNK_BYTES:
+                        yield batch()
+                        rows, pending = [], 0
+                    rows.append((digest, size, off, piece))
+                    pending += piece.size
+                sent += 1
+                pause_point("serve_bundle_cards", sent)
+            if rows:
+                yield batch()
+        finally:
+            self._gets.release()
 
     @edge
     def do_put(
@@ -412,6 +474,7 @@ class CardServer(flight.FlightServerBase):
                 "fleet_id": self.fleet_id,
                 "protocol": PROTOCOL_VERSION,
                 "formats": list(READ_MAJORS),
+                GET_MANY_KEY: MAX_BUNDLE_CARDS,
                 "epoch": self.store.epoch,
             }
         elif kind == ACTION_NODE_INFO:
@@ -448,6 +511,11 @@ class CardServer(flight.FlightServerBase):
         else:
             raise CardError(f"unknown action {kind!r}; known: {', '.join(ACTIONS)}")
         return iter([json.dumps(body).encode()])
+
+
+def _offsets(n: int) -> pa.Buffer:
+    """The int32 offsets buffer of a one-value binary array of `n` bytes."""
+    return pa.py_buffer((0).to_bytes(4, "little") + n.to_bytes(4, "little"))
 
 
 def _host(h: str) -> str:

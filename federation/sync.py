@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from loraflight.engine.card import READ_MAJORS, upgrade_pair
-from loraflight.errors import LoraflightError, PeerError, TrustError
+from loraflight.errors import ConflictError, LoraflightError, PeerError, TrustError
 
 from .protocol import CatalogEntry, dedupe
 from .security import ClientTLS
@@ -138,6 +138,48 @@ def plan_sync(
     return plan
 
 
+BUNDLE_CARDS = 64  # cards per bundle (one stream, one group commit) at most
+BUNDLE_BYTES = 64 << 20  # and about this many bytes
+
+
+def plan_bundles(
+    fetches: Sequence[Fetch],
+    concurrency: int,
+    bundled: Callable[[str], bool],
+    *,
+    max_cards: int = BUNDLE_CARDS,
+    max_bytes: int = BUNDLE_BYTES,
+) -> tuple[list[Fetch], list[list[Fetch]]]:
+    """Split fetches into single fetches and bundles (pure but for `bundled`, which says
+    whether a location serves bundles). A bundle holds cards of one first location, at most
+    `max_cards` and about `max_bytes`, and the work is cut into at least `concurrency`
+    bundles when there is enough of it, so every transfer slot is busy."""
+    by_loc: dict[str, list[Fetch]] = {}
+    singles: list[Fetch] = []
+    for f in fetches:
+        if f.locations and bundled(f.locations[0]):
+            by_loc.setdefault(f.locations[0], []).append(f)
+        else:
+            singles.append(f)
+    groups: list[list[Fetch]] = []
+    for fs in by_loc.values():
+        if len(fs) < 2:
+            singles.extend(fs)
+            continue
+        per = max(1, min(max_cards, -(-len(fs) // max(1, concurrency))))
+        group: list[Fetch] = []
+        size = 0
+        for f in fs:
+            if group and (len(group) >= per or size + f.entry.size > max_bytes):
+                groups.append(group)
+                group, size = [], 0
+            group.append(f)
+            size += f.entry.size
+        if group:
+            groups.append(group)
+    return singles, groups
+
+
 @dataclasses.dataclass(frozen=True)
 class SyncProgress:
     ref: str
@@ -177,13 +219,16 @@ def sync(
     timeout: float = 30.0,
     catalogs: Mapping[str, Sequence[CatalogEntry]] | None = None,
     withdrawals: bool = True,
+    bundle_cards: int = BUNDLE_CARDS,
 ) -> SyncReport:
     """List the peers, plan, and fetch with at most `concurrency` transfers at once.
 
     Per-card and per-peer errors are collected in the report, not raised. `catalogs` lets a
     caller that already listed the peers skip the listing. With `withdrawals`, each peer's
     withdrawals are listed too and honoured first (`pull_withdrawals`): the plan then skips
-    every withdrawn name@version.
+    every withdrawn name@version. A peer whose `health` advertises bundles (`get_many`) sends
+    its cards in bundles of at most `bundle_cards` (one stream, one group commit each, see
+    `plan_bundles`); any other peer, and whatever a bundle did not deliver, go card by card.
     """
     from .client import Client
 
@@ -254,13 +299,56 @@ def sync(
                 if progress is not None:
                     progress(SyncProgress(f.ref, "error", 0, total, str(e)))
 
+        def run_group(group: list[Fetch]) -> None:
+            """One bundle from the group's first location; what fails there goes card by card
+            (with failover across every location)."""
+            uri = group[0].locations[0]
+            if progress is not None:
+                for f in group:
+                    progress(SyncProgress(f.ref, "start", 0, f.entry.size))
+            try:
+                got = client(uri).fetch_bundle(
+                    [f.entry for f in group],
+                    store=store,
+                    trusted=trusted_set,
+                    require_signed=require_signed,
+                    locations={f.digest: f.locations for f in group},
+                )
+            except LoraflightError as e:
+                log.info("sync: bundle of %d cards from %s failed (%s); card by card", len(group), uri, e)
+                got = {}
+            for f in group:
+                res = got.get(f.digest)
+                if isinstance(res, CatalogEntry):
+                    with lock:
+                        report.fetched.append(res)
+                    if progress is not None:
+                        progress(SyncProgress(f.ref, "done", f.entry.size, f.entry.size))
+                elif isinstance(res, TrustError | ConflictError):
+                    with lock:
+                        report.errors[f.ref] = str(res)
+                    if progress is not None:
+                        progress(SyncProgress(f.ref, "error", 0, f.entry.size, str(res)))
+                else:
+                    run(f)
+
+        def bundled(uri: str) -> bool:
+            try:
+                return client(uri).get_many() > 1
+            except LoraflightError:
+                return False
+
         # parents come before children in the plan; run lineage parents first, then the rest
         parents = [f for f in plan if f.reason != "policy"]
         rest = [f for f in plan if f.reason == "policy"]
-        workers = max(1, min(concurrency, len(plan)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ThreadPoolExecutor-sync") as ex:
+        with ThreadPoolExecutor(
+            max_workers=max(1, concurrency), thread_name_prefix="ThreadPoolExecutor-sync"
+        ) as ex:
             for batch in (parents, rest):
-                list(ex.map(run, batch))
+                singles, groups = plan_bundles(batch, concurrency, bundled, max_cards=bundle_cards)
+                futs = [ex.submit(run_group, g) for g in groups] + [ex.submit(run, f) for f in singles]
+                for fut in futs:
+                    fut.result()
         return report
     finally:
         for c in clients.values():
@@ -296,10 +384,13 @@ def sync_from(peer: str, store: Store, **kw: Any) -> SyncReport:
 
 
 __all__ = [
+    "BUNDLE_BYTES",
+    "BUNDLE_CARDS",
     "Fetch",
     "SyncPolicy",
     "SyncProgress",
     "SyncReport",
+    "plan_bundles",
     "plan_sync",
     "pull_withdrawals",
     "sync",

@@ -9,6 +9,7 @@ group-committed directory fsyncs).
 
 from __future__ import annotations
 
+from .bundle import BundleReceiver, GroupTarget, VerifiedFile
 from .index import MAX_LOCATIONS, CardIndex
 from .staging import StagedCard, StagingTarget
 from .store import TOUCH_INTERVAL_S, Listener, Store
@@ -17,11 +18,14 @@ from .values import check_batch_finite, hash_batch
 __all__ = [
     "MAX_LOCATIONS",
     "TOUCH_INTERVAL_S",
+    "BundleReceiver",
     "CardIndex",
+    "GroupTarget",
     "Listener",
     "StagedCard",
     "StagingTarget",
     "Store",
+    "VerifiedFile",
     "check_batch_finite",
     "hash_batch",
 ]

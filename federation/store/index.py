@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from loraflight.engine.card import CardHeader
@@ -293,82 +293,126 @@ class CardIndex:
 
         name@version is re-checked inside the transaction: another writer may have won the race.
         """
-        now = time.time()
-        header_text = header.to_json().decode()
         with self.lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute(
-                    "SELECT digest FROM cards WHERE name=? AND version=?", (header.name, header.version)
-                ).fetchone()
-                if row and row[0] != header.digest:
-                    raise ConflictError(
-                        f"{header.ref} already exists here with digest {row[0][:16]}…: cards are immutable"
-                    )
-                w = self._db.execute(
-                    "SELECT 1 FROM withdrawals WHERE name=? AND version=?", (header.name, header.version)
-                ).fetchone()
-                if w and not row:  # a withdrawal committed since the admission check
-                    raise ConflictError(f"{header.ref} was withdrawn: refused for good, publish a new version")
-                inserted = not row
-                epoch = 0
-                if inserted:
-                    epoch = self._bump_epoch()
-                    self._db.execute(
-                        "INSERT INTO cards (digest, name, version, base_model, tags, size, rows, source, "
-                        "signer, signer_key, created, epoch, last_use, pinned, published, header) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            header.digest,
-                            header.name,
-                            header.version,
-                            header.base_model,
-                            json.dumps(list(header.tags)),
-                            size,
-                            rows,
-                            source,
-                            header.signer,
-                            header.signer_key,
-                            header.created,
-                            epoch,
-                            now,
-                            int(pinned),
-                            int(published),
-                            header_text,
-                        ),
-                    )
-                    if header.signer_key is not None:
-                        self._db.execute(
-                            "INSERT OR IGNORE INTO owners (name, signer_key) VALUES (?, ?)",
-                            (header.name, header.signer_key),
-                        )
-                locs = list(locations)[:MAX_LOCATIONS]
-                if locs:
-                    self._db.executemany(
-                        "INSERT OR REPLACE INTO locations (digest, uri, seen) VALUES (?, ?, ?)",
-                        [(header.digest, u, now) for u in locs],
-                    )
+                out = self._insert_locked(header, rows, size, source, published, pinned, locations, time.time())
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            if not inserted:
-                entry = self.entry(header.digest)
-                assert entry is not None
-                return entry
-            # Just inserted: the entry is what we wrote (no re-read, no second header parse);
-            # only the locations are read back, the table may hold older ones for this digest.
-            return CatalogEntry(
-                header=header,
-                size=size,
-                rows=rows,
-                locations=self._locations_locked(header.digest),
-                source=source,
-                pinned=bool(pinned),
-                published=bool(published),
-                epoch=epoch,
-                header_json=header_text.encode(),
+            return self._inserted_entry(out)
+
+    def insert_many(
+        self, items: Sequence[tuple[CardHeader, int, int, str, bool, bool, Iterable[str]]]
+    ) -> list[CatalogEntry | ConflictError]:
+        """Index several cards whose files are in place, in ONE transaction (one epoch bump per
+        new card, one commit for the group). Each item is (header, rows, size, source, published,
+        pinned, locations); a card that lost a name@version race (or was withdrawn meanwhile) is
+        skipped and its ConflictError returned in its place, the others still commit."""
+        now = time.time()
+        with self.lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                done: list[tuple[Any, ...] | ConflictError] = []
+                for header, rows, size, source, published, pinned, locations in items:
+                    try:
+                        done.append(
+                            self._insert_locked(header, rows, size, source, published, pinned, locations, now)
+                        )
+                    except ConflictError as e:  # raised before this item wrote anything
+                        done.append(e)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return [d if isinstance(d, ConflictError) else self._inserted_entry(d) for d in done]
+
+    def _insert_locked(
+        self,
+        header: CardHeader,
+        rows: int,
+        size: int,
+        source: str,
+        published: bool,
+        pinned: bool,
+        locations: Iterable[str],
+        now: float,
+    ) -> tuple[Any, ...]:
+        """One card's rows inside the caller's transaction; conflicts raise before any write."""
+        header_text = header.to_json().decode()
+        row = self._db.execute(
+            "SELECT digest FROM cards WHERE name=? AND version=?", (header.name, header.version)
+        ).fetchone()
+        if row and row[0] != header.digest:
+            raise ConflictError(
+                f"{header.ref} already exists here with digest {row[0][:16]}…: cards are immutable"
             )
+        w = self._db.execute(
+            "SELECT 1 FROM withdrawals WHERE name=? AND version=?", (header.name, header.version)
+        ).fetchone()
+        if w and not row:  # a withdrawal committed since the admission check
+            raise ConflictError(f"{header.ref} was withdrawn: refused for good, publish a new version")
+        inserted = not row
+        epoch = 0
+        if inserted:
+            epoch = self._bump_epoch()
+            self._db.execute(
+                "INSERT INTO cards (digest, name, version, base_model, tags, size, rows, source, "
+                "signer, signer_key, created, epoch, last_use, pinned, published, header) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    header.digest,
+                    header.name,
+                    header.version,
+                    header.base_model,
+                    json.dumps(list(header.tags)),
+                    size,
+                    rows,
+                    source,
+                    header.signer,
+                    header.signer_key,
+                    header.created,
+                    epoch,
+                    now,
+                    int(pinned),
+                    int(published),
+                    header_text,
+                ),
+            )
+            if header.signer_key is not None:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO owners (name, signer_key) VALUES (?, ?)",
+                    (header.name, header.signer_key),
+                )
+        locs = list(locations)[:MAX_LOCATIONS]
+        if locs:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO locations (digest, uri, seen) VALUES (?, ?, ?)",
+                [(header.digest, u, now) for u in locs],
+            )
+        return (inserted, header, rows, size, source, pinned, published, epoch, header_text)
+
+    def _inserted_entry(self, out: tuple[Any, ...]) -> CatalogEntry:
+        """The entry of a card `_insert_locked` handled (call with the lock held)."""
+        inserted, header, rows, size, source, pinned, published, epoch, header_text = out
+        if not inserted:
+            entry = self.entry(header.digest)
+            assert entry is not None
+            return entry
+        # Just inserted: the entry is what we wrote (no re-read, no second header parse);
+        # only the locations are read back, the table may hold older ones for this digest.
+        return CatalogEntry(
+            header=header,
+            size=size,
+            rows=rows,
+            locations=self._locations_locked(header.digest),
+            source=source,
+            pinned=bool(pinned),
+            published=bool(published),
+            epoch=epoch,
+            header_json=header_text.encode(),
+        )
 
     def delete(self, digest: str) -> CatalogEntry | None:
         """Drop a card's row and locations (one transaction, epoch bumped); its entry, or None."""

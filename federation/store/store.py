@@ -29,7 +29,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,14 @@ import pyarrow as pa
 
 from loraflight.engine.card import CARD_SUFFIX, CardHeader, LoRACard, check_digest, upgrade_pair
 from loraflight.engine.keys import load_public_b64, signer_id
-from loraflight.errors import CardError, CardNotFound, ConflictError, StoreError, TrustError
+from loraflight.errors import CardError, CardNotFound, ConflictError, LoraflightError, StoreError, TrustError
 from loraflight.files import replace
 
 from ..pause import pause_point
 from ..protocol import CatalogEntry, Criteria
 from ..trust import TrustedKey, check_entry, check_mode
 from ..withdrawal import Withdrawal, WithdrawResult, withdrawal_refusal
+from .bundle import BundleReceiver, VerifiedFile
 from .disk import DirSync, disk_error
 from .eviction import choose_victims
 from .index import MAX_LOCATIONS, CardIndex
@@ -89,6 +90,7 @@ class Store:
         self._tmp_prefix = uuid.uuid4().hex[:16]
         self._tmp_seq = itertools.count()
         self._dir_sync = DirSync(self.cards_dir)  # group commit of the cards/ directory fsync
+        self._groups = itertools.count(1)  # commit_group calls, numbered
         self._touched: dict[str, float] = {}
         self._listeners: list[Listener] = []
         self._closed = False
@@ -325,6 +327,16 @@ class Store:
             self, schema, rows=rows, max_bytes=max_bytes, expect_digest=expect_digest, expect=expect
         )
 
+    def receive_bundle(
+        self,
+        expected: Sequence[CatalogEntry],
+        *,
+        source: str,
+        locations: dict[str, tuple[str, ...]] | None = None,
+    ) -> BundleReceiver:
+        """Start receiving a bundle of the listed `expected` cards; see BundleReceiver."""
+        return BundleReceiver(self, expected, source=source, locations=locations)
+
     def add(
         self,
         card_or_path: LoRACard | str | os.PathLike[str],
@@ -408,6 +420,63 @@ class Store:
         self._emit("added", entry)
         self.evict(keep=entry.digest)
         return entry
+
+    def commit_group(
+        self, files: Sequence[VerifiedFile], *, published: bool = False, pinned: bool = False
+    ) -> builtins.list[CatalogEntry | LoraflightError]:
+        """Store several verified, fsynced temp files as one group: admission checked for each,
+        every file renamed into cards/, the directory fsynced once, one index transaction.
+
+        The group form of `commit_file` (used by `BundleReceiver`); per file its entry, or the
+        error that kept it out (the others still commit). A kill at any step leaves whole cards
+        only: temp files before the renames, re-verified orphans after them (see `repair`).
+        """
+        out: builtins.list[CatalogEntry | LoraflightError | None] = [None] * len(files)
+        todo: builtins.list[tuple[int, VerifiedFile, Path]] = []
+        for i, f in enumerate(files):
+            try:
+                existing = self.check_admission(f.header)
+            except LoraflightError as e:
+                out[i] = e
+                continue
+            if existing is not None:
+                same = existing.digest == f.header.digest
+                out[i] = self._merge_existing(existing, published, pinned, f.locations if same else ())
+                continue
+            todo.append((i, f, self.path_of(f.header.digest)))
+        if todo:
+            seq = next(self._groups)  # the n-th group this store commits (pause points count them)
+            pause_point("group_before_rename", seq)
+            try:
+                for k, (_i, f, final) in enumerate(todo):
+                    replace(f.tmp, final, durable=False)
+                    pause_point("group_renamed", k + 1)
+                self._dir_sync.sync()
+            except OSError as e:
+                raise disk_error(e, f"cannot store a group of {len(todo)} cards") from None
+            pause_point("group_before_index_commit", seq)
+            items = [
+                (f.header, f.rows, os.path.getsize(final), f.source, published, pinned, f.locations)
+                for _i, f, final in todo
+            ]
+            try:
+                results = self._index.insert_many(items)
+            except BaseException:
+                for _i, f, final in todo:
+                    if not self._index.exists(f.header.digest):
+                        with contextlib.suppress(OSError):
+                            os.unlink(final)
+                raise
+            for (i, f, final), res in zip(todo, results, strict=True):
+                if isinstance(res, ConflictError) and not self._index.exists(f.header.digest):
+                    with contextlib.suppress(OSError):
+                        os.unlink(final)
+                out[i] = res
+            added = [r for r in results if not isinstance(r, ConflictError)]
+            for res in added:
+                self._emit("added", res)
+            self.evict(keep=added[-1].digest if added else None)
+        return [r if r is not None else StoreError("not committed") for r in out]
 
     # -- removing
     def remove(self, digest: str) -> CatalogEntry:
