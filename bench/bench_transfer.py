@@ -300,7 +300,9 @@ def catchup_main(args) -> None:
     try:
         r = max(3, args.repeats)
         print(f"# loraflight catch-up benchmark — {machine()}")
-        print(f"# medians of {r} runs after a warm-up, competitors alternated; load average {os.getloadavg()}")
+        print(
+            f"# medians of {r} runs after a warm-up, competitors alternated; load average {os.getloadavg()}"
+        )
         rows, raw = [], {}
         for count, kib in ((args.small, args.small_kib), (args.many, args.many_kib)):
             if count > 0:

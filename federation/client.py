@@ -470,7 +470,9 @@ class Client:
                         if chunk.data is not None:
                             rx.write_batch(chunk.data)
                         if time.monotonic() > deadline:
-                            raise PeerError(f"{self.uri}: a bundle exceeded its {self.fetch_timeout:.0f} s deadline")
+                            raise PeerError(
+                                f"{self.uri}: a bundle exceeded its {self.fetch_timeout:.0f} s deadline"
+                            )
                     else:
                         raise PeerError(f"{self.uri} sent a bundle of more pieces than its cards allow")
                 except BaseException:

@@ -356,7 +356,9 @@ class CardServer(flight.FlightServerBase):
         sent = 0
 
         def batch() -> pa.RecordBatch:
-            datas = [pa.Array.from_buffers(pa.binary(), 1, [None, _offsets(len(b)), b]) for _d, _s, _o, b in rows]
+            datas = [
+                pa.Array.from_buffers(pa.binary(), 1, [None, _offsets(len(b)), b]) for _d, _s, _o, b in rows
+            ]
             data = datas[0] if len(datas) == 1 else pa.concat_arrays(datas)
             return pa.record_batch(
                 [

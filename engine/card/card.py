@@ -483,7 +483,10 @@ class LoRACard:
             raise CardError(f"{self.ref} is already format {self._header.format}; nothing to upgrade")
         dt = self.dtype
         header = dataclasses.replace(
-            self._header.unsigned(), format=FORMAT_VERSION, pieces=self._piece_list(), upgraded_from=self.digest
+            self._header.unsigned(),
+            format=FORMAT_VERSION,
+            pieces=self._piece_list(),
+            upgraded_from=self.digest,
         )
         header = dataclasses.replace(header, digest=header_digest(header))
         if key is not None:

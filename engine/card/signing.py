@@ -81,9 +81,7 @@ def _check_valid(header: CardHeader) -> None:
     if header.signer != signer_id(header.signer_key):
         raise TrustError(f"{header.ref}: signer id {header.signer!r} does not match the signer key")
     if not _verify(pub, sig, signed_message(header.digest)):
-        raise TrustError(
-            f"{header.ref}: bad signature: it does not match the digest and signer key"
-        )
+        raise TrustError(f"{header.ref}: bad signature: it does not match the digest and signer key")
 
 
 def _verify(pub: Ed25519PublicKey, sig: bytes, message: bytes) -> bool:

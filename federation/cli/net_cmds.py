@@ -349,7 +349,9 @@ def withdraw(
     ref: str = typer.Argument(..., help="NAME@VERSION to take back from the whole fleet."),
     node: str = typer.Option(..., "--node", help="Node address, HOST:PORT or grpc[+tls]://HOST:PORT."),
     key: Path = typer.Option(..., "--key", help="Private key file of a key trusted for that name."),
-    reason: str = typer.Option("", "--reason", help="Why (kept with the withdrawal, shown by ls and status)."),
+    reason: str = typer.Option(
+        "", "--reason", help="Why (kept with the withdrawal, shown by ls and status)."
+    ),
     token_file: Path | None = TokenFile,
     tls_ca: Path | None = TlsCa,
     tls_cert: Path | None = TlsCert,

@@ -84,7 +84,11 @@ def device_problem(device: str) -> str | None:
 
 def base_model_problem(spec: str) -> str | None:
     """None when `spec` names a model this machine can load offline (built-in, folder, cached id)."""
-    if spec in ("minilm", "tiny-chat-llama") or re.fullmatch(r"tiny(:\d+)?", spec) or Path(os.path.expanduser(spec)).is_dir():
+    if (
+        spec in ("minilm", "tiny-chat-llama")
+        or re.fullmatch(r"tiny(:\d+)?", spec)
+        or Path(os.path.expanduser(spec)).is_dir()
+    ):
         return None
     if _HF_ID.fullmatch(spec):
         try:

@@ -52,8 +52,9 @@ def resolve_model(model: str, adapters: Mapping[str, Mapping[str, Any]], base_id
         if a is not None:
             f = model_not_found(model, known_models(adapters, base_id))
             return dataclasses.replace(
-                f, message=f"version {ver} of {name!r} is not loaded here (loaded: {name}@{a['version']}); "
-                + f.message
+                f,
+                message=f"version {ver} of {name!r} is not loaded here (loaded: {name}@{a['version']}); "
+                + f.message,
             )
     for n, a in adapters.items():
         if a["digest"] == model:

@@ -59,7 +59,8 @@ def _failure(e: ValidationError) -> Failure:
                 f"unsupported field {name!r}: {UNSUPPORTED[name]}", code="unsupported_parameter", param=name
             )
         return bad_request(
-            f"unknown field {name!r}" + (f" (and {', '.join(map(repr, extra[1:]))})" if extra[1:] else "")
+            f"unknown field {name!r}"
+            + (f" (and {', '.join(map(repr, extra[1:]))})" if extra[1:] else "")
             + "; fields: model, input, encoding_format, user",
             code="unknown_parameter",
             param=name,

@@ -291,7 +291,10 @@ def parallel_map(fn: Any, items: Sequence[Any], threads: int = FSYNC_THREADS) ->
                 return
             out[i] = fn(items[i])
 
-    ts = [threading.Thread(target=work, name="loraflight-fsync", daemon=True) for _ in range(min(threads, len(items)))]
+    ts = [
+        threading.Thread(target=work, name="loraflight-fsync", daemon=True)
+        for _ in range(min(threads, len(items)))
+    ]
     for t in ts:
         t.start()
     for t in ts:

@@ -15,9 +15,7 @@ def is_evictable(*, pinned: bool, published: bool, source: str) -> bool:
     return not pinned and not published and source != "local"
 
 
-def choose_victims(
-    total: int, cap: int, candidates: Iterable[tuple[str, int, bool, bool, str]]
-) -> list[str]:
+def choose_victims(total: int, cap: int, candidates: Iterable[tuple[str, int, bool, bool, str]]) -> list[str]:
     """Digests to remove, in order, to bring `total` bytes down to `cap`.
 
     `candidates`: (digest, size, pinned, published, source), least recently used first.

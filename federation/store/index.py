@@ -296,7 +296,9 @@ class CardIndex:
         with self.lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                out = self._insert_locked(header, rows, size, source, published, pinned, locations, time.time())
+                out = self._insert_locked(
+                    header, rows, size, source, published, pinned, locations, time.time()
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

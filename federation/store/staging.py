@@ -272,7 +272,11 @@ class StagedCard:
                 )
             card = LoRACard.open(self.tmp)
             try:
-                digest = self._digest.hexdigest() if self._digest is not None else card.digest_job(threaded=False).result()
+                digest = (
+                    self._digest.hexdigest()
+                    if self._digest is not None
+                    else card.digest_job(threaded=False).result()
+                )
                 if digest != self.header.digest:
                     raise CardError(
                         f"{self.header.ref}: digest mismatch: the header says {self.header.digest[:16]}… but "

@@ -508,7 +508,9 @@ class Store:
                 log.info("evicted %s (LRU, store over %d bytes)", removed[-1].ref, self.max_bytes)
         total = self._index.total_size()
         if total > self.max_bytes:
-            log.warning("store is over its cap (%d > %d bytes) but nothing is evictable", total, self.max_bytes)
+            log.warning(
+                "store is over its cap (%d > %d bytes) but nothing is evictable", total, self.max_bytes
+            )
         return removed
 
     # -- recovery

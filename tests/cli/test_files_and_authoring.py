@@ -53,7 +53,9 @@ def test_max_steps_beyond_the_epochs_says_why_fewer_ran(tmp_path: Path) -> None:
     r = run_cli("train", str(_data(tmp_path, 8)), "--name", "ops", "--out", str(tmp_path), *TRAIN,
                 "--max-steps", "10")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "step (max_steps 10 is only an upper bound" in r.stdout or "steps (max_steps 10 is only" in r.stdout
+    assert (
+        "step (max_steps 10 is only an upper bound" in r.stdout or "steps (max_steps 10 is only" in r.stdout
+    )
     assert "raise epochs" in r.stdout
     assert "--max-steps" in run_cli("train", "--help").stdout
 

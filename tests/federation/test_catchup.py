@@ -224,7 +224,9 @@ def test_sigkill_of_the_serving_node_mid_bundle_fails_over(tmp_path, source, mak
         for e in store.list():
             s.add(store.get(e.digest))
     port_file, marker = tmp_path / "port", tmp_path / "smarker"
-    p = CTX.Process(target=_workers.serve, args=(str(dying_root), str(port_file), "serve_bundle_cards:2", str(marker)))
+    p = CTX.Process(
+        target=_workers.serve, args=(str(dying_root), str(port_file), "serve_bundle_cards:2", str(marker))
+    )
     p.start()
     try:
         assert _workers.wait_for_file(port_file, 60, p)
@@ -239,8 +241,12 @@ def test_sigkill_of_the_serving_node_mid_bundle_fails_over(tmp_path, source, mak
         def run():
             try:
                 out["report"] = sync(
-                    [dying, backup.location], SyncPolicy(), dest, concurrency=1,
-                    catalogs={dying: entries, backup.location: entries}, withdrawals=False,
+                    [dying, backup.location],
+                    SyncPolicy(),
+                    dest,
+                    concurrency=1,
+                    catalogs={dying: entries, backup.location: entries},
+                    withdrawals=False,
                 )
             except Exception as e:  # reported below
                 out["error"] = e

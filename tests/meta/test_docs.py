@@ -52,8 +52,15 @@ def blocks(path: Path) -> list[Block]:
         prev = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
         marked = _NO_RUN.match(prev.strip())
         if lang in LANGS:
-            out.append(Block(path, start + 1, LANGS[lang], "\n".join(lines[start + 1 : j]) + "\n",
-                             marked.group(1) if marked else None))
+            out.append(
+                Block(
+                    path,
+                    start + 1,
+                    LANGS[lang],
+                    "\n".join(lines[start + 1 : j]) + "\n",
+                    marked.group(1) if marked else None,
+                )
+            )
         i = j + 1
     return out
 
@@ -71,8 +78,15 @@ def _run(block: Block, scratch: Path) -> subprocess.CompletedProcess:
         argv = ["bash", "-c", "set -euo pipefail\n" + block.code]
     else:
         argv = [sys.executable, "-c", block.code]
-    return subprocess.run(argv, cwd=scratch, env=_env(scratch), capture_output=True, text=True,
-                          timeout=BLOCK_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        argv,
+        cwd=scratch,
+        env=_env(scratch),
+        capture_output=True,
+        text=True,
+        timeout=BLOCK_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(REPO).as_posix())
@@ -83,7 +97,9 @@ def test_doc_blocks_run(doc, tmp_path):
             continue
         r = _run(b, tmp_path)
         where = f"{doc.relative_to(REPO)}:{b.line} ({b.lang})"
-        assert r.returncode == 0, f"{where} failed with {r.returncode}:\n{b.code}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
+        assert r.returncode == 0, (
+            f"{where} failed with {r.returncode}:\n{b.code}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
+        )
         ran += 1
     if ran == 0:
         pytest.skip(f"{doc.name}: no runnable block")

@@ -47,7 +47,9 @@ def _fresh_env(root: Path) -> Path:
     py = root / "bin" / "python"
     site = subprocess.run(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     # every package folder the running interpreter sees (its own site-packages, and those a
     # .pth of it added), minus this repo (its root on sys.path would hide a broken mapping)
@@ -60,9 +62,22 @@ def _fresh_env(root: Path) -> Path:
 def _pip(py: Path, *args: str, cwd: Path) -> None:
     # pip (and setuptools, for the build) of the running environment, installing into `py`'s
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
-         "--no-build-isolation", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -85,8 +100,22 @@ def _assert_layout(out: dict, where: str) -> None:
 def test_wheel_installs_one_namespace(tmp_path):
     dist = tmp_path / "dist"
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(REPO)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = dist.glob("loraflight-*.whl")
@@ -97,10 +126,16 @@ def test_wheel_installs_one_namespace(tmp_path):
     assert tops == {"loraflight"}, tops
     # every package folder of the source tree is in the wheel (a subpackage missing from
     # pyproject's `packages` list would be silently left out)
-    for root, mapped in (("engine", "loraflight/engine"), ("federation", "loraflight/federation"), ("loraflight", "loraflight")):
+    for root, mapped in (
+        ("engine", "loraflight/engine"),
+        ("federation", "loraflight/federation"),
+        ("loraflight", "loraflight"),
+    ):
         for init in (REPO / root).rglob("__init__.py"):
             rel = init.relative_to(REPO / root).as_posix()
-            assert f"{mapped}/{rel}" in names, f"{root}/{rel} is not in the wheel: add its package to pyproject.toml"
+            assert f"{mapped}/{rel}" in names, (
+                f"{root}/{rel} is not in the wheel: add its package to pyproject.toml"
+            )
     py = _fresh_env(tmp_path / "env")
     _pip(py, str(wheel), cwd=tmp_path)
     out = _check(py, tmp_path)

@@ -36,7 +36,13 @@ def test_no_source_module_over_700_lines():
 
 def _declares_all(tree: ast.Module) -> bool:
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
         if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
             return True
     return False
@@ -85,12 +91,20 @@ def test_bench_does_not_import_tests():
     bad = []
     for p in sorted((REPO / "bench").rglob("*.py")):
         for node in ast.walk(ast.parse(p.read_text())):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             bad += [f"{p.relative_to(REPO)}:{node.lineno} {m}" for m in mods if m.split(".")[0] == "tests"]
     assert not bad, f"bench imports from tests: {bad}"
 
 
-@pytest.mark.parametrize("name", ["loraflight", "loraflight.federation", "loraflight.engine", "loraflight.engine.card"])
+@pytest.mark.parametrize(
+    "name", ["loraflight", "loraflight.federation", "loraflight.engine", "loraflight.engine.card"]
+)
 def test_import_loads_neither_torch_nor_grpc(name):
     code = f"import json, sys, {name}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'grpc'))))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -106,6 +120,16 @@ def test_one_hop_names_resolve():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     names = json.loads(r.stdout)
-    for n in ("LoRACard", "Engine", "Node", "NodeConfig", "Client", "Store", "to_peft", "from_peft", "generate_key"):
+    for n in (
+        "LoRACard",
+        "Engine",
+        "Node",
+        "NodeConfig",
+        "Client",
+        "Store",
+        "to_peft",
+        "from_peft",
+        "generate_key",
+    ):
         assert n in names, n
     assert issubclass(__import__("loraflight").CardNotFound, __import__("loraflight").LoraflightError)
