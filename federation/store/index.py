@@ -307,7 +307,7 @@ class CardIndex:
 
     def insert_many(
         self, items: Sequence[tuple[CardHeader, int, int, str, bool, bool, Iterable[str]]]
-    ) -> list[CatalogEntry | ConflictError]:
+    ) -> builtins.list[CatalogEntry | ConflictError]:
         """Index several cards whose files are in place, in ONE transaction (one epoch bump per
         new card, one commit for the group). Each item is (header, rows, size, source, published,
         pinned, locations); a card that lost a name@version race (or was withdrawn meanwhile) is
