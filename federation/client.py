@@ -21,9 +21,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from loraflight.engine.card import (
-    METADATA_KEY,
     READ_MAJORS,
-    CardDigest,
     CardHeader,
     LoRACard,
     verify_signature,
@@ -37,6 +35,16 @@ from loraflight.errors import (
     TrustError,
 )
 
+from .client_io import (
+    CONTROL_MESSAGE_BYTES,
+    DATA_MESSAGE_BYTES,
+    READ_TIMEOUT_S,
+    StallGuard,
+    connect,
+    list_infos,
+    node_action,
+    receive_to_memory,
+)
 from .protocol import (
     ACTION_DELETE,
     ACTION_HEALTH,
@@ -44,6 +52,8 @@ from .protocol import (
     ACTION_NOTIFY,
     ACTION_WITHDRAW,
     ACTION_WITHDRAWALS,
+    LISTING_HEADER_BYTES,
+    LISTING_HEADER_KEY,
     MAX_CARD_BYTES,
     PUBLISH_OP,
     CatalogEntry,
@@ -55,10 +65,11 @@ from .protocol import (
     entry_from_flight_info,
     from_flight_error,
     is_transient,
+    truncated_ref,
 )
 from .security import ClientTLS, call_headers
 from .server import normalize_uri
-from .store import Store, hash_batch
+from .store import Store
 from .withdrawal import Withdrawal, new_withdrawal, parse_ref
 
 log = logging.getLogger(__name__)
@@ -82,6 +93,8 @@ class Client:
         max_entries: int = 100_000,
         fetch_timeout: float = 600.0,
         max_card_bytes: int = MAX_CARD_BYTES,
+        read_timeout: float = READ_TIMEOUT_S,
+        max_list_header_bytes: int = 256 << 20,
     ) -> None:
         self.uri = normalize_uri(uri, tls is not None)
         self.token = token
@@ -93,12 +106,16 @@ class Client:
         self.fetch_timeout = fetch_timeout
         # a peer's advertised size bounds a transfer, and this local limit bounds what it may advertise
         self.max_card_bytes = max_card_bytes
-        self._conn = _connect(self.uri, tls)
+        self.read_timeout = read_timeout  # a stream read bringing nothing this long fails the transfer
+        self.max_list_header_bytes = max_list_header_bytes  # header bytes one listing may bring in all
+        self._conn = connect(self.uri, tls, CONTROL_MESSAGE_BYTES)  # listings, infos, actions
+        self._data_conn: flight.FlightClient | None = None  # do_get and do_put (see client_io)
         self._peers: dict[str, Client] = {}
         self._lock = threading.Lock()
         self._checked = False
         self._peer_formats: object = None  # the card format majors the node reads (its health says)
         self._get_many = 0  # cards per bundle the node serves (its health says; 0: card by card)
+        self._header_max: int | None = None  # header bytes per listing entry, when the node truncates
 
     # -- lifecycle
     def close(self) -> None:
@@ -107,6 +124,15 @@ class Client:
         for p in peers:
             p.close()
         self._conn.close()
+        if self._data_conn is not None:
+            self._data_conn.close()
+
+    def _data(self) -> flight.FlightClient:
+        """The connection for card bytes (larger messages allowed than on the control one)."""
+        with self._lock:
+            if self._data_conn is None:
+                self._data_conn = connect(self.uri, self.tls, DATA_MESSAGE_BYTES)
+            return self._data_conn
 
     def __enter__(self) -> Client:
         return self
@@ -119,7 +145,7 @@ class Client:
 
     def stream(self, digest: str) -> flight.FlightStreamReader:
         """The raw Flight stream of a card (no verification, no retries: for measuring transport)."""
-        return self._conn.do_get(flight.Ticket(digest.encode()), self._opts())
+        return self._data().do_get(flight.Ticket(digest.encode()), self._opts())
 
     def _opts(self, timeout: float | None = None) -> flight.FlightCallOptions:
         return flight.FlightCallOptions(
@@ -145,9 +171,8 @@ class Client:
         payload = json.dumps(body).encode() if body is not None else b""
 
         def run() -> list[bytes]:
-            return [
-                r.body.to_pybytes() for r in self._conn.do_action(flight.Action(kind, payload), self._opts())
-            ]
+            first = next(iter(self._conn.do_action(flight.Action(kind, payload), self._opts())), None)
+            return [] if first is None else [first.body.to_pybytes()]
 
         out = self._call(kind, run)
         if not out:
@@ -172,6 +197,9 @@ class Client:
         self._checked = True
         self._peer_formats = h.get("formats")
         self._get_many = advertised_get_many(h)
+        hm = h.get(LISTING_HEADER_KEY)
+        ok = isinstance(hm, int) and not isinstance(hm, bool) and hm > 0
+        self._header_max = min(hm, LISTING_HEADER_BYTES) if ok else None
         return h
 
     def node_info(self) -> dict[str, Any]:
@@ -262,20 +290,47 @@ class Client:
             criteria = Criteria.from_kwargs(kw)
         if not criteria.formats and isinstance(self._peer_formats, list):  # a node that knows formats
             criteria = dataclasses.replace(criteria, formats=READ_MAJORS)
+        if criteria.header_max is None and self._header_max is not None:  # a node that truncates
+            criteria = dataclasses.replace(criteria, header_max=self._header_max)
         blob = criteria.to_json()
 
         def run() -> list[CatalogEntry]:
             out: list[CatalogEntry] = []
-            for info in self._conn.list_flights(blob, self._opts()):
+            budget = self.max_list_header_bytes
+            for info in list_infos(self._conn, blob, self._opts(), f"{self.uri} list"):
                 if len(out) >= self.max_entries:
                     raise PeerError(
                         f"{self.uri} lists more than {self.max_entries} cards; refusing the rest "
                         "(raise max_entries if this peer is trusted)"
                     )
-                out.append(entry_from_flight_info(info))
+                cut = truncated_ref(info)
+                entry = entry_from_flight_info(info) if cut is None else self._untruncated(info, cut)
+                budget -= len(entry.header_json) or len(bytes(info.app_metadata))
+                if budget < 0:
+                    raise PeerError(
+                        f"{self.uri} lists more than {self.max_list_header_bytes} bytes of card headers; "
+                        "refusing the rest (raise max_list_header_bytes if this peer is trusted)"
+                    )
+                out.append(entry)
             return out
 
         return list(self._call("list", run))
+
+    def _untruncated(self, info: Any, cut: tuple[str, str, str]) -> CatalogEntry:
+        """The whole entry of a listed card whose header came truncated (from get_flight_info)."""
+        name, version, digest = cut
+        desc = flight.FlightDescriptor.for_path(name, version)
+        full = entry_from_flight_info(self._conn.get_flight_info(desc, self._opts()))
+        if full.digest != digest:
+            raise PeerError(
+                f"{self.uri} listed {name}@{version} as {digest[:16]}… but describes {full.digest[:16]}…"
+            )
+        listed = [
+            loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+            for ep in info.endpoints
+            for loc in ep.locations
+        ]
+        return full.with_locations([*listed[:64], *full.locations])
 
     def info(self, name: str, version: int | str = "latest") -> CatalogEntry:
         """The catalog entry of name@version (`latest` resolves on the node)."""
@@ -335,6 +390,7 @@ class Client:
                     retries=self.retries,
                     backoff=self.backoff,
                     fetch_timeout=self.fetch_timeout,
+                    read_timeout=self.read_timeout,
                 )
                 c._checked = True  # same fleet: the listing node vouched for it
                 self._peers[uri] = c
@@ -460,21 +516,22 @@ class Client:
         ticket = flight.Ticket(bundle_ticket([e.digest for e in want]))
         with store.receive_bundle(want, source=self.uri, locations=locs) as rx:
             try:
-                reader = self._call("do_get", lambda: self._conn.do_get(ticket, opts))
+                reader = self._call("do_get", lambda: self._data().do_get(ticket, opts))
                 try:
-                    for _ in range(total // 4096 + 2 * len(want) + 2):  # bounded: pieces are never tiny
-                        try:
-                            chunk = self._call("do_get", reader.read_chunk)
-                        except StopIteration:
-                            break
-                        if chunk.data is not None:
-                            rx.write_batch(chunk.data)
-                        if time.monotonic() > deadline:
-                            raise PeerError(
-                                f"{self.uri}: a bundle exceeded its {self.fetch_timeout:.0f} s deadline"
-                            )
-                    else:
-                        raise PeerError(f"{self.uri} sent a bundle of more pieces than its cards allow")
+                    with StallGuard(reader, self.read_timeout, f"{self.uri} bundle") as guard:
+                        for _ in range(total // 4096 + 2 * len(want) + 2):  # bounded: pieces are never tiny
+                            try:
+                                chunk = guard.read(lambda: self._call("do_get", reader.read_chunk))
+                            except StopIteration:
+                                break
+                            if chunk.data is not None:
+                                rx.write_batch(chunk.data)
+                            if time.monotonic() > deadline:
+                                raise PeerError(
+                                    f"{self.uri}: a bundle exceeded its {self.fetch_timeout:.0f} s deadline"
+                                )
+                        else:
+                            raise PeerError(f"{self.uri} sent a bundle of more pieces than its cards allow")
                 except BaseException:
                     with contextlib.suppress(Exception):
                         reader.cancel()
@@ -499,33 +556,52 @@ class Client:
                 f"{self.uri} advertises {entry.ref} at {entry.size} bytes, more than this client's limit of "
                 f"{self.max_card_bytes}; refused (raise max_card_bytes if such cards are expected)"
             )
-        deadline = time.monotonic() + self.fetch_timeout
         opts = self._opts(timeout=self.fetch_timeout)
-        reader = self._call("do_get", lambda: self._conn.do_get(flight.Ticket(entry.digest.encode()), opts))
+        reader = self._call("do_get", lambda: self._data().do_get(flight.Ticket(entry.digest.encode()), opts))
+        guard = StallGuard(reader, self.read_timeout, f"{self.uri} do_get {entry.ref}")
         try:
-            schema = self._call("do_get", lambda: reader.schema)
-            if store is not None:
-                with store.stage(
-                    schema, rows=entry.rows, max_bytes=entry.size, expect_digest=entry.digest, expect=entry
-                ) as staged:
-                    if staged.header is not entry.header:  # else checked on this very header already
-                        _check_trust(staged.header, trusted, require_signed)
-                    self._pump(
-                        reader, staged.write_batch, entry, deadline, progress, lambda: staged.bytes_received
-                    )
-                    e = staged.commit(source=self.uri, locations=dedupe([self.uri, *entry.locations, *known]))
-                card = staged.card if staged.card is not None else store.get(e.digest, touch=False)
-                return card, e
-            card = self._fetch_to_memory(reader, schema, entry, deadline, trusted, require_signed, progress)
-            return card, None
+            with guard:
+                return self._receive(reader, guard, entry, store, trusted, require_signed, progress, known)
         except BaseException:
             with contextlib.suppress(Exception):
                 reader.cancel()
             raise
 
-    def _pump(
+    def _receive(
         self,
         reader: Any,
+        guard: StallGuard,
+        entry: CatalogEntry,
+        store: Store | None,
+        trusted: set[str] | None,
+        require_signed: bool,
+        progress: Progress | None,
+        known: Sequence[str],
+    ) -> tuple[LoRACard, CatalogEntry | None]:
+        deadline = time.monotonic() + self.fetch_timeout
+        schema = guard.read(lambda: self._call("do_get", lambda: reader.schema))
+        if store is None:
+            card = receive_to_memory(
+                self.uri,
+                schema,
+                entry,
+                lambda h: _check_trust(h, trusted, require_signed),
+                lambda take, got: self._pump(guard, take, entry, deadline, progress, got),
+            )
+            return card, None
+        with store.stage(
+            schema, rows=entry.rows, max_bytes=entry.size, expect_digest=entry.digest, expect=entry
+        ) as staged:
+            if staged.header is not entry.header:  # else checked on this very header already
+                _check_trust(staged.header, trusted, require_signed)
+            self._pump(guard, staged.write_batch, entry, deadline, progress, lambda: staged.bytes_received)
+            e = staged.commit(source=self.uri, locations=dedupe([self.uri, *entry.locations, *known]))
+        card = staged.card if staged.card is not None else store.get(e.digest, touch=False)
+        return card, e
+
+    def _pump(
+        self,
+        guard: StallGuard,
         sink: Callable[[pa.RecordBatch], None],
         entry: CatalogEntry,
         deadline: float,
@@ -534,7 +610,7 @@ class Client:
     ) -> None:
         for _ in range(entry.rows + 2):  # a card has at most one batch per row
             try:
-                chunk = self._call("do_get", reader.read_chunk)
+                chunk = guard.read(lambda: self._call("do_get", guard.reader.read_chunk))
             except StopIteration:
                 return
             if chunk.data is not None:
@@ -547,59 +623,6 @@ class Client:
                 )
         raise CardError(f"{self.uri} sent more batches for {entry.ref} than it has rows ({entry.rows})")
 
-    def _fetch_to_memory(
-        self,
-        reader: Any,
-        schema: pa.Schema,
-        entry: CatalogEntry,
-        deadline: float,
-        trusted: set[str] | None,
-        require_signed: bool,
-        progress: Progress | None,
-    ) -> LoRACard:
-        raw = (schema.metadata or {}).get(METADATA_KEY)
-        if raw is None:
-            raise CardError(f"{self.uri} sent a stream without a loraflight header")
-        header = CardHeader.from_json(raw)
-        if header.digest != entry.digest:
-            raise CardError(
-                f"{self.uri} sent {header.ref} with digest {header.digest[:16]}…, not the one asked for"
-            )
-        _check_trust(header, trusted, require_signed)
-        digest = CardDigest(header, entry.rows)
-        sink = pa.BufferOutputStream()
-        writer = pa.ipc.new_file(sink, schema)
-        state = {"bytes": 0, "rows": 0}
-
-        def take(b: pa.RecordBatch) -> None:
-            state["bytes"] += b.get_total_buffer_size()
-            state["rows"] += b.num_rows
-            if state["bytes"] > entry.size or state["rows"] > entry.rows:
-                raise CardError(
-                    f"{self.uri} sent more than the {entry.size} bytes / {entry.rows} rows advertised for "
-                    f"{entry.ref}; transfer refused"
-                )
-            hash_batch(digest, b, header.dtype)
-            writer.write_batch(b)
-
-        self._pump(reader, take, entry, deadline, progress, lambda: state["bytes"])
-        writer.close()
-        if state["rows"] != entry.rows:
-            raise CardError(
-                f"{entry.ref}: received {state['rows']} of {entry.rows} rows (truncated transfer)"
-            )
-        got = digest.hexdigest()
-        if got != entry.digest:
-            raise CardError(
-                f"{entry.ref}: digest mismatch: advertised {entry.digest[:16]}…, received content hashes to "
-                f"{got[:16]}…; the card was tampered with or corrupted in transit; refused"
-            )
-        # Re-read from one aligned buffer (Flight's buffers are often misaligned).
-        f = pa.ipc.open_file(sink.getvalue())
-        card = LoRACard(header, [f.get_batch(i) for i in range(f.num_record_batches)])
-        card.check_values()
-        return card
-
     # -- publish
     def publish(self, card_or_path: LoRACard | str | os.PathLike[str]) -> str:
         """Upload a card (needs a write token); returns its digest as the node stored it."""
@@ -610,7 +633,7 @@ class Client:
         schema = card.schema
 
         def run() -> bytes:
-            writer, meta = self._conn.do_put(desc, schema, self._opts(timeout=self.fetch_timeout))
+            writer, meta = self._data().do_put(desc, schema, self._opts(timeout=self.fetch_timeout))
             try:
                 for b in card.batches:
                     writer.write_batch(pa.record_batch(b.columns, schema=schema))
@@ -635,41 +658,6 @@ class Client:
 def _check_trust(header: CardHeader, trusted: set[str] | None, require_signed: bool) -> None:
     """The caller's own trust demands, checked on the header before any byte is stored."""
     verify_signature(header, trusted, require_signed=require_signed)
-
-
-def _connect(uri: str, tls: ClientTLS | None) -> flight.FlightClient:
-    kw = tls.client_kwargs() if tls is not None else {}
-    try:
-        return flight.FlightClient(uri, **kw)
-    except (pa.ArrowException, OSError) as e:
-        raise PeerError(f"cannot set up a connection to {uri}: {e}") from None
-
-
-def node_action(
-    uri: str, kind: str, *, token: str | None = None, tls: ClientTLS | None = None, timeout: float = 5.0
-) -> Any:
-    """Call one JSON action (`status`, `peers`, `node-info`, `health`) on a running node."""
-    uri = normalize_uri(uri, tls is not None)
-    kw = tls.client_kwargs() if tls is not None else {}
-    try:
-        client = flight.FlightClient(uri, **kw)
-    except (pa.ArrowException, OSError) as e:
-        raise PeerError(f"cannot connect to {uri}: {e}") from None
-    opts = flight.FlightCallOptions(timeout=timeout, headers=call_headers(token))
-    try:
-        out = [r.body.to_pybytes() for r in client.do_action(flight.Action(kind, b""), opts)]
-    except flight.FlightError as e:
-        raise from_flight_error(e, f"{uri} {kind}") from None
-    except pa.ArrowException as e:
-        raise PeerError(f"{uri} {kind}: {e}") from None
-    finally:
-        client.close()
-    if not out:
-        raise PeerError(f"{uri} answered {kind} with nothing")
-    try:
-        return json.loads(out[0])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeerError(f"{uri} answered {kind} with invalid JSON: {e}") from None
 
 
 __all__ = ["Client", "Progress", "node_action"]

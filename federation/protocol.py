@@ -66,9 +66,12 @@ def software_version() -> str:
 
 
 def parse_version(text: str) -> tuple[int, int]:
-    m = re.match(r"^(\d+)\.(\d+)$", text.strip()) if isinstance(text, str) else None
+    m = re.match(r"^([0-9]{1,9})\.([0-9]{1,9})$", text.strip()) if isinstance(text, str) else None
     if not m:
-        raise PeerError(f"peer sent protocol version {text!r}, which is not 'major.minor'")
+        shown = text[:40] + "…" if isinstance(text, str) and len(text) > 40 else text
+        raise PeerError(
+            f"peer sent protocol version {shown!r}, which is not 'major.minor' (at most 9 digits each)"
+        )
     return int(m.group(1)), int(m.group(2))
 
 
@@ -98,6 +101,7 @@ class Criteria:
     limit: int | None = None
     digest: str | None = None  # exactly this card
     formats: tuple[int, ...] = ()  # the card format majors the asker reads (absent: an older node, 1 only)
+    header_max: int | None = None  # header bytes the asker takes per entry; larger ones come truncated
 
     @classmethod
     def from_kwargs(cls, kw: Mapping[str, Any]) -> Criteria:
@@ -128,6 +132,8 @@ class Criteria:
             d["digest"] = self.digest
         if self.formats:
             d["formats"] = list(self.formats)
+        if self.header_max is not None:
+            d["header_max"] = self.header_max
         return json.dumps(d, sort_keys=True).encode() if d else b""
 
     def matches(self, header: CardHeader) -> bool:
@@ -153,11 +159,12 @@ def parse_criteria(data: bytes | None) -> Criteria:
     if not isinstance(raw, dict):
         raise CardError("criteria must be a JSON object with keys name, base_model, tags, since, limit")
     problems = []
-    keys = ("name", "base_model", "tags", "since", "limit", "digest", "formats")
+    keys = ("name", "base_model", "tags", "since", "limit", "digest", "formats", "header_max")
     unknown = sorted(set(raw) - set(keys))
     if unknown:
-        problems.append(f"unknown criteria keys {unknown} (known: {', '.join(keys)})")
-    name, base, tags, since, limit, digest, formats = (raw.get(k) for k in keys)
+        shown = [str(k)[:64] for k in unknown[:8]]
+        problems.append(f"unknown criteria keys {shown} (known: {', '.join(keys)})")
+    name, base, tags, since, limit, digest, formats, header_max = (raw.get(k) for k in keys)
     if formats is None:
         formats = []
     if (
@@ -178,9 +185,9 @@ def parse_criteria(data: bytes | None) -> Criteria:
     if not isinstance(tags, list) or len(tags) > 64 or not all(isinstance(t, str) for t in tags):
         problems.append("'tags' must be a list of at most 64 strings")
         tags = []
-    for key, v in (("since", since), ("limit", limit)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            problems.append(f"{key!r} must be a non-negative integer")
+    for key, v in (("since", since), ("limit", limit), ("header_max", header_max)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63):
+            problems.append(f"{key!r} must be an integer from 0 to 2**63-1")
     if problems:
         raise CardError("invalid criteria: " + "; ".join(problems))
     return Criteria(
@@ -191,6 +198,7 @@ def parse_criteria(data: bytes | None) -> Criteria:
         limit=limit,
         digest=digest,
         formats=tuple(formats),
+        header_max=header_max,
     )
 
 
@@ -274,9 +282,26 @@ def dedupe(items: Iterable[str]) -> list[str]:
     return out
 
 
-def entry_to_flight_info(entry: CatalogEntry, flight: Any) -> Any:
-    """A FlightInfo for `entry` (`flight` is pyarrow.flight, passed to keep imports light)."""
+# A listing entry carries at most this many bytes of header when the asker says it takes
+# truncated entries (criteria "header_max"; a node says it truncates in `health`). A larger
+# header travels as a truncation marker; `get_flight_info` and `get_schema` give it whole.
+LISTING_HEADER_BYTES = 16 * 1024
+LISTING_HEADER_KEY = "listing_header_max"
+TRUNCATED_KEY = "loraflight_truncated"
+
+
+def entry_to_flight_info(entry: CatalogEntry, flight: Any, *, header_max: int | None = None) -> Any:
+    """A FlightInfo for `entry` (`flight` is pyarrow.flight, passed to keep imports light).
+    With `header_max`, a header larger than that goes as a truncation marker (`truncated_ref`)."""
     header_json = entry.header_json or entry.header.to_json()
+    if header_max is not None and len(header_json) > header_max:
+        marker = {
+            "name": entry.name,
+            "version": entry.version,
+            "digest": entry.digest,
+            "bytes": len(header_json),
+        }
+        header_json = json.dumps({TRUNCATED_KEY: marker}, sort_keys=True).encode()
     schema = card_schema(entry.header.dtype, {METADATA_KEY: header_json})
     descriptor = flight.FlightDescriptor.for_path(entry.name, str(entry.version))
     locations = [flight.Location(u) for u in entry.locations]
@@ -290,6 +315,19 @@ def entry_to_flight_info(entry: CatalogEntry, flight: Any) -> Any:
         ordered=True,
         app_metadata=header_json,
     )
+
+
+def truncated_ref(info: Any) -> tuple[str, str, str] | None:
+    """(name, version, digest) of a listing entry whose header came truncated, else None."""
+    raw = bytes(info.app_metadata)
+    if not raw.startswith(b'{"' + TRUNCATED_KEY.encode()):
+        return None
+    try:
+        marker = json.loads(raw)[TRUNCATED_KEY]
+        name, version, digest = check_name(marker["name"]), check_version(marker["version"]), marker["digest"]
+        return name, version, check_digest(digest)
+    except (ValueError, KeyError, TypeError, CardError):
+        raise PeerError("peer listed a truncated entry whose marker is malformed") from None
 
 
 def entry_from_flight_info(info: Any) -> CatalogEntry:
@@ -526,6 +564,8 @@ __all__ = [
     "BUNDLE_CHUNK_BYTES",
     "BUNDLE_PREFIX",
     "GET_MANY_KEY",
+    "LISTING_HEADER_BYTES",
+    "LISTING_HEADER_KEY",
     "MAX_BUNDLE_CARDS",
     "PROTOCOL_HEADER",
     "PROTOCOL_MAJOR",
@@ -543,4 +583,5 @@ __all__ = [
     "parse_bundle_ticket",
     "parse_criteria",
     "to_flight_error",
+    "truncated_ref",
 ]

@@ -27,15 +27,17 @@ import pyarrow.flight as flight
 
 from loraflight.engine.card import (
     FORMAT_VERSION,
+    MAX_ROWS,
     METADATA_KEY,
     READ_MAJORS,
     LoRACard,
     card_schema,
     check_name,
 )
-from loraflight.errors import BusyError, CardError, ConfigError, LoraflightError, StoreError
+from loraflight.errors import CardError, ConfigError, LoraflightError, StoreError
 
 from .identity import NodeIdentity
+from .limits import CLIENT_MIDDLEWARE, ClientKeyFactory, Slot, StreamSlots, call_client_key
 from .pause import pause_point
 from .protocol import (
     ACTION_DELETE,
@@ -47,6 +49,8 @@ from .protocol import (
     ACTIONS,
     BUNDLE_CHUNK_BYTES,
     GET_MANY_KEY,
+    LISTING_HEADER_BYTES,
+    LISTING_HEADER_KEY,
     MAX_BUNDLE_CARDS,
     MAX_CARD_BYTES,
     PROTOCOL_VERSION,
@@ -85,6 +89,13 @@ class Limits:
     max_list_entries: int = 100_000  # FlightInfos in one list_flights answer
     put_deadline_s: float = 900.0  # a do_put must finish within this
     stop_timeout_s: float = 10.0  # shutdown waits this long for calls in flight
+    # (federation/limits.py) a stream that makes no progress this long gives its slot back
+    stall_s: float = 30.0
+    gets_per_client: int = 3  # do_get streams one client (token, else address) runs at once
+    max_concurrent_puts: int = 8  # do_put and do_exchange streams at once (each kind)
+    puts_per_client: int = 2
+    put_idle_s: float = 60.0  # a do_put/do_exchange stream idle this long gives its slot back
+    listing_header_bytes: int = LISTING_HEADER_BYTES  # header bytes per listing entry (larger: truncated)
 
 
 def normalize_uri(addr: str, tls: bool = False) -> str:
@@ -164,14 +175,35 @@ class CardServer(flight.FlightServerBase):
         self._peer_locations = peer_locations
         self._exchange = exchange  # do_exchange handler (serving.make_exchange_handler), or None
         self._write_tokens = tuple(write_tokens)
-        self._gets = threading.BoundedSemaphore(self.limits.max_concurrent_gets)
+        lim = self.limits
+        self._gets = StreamSlots(
+            "do_get",
+            total=lim.max_concurrent_gets,
+            per_client=lim.gets_per_client,
+            idle_s=lim.stall_s,
+            wait_s=lim.get_wait_s,
+        )
+        self._puts = StreamSlots(
+            "do_put", total=lim.max_concurrent_puts, per_client=lim.puts_per_client, idle_s=lim.put_idle_s
+        )
+        self._exchanges = StreamSlots(
+            "do_exchange",
+            total=lim.max_concurrent_puts,
+            per_client=lim.puts_per_client,
+            idle_s=lim.put_idle_s,
+        )
         self._cache: collections.OrderedDict[str, LoRACard] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
         self._stopped = False
         self._stop_lock = threading.Lock()
         try:
             super().__init__(
-                uri, middleware={"auth": AuthMiddlewareFactory(read_tokens, write_tokens)}, **kwargs
+                uri,
+                middleware={
+                    "auth": AuthMiddlewareFactory(read_tokens, write_tokens),
+                    CLIENT_MIDDLEWARE: ClientKeyFactory(),
+                },
+                **kwargs,
             )
         except (OSError, pa.ArrowException) as e:
             raise ConfigError(f"cannot listen on {uri}: {e}") from None
@@ -220,6 +252,8 @@ class CardServer(flight.FlightServerBase):
             if self._stopped:
                 return True
             self._stopped = True
+        for pool in (self._gets, self._puts, self._exchanges):
+            pool.close()
         t = threading.Thread(target=self.shutdown, name="loraflight-flight-shutdown", daemon=True)
         t.start()
         t.join(self.limits.stop_timeout_s if timeout is None else timeout)
@@ -281,7 +315,11 @@ class CardServer(flight.FlightServerBase):
         if skipped:
             with self._skip_lock:
                 self.skipped_offers.update(skipped)
-        return iter([entry_to_flight_info(self._entry_locations(e), flight) for e in entries])
+        # Streamed: one FlightInfo is built as gRPC asks for the next, so a listing of large
+        # headers never sits in memory whole. An asker that says how much header it takes per
+        # entry (criteria header_max) gets larger headers as a truncation marker instead.
+        cap = None if c.header_max is None else min(c.header_max, self.limits.listing_header_bytes)
+        return (entry_to_flight_info(self._entry_locations(e), flight, header_max=cap) for e in entries)
 
     def _resolve(self, descriptor: flight.FlightDescriptor) -> CatalogEntry:
         if descriptor.descriptor_type != flight.DescriptorType.PATH:
@@ -296,7 +334,8 @@ class CardServer(flight.FlightServerBase):
     @edge
     def get_schema(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         e = self._resolve(descriptor)
-        return flight.SchemaResult(card_schema(e.header.dtype, {METADATA_KEY: e.header.to_json()}))
+        raw = e.header_json or e.header.to_json()
+        return flight.SchemaResult(card_schema(e.header.dtype, {METADATA_KEY: raw}))
 
     # -- transfer
     def _mapped(self, digest: str) -> LoRACard:
@@ -320,31 +359,20 @@ class CardServer(flight.FlightServerBase):
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
         many = parse_bundle_ticket(ticket.ticket)
         if many is not None:
-            self._acquire_get()
-            return flight.GeneratorStream(bundle_schema(), self._bundle_stream(many))
+            slot = self._gets.acquire(call_client_key(context))
+            return flight.GeneratorStream(bundle_schema(), _watched(self._bundle_stream(many), slot))
         digest = parse_ticket(ticket.ticket)
         card = self._mapped(digest)
-        self._acquire_get()
+        slot = self._gets.acquire(call_client_key(context))
         schema = card.batches[0].schema
         batches = card.batches
 
         def stream() -> Iterator[pa.RecordBatch]:
-            # Holds a transfer slot until the stream ends or the client goes away.
-            try:
-                for i, b in enumerate(batches):
-                    yield b
-                    pause_point("serve_batches", i + 1)
-            finally:
-                self._gets.release()
+            for i, b in enumerate(batches):
+                yield b
+                pause_point("serve_batches", i + 1)
 
-        return flight.GeneratorStream(schema, stream())
-
-    def _acquire_get(self) -> None:
-        if not self._gets.acquire(timeout=self.limits.get_wait_s):
-            raise BusyError(
-                f"this node is serving {self.limits.max_concurrent_gets} transfers already; retry or "
-                "fetch from another location"
-            )
+        return flight.GeneratorStream(schema, _watched(stream(), slot))
 
     def _bundle_stream(self, digests: list[str]) -> Iterator[pa.RecordBatch]:
         """The files of several cards as (digest, size, offset, data) pieces, in order; one
@@ -370,32 +398,29 @@ class CardServer(flight.FlightServerBase):
                 schema=schema,
             )
 
-        try:
-            for digest in digests:
-                buf = None
-                if self.store.entry_exists(digest):
-                    try:
-                        buf = pa.memory_map(str(self.store.path_of(digest))).read_buffer()
-                    except (OSError, pa.ArrowException):
-                        buf = None  # removed meanwhile
-                if buf is None:
-                    rows.append((digest, -1, 0, pa.py_buffer(b"")))
-                    continue
-                self.store.touch(digest)
-                size = buf.size
-                for off in range(0, max(size, 1), BUNDLE_CHUNK_BYTES):
-                    piece = buf.slice(off, min(BUNDLE_CHUNK_BYTES, size - off))
-                    if rows and pending + piece.size > BUNDLE_CHUNK_BYTES:
-                        yield batch()
-                        rows, pending = [], 0
-                    rows.append((digest, size, off, piece))
-                    pending += piece.size
-                sent += 1
-                pause_point("serve_bundle_cards", sent)
-            if rows:
-                yield batch()
-        finally:
-            self._gets.release()
+        for digest in digests:
+            buf = None
+            if self.store.entry_exists(digest):
+                try:
+                    buf = pa.memory_map(str(self.store.path_of(digest))).read_buffer()
+                except (OSError, pa.ArrowException):
+                    buf = None  # removed meanwhile
+            if buf is None:
+                rows.append((digest, -1, 0, pa.py_buffer(b"")))
+                continue
+            self.store.touch(digest)
+            size = buf.size
+            for off in range(0, max(size, 1), BUNDLE_CHUNK_BYTES):
+                piece = buf.slice(off, min(BUNDLE_CHUNK_BYTES, size - off))
+                if rows and pending + piece.size > BUNDLE_CHUNK_BYTES:
+                    yield batch()
+                    rows, pending = [], 0
+                rows.append((digest, size, off, piece))
+                pending += piece.size
+            sent += 1
+            pause_point("serve_bundle_cards", sent)
+        if rows:
+            yield batch()
 
     @edge
     def do_put(
@@ -410,40 +435,52 @@ class CardServer(flight.FlightServerBase):
         if descriptor.descriptor_type == flight.DescriptorType.CMD:
             cmd = parse_json_body(descriptor.command, "do_put command")
             if cmd.get("op") != PUBLISH_OP:
-                raise CardError(f"unknown do_put command {cmd.get('op')!r}; expected {PUBLISH_OP!r}")
+                raise CardError(
+                    f"unknown do_put command {str(cmd.get('op'))[:64]!r}; expected {PUBLISH_OP!r}"
+                )
             r = cmd.get("rows")
             if r is not None:
-                if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                    raise CardError("do_put 'rows' must be a positive integer")
+                if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_ROWS:
+                    raise CardError(
+                        f"do_put 'rows' must be an integer from 1 to {MAX_ROWS} (a card's most modules)"
+                    )
                 rows = r
+        slot = self._puts.acquire(call_client_key(context))
+        try:
+            self._put(reader, writer, rows, slot)
+        finally:
+            slot.release()
+
+    def _chunks(self, reader: Any, slot: Slot, deadline: float) -> Iterator[Any]:
+        """The chunks of a do_put stream, bounded by the put deadline and the idle watchdog."""
+        for _ in range(10_000_000):
+            try:
+                chunk = reader.read_chunk()
+            except StopIteration:
+                return
+            slot.check()
+            slot.progress()
+            if time.monotonic() > deadline:
+                raise CardError(f"publish took longer than {self.limits.put_deadline_s:.0f} s; refused")
+            yield chunk
+        raise CardError("publish sent more than 10,000,000 messages; refused")
+
+    def _put(self, reader: Any, writer: Any, rows: int | None, slot: Slot) -> None:
         deadline = time.monotonic() + self.limits.put_deadline_s
         with self.store.stage(reader.schema, rows=rows, max_bytes=self.limits.max_card_bytes) as staged:
             # trust policy and name@version conflicts are refused before any tensor byte is read
             existing = self.store.check_admission(staged.header)
             if existing is not None:  # already held: publishing again is a no-op
                 self.store.set_published(existing.digest)
-                for _ in range(10_000_000):  # drain what the client sends, storing nothing
-                    try:
-                        reader.read_chunk()
-                    except StopIteration:
-                        break
-                    if time.monotonic() > deadline:
-                        raise CardError(
-                            f"publish took longer than {self.limits.put_deadline_s:.0f} s; refused"
-                        )
+                for _chunk in self._chunks(reader, slot, deadline):  # drain, storing nothing
+                    pass
                 writer.write(
                     pa.py_buffer(json.dumps({"digest": existing.digest, "ref": existing.ref}).encode())
                 )
                 return
-            for _ in range(10_000_000):
-                try:
-                    chunk = reader.read_chunk()
-                except StopIteration:
-                    break
+            for chunk in self._chunks(reader, slot, deadline):
                 if chunk.data is not None:
                     staged.write_batch(chunk.data)
-                if time.monotonic() > deadline:
-                    raise CardError(f"publish took longer than {self.limits.put_deadline_s:.0f} s; refused")
             entry = staged.commit(source="local", published=True)
         writer.write(pa.py_buffer(json.dumps({"digest": entry.digest, "ref": entry.ref}).encode()))
 
@@ -460,7 +497,11 @@ class CardServer(flight.FlightServerBase):
                 "this node does not serve embeddings (do_exchange): it runs no engine; "
                 "start it with engine.base_model set"
             )
-        self._exchange(context, descriptor, reader, writer)
+        slot = self._exchanges.acquire(call_client_key(context))
+        try:
+            self._exchange(context, descriptor, _TickingReader(reader, slot), writer)
+        finally:
+            slot.release()
 
     # -- actions
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
@@ -477,6 +518,7 @@ class CardServer(flight.FlightServerBase):
                 "protocol": PROTOCOL_VERSION,
                 "formats": list(READ_MAJORS),
                 GET_MANY_KEY: MAX_BUNDLE_CARDS,
+                LISTING_HEADER_KEY: self.limits.listing_header_bytes,
                 "epoch": self.store.epoch,
             }
         elif kind == ACTION_NODE_INFO:
@@ -513,6 +555,38 @@ class CardServer(flight.FlightServerBase):
         else:
             raise CardError(f"unknown action {kind!r}; known: {', '.join(ACTIONS)}")
         return iter([json.dumps(body).encode()])
+
+
+def _watched(batches: Iterator[pa.RecordBatch], slot: Slot) -> Iterator[pa.RecordBatch]:
+    """`batches` holding a transfer slot: progress at each pull (the previous batch went out),
+    refused once the watchdog found the stream stalled; the slot is released when it ends."""
+    try:
+        for b in batches:
+            slot.check()
+            yield b
+            slot.progress()
+        slot.check()
+    except LoraflightError as e:
+        raise to_flight_error(e, flight) from None
+    finally:
+        slot.release()
+
+
+class _TickingReader:
+    """A do_exchange reader that tells its slot about every message read."""
+
+    def __init__(self, reader: Any, slot: Slot) -> None:
+        self._reader = reader
+        self._slot = slot
+
+    def read_chunk(self) -> Any:
+        chunk = self._reader.read_chunk()
+        self._slot.check()
+        self._slot.progress()
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
 
 
 def _offsets(n: int) -> pa.Buffer:
