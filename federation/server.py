@@ -133,6 +133,19 @@ def edge(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _neutral_get_schema() -> Callable[[Any, Any, Any], Any]:
+    ns: dict[str, Any] = {}
+    src = (
+        "def get_schema(self, context, descriptor):\n"
+        "    r = self.schema_or_error(descriptor)\n"
+        "    if isinstance(r, Exception):\n"
+        "        raise r\n"
+        "    return r\n"
+    )
+    exec(compile(src, "<loraflight>", "exec"), ns)  # fixed source, no data in it
+    return ns["get_schema"]  # type: ignore[no-any-return]
+
+
 class CardServer(flight.FlightServerBase):
     """A node's Flight service over a `Store` (see module doc and docs/protocol.md)."""
 
@@ -331,11 +344,23 @@ class CardServer(flight.FlightServerBase):
     def get_flight_info(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         return entry_to_flight_info(self._entry_locations(self._resolve(descriptor)), flight)
 
-    @edge
-    def get_schema(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        e = self._resolve(descriptor)
-        raw = e.header_json or e.header.to_json()
-        return flight.SchemaResult(card_schema(e.header.dtype, {METADATA_KEY: raw}))
+    def schema_or_error(self, descriptor: flight.FlightDescriptor) -> flight.SchemaResult | Exception:
+        """get_schema's answer, or the Flight error to raise (returned, never raised here)."""
+        try:
+            e = self._resolve(descriptor)
+            raw = e.header_json or e.header.to_json()
+            return flight.SchemaResult(card_schema(e.header.dtype, {METADATA_KEY: raw}))
+        except LoraflightError as err:
+            log.warning("get_schema refused: %s", err)
+            return to_flight_error(err, flight)
+        except Exception as err:
+            log.exception("get_schema failed")
+            return to_flight_error(err, flight)
+
+    # pyarrow's get_schema does not map a raised FlightError onto its status (unlike every other
+    # handler) but sends the Python traceback along: the error is raised from a frame compiled
+    # under a neutral name, so the client sees no server path or source line (docs/decisions).
+    get_schema = _neutral_get_schema()
 
     # -- transfer
     def _mapped(self, digest: str) -> LoRACard:
@@ -553,7 +578,7 @@ class CardServer(flight.FlightServerBase):
         elif kind == ACTION_WITHDRAWALS:
             return iter([w.to_json() for w in self.store.withdrawals()])
         else:
-            raise CardError(f"unknown action {kind!r}; known: {', '.join(ACTIONS)}")
+            raise CardError(f"unknown action {kind[:64]!r}; known: {', '.join(ACTIONS)}")
         return iter([json.dumps(body).encode()])
 
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from loraflight.engine.card import METADATA_KEY, CardDigest, CardHeader, LoRACard
+from loraflight.engine.card import MAX_ROWS, METADATA_KEY, CardDigest, CardHeader, LoRACard
 from loraflight.errors import CardError, StoreError
 
 from ..pause import pause_point
@@ -103,6 +103,8 @@ class StagedCard:
         self.bytes_received = 0
         self.rows_received = 0
         self.batches = 0
+        self._modules: set[str] = set()  # module names received so far (a name comes once)
+        self._batches_in = 0
         self._done = False
         # Two workers run while the caller receives the next batch: one hashes (sha256 is the
         # longest step), the other checks values and writes the temp file (hashlib, numpy and
@@ -139,18 +141,7 @@ class StagedCard:
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
         """Hash and append one batch; refuses past the size limit or the advertised rows."""
-        n = batch.get_total_buffer_size()
-        self.bytes_received += n
-        self.rows_received += batch.num_rows
-        if self._max_bytes is not None and self.bytes_received > self._max_bytes:
-            raise CardError(
-                f"{self.header.ref}: received {self.bytes_received} bytes, more than the "
-                f"{self._max_bytes} advertised or allowed; transfer refused"
-            )
-        if self._rows_expected is not None and self.rows_received > self._rows_expected:
-            raise CardError(
-                f"{self.header.ref}: received more rows than the {self._rows_expected} advertised"
-            )
+        self._check_stream_limits(batch)
         self._raise_worker_error()
         if not self._workers:
             if self._pending is None:
@@ -164,6 +155,38 @@ class StagedCard:
             first, self._pending = self._pending, None
             self._put_all(first)
         self._put_all(batch)
+
+    def _check_stream_limits(self, batch: pa.RecordBatch) -> None:
+        """Every limit, checked on each batch before it is written: bytes (advertised or
+        allowed), rows (advertised, and a card's most), batches (no more than rows) and module
+        names (each once), so an endless or repeating stream stops at its first excess."""
+        n = batch.get_total_buffer_size()
+        self.bytes_received += n
+        self.rows_received += batch.num_rows
+        if self._max_bytes is not None and self.bytes_received > self._max_bytes:
+            raise CardError(
+                f"{self.header.ref}: received {self.bytes_received} bytes, more than the "
+                f"{self._max_bytes} advertised or allowed; transfer refused"
+            )
+        if self._rows_expected is not None and self.rows_received > self._rows_expected:
+            raise CardError(
+                f"{self.header.ref}: received more rows than the {self._rows_expected} advertised"
+            )
+        if self.rows_received > MAX_ROWS:
+            raise CardError(
+                f"{self.header.ref}: received more than {MAX_ROWS} modules, a card's most; refused"
+            )
+        self._batches_in += 1
+        if self._batches_in > self.rows_received + 16:  # a batch carries at least one module
+            raise CardError(f"{self.header.ref}: the stream sent more batches than modules; refused")
+        names = batch.column(0).to_pylist() if batch.num_columns else []
+        fresh = set(names)
+        if len(fresh) != len(names) or not fresh.isdisjoint(self._modules):
+            dup = next((m for m in names if m in self._modules or names.count(m) > 1), "?")
+            raise CardError(
+                f"{self.header.ref}: module {str(dup)[:200]!r} arrived twice; the stream is refused"
+            )
+        self._modules |= fresh
 
     def _put_all(self, item: pa.RecordBatch | None) -> None:
         deadline = time.monotonic() + 600.0
