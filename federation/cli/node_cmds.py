@@ -183,9 +183,11 @@ def _run(config: Path | None, print_config: bool, **flags: Any) -> None:
     if cfg.engine.base_model and (cfg.engine.hot_load or cfg.api.listen):
         _say_starting(cfg)
     from loraflight.federation.node import Node
+    from loraflight.federation.node.signals import block_stop_signals, run_until_signal
 
+    block_stop_signals()  # before the node starts a thread: every thread inherits the mask
     node = Node(cfg)
-    raise typer.Exit(node.run_forever())
+    raise typer.Exit(run_until_signal(node.run_forever))
 
 
 def _make_run_command() -> Any:

@@ -323,14 +323,15 @@ class Node:
         self._sync.wake()
         self._wake_peers.set()
         self._events.close()
+        end = time.monotonic() + timeout  # one deadline for the whole stop, not one per thread
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, end - time.monotonic()))
         self._threads = []
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
         if self.server is not None:
-            self.server.stop(timeout)
+            self.server.stop(max(1.0, end - time.monotonic()))
         if self.serving is not None:
             self.serving.stop(timeout)
             self.serving = None
@@ -339,8 +340,8 @@ class Node:
             self._pusher = None
         if self._exporter is not None:
             self._exporter.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:  # its workers end with their reads (client read deadlines)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         self.metrics.stop()
         if self.store is not None:

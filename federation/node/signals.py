@@ -1,0 +1,82 @@
+"""`node run`'s signal handling: SIGTERM/SIGINT stop the node, and the process is gone within
+`DRAIN_S` of the signal whatever its threads are doing (docs/operations.md, "Stopping").
+
+The signals are blocked in every thread (the mask is set before any thread starts, and
+threads inherit it) and taken by `sigtimedwait` in the main thread, while the node runs in a
+worker thread. So no Python-level handler runs for them, and pyarrow's simulated SIGINT for
+a cancelled Flight call (raised when a peer's message is over the size cap) is ignored
+instead of stopping the node. A second signal during the drain exits at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+DRAIN_S = 20.0  # from the signal to the process's exit, at most
+SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def block_stop_signals() -> None:
+    """Block SIGTERM/SIGINT in this thread and every thread started after it (call first)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    for sig in SIGNALS:  # the simulated SIGINT of pyarrow finds no Python handler: ignored
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def run_until_signal(run: Callable[[threading.Event], int], drain_s: float = DRAIN_S) -> int:
+    """Run `run(stop)` in a worker thread until it returns or a stop signal arrives; after a
+    signal, wait for it up to `drain_s`, then end the process (`os._exit`) if threads are
+    still busy (a transfer blocked on a peer, an executor's worker). The exit status: what
+    `run` returned, or 1 when the drain ran out."""
+    block_stop_signals()
+    stop = threading.Event()
+    result: list[int] = []
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(run(stop))
+        except BaseException as e:  # reported by the main thread
+            failed.append(e)
+
+    worker = threading.Thread(target=target, name="loraflight-node", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        if signal.sigtimedwait(SIGNALS, 0.5) is not None:
+            log.info("stop signal: draining for at most %.0f s", drain_s)
+            stop.set()
+            break
+    end = time.monotonic() + drain_s
+    while worker.is_alive() and time.monotonic() < end:
+        if signal.sigtimedwait(SIGNALS, min(0.5, max(0.01, end - time.monotonic()))) is not None:
+            log.warning("second stop signal: exiting now")
+            _hard_exit(1)
+    if worker.is_alive():
+        log.warning("the node did not stop within %.0f s; exiting anyway", drain_s)
+        _hard_exit(1)
+    if failed:
+        raise failed[0]
+    code = result[0] if result else 1
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        _hard_exit(code)  # an executor worker still blocked: interpreter exit would wait on it
+    return code
+
+
+def _hard_exit(code: int) -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+__all__ = ["DRAIN_S", "block_stop_signals", "run_until_signal"]
