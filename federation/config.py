@@ -145,6 +145,13 @@ class ApiConfig:
     push: list[str] = _f([], "vLLM/SGLang servers to load exports into: vllm+http://H:P, sglang+http://H:P")
     push_interval: float = _f(30.0, "seconds between reconciliations of each api.push server's /v1/models")
     push_token_file: str = _f("", "file holding the bearer token the api.push servers want (empty: none)")
+    max_connections: int = _f(256, "most connections and requests at once; beyond it: 503")
+    header_timeout: float = _f(10.0, "seconds a request line and headers may take to arrive; then closed")
+    body_timeout: float = _f(30.0, "seconds a request body may take to arrive; then 408")
+    keep_alive: float = _f(5.0, "seconds an idle keep-alive connection stays open")
+    max_header_bytes: int = _f(16 * 1024, "largest request line plus headers in bytes; larger: 400")
+    rate: float = _f(1000.0, "requests per second one client (token, else address) may send (0: no limit)")
+    burst: int = _f(2000, "requests one client may send at once above api.rate before 429s")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from loraflight.errors import ConfigError
 from .errors import Failure, failure_of, too_large, unauthorized
 from .gen_routes import add_generation_routes, no_embeddings
 from .generation import GenerationService
+from .limits import ApiLimits, LimitsMiddleware
 from .schemas import parse_embedding_request
 from .service import EmbedService
 
@@ -59,8 +60,10 @@ def create_app(
     max_body_bytes: int = 8 * 1024 * 1024,
     admission: concurrent.futures.Executor | None = None,
     generation: GenerationService | None = None,
+    limits: ApiLimits | None = None,
 ) -> FastAPI:
-    """The FastAPI app over `service` (`admission`: where tokenizing and routing run)."""
+    """The FastAPI app over `service` (`admission`: where tokenizing and routing run; `limits`:
+    rate, body size and body deadline, applied before any route, see serving/limits.py)."""
     app = FastAPI(title="loraflight", docs_url=None, redoc_url=None, openapi_url=None)
     tokens = [t.encode() for t in read_tokens]
     front: Any = service if service is not None else generation  # answers /health and /v1/models
@@ -188,6 +191,12 @@ def create_app(
         )
     app.state.service = service
     app.state.generation = generation
+    lim = limits or ApiLimits(max_body_bytes=max_body_bytes)
+
+    def refused(f: Failure) -> None:
+        metrics.errors.labels(f.code).inc()
+
+    app.add_middleware(LimitsMiddleware, limits=lim, on_refused=refused)
     app.add_middleware(_DigestHeader)
     return app
 

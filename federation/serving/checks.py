@@ -48,6 +48,13 @@ _API_BOUNDS = {
     "max_input_tokens": (0, 1_000_000),
     "max_body_bytes": (1, 1 << 31),
     "max_tokens": (1, 1_000_000),
+    "max_connections": (1, 1_000_000),
+    "header_timeout": (0.1, 3600),
+    "body_timeout": (0.1, 3600),
+    "keep_alive": (1, 3600),
+    "max_header_bytes": (1024, 1 << 20),
+    "rate": (0, 1_000_000),
+    "burst": (1, 1_000_000),
 }
 
 

@@ -24,6 +24,7 @@ from loraflight.errors import ConfigError
 from .app import create_app
 from .checks import parse_listen
 from .generation import GenerationService
+from .limits import ApiLimits, header_deadline_protocol
 from .service import EmbedService
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class ApiServer:
         stop_timeout_s: float = 10.0,
         generation: GenerationService | None = None,
         owns_generation: bool = True,
+        limits: ApiLimits | None = None,
+        max_connections: int = 256,
+        keep_alive_s: float = 5.0,
+        max_header_bytes: int = 16 * 1024,
     ) -> None:
         import uvicorn
 
@@ -64,12 +69,14 @@ class ApiServer:
         self.sock = _bind(where)
         self.uds = where if isinstance(where, str) else None
         self._addr: tuple[Any, ...] = () if self.uds is not None else tuple(self.sock.getsockname())  # kept
+        lim = limits or ApiLimits(max_body_bytes=max_body_bytes)
         app = create_app(
             service,
             read_tokens=read_tokens,
             max_body_bytes=max_body_bytes,
             admission=self._pool,
             generation=generation,
+            limits=lim,
         )
         config = uvicorn.Config(
             app,
@@ -79,7 +86,12 @@ class ApiServer:
             ssl_certfile=tls_cert or None,
             ssl_keyfile=tls_key or None,
             timeout_graceful_shutdown=int(max(1, stop_timeout_s)),
-            limit_concurrency=None,
+            # connections and requests at once (beyond: 503), idle keep-alive, header size and
+            # the request line + headers deadline (serving/limits.py)
+            limit_concurrency=max_connections,
+            timeout_keep_alive=max(1, round(keep_alive_s)),
+            h11_max_incomplete_event_size=max_header_bytes,
+            http=header_deadline_protocol(lim.header_timeout_s),
         )
         self._server = uvicorn.Server(config)
         self._failed: BaseException | None = None
@@ -217,6 +229,16 @@ def start_api(
             config.api.listen,
             read_tokens=tuple(config.tokens.read),
             max_body_bytes=config.api.max_body_bytes,
+            limits=ApiLimits(
+                max_body_bytes=config.api.max_body_bytes,
+                body_timeout_s=config.api.body_timeout,
+                header_timeout_s=config.api.header_timeout,
+                rate=config.api.rate,
+                burst=config.api.burst,
+            ),
+            max_connections=config.api.max_connections,
+            keep_alive_s=config.api.keep_alive,
+            max_header_bytes=config.api.max_header_bytes,
             tls_cert=os.path.expanduser(tls.cert) if tls.cert else None,
             tls_key=os.path.expanduser(tls.key) if tls.key else None,
             owns_service=owns,
