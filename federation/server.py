@@ -281,6 +281,10 @@ class CardServer(flight.FlightServerBase):
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def stream_counts(self) -> dict[str, dict[str, int]]:
+        """Streams per kind: active (holding a slot), open (stalled ones included), stalled so far."""
+        return {p.what: p.counts() for p in (self._gets, self._puts, self._exchanges)}
+
     # -- helpers
     def _entry_locations(self, entry: CatalogEntry) -> CatalogEntry:
         extra: list[str] = []
@@ -302,6 +306,7 @@ class CardServer(flight.FlightServerBase):
             "formats": list(READ_MAJORS),  # the card format majors this node reads
             GET_MANY_KEY: MAX_BUNDLE_CARDS,  # serves several cards per do_get (bundle tickets)
             "skipped_offers": dict(self.skipped_offers),  # cards not listed to a peer, by reason
+            "streams": self.stream_counts(),
             "epoch": self.store.epoch,
             "cards": st["cards"],
             "bytes": st["bytes"],
