@@ -154,7 +154,7 @@ def parse_criteria(data: bytes | None) -> Criteria:
         raise CardError(f"criteria are {len(data)} bytes; the limit is {MAX_CRITERIA_BYTES}")
     try:
         raw = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also absurd integers
         raise CardError(f"criteria are not UTF-8 JSON: {e}") from None
     if not isinstance(raw, dict):
         raise CardError("criteria must be a JSON object with keys name, base_model, tags, since, limit")
@@ -381,7 +381,8 @@ def check_version(version: object) -> str:
     if version == "latest":
         return "latest"
     if not isinstance(version, str) or not _VERSION_RE.fullmatch(version) or not 1 <= int(version) < 2**53:
-        raise CardError(f"version {version!r} must be a positive integer (below 2**53) or 'latest'")
+        shown = repr(version) if len(repr(version)) <= 40 else repr(version)[:40] + "…"
+        raise CardError(f"version {shown} must be a positive integer (below 2**53) or 'latest'")
     return version
 
 
@@ -455,7 +456,7 @@ def parse_json_body(body: bytes | None, what: str) -> dict[str, Any]:
         return {}
     try:
         raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also absurd integers
         raise CardError(f"{what} body is not UTF-8 JSON: {e}") from None
     if not isinstance(raw, dict):
         raise CardError(f"{what} body must be a JSON object")
