@@ -23,7 +23,6 @@ import pytest
 
 from loraflight.errors import BusyError, PeerError
 from loraflight.federation import Client
-from loraflight.federation.limits import StreamSlots, client_key
 from loraflight.federation.protocol import CatalogEntry, entry_to_flight_info
 from loraflight.federation.server import Limits
 from loraflight.testing import make_card, wait_for
@@ -107,6 +106,8 @@ def test_per_client_limit_keeps_slots_for_other_clients(make_store, make_server)
 
 
 def test_stream_slot_rules():
+    from loraflight.federation.limits import StreamSlots, client_key
+
     assert client_key("ipv4:10.0.0.7:51234", None) == client_key("ipv4:10.0.0.7:6000", None)
     assert client_key("ipv6:[fe80::1]:51234", None) == "addr:fe80::1"
     assert client_key("ipv4:10.0.0.7:1", "Bearer a") != client_key("ipv4:10.0.0.7:1", "Bearer b")

@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from loraflight.federation.serving import ApiServer
-from loraflight.federation.serving.limits import RateLimiter
 
 from .helpers import serve, tiny
 
@@ -113,6 +112,8 @@ def test_per_source_rate_limits_are_429s_in_openai_shape(api: ApiServer) -> None
 
 
 def test_rate_limiter_rules() -> None:
+    from loraflight.federation.serving.limits import RateLimiter
+
     r = RateLimiter(rate=2.0, burst=2, max_sources=2)
     assert r.allow("a", 0.0) == 0.0 and r.allow("a", 0.0) == 0.0
     assert r.allow("a", 0.0) == pytest.approx(0.5)  # the next token comes in half a second
