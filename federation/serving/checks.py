@@ -52,7 +52,7 @@ _API_BOUNDS = {
     "header_timeout": (0.1, 3600),
     "body_timeout": (0.1, 3600),
     "keep_alive": (1, 3600),
-    "max_header_bytes": (1024, 1 << 20),
+    "max_header_bytes": (1, 1 << 20),
     "rate": (0, 1_000_000),
     "burst": (1, 1_000_000),
 }
