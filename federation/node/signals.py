@@ -34,9 +34,10 @@ def block_stop_signals() -> None:
 
 def run_until_signal(run: Callable[[threading.Event], int], drain_s: float = DRAIN_S) -> int:
     """Run `run(stop)` in a worker thread until it returns or a stop signal arrives; after a
-    signal, wait for it up to `drain_s`, then end the process (`os._exit`) if threads are
-    still busy (a transfer blocked on a peer, an executor's worker). The exit status: what
-    `run` returned, or 1 when the drain ran out."""
+    signal, wait for it up to `drain_s`, then end the process (`os._exit`, logs flushed):
+    threads still busy (a transfer blocked on a peer, an executor's worker) are not waited
+    for. The exit status: what `run` returned, or 1 when the drain ran out. Without a
+    signal (`run` returned or raised on its own) it returns or raises as usual."""
     block_stop_signals()
     stop = threading.Event()
     result: list[int] = []
@@ -50,10 +51,12 @@ def run_until_signal(run: Callable[[threading.Event], int], drain_s: float = DRA
 
     worker = threading.Thread(target=target, name="loraflight-node", daemon=True)
     worker.start()
+    signalled = False
     while worker.is_alive():
         if signal.sigtimedwait(SIGNALS, 0.5) is not None:
             log.info("stop signal: draining for at most %.0f s", drain_s)
             stop.set()
+            signalled = True
             break
     end = time.monotonic() + drain_s
     while worker.is_alive() and time.monotonic() < end:
@@ -66,8 +69,10 @@ def run_until_signal(run: Callable[[threading.Event], int], drain_s: float = DRA
     if failed:
         raise failed[0]
     code = result[0] if result else 1
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        _hard_exit(code)  # an executor worker still blocked: interpreter exit would wait on it
+    if signalled:
+        # the node has stopped; interpreter exit would still join every executor worker (daemon
+        # or not, concurrent.futures' atexit hook), and one may be blocked on a peer's read
+        _hard_exit(code)
     return code
 
 
