@@ -18,12 +18,15 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
-from loraflight.errors import BusyError, PeerError
+from loraflight.errors import BusyError, LoraflightError, PeerError
+
+from .protocol import to_flight_error
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +233,46 @@ class StreamSlots:
             self._cond.notify_all()
 
 
+def watched(batches: Iterator[pa.RecordBatch], slot: Slot) -> Iterator[pa.RecordBatch]:
+    """`batches` holding a transfer slot: progress at each pull (the previous batch went out),
+    refused once the watchdog found the stream stalled; the slot is released when it ends."""
+    try:
+        for b in batches:
+            slot.check()
+            yield b
+            slot.progress()
+        slot.check()
+    except LoraflightError as e:
+        raise to_flight_error(e, flight) from None
+    finally:
+        slot.release()
+
+
+class TickingReader:
+    """A do_exchange reader that tells its slot about every message read."""
+
+    def __init__(self, reader: Any, slot: Slot) -> None:
+        self._reader = reader
+        self._slot = slot
+
+    def read_chunk(self) -> Any:
+        chunk = self._reader.read_chunk()
+        self._slot.check()
+        self._slot.progress()
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
 __all__ = [
     "CLIENT_MIDDLEWARE",
     "ClientKeyFactory",
     "ClientKeyMiddleware",
     "Slot",
     "StreamSlots",
+    "TickingReader",
     "call_client_key",
     "client_key",
+    "watched",
 ]

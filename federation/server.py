@@ -37,7 +37,15 @@ from loraflight.engine.card import (
 from loraflight.errors import CardError, ConfigError, LoraflightError, StoreError
 
 from .identity import NodeIdentity
-from .limits import CLIENT_MIDDLEWARE, ClientKeyFactory, Slot, StreamSlots, call_client_key
+from .limits import (
+    CLIENT_MIDDLEWARE,
+    ClientKeyFactory,
+    Slot,
+    StreamSlots,
+    TickingReader,
+    call_client_key,
+    watched,
+)
 from .pause import pause_point
 from .protocol import (
     ACTION_DELETE,
@@ -390,7 +398,7 @@ class CardServer(flight.FlightServerBase):
         many = parse_bundle_ticket(ticket.ticket)
         if many is not None:
             slot = self._gets.acquire(call_client_key(context))
-            return flight.GeneratorStream(bundle_schema(), _watched(self._bundle_stream(many), slot))
+            return flight.GeneratorStream(bundle_schema(), watched(self._bundle_stream(many), slot))
         digest = parse_ticket(ticket.ticket)
         card = self._mapped(digest)
         slot = self._gets.acquire(call_client_key(context))
@@ -402,7 +410,7 @@ class CardServer(flight.FlightServerBase):
                 yield b
                 pause_point("serve_batches", i + 1)
 
-        return flight.GeneratorStream(schema, _watched(stream(), slot))
+        return flight.GeneratorStream(schema, watched(stream(), slot))
 
     def _bundle_stream(self, digests: list[str]) -> Iterator[pa.RecordBatch]:
         """The files of several cards as (digest, size, offset, data) pieces, in order; one
@@ -529,7 +537,7 @@ class CardServer(flight.FlightServerBase):
             )
         slot = self._exchanges.acquire(call_client_key(context))
         try:
-            self._exchange(context, descriptor, _TickingReader(reader, slot), writer)
+            self._exchange(context, descriptor, TickingReader(reader, slot), writer)
         finally:
             slot.release()
 
@@ -585,38 +593,6 @@ class CardServer(flight.FlightServerBase):
         else:
             raise CardError(f"unknown action {kind[:64]!r}; known: {', '.join(ACTIONS)}")
         return iter([json.dumps(body).encode()])
-
-
-def _watched(batches: Iterator[pa.RecordBatch], slot: Slot) -> Iterator[pa.RecordBatch]:
-    """`batches` holding a transfer slot: progress at each pull (the previous batch went out),
-    refused once the watchdog found the stream stalled; the slot is released when it ends."""
-    try:
-        for b in batches:
-            slot.check()
-            yield b
-            slot.progress()
-        slot.check()
-    except LoraflightError as e:
-        raise to_flight_error(e, flight) from None
-    finally:
-        slot.release()
-
-
-class _TickingReader:
-    """A do_exchange reader that tells its slot about every message read."""
-
-    def __init__(self, reader: Any, slot: Slot) -> None:
-        self._reader = reader
-        self._slot = slot
-
-    def read_chunk(self) -> Any:
-        chunk = self._reader.read_chunk()
-        self._slot.check()
-        self._slot.progress()
-        return chunk
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reader, name)
 
 
 def _offsets(n: int) -> pa.Buffer:
