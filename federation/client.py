@@ -199,7 +199,7 @@ class Client:
         self._get_many = advertised_get_many(h)
         hm = h.get(LISTING_HEADER_KEY)
         ok = isinstance(hm, int) and not isinstance(hm, bool) and hm > 0
-        self._header_max = min(hm, LISTING_HEADER_BYTES) if ok else None
+        self._header_max = min(int(hm), LISTING_HEADER_BYTES) if ok else None
         return h
 
     def node_info(self) -> dict[str, Any]:
