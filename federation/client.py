@@ -198,8 +198,9 @@ class Client:
         self._peer_formats = h.get("formats")
         self._get_many = advertised_get_many(h)
         hm = h.get(LISTING_HEADER_KEY)
-        ok = isinstance(hm, int) and not isinstance(hm, bool) and hm > 0
-        self._header_max = min(int(hm), LISTING_HEADER_BYTES) if ok else None
+        self._header_max = None
+        if isinstance(hm, int) and not isinstance(hm, bool) and hm > 0:
+            self._header_max = min(hm, LISTING_HEADER_BYTES)
         return h
 
     def node_info(self) -> dict[str, Any]:
