@@ -15,6 +15,7 @@ import typer
 from loraflight.errors import LoraflightError, PeerError
 
 from ._app import app, card_app, keys_app, trust_app
+from .outputs import printable
 
 # Each module adds its commands to the apps in _app; imported for that side effect.
 _COMMAND_MODULES = ("card_cmds", "net_cmds", "node_cmds", "author_cmds")
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="loraflight")
     except PeerError as e:
-        typer.echo(f"error: {unreachable_hint(str(e))}", err=True)
+        typer.echo(f"error: {printable(unreachable_hint(str(e)), newlines=True)}", err=True)
         return 1
     except LoraflightError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {printable(e, newlines=True)}", err=True)
         return 1
     except typer.Exit as e:
         return int(e.exit_code or 0)
