@@ -531,10 +531,13 @@ def _config_text(cfg: Mapping[str, Any]) -> str:
     return json.dumps({k: plain[k] for k in sorted(plain)}, indent=2, ensure_ascii=False) + "\n"
 
 
-def to_peft(card: LoRACard, directory: str | os.PathLike[str], *, verify: bool = True) -> Path:
+def to_peft(
+    card: LoRACard, directory: str | os.PathLike[str], *, verify: bool = True, base_model: str | None = None
+) -> Path:
     """Write `card` as a PEFT adapter folder that `PeftModel.from_pretrained` loads to the same tensors.
 
     The card is verified first (values, digest, signature if signed) unless `verify=False`.
+    `base_model` (when given) is written as ``base_model_name_or_path`` instead of the card's.
     Each file is written to a temporary name and renamed; returns the folder.
     """
     if verify:
@@ -547,7 +550,10 @@ def to_peft(card: LoRACard, directory: str | os.PathLike[str], *, verify: bool =
     for m in card:
         tensors[f"{KEY_PREFIX}{m.module}.lora_A.weight"] = (st_dtype, m.a)
         tensors[f"{KEY_PREFIX}{m.module}.lora_B.weight"] = (st_dtype, m.b)
-    text = _config_text(peft_config_for(card))
+    cfg = peft_config_for(card)
+    if base_model:
+        cfg["base_model_name_or_path"] = base_model
+    text = _config_text(cfg)
     if d.exists():  # each file replaced atomically
         write_safetensors(d / WEIGHTS_NAME, tensors, {"format": "pt"})
         atomic_write(d / CONFIG_NAME, text.encode())

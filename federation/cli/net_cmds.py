@@ -171,6 +171,7 @@ def ls_cmd(
 
 
 def _bar(quiet: bool = False) -> Progress:
+    """A transfer bar on stderr; silent with --json (`quiet`) or when stderr is not a terminal."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -178,7 +179,7 @@ def _bar(quiet: bool = False) -> Progress:
         TransferSpeedColumn(),
         console=_err,
         transient=True,
-        disable=quiet,
+        disable=quiet or not _err.is_terminal,
     )
 
 
@@ -238,8 +239,9 @@ def publish(
 
     card = LoRACard.open(file)
     card.verify()
-    with _client(to, token_file, tls_ca, tls_cert, tls_key) as c:
-        digest = c.publish(card)
+    with _client(to, token_file, tls_ca, tls_cert, tls_key) as c, _bar(quiet=as_json) as bar:
+        task = bar.add_task(card.ref, total=None)
+        digest = c.publish(card, progress=lambda done, tot: bar.update(task, completed=done, total=tot))
     if as_json:
         typer.echo(
             json.dumps(

@@ -16,7 +16,7 @@ from rich.table import Table
 from loraflight.federation.config import KEYS, Key, check_file, load_config
 
 from ._app import app, node_app
-from .outputs import plain
+from .outputs import LOG_FORMAT, PlainFormatter, plain
 
 _out = Console()
 _err = Console(stderr=True)
@@ -49,7 +49,7 @@ def setup_logging(fmt: str, level: str) -> None:
     h.setFormatter(
         JsonFormatter()
         if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        else PlainFormatter(LOG_FORMAT)
     )
     root.addHandler(h)
     root.setLevel(level.upper())
@@ -333,9 +333,15 @@ def status_cmd(
             f"mDNS {'on' if st.get('mdns') else 'off'}  serving {', '.join(st.get('uris', []))}"
         )
     )
+    loading = st.get("loading")
+    if isinstance(loading, dict):  # a slow start: the model is still being built
+        secs = loading.get("elapsed")
+        took = f"{secs:.0f} s so far" if isinstance(secs, int | float) else "just begun"
+        _out.print(plain(f"starting: {loading.get('doing')} ({took})"))
     has_engine = st.get("engine") or st.get("base_model")
     base = f"base model {st['base_model']}" if st.get("base_model") else "base model unknown"
-    _out.print(plain(f"engine: {base}" if has_engine else "engine: none"))
+    if not isinstance(loading, dict):
+        _out.print(plain(f"engine: {base}" if has_engine else "engine: none"))
     t = Table("card", "digest", "size", "source", "loaded", title=f"{len(st['cards'])} cards")
     loaded = st.get("loaded", {})
     for c in st["cards"]:

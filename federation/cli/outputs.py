@@ -3,6 +3,7 @@ and how they print strings that came from a card or a peer (`plain`, `printable`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def plain(value: object, style: str = "") -> Text:
 def plain_lines(values: Iterable[object]) -> Text:
     """Several card- or peer-supplied strings, one per line, as plain text (for a table cell)."""
     return Text("\n").join(plain(v) for v in values)
+
+
+class PlainFormatter(logging.Formatter):
+    """Text log lines with control characters escaped (a peer's error text is logged too);
+    newlines stay, so tracebacks read as before."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), newlines=True)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 # For Annotated[bool, Force] = False parameters.
@@ -92,8 +104,10 @@ def check_peft_folder(directory: Path, force: bool) -> None:
 
 
 __all__ = [
+    "LOG_FORMAT",
     "PEFT_FILES",
     "Force",
+    "PlainFormatter",
     "card_out_path",
     "check_overwrite",
     "check_peft_folder",
