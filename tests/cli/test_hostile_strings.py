@@ -88,9 +88,14 @@ class HostileServer(flight.FlightServerBase):
             "engine": True,
             "base_model": f"{MARKUP}{CSI}",
             "cards": [
-                {"ref": f"{MARKUP}@1", "digest": "ab" * 32, "size": 1, "source": f"grpc://h:1/{MARKUP}{BIDI}",
-                 "refused": f"other base model {MARKUP}{CR}"},
-            ],  # fmt: skip
+                {
+                    "ref": f"{MARKUP}@1",
+                    "digest": "ab" * 32,
+                    "size": 1,
+                    "source": f"grpc://h:1/{MARKUP}{BIDI}",
+                    "refused": f"other base model {MARKUP}{CR}",
+                }
+            ],
             "loaded": {},
             "withdrawals": [
                 {"name": MARKUP, "version": 1, "signer": OSC8, "time": CSI, "reason": f"{MARKUP}{BIDI}"}
