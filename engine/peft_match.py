@@ -18,13 +18,15 @@ exceed `MAX_PROGRAM`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_PATTERN_LEN = 512
 MAX_PROGRAM = 4_000
 _MAX_DEPTH = 50
 _MAX_REPEAT = 100
+_MAX_CACHED_STEPS = 4096
 
 Pred = Callable[[str], bool]
 
@@ -239,15 +241,26 @@ class Pattern:
 
     source: str
     prog: tuple[tuple, ...]
+    # (states, char) -> next states, for positions where no anchor can fire (a lazy DFA):
+    # module paths share long prefixes, so most steps become one lookup. Bounded in size.
+    _steps: dict[tuple[frozenset[int], str], frozenset[int]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def fullmatch(self, s: str) -> bool:
-        prog = self.prog
-        current = _closure(prog, [0], 0, len(s))
+        prog, steps, end = self.prog, self._steps, len(s)
+        current = frozenset(_closure(prog, [0], 0, end))
         for pos, ch in enumerate(s):
             if not current:
                 return False
-            step = [ins[2] for pc in current if (ins := prog[pc])[0] == "char" and ins[1](ch)]
-            current = _closure(prog, step, pos + 1, len(s))
+            inner = 0 < pos + 1 < end  # the next position is neither the start nor the end
+            nxt = steps.get((current, ch)) if inner else None
+            if nxt is None:
+                step = [ins[2] for pc in current if (ins := prog[pc])[0] == "char" and ins[1](ch)]
+                nxt = frozenset(_closure(prog, step, pos + 1, end))
+                if inner and len(steps) < _MAX_CACHED_STEPS:
+                    steps[(current, ch)] = nxt
+            current = nxt
         return any(prog[pc][0] == "match" for pc in current)
 
 
@@ -335,11 +348,11 @@ class _Compiler:
                     self.prog[s][2] = len(self.prog)
 
 
-def compile_pattern(pattern: str) -> Pattern:
+def compile_pattern(pattern: str, *, max_len: int = MAX_PATTERN_LEN) -> Pattern:
     """Parse and compile a PEFT pattern (`PatternError` naming what is malformed or unsupported)."""
     if not isinstance(pattern, str):
         raise PatternError(str(pattern), "a pattern must be a string", invalid=True)
-    if len(pattern) > MAX_PATTERN_LEN:
+    if len(pattern) > max_len:
         raise PatternError(pattern[:40] + "...", f"a pattern longer than {MAX_PATTERN_LEN} characters")
     ast = _Parser(pattern).parse()
     c = _Compiler(pattern)
@@ -348,11 +361,13 @@ def compile_pattern(pattern: str) -> Pattern:
     return Pattern(pattern, tuple(tuple(i) for i in c.prog))
 
 
+@functools.lru_cache(maxsize=512)
 def peft_key_pattern(key: str) -> Pattern:
     """PEFT's rank_pattern / alpha_pattern rule for `key`: ``re.match(rf"(.*\\.)?({key})$", path)``."""
     inner = compile_pattern(key)  # validates the key alone, so errors name it
     del inner
-    return compile_pattern(rf"(?:.*\.)?(?:{key})$")
+    wrapped = rf"(?:.*\.)?(?:{key})$"
+    return compile_pattern(wrapped, max_len=MAX_PATTERN_LEN + len(wrapped) - len(key))
 
 
 def is_plain_path(key: str) -> bool:
