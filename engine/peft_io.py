@@ -23,7 +23,7 @@ import shutil
 import struct
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from loraflight.errors import CardError
 from loraflight.files import atomic_write, replace
 
 from .card import (
+    MAX_MODULE_LEN,
     MAX_NAME_LEN,
     CardMeta,
     LoRACard,
@@ -40,6 +41,7 @@ from .card import (
     base_fingerprint,
     canonical_json,
 )
+from .peft_match import PatternError, compile_pattern, is_plain_path, peft_key_pattern, suffix_matches
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
-MAX_ST_HEADER = 100_000_000  # the safetensors format's own limit on its JSON header
+MAX_ST_HEADER = 100_000_000
+# Regex patterns (keys that are not plain module paths) a config may hold in all: each is run
+# by the linear-time matcher against every module path, so their total bounds the work.
+MAX_PATTERN_CHARS = 1024  # the safetensors format's own limit on its JSON header
 
 _ST_DTYPES: dict[str, tuple[str, np.dtype[Any]]] = {
     "F32": ("float32", np.dtype("<f4")),
@@ -203,10 +208,22 @@ def write_safetensors(
 # --------------------------------------------------------------------------- config rules
 
 
+def _key_matcher(key: str) -> Callable[[str], bool]:
+    """How PEFT's `(.*\\.)?(key)$` rule applies `key`: a suffix test for a plain dotted path,
+    else the linear-time matcher (PatternError for what it does not support)."""
+    if is_plain_path(key):
+        return lambda path: suffix_matches(path, key)
+    return peft_key_pattern(key).fullmatch
+
+
 def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
-    """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern matching the key's end."""
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern matching the key's end.
+
+    No regex is compiled from the keys (see loraflight.engine.peft_match); a key outside the
+    supported subset raises PatternError.
+    """
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
+        if _key_matcher(key)(key_to_match):
             return key
     return key_to_match
 
@@ -218,6 +235,45 @@ def module_rank_alpha(config: Mapping[str, Any], module: str) -> tuple[int, floa
     r = rank_pattern.get(get_pattern_key(rank_pattern, module), config.get("r", 8))
     alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), config.get("lora_alpha", 8))
     return int(r), float(alpha)
+
+
+def _pattern_refusal(where: str, key: str, e: PatternError) -> CardError:
+    if e.invalid:
+        return CardError(f"adapter_config.json {where} key {key!r} is not a valid pattern: {e.why}")
+    return CardError(
+        f"adapter_config.json {where} key {key!r} uses {e.why}, which loraflight does not evaluate "
+        "(it matches plain module paths as suffixes and a linear-time regex subset: . [] () | * + ? "
+        "{m,n} ^ $); replace the key with the module path(s) it means"
+    )
+
+
+def check_patterns(config: Mapping[str, Any]) -> None:
+    """Every pattern in `config` parses within the supported subset and limits (CardError naming it)."""
+    total = 0
+    for where in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(where) or {}
+        if not isinstance(pattern, dict):
+            raise CardError(f"adapter_config.json {where} must be an object")
+        for k in pattern:
+            if is_plain_path(k):
+                continue
+            total += len(k)
+            try:
+                peft_key_pattern(k)
+            except PatternError as e:
+                raise _pattern_refusal(where, k, e) from None
+    t = config.get("target_modules")
+    if isinstance(t, str) and t != "all-linear":
+        total += len(t)
+        try:
+            compile_pattern(t)
+        except PatternError as e:
+            raise _pattern_refusal("target_modules", t, e) from None
+    if total > MAX_PATTERN_CHARS:
+        raise CardError(
+            f"adapter_config.json holds {total} characters of regex patterns (more than {MAX_PATTERN_CHARS}); "
+            "list the module paths instead"
+        )
 
 
 def _truthy(v: Any) -> bool:
@@ -255,11 +311,8 @@ def check_config(config: Mapping[str, Any]) -> None:
         if not isinstance(pattern, dict):
             raise CardError(f"adapter_config.json {key} must be an object")
         for k, v in pattern.items():
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise CardError(f"adapter_config.json {key} key {k!r} is not a valid pattern: {e}") from None
             _check_number(f"{key}[{k!r}]", v, rank=key == "rank_pattern")
+    check_patterns(config)
 
 
 def _check_number(what: str, v: Any, *, rank: bool) -> None:
@@ -385,10 +438,16 @@ def from_peft(
             raise CardError(
                 f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on rank"
             )
-        r, alpha = module_rank_alpha(cfg, module)
-        if a.shape[0] != r:
+        if len(module) > MAX_MODULE_LEN:
             raise CardError(
-                f"module {module!r}: tensors have rank {a.shape[0]} but adapter_config.json gives r={r} "
+                f"{weights}: module path {module[:60]!r}... is longer than {MAX_MODULE_LEN} characters"
+            )
+        # The rank is the tensors' (rank_pattern is only checked against it); alpha is the config's.
+        r = int(a.shape[0])
+        cfg_r, alpha = module_rank_alpha(cfg, module)
+        if cfg_r != r:
+            raise CardError(
+                f"module {module!r}: tensors have rank {r} but adapter_config.json gives r={cfg_r} "
                 "(r / rank_pattern); the folder is inconsistent"
             )
         modules.append(ModuleLoRA(module, r, alpha, a, b))
@@ -411,75 +470,76 @@ def from_peft(
 # --------------------------------------------------------------------------- export
 
 
-def _config_fits(cfg: Mapping[str, Any], card: LoRACard) -> bool:
-    """True when PEFT reading `cfg` gives every module of `card` its rank, alpha and scaling."""
-    try:
-        check_config(cfg)
-        if bool(cfg.get("use_rslora", False)) != (card.header.scaling == "rslora"):
-            return False
-        for m in card:
-            r, alpha = module_rank_alpha(cfg, m.module)
-            if r != m.rank or alpha != m.alpha or not _targets(cfg, m.module):
-                return False
-    except (CardError, re.error, TypeError, ValueError):
-        return False
-    return True
-
-
-def _targets(cfg: Mapping[str, Any], module: str) -> bool:
-    """Whether PEFT's target_modules (list, regex string or 'all-linear') selects `module`."""
-    t = cfg.get("target_modules")
-    if isinstance(t, str):
-        return t == "all-linear" or re.fullmatch(t, module) is not None
-    if isinstance(t, list):
-        return any(module == x or module.endswith("." + x) for x in t)
-    return False
-
-
 def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _most_common(values: Iterable[float]) -> float:
+    counts = Counter(values)
+    return min(counts, key=lambda k: (-counts[k], k))
+
+
+def _explicit_pattern(card: LoRACard, value: Callable[[ModuleLoRA], int | float]) -> dict[str, int | float]:
+    """{module path: value} for every module, most specific path first.
+
+    PEFT takes the first key whose regex matches the end of a module's path, so a module's own
+    full path must come before any shorter path that is a dotted suffix of it; and every module
+    is listed, so none falls through to a suffix key meant for another.
+    """
+    order = sorted(card, key=lambda m: (-m.module.count("."), -len(m.module), m.module))
+    return {m.module: value(m) for m in order}
+
+
 def peft_config_for(card: LoRACard) -> dict[str, Any]:
-    """The adapter_config.json that makes PEFT build exactly this card's modules."""
-    stored = card.header.peft
-    if stored is not None and _config_fits(stored, card):
-        cfg = dict(stored)
-    else:
-        if stored is not None:
-            log.info(
-                "%s: stored PEFT config does not describe the card's modules; writing a new one", card.ref
-            )
-        ranks = Counter(m.rank for m in card)
-        alphas = Counter(m.alpha for m in card)
-        r = min(ranks, key=lambda k: (-ranks[k], k))
-        alpha = min(alphas, key=lambda k: (-alphas[k], k))
-        cfg = {
-            "peft_type": "LORA",
-            "task_type": None,
-            "r": r,
-            "lora_alpha": _num(alpha),
-            # Exact module paths, escaped: PEFT matches patterns as regexes against the path's end.
-            "rank_pattern": {re.escape(m.module): m.rank for m in card if m.rank != r},
-            "alpha_pattern": {re.escape(m.module): _num(m.alpha) for m in card if m.alpha != alpha},
-            "target_modules": sorted(m.module for m in card),
-            "use_rslora": card.header.scaling == "rslora",
-            "bias": "none",
-            "lora_dropout": 0.0,
-            "fan_in_fan_out": False,
-            "use_dora": False,
-            "modules_to_save": None,
-            "init_lora_weights": True,
-            "inference_mode": True,
-        }
+    """The adapter_config.json that makes PEFT build exactly this card's modules.
+
+    Always generated from the card's modules, never copied from the stored `peft` header (its
+    patterns came from whoever made the card): `target_modules` lists every module path,
+    `rank_pattern` / `alpha_pattern` give every module its rank and alpha under its plain path.
+    """
+    stored = card.header.peft or {}
+    r = int(_most_common(m.rank for m in card))
+    alpha = _most_common(m.alpha for m in card)
+    cfg: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": r,
+        "lora_alpha": _num(alpha),
+        "rank_pattern": _explicit_pattern(card, lambda m: m.rank),
+        "alpha_pattern": _explicit_pattern(card, lambda m: _num(m.alpha)),
+        "target_modules": sorted(m.module for m in card),
+        "use_rslora": card.header.scaling == "rslora",
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    task = stored.get("task_type")
+    if isinstance(task, str) and 0 < len(task) <= 40 and all(c.isupper() or c == "_" for c in task):
+        cfg["task_type"] = task  # which PeftModel class loads it; no effect on the tensors
     cfg["base_model_name_or_path"] = card.header.base_model
     return cfg
 
 
-def to_peft(card: LoRACard, directory: str | os.PathLike[str], *, verify: bool = True) -> Path:
+def _config_text(cfg: Mapping[str, Any]) -> str:
+    """adapter_config.json text: top-level keys sorted, pattern keys in their (significant) order."""
+    plain = json.loads(canonical_json(dict(cfg)))
+    for k in ("rank_pattern", "alpha_pattern"):
+        if isinstance(cfg.get(k), dict):
+            plain[k] = dict(cfg[k])
+    return json.dumps({k: plain[k] for k in sorted(plain)}, indent=2, ensure_ascii=False) + "\n"
+
+
+def to_peft(
+    card: LoRACard, directory: str | os.PathLike[str], *, verify: bool = True, base_model: str | None = None
+) -> Path:
     """Write `card` as a PEFT adapter folder that `PeftModel.from_pretrained` loads to the same tensors.
 
     The card is verified first (values, digest, signature if signed) unless `verify=False`.
+    `base_model` (when given) is written as ``base_model_name_or_path`` instead of the card's.
     Each file is written to a temporary name and renamed; returns the folder.
     """
     if verify:
@@ -493,7 +553,9 @@ def to_peft(card: LoRACard, directory: str | os.PathLike[str], *, verify: bool =
         tensors[f"{KEY_PREFIX}{m.module}.lora_A.weight"] = (st_dtype, m.a)
         tensors[f"{KEY_PREFIX}{m.module}.lora_B.weight"] = (st_dtype, m.b)
     cfg = peft_config_for(card)
-    text = json.dumps(json.loads(canonical_json(cfg)), indent=2, sort_keys=True) + "\n"
+    if base_model:
+        cfg["base_model_name_or_path"] = base_model
+    text = _config_text(cfg)
     if d.exists():  # each file replaced atomically
         write_safetensors(d / WEIGHTS_NAME, tensors, {"format": "pt"})
         atomic_write(d / CONFIG_NAME, text.encode())
@@ -514,8 +576,10 @@ def to_peft(card: LoRACard, directory: str | os.PathLike[str], *, verify: bool =
 
 __all__ = [
     "CONFIG_NAME",
+    "MAX_PATTERN_CHARS",
     "WEIGHTS_NAME",
     "check_config",
+    "check_patterns",
     "from_peft",
     "get_pattern_key",
     "module_rank_alpha",

@@ -625,8 +625,12 @@ class Client:
         raise CardError(f"{self.uri} sent more batches for {entry.ref} than it has rows ({entry.rows})")
 
     # -- publish
-    def publish(self, card_or_path: LoRACard | str | os.PathLike[str]) -> str:
-        """Upload a card (needs a write token); returns its digest as the node stored it."""
+    def publish(
+        self, card_or_path: LoRACard | str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> str:
+        """Upload a card (needs a write token); returns its digest as the node stored it.
+
+        `progress(bytes_sent, bytes_total)` is called after each record batch is written."""
         self._ensure_compatible()
         card = card_or_path if isinstance(card_or_path, LoRACard) else LoRACard.open(card_or_path)
         cmd = json.dumps({"op": PUBLISH_OP, "rows": len(card), "name": card.name, "version": card.version})
@@ -635,9 +639,14 @@ class Client:
 
         def run() -> bytes:
             writer, meta = self._data().do_put(desc, schema, self._opts(timeout=self.fetch_timeout))
+            batches = card.batches
+            total, sent = sum(b.nbytes for b in batches), 0
             try:
-                for b in card.batches:
+                for b in batches:
                     writer.write_batch(pa.record_batch(b.columns, schema=schema))
+                    sent += b.nbytes
+                    if progress is not None:
+                        progress(sent, total)
                 writer.done_writing()
                 buf = meta.read()
             finally:

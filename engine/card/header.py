@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -108,6 +109,27 @@ def check_digest(digest: object) -> str:
     if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
         raise CardError(f"digest {digest!r} is not 64 lowercase hex characters")
     return digest
+
+
+# Bidi embedding, override and isolate controls: they reorder what a terminal shows after them.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def text_problem(what: str, text: str, *, multiline: bool = False) -> str | None:
+    """Why `text` may not go into a new header (control or bidi characters), or None.
+
+    Refused: C0 and C1 control characters and DEL (ESC sequences, CR overwrites, OSC 8
+    hyperlinks) and bidi controls (U+202A..U+202E, U+2066..U+2069); a `multiline` field (the
+    description) may hold newlines and tabs. Other Unicode (emoji, accents, CJK) is fine.
+    """
+    allowed = "\n\t" if multiline else ""
+    for i, c in enumerate(text):
+        if (c in _BIDI_CONTROLS or unicodedata.category(c) == "Cc") and c not in allowed:
+            return (
+                f"{what} holds the control character {c.encode('unicode_escape').decode('ascii')} at "
+                f"position {i}; remove it (terminal escapes, carriage returns and bidi overrides are refused)"
+            )
+    return None
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -256,6 +278,10 @@ class CardHeader:
             problems.append(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if len(description) > MAX_DESCRIPTION:
             problems.append(f"description is {len(description)} characters; the limit is {MAX_DESCRIPTION}")
+        if not digest and (why := text_problem("description", description, multiline=True)):
+            # A header without a digest is one being written (LoRACard.build, CardMeta): refused.
+            # Cards already written keep reading; the CLI prints their strings escaped.
+            problems.append(why)
         if len(tags) > MAX_TAGS or not all(
             isinstance(t, str) and 0 < len(t) <= MAX_TAG_LEN and t.isprintable() for t in tags
         ):
@@ -592,6 +618,7 @@ __all__ = [
     "lora_scale",
     "plain_json",
     "schema_str",
+    "text_problem",
     "upgrade_pair",
     "utc_now",
 ]

@@ -15,6 +15,7 @@ import typer
 from loraflight.errors import LoraflightError, PeerError
 
 from ._app import app, card_app, keys_app, trust_app
+from .outputs import LOG_FORMAT, PlainFormatter, printable
 
 # Each module adds its commands to the apps in _app; imported for that side effect.
 _COMMAND_MODULES = ("card_cmds", "net_cmds", "node_cmds", "author_cmds")
@@ -54,18 +55,17 @@ def _usage_error(e: typer.TyperException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    logging.basicConfig(
-        level=os.environ.get("LORAFLIGHT_LOG_LEVEL", "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(PlainFormatter(LOG_FORMAT))  # a peer's text in a log line: controls escaped
+    logging.basicConfig(level=os.environ.get("LORAFLIGHT_LOG_LEVEL", "WARNING").upper(), handlers=[handler])
     register_commands()
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="loraflight")
     except PeerError as e:
-        typer.echo(f"error: {unreachable_hint(str(e))}", err=True)
+        typer.echo(f"error: {printable(unreachable_hint(str(e)), newlines=True)}", err=True)
         return 1
     except LoraflightError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {printable(e, newlines=True)}", err=True)
         return 1
     except typer.Exit as e:
         return int(e.exit_code or 0)

@@ -19,7 +19,7 @@ from loraflight.engine.card import CARD_SUFFIX, CardMeta, LoRACard
 from loraflight.errors import ConfigError
 
 from ._app import app
-from .outputs import Force, card_out_path
+from .outputs import Force, card_out_path, plain
 
 _out = Console(highlight=False, soft_wrap=True)
 
@@ -414,7 +414,7 @@ def route_cmd(
         table.add_column(col, justify="right" if col == "score" else "left")
     for r in routes:
         where = "local" if r.local else f"peer {r.location}"
-        table.add_row(f"{escape(r.name)}@{r.version}", f"{r.score:.3f}", escape(where), r.digest[:16])
+        table.add_row(plain(f"{r.name}@{r.version}"), f"{r.score:.3f}", plain(where), plain(r.digest[:16]))
     _out.print(table)
 
 

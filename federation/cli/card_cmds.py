@@ -13,8 +13,8 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from loraflight.engine import keys as keyfiles
 from loraflight.engine.authoring.arrays import from_float
@@ -22,7 +22,7 @@ from loraflight.engine.card import CARD_SUFFIX, CardMeta, LoRACard, ModuleLoRA, 
 from loraflight.errors import CardError, ConfigError, LoraflightError
 
 from ._app import card_app, keys_app
-from .outputs import Force, check_overwrite, check_peft_folder
+from .outputs import Force, check_overwrite, check_peft_folder, plain, printable
 
 _out = Console(highlight=False, soft_wrap=True)
 
@@ -97,7 +97,7 @@ def inspect_cmd(
             }
         )
         return
-    _out.print(f"[bold]{h.ref}[/bold]  {file}")
+    _out.print(Text.assemble(plain(h.ref, style="bold"), "  ", plain(file)))
     rows = [
         ("format", f"{h.format} ({_format_words(card)})"),
         ("dtype", h.dtype),
@@ -117,16 +117,17 @@ def inspect_cmd(
             "size",
             f"{_size(file.stat().st_size)} file, {_size(card.tensor_nbytes)} of tensors, {len(card)} modules",
         ),
-        ("status", escape(status) if ok else f"[red]{escape(status)}[/red]"),
+        ("status", status),
     ]
     for key, val in sorted(h.extra.items()):
         rows.append((f"{key} (newer format)", json.dumps(val)))
-    for key, text in rows:
-        _out.print(f"  {key:>17}: {text}", markup=key == "status")
+    for key, text in rows:  # every value came from the card: plain text, controls escaped
+        style = "red" if key == "status" and not ok else ""
+        _out.print(Text.assemble(plain(f"  {key:>17}: "), plain(text, style=style)))
     t = Table("module", "rank", "alpha", "in", "out", "bytes", box=None, pad_edge=False)
     for m in card:
         t.add_row(
-            m.module,
+            plain(m.module),
             str(m.rank),
             f"{m.alpha:g}",
             str(m.in_features),
@@ -172,7 +173,7 @@ def verify_cmd(
             }
         )
     else:
-        typer.echo(f"ok: {card.ref} {v.digest} {v.status}")
+        typer.echo(printable(f"ok: {card.ref} {v.digest} {v.status}"))
 
 
 @card_app.command("sign")
@@ -190,7 +191,7 @@ def sign_cmd(
     card.verify()
     signed = card.sign(priv)
     dest = signed.write(out or file)
-    typer.echo(f"signed {signed.ref} by {signed.header.signer}: {dest}")
+    typer.echo(printable(f"signed {signed.ref} by {signed.header.signer}: {dest}"))
 
 
 def _format_words(card: LoRACard) -> str:

@@ -15,6 +15,7 @@ from rich.table import Column, Table
 from loraflight.errors import ConfigError
 
 from ._app import app, trust_app
+from .outputs import plain, plain_lines
 
 _out = Console()
 _err = Console(stderr=True)
@@ -124,7 +125,7 @@ def serve(
     check_listen_free(cfg.listen)
 
     def ready(node: Node) -> None:
-        _out.print(f"serving {node.uri} node={node.node_id} store={store}", highlight=False)
+        _out.print(plain(f"serving {node.uri} node={node.node_id} store={store}"))
         _out.file.flush()
 
     raise typer.Exit(Node(cfg).run_forever(on_ready=ready))
@@ -155,21 +156,22 @@ def ls_cmd(
     t.columns.insert(0, Column("name", no_wrap=True))
     t.add_column("locations", overflow="fold")
     for e in entries:
-        t.add_row(
-            e.name,
-            str(e.version),
-            f"{e.size:,}",
-            e.header.base_model or "",
-            ",".join(e.header.tags),
-            e.header.signer or "unsigned",
-            e.digest[:12],
-            "\n".join(e.locations),
+        t.add_row(  # every cell came from the peer: plain text, controls escaped
+            plain(e.name),
+            plain(e.version),
+            plain(f"{e.size:,}"),
+            plain(e.header.base_model or ""),
+            plain(",".join(e.header.tags)),
+            plain(e.header.signer or "unsigned"),
+            plain(e.digest[:12]),
+            plain_lines(e.locations),
         )
     _out.print(t)
     _print_withdrawals(withdrawn)
 
 
 def _bar(quiet: bool = False) -> Progress:
+    """A transfer bar on stderr; silent with --json (`quiet`) or when stderr is not a terminal."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -177,7 +179,7 @@ def _bar(quiet: bool = False) -> Progress:
         TransferSpeedColumn(),
         console=_err,
         transient=True,
-        disable=quiet,
+        disable=quiet or not _err.is_terminal,
     )
 
 
@@ -206,7 +208,7 @@ def fetch(
         doc = {"ref": card.ref, "name": card.name, "version": card.version, "digest": card.digest}
         typer.echo(json.dumps({**doc, "size": entry.size, "path": str(card.path), "node": source}))
         return
-    _out.print(f"fetched {card.ref} {card.digest} -> {card.path}", highlight=False)
+    _out.print(plain(f"fetched {card.ref} {card.digest} -> {card.path}"))
 
 
 def _remote_info(c: Any, node: str, name: str, version: int | str) -> Any:
@@ -237,8 +239,9 @@ def publish(
 
     card = LoRACard.open(file)
     card.verify()
-    with _client(to, token_file, tls_ca, tls_cert, tls_key) as c:
-        digest = c.publish(card)
+    with _client(to, token_file, tls_ca, tls_cert, tls_key) as c, _bar(quiet=as_json) as bar:
+        task = bar.add_task(card.ref, total=None)
+        digest = c.publish(card, progress=lambda done, tot: bar.update(task, completed=done, total=tot))
     if as_json:
         typer.echo(
             json.dumps(
@@ -246,7 +249,7 @@ def publish(
             )
         )
         return
-    _out.print(f"published {card.ref} {digest}", highlight=False)
+    _out.print(plain(f"published {card.ref} {digest}"))
 
 
 @app.command("sync")
@@ -298,15 +301,16 @@ def sync_cmd(
             raise typer.Exit(1)
         return
     for e in report.fetched:
-        _out.print(f"fetched {e.ref} {e.digest}", highlight=False)
+        _out.print(plain(f"fetched {e.ref} {e.digest}"))
     for uri, msg in report.peer_errors.items():
-        _err.print(f"error: peer {uri}: {msg}", highlight=False)
+        _err.print(plain(f"error: peer {uri}: {msg}"))
     for ref, msg in report.errors.items():
-        _err.print(f"error: {ref}: {msg}", highlight=False)
+        _err.print(plain(f"error: {ref}: {msg}"))
     _out.print(
-        f"sync: {len(report.fetched)} fetched, {len(report.errors)} failed, "
-        f"{len(report.peer_errors)} peers unreachable",
-        highlight=False,
+        plain(
+            f"sync: {len(report.fetched)} fetched, {len(report.errors)} failed, "
+            f"{len(report.peer_errors)} peers unreachable"
+        )
     )
     if not report.ok:
         raise typer.Exit(1)
@@ -320,7 +324,7 @@ def _print_withdrawals(records: list) -> None:
         return
     t = Table("withdrawn", "signer", "time", "reason", title=f"{len(records)} withdrawn (refused for good)")
     for w in records:
-        t.add_row(w.ref, w.signer or "", w.time, w.reason)
+        t.add_row(plain(w.ref), plain(w.signer or ""), plain(w.time), plain(w.reason))
     _out.print(t)
 
 
@@ -338,9 +342,11 @@ def delete(
     with _client(node, token_file, tls_ca, tls_cert, tls_key) as c:
         out = c.delete(name=name, version=version)
     _out.print(
-        f"deleted {out.get('ref', ref)} {out.get('removed', '')} from {node} only: it comes back from peers "
-        f"that hold it unless withdrawn ('loraflight withdraw {out.get('ref', ref)} --node {node} --key KEY')",
-        highlight=False,
+        plain(
+            f"deleted {out.get('ref', ref)} {out.get('removed', '')} from {node} only: it comes back from "
+            f"peers that hold it unless withdrawn ('loraflight withdraw {out.get('ref', ref)} --node {node} "
+            "--key KEY')"
+        )
     )
 
 
@@ -370,9 +376,10 @@ def withdraw(
     removed = out.get("removed") or []
     state = "withdrawn" if out.get("new") else "already withdrawn"
     _out.print(
-        f"{state} {w.ref} on {node} (signer {w.signer}); {len(removed)} card(s) deleted there; "
-        "the fleet follows as nodes sync",
-        highlight=False,
+        plain(
+            f"{state} {w.ref} on {node} (signer {w.signer}); {len(removed)} card(s) deleted there; "
+            "the fleet follows as nodes sync"
+        )
     )
 
 
@@ -405,7 +412,7 @@ def trust_add(
     b64 = _key_arg(key)
     with Store(store) as st:
         tk = st.trust_add(b64, label=label, names=name)
-    _out.print(f"trusted {tk.signer} {tk.label}".rstrip(), highlight=False)
+    _out.print(plain(f"trusted {tk.signer} {tk.label}".rstrip()))
 
 
 @trust_app.command("list")
@@ -427,7 +434,9 @@ def trust_list(
         return
     t = Table("signer", "label", "names", "key")
     for k in keys:
-        t.add_row(k.signer, k.label, ",".join(k.names) or "(unowned names)", k.key)
+        t.add_row(
+            plain(k.signer), plain(k.label), plain(",".join(k.names) or "(unowned names)"), plain(k.key)
+        )
     _out.print(t)
 
 
@@ -443,7 +452,7 @@ def trust_remove(
     with Store(store) as st:
         if not st.trust_remove(ident):
             raise ConfigError(f"{key} is not a trusted key of {store}; see 'loraflight trust list'")
-    _out.print(f"removed {key}", highlight=False)
+    _out.print(plain(f"removed {key}"))
 
 
 __all__ = [

@@ -16,6 +16,7 @@ from rich.table import Table
 from loraflight.federation.config import KEYS, Key, check_file, load_config
 
 from ._app import app, node_app
+from .outputs import LOG_FORMAT, PlainFormatter, plain
 
 _out = Console()
 _err = Console(stderr=True)
@@ -45,11 +46,7 @@ def setup_logging(fmt: str, level: str) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    )
+    h.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter(LOG_FORMAT))
     root.addHandler(h)
     root.setLevel(level.upper())
     if fmt == "json":
@@ -265,7 +262,7 @@ def check_config_cmd(
     if as_json:
         typer.echo(json.dumps({"file": str(file), "ok": True, "fleet": cfg.fleet, "listen": cfg.listen}))
         return
-    _out.print(f"{file}: ok (fleet {cfg.fleet}, listen {cfg.listen})", highlight=False)
+    _out.print(plain(f"{file}: ok (fleet {cfg.fleet}, listen {cfg.listen})"))
 
 
 # ---------------------------------------------------------------- talking to a running node
@@ -329,27 +326,34 @@ def status_cmd(
         typer.echo(json.dumps(st, indent=2, sort_keys=True))
         return
     _out.print(
-        f"node {st['node_id']}  fleet {st['fleet_id']}  epoch {st['epoch']}  "
-        f"mDNS {'on' if st.get('mdns') else 'off'}  serving {', '.join(st.get('uris', []))}",
-        highlight=False,
+        plain(
+            f"node {st['node_id']}  fleet {st['fleet_id']}  epoch {st['epoch']}  "
+            f"mDNS {'on' if st.get('mdns') else 'off'}  serving {', '.join(st.get('uris', []))}"
+        )
     )
+    loading = st.get("loading")
+    if isinstance(loading, dict):  # a slow start: the model is still being built
+        secs = loading.get("elapsed")
+        took = f"{secs:.0f} s so far" if isinstance(secs, int | float) else "just begun"
+        _out.print(plain(f"starting: {loading.get('doing')} ({took})"))
     has_engine = st.get("engine") or st.get("base_model")
     base = f"base model {st['base_model']}" if st.get("base_model") else "base model unknown"
-    _out.print(f"engine: {base}" if has_engine else "engine: none", highlight=False)
+    if not isinstance(loading, dict):
+        _out.print(plain(f"engine: {base}" if has_engine else "engine: none"))
     t = Table("card", "digest", "size", "source", "loaded", title=f"{len(st['cards'])} cards")
     loaded = st.get("loaded", {})
     for c in st["cards"]:
         name = c["ref"].split("@")[0]
         is_loaded = loaded.get(name, {}).get("digest") == c["digest"]
         state = "yes" if is_loaded else (f"no: {c['refused']}" if c.get("refused") else "")
-        t.add_row(c["ref"], c["digest"][:16], str(c["size"]), c["source"], state)
+        t.add_row(
+            plain(c["ref"]), plain(c["digest"][:16]), plain(c["size"]), plain(c["source"]), plain(state)
+        )
     _out.print(t)
     for w in st.get("withdrawals", []):  # peer-supplied text: printed as plain text
         reason = f": {w['reason']}" if w.get("reason") else ""
         _out.print(
-            f"withdrawn {w['name']}@{w['version']} by {w.get('signer')} at {w.get('time')}{reason}",
-            highlight=False,
-            markup=False,
+            plain(f"withdrawn {w['name']}@{w['version']} by {w.get('signer')} at {w.get('time')}{reason}")
         )
     _print_peers(st.get("peers", []))
 
@@ -358,13 +362,13 @@ def _print_peers(peers: list[dict[str, Any]]) -> None:
     t = Table("node", "address", "state", "sources", "epoch", "last ok", title=f"{len(peers)} peers")
     for p in peers:
         ago = f"{p['last_ok_ago']:.1f} s ago" if p.get("last_ok_ago") is not None else "never"
-        t.add_row(
-            p.get("node_id") or "?",
-            p.get("uri") or "",
-            p["state"],
-            ",".join(p["sources"]),
-            str(p["epoch"]),
-            ago,
+        t.add_row(  # peer-supplied: plain text, controls escaped
+            plain(p.get("node_id") or "?"),
+            plain(p.get("uri") or ""),
+            plain(p["state"]),
+            plain(",".join(map(str, p["sources"]))),
+            plain(p["epoch"]),
+            plain(ago),
         )
     _out.print(t)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import json
 import logging
 import os
 import secrets
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from loraflight.engine.card import LoRACard
 from loraflight.errors import ConfigError
-from loraflight.files import atomic_write, replace
+from loraflight.files import replace
 
 from ..protocol import CatalogEntry
 
@@ -131,12 +130,9 @@ def export_card(
 
         ensure_root(root, gid)
         shutil.rmtree(tmp, ignore_errors=True)
-        to_peft(LoRACard.open(card_path), tmp)
-        if model_id:
-            cfg = json.loads((tmp / CONFIG_FILE).read_text())
-            cfg["base_model_name_or_path"] = model_id
-            text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-            atomic_write(tmp / CONFIG_FILE, text.encode(), durable=False)
+        # Explicit per-module targets, ranks and alphas (peft_io.peft_config_for): no pattern from
+        # the card's header reaches the folder a server (PEFT, vLLM) reads.
+        to_peft(LoRACard.open(card_path), tmp, base_model=model_id or None)
         _open_up(tmp, gid)
         replace(tmp, final, durable=False)
     except BaseException:

@@ -67,7 +67,9 @@ class Node:
     synced cards when `config.engine.hot_load` is on; with no engine given, one is built from
     `config.engine.base_model` when that is set. Callbacks get the `CatalogEntry`:
     `on_card_added` for every card that enters the store, `on_card_loaded` after a hot-load,
-    `on_card_removed` when a card leaves the store.
+    `on_card_removed` when a card leaves the store. `model_factory(config)`, when given, builds
+    the ServingModel at start instead of `engine.base_model`; while the model is built the Flight
+    server already answers `status` (saying so) and `health` (not ready).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Node:
         engine: NodeEngine | None = None,
         *,
         model: Any = None,
+        model_factory: Callable[[NodeConfig], Any] | None = None,
         on_card_added: CardCallback | None = None,
         on_card_loaded: CardCallback | None = None,
         on_card_removed: CardCallback | None = None,
@@ -84,6 +87,7 @@ class Node:
         if model is not None and engine is not None and engine is not model.engine:
             raise ConfigError("give a Node either engine= or model= (a ServingModel carries its engine)")
         self.model = model  # a ServingModel when the node can serve requests
+        self.model_factory = model_factory  # builds the ServingModel at start (else engine.base_model)
         self.engine = engine if engine is not None else (model.engine if model is not None else None)
         self.serving: Any = None  # loraflight.federation.serving.Serving while started
         self.on_card_added = on_card_added
@@ -119,6 +123,7 @@ class Node:
         self._unsubscribe: Callable[[], None] | None = None
         self._started = False
         self._arrived: dict[str, float] = {}  # digest -> wall time it entered the store
+        self._loading: tuple[str, float] | None = None  # (base model, monotonic start) while it loads
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,30 +178,55 @@ class Node:
             )
         if cfg.tokens.write and tls is None:
             log.warning("write tokens without TLS travel in clear text; configure tls.cert and tls.key")
-        generation = None
-        if self.engine is None and cfg.engine.base_model and (cfg.engine.hot_load or cfg.api.listen):
-            from loraflight.engine.generate.models import is_causal_spec
-
-            log.info("loading the base model %s (engine.base_model)", cfg.engine.base_model)
-            if is_causal_spec(cfg.engine.base_model):  # completions and chat, with its LM head
-                from loraflight.federation.serving.generation import GenerationService
-                from loraflight.federation.serving.metrics import ServingMetrics
-
-                generation = GenerationService.build(
-                    cfg.engine.base_model, cfg, metrics=ServingMetrics(self.metrics.registry)
-                )
-                self.engine = generation.engine
-            else:
-                from loraflight.engine.authoring.serving_model import build_serving_model
-
-                self.model = build_serving_model(
-                    cfg.engine.base_model, device=cfg.engine.device, model_id=cfg.engine.model_id
-                )
-                self.engine = self.model.engine
-        if cfg.api.listen and self.model is None and generation is None:
+        needs_model = self.engine is None and (
+            self.model_factory is not None
+            or (bool(cfg.engine.base_model) and bool(cfg.engine.hot_load or cfg.api.listen))
+        )
+        if cfg.api.listen and self.model is None and not needs_model:
             raise ConfigError(
                 "api.listen needs a model to serve: set engine.base_model (or pass model= to Node)"
             )
+        if needs_model:  # the Flight server answers status (and health: not ready) while it loads
+            self._loading = (cfg.engine.base_model or "(model_factory)", time.monotonic())
+        self.peers = PeerTable(
+            self_id=self.identity.node_id,
+            fleet=cfg.fleet,
+            health_interval=cfg.intervals.health,
+            probe_interval=cfg.intervals.probe,
+            failures=cfg.intervals.failures,
+            on_event=self._on_peer_event,
+        )
+        # Before the server: a card published while the model loads is queued for the events loop.
+        self._unsubscribe = self.store.subscribe(self._on_store_event)
+        listen_port = urlsplit(cfg.listen).port or 0
+        self.server = NodeServer(
+            NodeView(
+                loaded=self.loaded,
+                live_peers=lambda: len(self.peers.live()) if self.peers is not None else 0,
+                peers=lambda: self.peers.snapshot() if self.peers is not None else [],
+                status=self.status,
+                starting=self._starting,
+            ),
+            self.store,
+            listen=cfg.listen,
+            advertise=cfg.advertise or self._derive_locations(listen_port) or None,
+            tls=tls,
+            write_tokens=cfg.tokens.write,
+            read_tokens=cfg.tokens.read,
+            node_id=self.identity.node_id,
+            fleet_id=cfg.fleet,
+            on_notify=self._on_notify,
+            peer_locations=self._peer_locations,
+            exchange=self._exchange,
+        )
+        if not cfg.advertise and not listen_port:
+            self.server.use_locations(self._derive_locations(self.server.port))
+        if cfg.metrics.port >= 0:
+            self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        try:
+            generation = self._build_model(cfg) if needs_model else None
+        finally:
+            self._loading = None
         if self.model is not None or generation is not None:
             from loraflight.federation.serving import start_serving
 
@@ -230,39 +260,6 @@ class Node:
             from loraflight.federation.serving.push import start_push
 
             self._pusher = start_push(cfg, self._exporter.desired if self._exporter else dict, self.metrics)
-        self.peers = PeerTable(
-            self_id=self.identity.node_id,
-            fleet=cfg.fleet,
-            health_interval=cfg.intervals.health,
-            probe_interval=cfg.intervals.probe,
-            failures=cfg.intervals.failures,
-            on_event=self._on_peer_event,
-        )
-        listen_port = urlsplit(cfg.listen).port or 0
-        self.server = NodeServer(
-            NodeView(
-                loaded=self.loaded,
-                live_peers=lambda: len(self.peers.live()) if self.peers is not None else 0,
-                peers=lambda: self.peers.snapshot() if self.peers is not None else [],
-                status=self.status,
-            ),
-            self.store,
-            listen=cfg.listen,
-            advertise=cfg.advertise or self._derive_locations(listen_port) or None,
-            tls=tls,
-            write_tokens=cfg.tokens.write,
-            read_tokens=cfg.tokens.read,
-            node_id=self.identity.node_id,
-            fleet_id=cfg.fleet,
-            on_notify=self._on_notify,
-            peer_locations=self._peer_locations,
-            exchange=self.serving.exchange if self.serving is not None else None,
-        )
-        if not cfg.advertise and not listen_port:
-            self.server.use_locations(self._derive_locations(self.server.port))
-        if cfg.metrics.port >= 0:
-            self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
-        self._unsubscribe = self.store.subscribe(self._on_store_event)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"lf-io-{self.node_id[:6]}")
         if cfg.discovery.peers:
             self.peers.set_static("static", cfg.discovery.peers)
@@ -313,6 +310,53 @@ class Node:
             len(cfg.discovery.peers),
             len(cfg.discovery.dns),
         )
+
+    def _build_model(self, cfg: NodeConfig) -> Any:
+        """Build the engine from engine.base_model; the GenerationService for a causal LM, else None."""
+        from loraflight.engine.generate.models import is_causal_spec
+
+        if self.model_factory is not None:
+            self.model = self.model_factory(cfg)
+            self.engine = self.model.engine
+            return None
+
+        log.info("loading the base model %s (engine.base_model)", cfg.engine.base_model)
+        if is_causal_spec(cfg.engine.base_model):  # completions and chat, with its LM head
+            from loraflight.federation.serving.generation import GenerationService
+            from loraflight.federation.serving.metrics import ServingMetrics
+
+            generation = GenerationService.build(
+                cfg.engine.base_model, cfg, metrics=ServingMetrics(self.metrics.registry)
+            )
+            self.engine = generation.engine
+            return generation
+        from loraflight.engine.authoring.serving_model import build_serving_model
+
+        self.model = build_serving_model(
+            cfg.engine.base_model, device=cfg.engine.device, model_id=cfg.engine.model_id
+        )
+        self.engine = self.model.engine
+        return None
+
+    def _starting(self) -> str | None:
+        """What `health` says while the node is not ready (no model id: health needs no token)."""
+        loading = self._loading
+        if loading is None:
+            return None
+        return f"the node is loading its base model ({time.monotonic() - loading[1]:.0f} s so far)"
+
+    def _exchange(self, context: Any, descriptor: Any, reader: Any, writer: Any) -> None:
+        """do_exchange (embeddings) once the engine is built (the server starts before it)."""
+        serving = self.serving
+        if serving is None:
+            why = (
+                "this node is still loading its base model; try again when 'loraflight status' shows it"
+                if self._loading is not None
+                else "this node does not serve embeddings (do_exchange): it runs no engine; "
+                "start it with engine.base_model set"
+            )
+            raise ConfigError(why)
+        serving.exchange(context, descriptor, reader, writer)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Unregister from mDNS (peers see the goodbye), stop loops, abort transfers, close."""
@@ -572,6 +616,7 @@ class Node:
             peers=self.peers,
             sync_rounds=self.sync_rounds,
             engine=self.engine,
+            loading=self._loading,
             refused=engine_refusals(
                 self.store,
                 loaded,

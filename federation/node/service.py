@@ -11,6 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from loraflight.errors import BusyError
+
+from ..protocol import ACTION_HEALTH
 from ..server import CardServer, edge
 
 ACTION_PEERS = "peers"
@@ -25,6 +28,8 @@ class NodeView:
     live_peers: Callable[[], int]  # how many peers are live
     peers: Callable[[], list[dict[str, Any]]]  # the peer table's snapshot
     status: Callable[[], dict[str, Any]]  # the status dict
+    # What the node is still doing before it is ready ("loading the base model X (12 s)"), or None.
+    starting: Callable[[], str | None] = lambda: None
 
 
 class NodeServer(CardServer):
@@ -53,6 +58,9 @@ class NodeServer(CardServer):
             return iter([json.dumps(self._view.peers()).encode()])
         if action.type == ACTION_STATUS:
             return iter([json.dumps(self._view.status()).encode()])
+        if action.type == ACTION_HEALTH and (doing := self._view.starting()):
+            # Not ready yet: health (and so `status --quiet`, the deploy/ probes) fails, saying why.
+            raise BusyError(f"not ready: {doing}")
         return super().do_action(context, action)
 
 

@@ -35,13 +35,16 @@ def build_status(
     sync_rounds: int,
     refused: Mapping[str, str] | None = None,
     engine: object = None,
+    loading: tuple[str, float] | None = None,
 ) -> dict[str, Any]:
     """What `loraflight status` shows and the status file holds.
 
     `engine`: when it reports its adapters (`engine.Engine.adapters`), `engine_digests` is
     what the engine itself holds (name -> digest), beside what the node loaded into it.
     `refused` maps a card digest to why the engine does not hold it (other base model, unsigned,
-    a newer version loaded).
+    a newer version loaded). `loading` is (base model, `time.monotonic()` when it began) while
+    the node still builds its model: `state` is then "loading" and `loading` says what and for how
+    long; else `state` is "running" and `loading` is None.
     """
     st = store.stats() if store is not None else {}
     refused = refused or {}
@@ -49,7 +52,16 @@ def build_status(
     digests = {}
     if isinstance(adapters, Mapping):
         digests = {n: a.get("digest") for n, a in adapters.items() if isinstance(a, Mapping)}
+    doing = None
+    if loading is not None:
+        doing = {
+            "doing": f"loading the base model {loading[0]}",
+            "base_model": loading[0],
+            "elapsed": round(time.monotonic() - loading[1], 1),
+        }
     return {
+        "state": "loading" if doing else "running",
+        "loading": doing,
         "node_id": node_id,
         "fleet_id": fleet,
         "protocol": PROTOCOL_VERSION,
