@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import urlsplit
 
-from loraflight.errors import CardError, LoraflightError, PeerError
+from loraflight.errors import CardError, LoraflightError
 
 from ..client import Client
 from ..peers import LIVE, Peer, PeerInfo, PeerTable
@@ -116,6 +116,7 @@ class Membership:
         self._lock = threading.Lock()  # guards self.swim; never held during a call
         self._legacy: set[str] = set()  # peers without the actions: the peer loop checks them
         self._inflight: set[str] = set()
+        self._gossiped: set[str] = set()  # addresses heard of only by gossip (never a sync source)
         self._probes = ThreadPoolExecutor(max_workers=6, thread_name_prefix="lf-swim-probe")
         self._reqs = ThreadPoolExecutor(max_workers=6, thread_name_prefix="lf-swim-req")
         self._req_slots = threading.BoundedSemaphore(MAX_PING_REQS)
@@ -131,6 +132,11 @@ class Membership:
         return (
             bool(peer.node_id) and peer.state == LIVE and peer.confirmed and peer.node_id not in self._legacy
         )
+
+    def may_sync(self, peer: Peer) -> bool:
+        """May the node sync from this peer? Not while it is unconfirmed and known only from an
+        address gossip named (a confirmed peer, or one that said hello itself, may)."""
+        return peer.confirmed or not any(u in self._gossiped for u in peer.uris)
 
     def _may_probe(self, node_id: str) -> bool:
         peer = self.peers.get(node_id)
@@ -364,7 +370,8 @@ class Membership:
                 self.counts["refuted"] += 1
                 log.info("refuted being %s (incarnation %d)", detail, self.swim.incarnation)
             elif what == "joined" and peer is None and self.peers.find_uri(str(detail)) is None:
-                if str(detail) not in self._uri_set():
+                if str(detail) not in self._uri_set() and len(self._gossiped) < 4096:
+                    self._gossiped.add(str(detail))
                     self.peers.add_address("notify", str(detail))  # the table checks and confirms it
             elif what == "alive" and peer is not None and peer.state != LIVE:
                 self._submit(self.probe, node_id, False)  # it refuted: check it directly
@@ -438,9 +445,10 @@ class Membership:
 
 
 def membership_action(m: Membership | None, kind: str, body: bytes, caller: str) -> bytes:
-    """The Flight service's hook: PeerError when membership is off on this node."""
+    """The Flight service's hook; with membership off, the answer an older node gives (callers
+    then check this node by health calls)."""
     if m is None:
-        raise PeerError(f"{kind}: membership is off on this node (membership.enabled = false)")
+        raise CardError(f"unknown action {kind!r}: membership is off on this node (membership.enabled = false)")
     return m.handle(kind, body, caller)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..membership.wire import ACTIONS as MEMBERSHIP_ACTIONS
 from ..server import CardServer, edge
 
 ACTION_PEERS = "peers"
@@ -25,6 +26,8 @@ class NodeView:
     live_peers: Callable[[], int]  # how many peers are live
     peers: Callable[[], list[dict[str, Any]]]  # the peer table's snapshot
     status: Callable[[], dict[str, Any]]  # the status dict
+    # membership actions (kind, body, caller) -> answer; None: membership is off (H15)
+    membership: Callable[[str, bytes, str], bytes] | None = None
 
 
 class NodeServer(CardServer):
@@ -45,6 +48,7 @@ class NodeServer(CardServer):
             *super().list_actions(context),
             (ACTION_PEERS, "the node's peer table: node id, address, state, sources, epoch"),
             (ACTION_STATUS, "node-info plus peers and adapters loaded into the engine"),
+            *(MEMBERSHIP_ACTIONS.items() if self._view.membership is not None else ()),
         ]
 
     @edge  # errors become one Flight error with a message, never a traceback sent to the client
@@ -53,6 +57,9 @@ class NodeServer(CardServer):
             return iter([json.dumps(self._view.peers()).encode()])
         if action.type == ACTION_STATUS:
             return iter([json.dumps(self._view.status()).encode()])
+        if action.type in MEMBERSHIP_ACTIONS and self._view.membership is not None:
+            body = action.body.to_pybytes() if action.body is not None else b""
+            return iter([self._view.membership(action.type, body, context.peer())])
         return super().do_action(context, action)
 
 
