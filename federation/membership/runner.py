@@ -37,7 +37,7 @@ from ..client import Client
 from ..peers import LIVE, Peer, PeerInfo, PeerTable
 from .news import DEAD, LEFT, News
 from .settings import Settings
-from .swim import Event, Swim
+from .swim import PROBE_STATES, Event, Swim
 from .wire import ACTION_PING, ACTION_PING_REQ, ACTION_SYNC, Message, parse_message
 
 log = logging.getLogger("loraflight.federation.membership")
@@ -96,8 +96,10 @@ class Membership:
         stop: threading.Event,
         incarnation: int | None = None,
         rng: random.Random | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_change = on_change  # a member's state changed (the node rewrites its status file)
         self.fleet = fleet
         self.peers = peers
         self._uri = uri
@@ -116,6 +118,7 @@ class Membership:
         self._lock = threading.Lock()  # guards self.swim; never held during a call
         self._legacy: set[str] = set()  # peers without the actions: the peer loop checks them
         self._inflight: set[str] = set()
+        self._seen_version = -1
         self._gossiped: set[str] = set()  # addresses heard of only by gossip (never a sync source)
         self._probes = ThreadPoolExecutor(max_workers=6, thread_name_prefix="lf-swim-probe")
         self._reqs = ThreadPoolExecutor(max_workers=6, thread_name_prefix="lf-swim-req")
@@ -128,10 +131,13 @@ class Membership:
     # ------------------------------------------------------------------ what the node asks
 
     def handles(self, peer: Peer) -> bool:
-        """Does SWIM check this peer's liveness (the peer loop then skips its health calls)?"""
-        return (
-            bool(peer.node_id) and peer.state == LIVE and peer.confirmed and peer.node_id not in self._legacy
-        )
+        """Does SWIM check this peer's liveness (the peer loop then skips its health calls)? Yes
+        for a confirmed live peer SWIM holds alive or suspect; the peer loop checks the rest (a
+        peer the table holds live that SWIM holds dead or gone, too, until one of them yields)."""
+        if not (peer.node_id and peer.state == LIVE and peer.confirmed) or peer.node_id in self._legacy:
+            return False
+        m = self.swim.members.get(peer.node_id)
+        return m is not None and m.state in PROBE_STATES
 
     def may_sync(self, peer: Peer) -> bool:
         """May the node sync from this peer? Not while it is unconfirmed and known only from an
@@ -209,7 +215,10 @@ class Membership:
             targets = self.swim.probe_targets()
             extra = self.swim.gossip_targets(targets)
             events = self._drain()
+            changed, self._seen_version = self.swim.version != self._seen_version, self.swim.version
         self._apply(events)
+        if changed and self.on_change is not None:
+            self.on_change()  # at most once a period, and never while nothing changes
         for n in targets:
             self._submit(self.probe, n, True)
         for n in extra + rejoin:
@@ -448,7 +457,9 @@ def membership_action(m: Membership | None, kind: str, body: bytes, caller: str)
     """The Flight service's hook; with membership off, the answer an older node gives (callers
     then check this node by health calls)."""
     if m is None:
-        raise CardError(f"unknown action {kind!r}: membership is off on this node (membership.enabled = false)")
+        raise CardError(
+            f"unknown action {kind!r}: membership is off on this node (membership.enabled = false)"
+        )
     return m.handle(kind, body, caller)
 
 

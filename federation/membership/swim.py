@@ -113,6 +113,7 @@ class Swim:
         self.events: list[Event] = []
         self.refutations = 0
         self.leaving = False
+        self.version = 0  # bumped on every change of a member or of this node's incarnation
         self._order: list[str] = []
         self._pos = 0
 
@@ -132,6 +133,7 @@ class Swim:
             if len(self.members) >= self.params.max_members:
                 return False
             self.members[node_id] = Member(node_id, uri, 0, ALIVE, self.clock(), epoch)
+            self.version += 1
             return False
         if uri and m.state in PROBE_STATES:
             m.uri = uri
@@ -226,6 +228,7 @@ class Swim:
                 self._apply(News(DEAD, n, m.incarnation))
             elif m.state in (DEAD, LEFT) and now - m.since >= self.params.reap_after:
                 del self.members[n]
+                self.version += 1
 
     # ------------------------------------------------------------------ messages
 
@@ -299,6 +302,7 @@ class Swim:
         if item.kind == EPOCH:
             if m is not None and item.number > m.epoch:
                 m.epoch = item.number
+                self.version += 1
                 self.queue.add(item)
                 self.events.append((EPOCH, item.node, item.number))
             return
@@ -306,6 +310,7 @@ class Swim:
             # Only an alive item introduces a member; suspicion of a stranger means nothing here.
             if item.kind == ALIVE and len(self.members) < self.params.max_members:
                 self.members[item.node] = Member(item.node, item.uri, item.number, ALIVE, self.clock())
+                self.version += 1
                 self.queue.add(item)
                 self.events.append(("joined", item.node, item.uri))
             return
@@ -313,6 +318,7 @@ class Swim:
             return
         was = m.state
         m.incarnation = item.number
+        self.version += 1
         if item.kind == ALIVE and item.uri:
             m.uri = item.uri
         if item.kind != was:
@@ -327,6 +333,7 @@ class Swim:
             # Suspected, or declared dead or gone, at our incarnation or later: refute.
             self.incarnation = item.number + 1
             self.refutations += 1
+            self.version += 1
             self.queue.add(News(ALIVE, self.self_id, self.incarnation, self.uri))
             self.events.append(("refuted", self.self_id, item.kind))
 

@@ -308,6 +308,7 @@ class Node:
                     retries=0,
                 ),
                 stop=self._stop,
+                on_change=lambda: loops.submit_quietly(self._pool, self.write_status),
             )
         peer_loop = loops.PeerLoop(
             cfg,
