@@ -93,9 +93,7 @@ class Fleet:
                 if self.ping(a, t):
                     continue
                 helpers = a.helpers_for(t)
-                reached = any(
-                    self.reach(a.self_id, h) and self.ping(self.nodes[h], t) for h in helpers
-                )
+                reached = any(self.reach(a.self_id, h) and self.ping(self.nodes[h], t) for h in helpers)
                 if reached:
                     a.probe_ok(t)
                 else:

@@ -59,9 +59,7 @@ def test_killed_member_is_declared_dead_by_everyone(n: int) -> None:
     f.down.add("n01")
     f.run_until(lambda: converged(f, DEAD, "n01"), 60)
     # the suspicion timeout grows with log N
-    assert f.nodes["n00"].suspicion_timeout() == pytest.approx(
-        4.0 * max(1.0, math.log10(n - 1)) * 1.0
-    )
+    assert f.nodes["n00"].suspicion_timeout() == pytest.approx(4.0 * max(1.0, math.log10(n - 1)) * 1.0)
 
 
 def test_suspicion_timeout_grows_with_log_n() -> None:
@@ -117,9 +115,7 @@ def test_partition_heals_and_every_table_converges() -> None:
     assert rejoin, "the healed side should be pinged so it can refute"
     for a, b in rejoin:
         f.ping(a, b)
-    f.run_until(
-        lambda: all(f.state(a, b) == ALIVE for a in f.nodes for b in f.nodes if a != b), 40
-    )
+    f.run_until(lambda: all(f.state(a, b) == ALIVE for a in f.nodes for b in f.nodes if a != b), 40)
 
 
 def test_news_from_an_untrusted_sender_changes_nothing() -> None:
@@ -158,8 +154,7 @@ def test_generic_items_spread_and_the_highest_version_wins() -> None:
     f.nodes["n01"].publish("pieces", "abc", 2, {"have": [0, 1, 2]})
     f.run_until(
         lambda: all(
-            (x := s.items.get(("pieces", "abc"))) is not None and x.number == 2
-            for s in f.others("n01")
+            (x := s.items.get(("pieces", "abc"))) is not None and x.number == 2 for s in f.others("n01")
         ),
         40,
     )
