@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -134,7 +134,7 @@ class Client:
                 self._data_conn = connect(self.uri, self.tls, DATA_MESSAGE_BYTES)
             return self._data_conn
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -183,6 +183,25 @@ class LogConfig:
     level: str = _f("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
 
 
+# membership.* (H15, issue 18): SWIM probes, gossip and anti-entropy (federation/membership)
+@dataclass
+class MembershipConfig:
+    enabled: bool = _f(
+        True,
+        "SWIM membership: probe a few random peers per period and gossip news (off: health-check every peer)",
+    )
+    probe_interval: float = _f(1.0, "seconds per SWIM protocol period")
+    probe_timeout: float = _f(0.0, "timeout of one SWIM ping, seconds (0: intervals.health_timeout)")
+    probes: int = _f(1, "random members probed per period")
+    indirect: int = _f(3, "members asked to probe one that did not answer, before suspecting it")
+    fanout: int = _f(3, "members that news is pushed to per period, and that a catalog change is notified to")
+    suspicion_mult: float = _f(4.0, "a suspect is dead after this * max(1, log10 N) * probe_interval seconds")
+    retransmit_mult: int = _f(4, "each news item is piggybacked this * ceil(log10(N + 1)) times")
+    sync_interval: float = _f(
+        10.0, "anti-entropy: seconds between member-list and epoch exchanges with one random member"
+    )
+
+
 @dataclass
 class NodeConfig:
     store: str = _f("~/.local/share/loraflight", "store directory (cards, index, node identity, epoch)")
@@ -205,6 +224,7 @@ class NodeConfig:
     intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
 
     def get(self, path: str) -> Any:
         obj: Any = self
@@ -497,6 +517,7 @@ __all__ = [
     "IntervalsConfig",
     "Key",
     "LogConfig",
+    "MembershipConfig",
     "MetricsConfig",
     "NodeConfig",
     "SyncConfig",

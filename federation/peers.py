@@ -71,6 +71,12 @@ class Peer:
             "last_ok_ago": (None if not self.last_ok or now is None else round(now - self.last_ok, 3)),
         }
 
+    # H15 stand-in for H12's confirmed peers (issue 13): the coordinator keeps H12's version.
+    @property
+    def confirmed(self) -> bool:
+        """Configured by the operator (static, DNS) or, with no fleet secret, seen over mDNS."""
+        return any(s in ("static", "mdns") or s.startswith("dns:") for s in self.sources)
+
 
 def _ephemeral(source: str) -> bool:
     """Sources that vouch for a peer only while it is around (mDNS, a notify it sent)."""
@@ -83,6 +89,11 @@ EventCallback = Callable[[str, Peer], None]
 
 class PeerTable:
     """Thread-safe table of peers with liveness bookkeeping."""
+
+    # H15 stand-in for H12's confirmed peers (issue 13): the coordinator keeps H12's version.
+    def confirmed(self) -> list[Peer]:
+        with self._lock:
+            return [p for p in self._peers.values() if p.confirmed]
 
     def __init__(
         self,

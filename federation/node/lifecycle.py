@@ -40,6 +40,7 @@ from ..client import Client
 from ..config import NodeConfig, resolve_keys
 from ..discovery import Discovery, interface_addresses
 from ..identity import NodeIdentity
+from ..membership import Membership, SwimClient, membership_action, settings
 from ..metrics import NodeMetrics
 from ..peers import Peer, PeerTable
 from ..protocol import PROTOCOL_VERSION, CatalogEntry
@@ -107,12 +108,19 @@ class Node:
         self._loader: Loader | None = None
         self._exporter: Exporter | None = None
         self._pusher: Any = None  # serving.push.Pusher while api.push is set
+        self.membership: Membership | None = None  # SWIM (membership.enabled)
         self._stop = threading.Event()
         self._wake_peers = threading.Event()
         self._sync = loops.SyncLoop(
             config,
             stop=self._stop,
-            live_keys=lambda: [p.key for p in self.peers.live()] if self.peers is not None else [],
+            live_keys=lambda: (
+                self.membership.poll_keys()  # the safety poll asks one random peer (H15)
+                if self.membership is not None
+                else [p.key for p in self.peers.live()]
+                if self.peers is not None
+                else []
+            ),
             sync_now=lambda keys, trigger: self.sync_now(keys, trigger=trigger),
             metrics=self.metrics,
         )
@@ -206,6 +214,7 @@ class Node:
                 peers=lambda: self.peers.snapshot() if self.peers is not None else [],
                 status=self.status,
                 starting=self._starting,
+                membership=lambda kind, body, caller: membership_action(self.membership, kind, body, caller),
             ),
             self.store,
             listen=cfg.listen,
@@ -280,6 +289,24 @@ class Node:
                 self.discovery = None
         if self._loader is not None:
             self._loader.load_existing()
+        if cfg.membership.enabled:  # SWIM probes, gossip and anti-entropy (federation/membership)
+            self.membership = Membership(
+                settings(cfg),
+                self_id=self.identity.node_id,
+                fleet=cfg.fleet,
+                peers=self.peers,
+                uri=lambda: self.server.location if self.server else "",
+                epoch=self.store.epoch,
+                client=lambda uri, t: SwimClient(
+                    uri,
+                    cfg.tokens.peer or None,
+                    self._client_tls if uri.startswith("grpc+tls") else None,
+                    t,
+                    retries=0,
+                ),
+                stop=self._stop,
+                on_change=lambda: loops.submit_quietly(self._pool, self.write_status),
+            )
         peer_loop = loops.PeerLoop(
             cfg,
             self.peers,
@@ -290,11 +317,13 @@ class Node:
             wake=self._wake_peers,
             own_uris=lambda: set(self.server.locations) if self.server else set(),
             after_round=self._update_gauges,
+            swim_handles=self.membership.handles if self.membership is not None else None,
         )
         for name, target in (
             ("peers", peer_loop.run),
             ("sync", self._sync.run),
             ("events", self._events.run),
+            *((("swim", self.membership.run),) if self.membership is not None else ()),
         ):
             t = threading.Thread(target=target, name=f"lf-{name}-{self.node_id[:6]}", daemon=True)
             t.start()
@@ -360,6 +389,8 @@ class Node:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Unregister from mDNS (peers see the goodbye), stop loops, abort transfers, close."""
+        if self.membership is not None and self._started:
+            self.membership.leave()  # a few members hear it now; gossip tells the rest
         self._stop.set()
         if self.discovery is not None:
             self.discovery.stop()
@@ -371,6 +402,9 @@ class Node:
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))
         self._threads = []
+        if self.membership is not None:
+            self.membership.close()
+            self.membership = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -509,6 +543,8 @@ class Node:
         assert self.peers is not None and self.store is not None
         live = {p.key: p for p in self.peers.live()}
         peers = list(live.values()) if peer_keys is None else [live[k] for k in peer_keys if k in live]
+        if self.membership is not None:  # an address only gossip named is no sync source (H15)
+            peers = [p for p in peers if self.membership.may_sync(p)]
         if not peers:
             return []
         self.metrics.syncs.labels(trigger).inc()
@@ -532,7 +568,8 @@ class Node:
             epoch = self.store.epoch
             if self.discovery is not None:
                 self.discovery.update_epoch(epoch)  # non-blocking: runs on the mDNS loop
-            self._notify_peers(epoch)  # non-blocking: runs on the I/O pool
+            # non-blocking: runs on the I/O pool; with membership, `fanout` peers only (gossip does the rest)
+            self._notify_peers(epoch, self.membership.local_change(epoch) if self.membership else None)
         self._events.put(event, entry)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
@@ -629,6 +666,8 @@ class Node:
         )
         if self._pusher is not None:  # api.push servers: ok, error, rounds, adapters pushed
             st["push"] = self._pusher.state()
+        if self.membership is not None:  # SWIM: incarnation, members and their states
+            st["membership"] = self.membership.snapshot()
         return st
 
     def write_status(self) -> None:

@@ -55,7 +55,9 @@ class PeerLoop:
         wake: threading.Event,
         own_uris: Callable[[], set[str]],
         after_round: Callable[[], None],
+        swim_handles: Callable[[Peer], bool] | None = None,
     ) -> None:
+        self.swim_handles = swim_handles  # peers whose liveness SWIM checks (membership, H15)
         self.config = config
         self.peers = peers
         self.pool = pool
@@ -92,7 +94,7 @@ class PeerLoop:
                 self.peers.set_static(f"dns:{entry}", uris)
 
     def check_peers(self) -> None:
-        due = self.peers.due()
+        due = [(p, u) for p, u in self.peers.due() if self.swim_handles is None or not self.swim_handles(p)]
         if not due:
             return
         timeout = self.config.intervals.health_timeout

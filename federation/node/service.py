@@ -13,6 +13,7 @@ from typing import Any
 
 from loraflight.errors import BusyError
 
+from ..membership.wire import ACTIONS as MEMBERSHIP_ACTIONS
 from ..protocol import ACTION_HEALTH
 from ..server import CardServer, edge
 
@@ -30,6 +31,8 @@ class NodeView:
     status: Callable[[], dict[str, Any]]  # the status dict
     # What the node is still doing before it is ready ("loading the base model X (12 s)"), or None.
     starting: Callable[[], str | None] = lambda: None
+    # membership actions (kind, body, caller) -> answer; None: membership is off
+    membership: Callable[[str, bytes, str], bytes] | None = None
 
 
 class NodeServer(CardServer):
@@ -50,6 +53,7 @@ class NodeServer(CardServer):
             *super().list_actions(context),
             (ACTION_PEERS, "the node's peer table: node id, address, state, sources, epoch"),
             (ACTION_STATUS, "node-info plus peers and adapters loaded into the engine"),
+            *(MEMBERSHIP_ACTIONS.items() if self._view.membership is not None else ()),
         ]
 
     @edge  # errors become one Flight error with a message, never a traceback sent to the client
@@ -61,6 +65,9 @@ class NodeServer(CardServer):
         if action.type == ACTION_HEALTH and (doing := self._view.starting()):
             # Not ready yet: health (and so `status --quiet`, the deploy/ probes) fails, saying why.
             raise BusyError(f"not ready: {doing}")
+        if action.type in MEMBERSHIP_ACTIONS and self._view.membership is not None:
+            body = action.body.to_pybytes() if action.body is not None else b""
+            return iter([self._view.membership(action.type, body, context.peer())])
         return super().do_action(context, action)
 
 
