@@ -40,6 +40,7 @@ from loraflight.errors import (
 from .protocol import (
     ACTION_DELETE,
     ACTION_HEALTH,
+    ACTION_HELLO,
     ACTION_NODE_INFO,
     ACTION_NOTIFY,
     ACTION_WITHDRAW,
@@ -64,7 +65,8 @@ from .withdrawal import Withdrawal, new_withdrawal, parse_ref
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (bytes received, bytes advertised)
-MAX_LOCATIONS_TRIED = 16
+MAX_LOCATIONS_TRIED = 3  # a listing may name any host:port: only a few are tried per card
+CONNECT_DEADLINE_S = 2.0  # a location other than the lister must answer `health` this fast
 
 
 class Client:
@@ -99,6 +101,7 @@ class Client:
         self._checked = False
         self._peer_formats: object = None  # the card format majors the node reads (its health says)
         self._get_many = 0  # cards per bundle the node serves (its health says; 0: card by card)
+        self._unreachable = False  # as another location of a card: its `health` failed (`_peer`)
 
     # -- lifecycle
     def close(self) -> None:
@@ -179,6 +182,10 @@ class Client:
         check_protocol(str(info.get("protocol", "")), who=f"node {self.uri}")
         self._checked = True
         return info
+
+    def hello(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The fleet-secret challenge (`fleet_auth.hello_request` builds `body`); its answer."""
+        return self._action(ACTION_HELLO, body)
 
     def notify(self, peer_uri: str, epoch: int) -> dict[str, Any]:
         """Tell the node that `peer_uri`'s catalog changed (it may sync from it now)."""
@@ -320,25 +327,39 @@ class Client:
             entries[0], store=store, trusted=trusted, require_signed=require_signed, progress=progress
         )
 
-    def _peer(self, uri: str) -> Client:
+    def _peer(self, uri: str, vetted: bool = True) -> Client:
+        """A client of another location of a card: TLS when this client uses TLS (no downgrade
+        by the scheme a listing names), the token only to a `vetted` location, and a short
+        `health` first (CONNECT_DEADLINE_S): a dead or silent address costs seconds, once."""
         if uri == self.uri:
             return self
+        if self.tls is not None and uri.startswith("grpc://"):
+            uri = "grpc+tls://" + uri[len("grpc://") :]
+        key = f"{uri} {vetted}"
         with self._lock:
-            c = self._peers.get(uri)
-            if c is None:
-                tls = self.tls if uri.startswith("grpc+tls") else None
-                c = Client(
-                    uri,
-                    self.token,
-                    tls,
-                    self.timeout,
-                    retries=self.retries,
-                    backoff=self.backoff,
-                    fetch_timeout=self.fetch_timeout,
-                )
-                c._checked = True  # same fleet: the listing node vouched for it
-                self._peers[uri] = c
-            return c
+            c = self._peers.get(key)
+        if c is None:
+            tls = self.tls if uri.startswith("grpc+tls") else None
+            c = Client(
+                uri,
+                self.token if vetted else None,
+                tls,
+                min(self.timeout, CONNECT_DEADLINE_S),
+                retries=0,
+                backoff=self.backoff,
+                fetch_timeout=self.fetch_timeout,
+            )
+            with self._lock:
+                self._peers[key] = c
+            try:
+                c.health()  # a dead address fails fast here, and is not tried again by this client
+            except LoraflightError:
+                c._unreachable = True
+                raise
+            c.timeout, c.retries = self.timeout, self.retries
+        elif c._unreachable:
+            raise PeerError(f"{uri} did not answer within {CONNECT_DEADLINE_S:g} s before; not tried again")
+        return c
 
     def fetch_entry(
         self,
@@ -377,11 +398,14 @@ class Client:
             existing = store.check_admission(entry.header)  # conflicts and entry trust before bytes
             if existing is not None:
                 return store.get(existing.digest), existing
-        locs = dedupe([*(locations or entry.locations), self.uri])[:MAX_LOCATIONS_TRIED]
+        # `locations` are the caller's vetted ones; a listing's own are tried without the token
+        named = list(locations) if locations else list(entry.locations)
+        locs = dedupe([*[u for u in named if u != self.uri][: MAX_LOCATIONS_TRIED - 1], self.uri])
         errors: list[tuple[str, LoraflightError]] = []
         for loc in locs:
             try:
-                return self._peer(loc)._fetch_once(entry, store, tset, require_signed, progress, locs)
+                peer = self._peer(loc, vetted=bool(locations))
+                return peer._fetch_once(entry, store, tset, require_signed, progress, locs)
             except (TrustError, ConflictError, StoreError):
                 raise  # the same wherever the bytes come from
             except (CardError, PeerError) as e:

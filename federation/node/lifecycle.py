@@ -48,6 +48,7 @@ from ..store import Store
 from . import loops
 from .engine import NodeEngine
 from .export import Exporter
+from .gate import PeerGate
 from .hotload import trust_refusal
 from .loader import Loader
 from .service import NodeServer, NodeView
@@ -108,7 +109,7 @@ class Node:
         self._sync = loops.SyncLoop(
             config,
             stop=self._stop,
-            live_keys=lambda: [p.key for p in self.peers.live()] if self.peers is not None else [],
+            live_keys=lambda: [p.key for p in self.peers.syncable()] if self.peers is not None else [],
             sync_now=lambda keys, trigger: self.sync_now(keys, trigger=trigger),
             metrics=self.metrics,
         )
@@ -119,6 +120,7 @@ class Node:
         self._unsubscribe: Callable[[], None] | None = None
         self._started = False
         self._arrived: dict[str, float] = {}  # digest -> wall time it entered the store
+        self.gate: PeerGate | None = None  # who is a peer: token, TLS, notify, hello (at start)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,6 +173,18 @@ class Node:
             self._client_tls = ClientTLS.from_files(
                 cfg.tls.ca or None, cfg.tls.client_cert or None, cfg.tls.client_key or None
             )
+        self.gate = PeerGate(
+            cfg,
+            client_tls=self._client_tls,
+            peers=lambda: self.peers,
+            store=lambda: self.store,
+            node_id=lambda: self.node_id,
+            my_uri=lambda: self.server.location if self.server is not None else "",
+            base_model=lambda: self.base_model_id,
+            engine_keys=lambda: self._engine_keys,
+            mark_dirty=self._sync.mark_dirty,
+            wake_peers=self._wake_peers.set,
+        )
         if cfg.tokens.write and tls is None:
             log.warning("write tokens without TLS travel in clear text; configure tls.cert and tls.key")
         generation = None
@@ -237,6 +251,7 @@ class Node:
             probe_interval=cfg.intervals.probe,
             failures=cfg.intervals.failures,
             on_event=self._on_peer_event,
+            open_fleet=self.gate.open_fleet,
         )
         listen_port = urlsplit(cfg.listen).port or 0
         self.server = NodeServer(
@@ -254,7 +269,8 @@ class Node:
             read_tokens=cfg.tokens.read,
             node_id=self.identity.node_id,
             fleet_id=cfg.fleet,
-            on_notify=self._on_notify,
+            on_notify_from=self._on_notify,
+            on_hello=self.gate.on_hello,
             peer_locations=self._peer_locations,
             exchange=self.serving.exchange if self.serving is not None else None,
         )
@@ -293,6 +309,7 @@ class Node:
             wake=self._wake_peers,
             own_uris=lambda: set(self.server.locations) if self.server else set(),
             after_round=self._update_gauges,
+            prove=self.gate.prove,
         )
         for name, target in (
             ("peers", peer_loop.run),
@@ -401,15 +418,16 @@ class Node:
     def _peer_locations(self, digest: str) -> list[str]:
         return []
 
-    def _client(self, uri: str, timeout: float) -> Client:
-        tls = self._client_tls if uri.startswith("grpc+tls") else None
-        return Client(uri, self.config.tokens.peer or None, tls, timeout, retries=0)
+    def _client(self, uri: str, timeout: float, *, retries: int = 0) -> Client:
+        """Every call to a peer: the one rule for TLS and token (`gate.PeerGate.client`)."""
+        assert self.gate is not None, "node not started"
+        return self.gate.client(uri, timeout, retries=retries)
 
     # ------------------------------------------------------------------ peers
 
     def _on_peer_event(self, event: str, peer: Peer) -> None:
         """Peer table events; may run on the mDNS loop, so nothing here blocks (no store I/O)."""
-        if event in ("added", "back", "epoch"):
+        if event in ("added", "back", "epoch", "confirmed"):
             self._sync.mark_dirty(peer.key, event)
         if event in ("added", "dropped", "removed", "back"):
             log.info("peer %s %s (%s)", peer.key, event, peer.uri or ",".join(peer.uris))
@@ -425,19 +443,11 @@ class Node:
         self._update_gauges()
         self.write_status()
 
-    def _on_notify(self, peer_uri: str) -> None:
-        """A peer's catalog changed (Flight `notify`): sync from it now (runs on a server thread)."""
+    def _on_notify(self, peer_uri: str, source: str = "addr:?") -> None:
+        """A `notify` (runs on a server thread): `gate.PeerGate.on_notify` (it adds no sync source)."""
         self.metrics.notifies.inc()
-        if self.peers is None:
-            return
-        peer = self.peers.find_uri(peer_uri)
-        if peer is not None and peer.state == "live":
-            self._sync.mark_dirty(peer.key, "notify")
-        else:
-            # Unknown or not yet confirmed: a health call checks its fleet first, then it syncs.
-            if peer is None:
-                self.peers.add_address("notify", peer_uri)
-            self._wake_peers.set()
+        if self.gate is not None:
+            self.gate.on_notify(peer_uri, source)
 
     def _notify_peers(self, epoch: int, peers: list[Peer] | None = None) -> None:
         if self.peers is None or self._pool is None or self.server is None:
@@ -462,7 +472,7 @@ class Node:
     def sync_now(self, peer_keys: Iterable[str] | None = None, trigger: str = "manual") -> list[CatalogEntry]:
         """Pull what the sync policy wants from these live peers (all when None); returns new entries."""
         assert self.peers is not None and self.store is not None
-        live = {p.key: p for p in self.peers.live()}
+        live = {p.key: p for p in self.peers.syncable()}  # never a host only a notify named
         peers = list(live.values()) if peer_keys is None else [live[k] for k in peer_keys if k in live]
         if not peers:
             return []
@@ -471,7 +481,17 @@ class Node:
         t0 = time.perf_counter()
         added: list[CatalogEntry] = []
         try:
-            added = loops.sync_round(peers, self.config, self.store, self._client_tls, self.metrics)
+            timeout = max(self.config.intervals.health_timeout, 5.0)
+            added = loops.sync_round(
+                peers,
+                self.config,
+                self.store,
+                self._client_tls,
+                self.metrics,
+                connect=lambda uri: self._client(uri, timeout, retries=2),
+                vetted=self.peers.vetted,
+                admits=self.gate.admits,
+            )
         finally:
             self.metrics.sync_seconds.observe(time.perf_counter() - t0)
             self.write_status()
