@@ -400,7 +400,9 @@ class Client:
                 return store.get(existing.digest), existing
         # `locations` are the caller's vetted ones; a listing's own are tried without the token
         named = list(locations) if locations else list(entry.locations)
-        locs = dedupe([*[u for u in named if u != self.uri][: MAX_LOCATIONS_TRIED - 1], self.uri])
+        locs = dedupe([*named, self.uri])[:MAX_LOCATIONS_TRIED]  # in the order given, the lister kept
+        if self.uri not in locs:
+            locs = [*locs[: MAX_LOCATIONS_TRIED - 1], self.uri]
         errors: list[tuple[str, LoraflightError]] = []
         for loc in locs:
             try:

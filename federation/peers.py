@@ -34,7 +34,7 @@ from loraflight.errors import ConfigError
 
 from .discovery import Announcement
 from .ratelimit import SummaryLog
-from .uris import canonical_uri
+from .uris import canonical_uri, same_host_port
 
 log = logging.getLogger(__name__)
 
@@ -460,12 +460,16 @@ class PeerTable:
             ]
 
     def vetted(self, uri: str) -> bool:
-        """Whether `uri` is an address of a confirmed peer (a token and a fetch may go there)."""
+        """Whether `uri` is an address of a confirmed peer, whatever the scheme (a token and a
+        fetch may go there)."""
         got = _canon([uri], "vetted")
         if not got:
             return False
-        p = self.find_uri(got[0])
-        return p is not None and p.confirmed
+        with self._lock:  # the scheme aside: a TLS node dials a grpc:// peer as grpc+tls://
+            return any(
+                p.confirmed and any(same_host_port(got[0], u) for u in [*p.uris, *([p.uri] if p.uri else [])])
+                for p in self._peers.values()
+            )
 
     def get(self, node_id: str) -> Peer | None:
         with self._lock:
