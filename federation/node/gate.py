@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
-from loraflight.errors import BusyError, ConfigError, LoraflightError, TrustError
+from loraflight.errors import ConfigError, LoraflightError, TrustError
 
 from ..client import Client
 from ..config import NodeConfig
@@ -195,7 +195,11 @@ class PeerGate:
             self._quiet.log(
                 logging.WARNING, "hello-rate", "hello from %s over its rate limit: refused", source
             )
-            raise BusyError("too many hello calls from this caller; try again in a few seconds")
+            # answered, not raised: a refusal would be logged once per call (server.edge)
+            return {
+                "status": "busy",
+                "error": "too many hello calls from this caller; try again in a few seconds",
+            }
         req = parse_hello_request(body)
         peers = self._peers()
         if (req.proved(self.secret, self._replay) or self.callers_vetted) and peers is not None:

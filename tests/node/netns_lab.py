@@ -25,6 +25,7 @@ from typing import Any
 
 from loraflight.testing import Lab, new_signer, tiny_card, wait_for
 
+from .netns_hostile import flood_from_a_neighbour, mdns_spoof
 from .netns_withdraw import withdraw_fleet
 
 
@@ -155,6 +156,8 @@ SCENARIOS: dict[str, Callable[[Lab], dict[str, Any]]] = {
     "static_peers": static_peers,
     "two_fleets": two_fleets,
     "withdraw_fleet": withdraw_fleet,
+    "flood_from_a_neighbour": flood_from_a_neighbour,
+    "mdns_spoof": mdns_spoof,
 }
 
 
