@@ -127,37 +127,52 @@ def mdns_spoof(lab: Lab) -> dict[str, Any]:
 
 
 def _flood(target: str, seconds: float, marker: str, stats: str, stop: str) -> int:
-    from loraflight.errors import LoraflightError
-    from loraflight.federation.client import Client
-    from loraflight.federation.fleet_auth import FleetSecret, hello_request
+    """Notifies (URI variants of this host, made-up hosts) and hellos with made-up proofs, from
+    three threads, until `stop` exists or `seconds` pass (plain pyarrow.flight calls)."""
+    import secrets
 
-    fake = FleetSecret(b"not-the-fleet-secret-0000")
+    import pyarrow.flight as flight
+
+    from loraflight.federation.security import call_headers
+
     counts = {"calls": 0, "refused": 0}
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
+    opts = flight.FlightCallOptions(timeout=2.0, headers=call_headers(None))
+
+    def body(i: int, worker: int) -> tuple[str, dict[str, Any]]:
+        if i % 3 == 0:
+            return "hello", {
+                "v": 1,
+                "node_id": uuid.uuid4().hex,
+                "peer": f"grpc://{SUBNET}.3:{PORT}",
+                "target": target,
+                "nonce": secrets.token_hex(16),
+                "time": int(time.time()),
+                "proof": secrets.token_hex(32),
+            }
+        if i % 3 == 1:
+            return "notify", {"peer": f"grpc://{SUBNET}.3:{PORT}/{worker}/{i}/{uuid.uuid4().hex}", "epoch": i}
+        return "notify", {"peer": f"grpc://10.{i % 250}.{worker}.{i % 200 + 1}:1", "epoch": i}
 
     def run(worker: int) -> None:
-        with Client(target, retries=0, timeout=2.0) as c:
-            i = 0
+        c = flight.FlightClient(target)
+        i = 0
+        try:
             while time.monotonic() < deadline and not (i % 50 == 0 and Path(stop).exists()):
                 i += 1
+                kind, b = body(i, worker)
                 try:
-                    if i % 3 == 0:
-                        body, _ = hello_request(
-                            fake, node_id=uuid.uuid4().hex, peer=f"grpc://{SUBNET}.3:{PORT}", target=target
-                        )
-                        c.hello(body)
-                    elif i % 3 == 1:
-                        c.notify(f"grpc://{SUBNET}.3:{PORT}/{worker}/{i}/{uuid.uuid4().hex}", i)
-                    else:
-                        c.notify(f"grpc://10.{i % 250}.{worker}.{i % 200 + 1}:1", i)
-                except LoraflightError:
+                    list(c.do_action(flight.Action(kind, json.dumps(b).encode()), opts))
+                except flight.FlightError:
                     with lock:
                         counts["refused"] += 1
                 with lock:
                     counts["calls"] += 1
                     if counts["calls"] == 100:
                         Path(marker).write_text("started")
+        finally:
+            c.close()
 
     threads = [threading.Thread(target=run, args=(w,)) for w in range(3)]
     for t in threads:

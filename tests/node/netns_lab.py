@@ -110,7 +110,15 @@ def static_peers(lab: Lab) -> dict[str, Any]:
     secret.write_text("st-fleet-secret-0123456789abcdef\n")
     lab.start_node(1, "st", "--trust-key", pub, "--no-discovery", "--fleet-secret-file", str(secret))
     lab.start_node(
-        2, "st", "--trust-key", pub, "--no-discovery", "--peer", lab.uri(1), "--fleet-secret-file", str(secret)
+        2,
+        "st",
+        "--trust-key",
+        pub,
+        "--no-discovery",
+        "--peer",
+        lab.uri(1),
+        "--fleet-secret-file",
+        str(secret),
     )
     ids = {i: lab.wait_up(i)["node_id"] for i in (1, 2)}
     wait_for(lambda: ids[1] in lab.live_peers(2) and ids[2] in lab.live_peers(1), 60, "static peers to meet")

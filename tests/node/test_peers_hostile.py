@@ -18,7 +18,6 @@ from loraflight.engine import Engine, keys
 from loraflight.engine.authoring.models import tiny_encoder
 from loraflight.federation.client import Client
 from loraflight.federation.discovery import Announcement
-from loraflight.federation.fleet_auth import FleetSecret, hello_request
 from loraflight.federation.node import Node
 from loraflight.federation.peers import MAX_UNCONFIRMED
 from loraflight.federation.server import CardServer
@@ -139,7 +138,7 @@ def test_a_refused_higher_version_never_shadows_the_admitted_one(tmp_path, fleet
         },
     )
     with Node(cfg, engine=_engine()) as n:
-        wait_for(lambda: n.peers.syncable(), 30, "the static peer")
+        wait_for(lambda: n.peers.live(), 30, "the static peer")
         n.sync_now(trigger="test")
         wait_for(
             lambda: (
@@ -178,7 +177,7 @@ def test_with_a_fleet_secret_an_mdns_record_plants_nothing(tmp_path, fleet, sign
         n.peers.announce("added", ann)
         wait_for(lambda: len(hostile.seen("health")) >= 2, 30, "the node to probe the announced host")
         n.sync_now(trigger="test")
-        assert n.peers.syncable() == [] and not n.store.list()
+        assert not n.store.list()
         assert not hostile.seen("list"), "an unconfirmed mDNS host was synced from"
 
 
@@ -263,7 +262,7 @@ def test_listing_locations_steer_no_fetch_and_no_token(tmp_path, fleet, signer, 
         },
     )
     with Node(cfg) as n:
-        wait_for(lambda: n.peers.syncable(), 30, "the static lister")
+        wait_for(lambda: n.peers.live(), 30, "the static lister")
         n.sync_now(trigger="test")
         assert "skill@1" in _refs(n.store) and len(n.store.list()) == 31
         assert hostile.seen() == [] and hostile.tokens_seen() == [], (
@@ -311,13 +310,13 @@ def test_a_notify_flood_of_uri_variants_is_folded_capped_and_quiet(
         **{"discovery.enabled": False, "discovery.peers": [real.location], "trust.keys": [pub]},
     )
     with caplog.at_level(logging.INFO, "loraflight"), Node(cfg) as n:
-        wait_for(lambda: n.peers.syncable(), 30, "the real peer")
+        wait_for(lambda: n.peers.live(), 30, "the real peer")
         with Client(n.uri, retries=0, timeout=5) as c:
             for i in range(600):
                 c.notify(f"{hostile.location}/{i}/{uuid.uuid4().hex}", i)
             for i in range(200):  # and made-up hosts
                 c.notify(f"grpc://10.{i // 250}.{i % 250}.7:1", i)
-        unconfirmed = [p for p in n.peers.all() if not p.confirmed]
+        unconfirmed = [p for p in n.peers.all() if not ({"static", "dns"} & p.sources)]
         assert len(unconfirmed) <= MAX_UNCONFIRMED
         assert len([p for p in n.peers.all() if hostile.location.split("//")[1] in " ".join(p.uris)]) <= 1
         rstore.add(tiny_card("skill", 1, key=key), published=True)
@@ -339,6 +338,8 @@ def test_a_hello_flood_does_not_keep_a_real_hello_out(tmp_path, fleet, signer) -
         **{"discovery.enabled": False, "trust.keys": [pub], "fleet_secret_file": secret},
     )
     with Node(c1) as n1:
+        from loraflight.federation.fleet_auth import FleetSecret, hello_request
+
         fake = FleetSecret(b"not-the-fleet-secret-000")
         fc = flight.FlightClient(n1.uri)
         busy = 0
