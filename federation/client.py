@@ -328,9 +328,8 @@ class Client:
         )
 
     def _peer(self, uri: str, vetted: bool = True) -> Client:
-        """A client of another location of a card: TLS when this client uses TLS (no downgrade
-        by the scheme a listing names), the token only to a `vetted` location, and a short
-        `health` first (CONNECT_DEADLINE_S): a dead or silent address costs seconds, once."""
+        """A client of another location of a card: TLS if this client uses TLS (whatever the scheme),
+        the token only to a `vetted` location, a short `health` first (dead: seconds, once)."""
         if uri == self.uri:
             return self
         if self.tls is not None and uri.startswith("grpc://"):
@@ -339,24 +338,24 @@ class Client:
         with self._lock:
             c = self._peers.get(key)
         if c is None:
-            tls = self.tls if uri.startswith("grpc+tls") else None
             c = Client(
                 uri,
                 self.token if vetted else None,
-                tls,
+                self.tls,
                 min(self.timeout, CONNECT_DEADLINE_S),
                 retries=0,
                 backoff=self.backoff,
                 fetch_timeout=self.fetch_timeout,
             )
-            with self._lock:
-                self._peers[key] = c
             try:
                 c.health()  # a dead address fails fast here, and is not tried again by this client
+                c.timeout, c.retries = self.timeout, self.retries
             except LoraflightError:
                 c._unreachable = True
                 raise
-            c.timeout, c.retries = self.timeout, self.retries
+            finally:
+                with self._lock:
+                    self._peers[key] = c
         elif c._unreachable:
             raise PeerError(f"{uri} did not answer within {CONNECT_DEADLINE_S:g} s before; not tried again")
         return c

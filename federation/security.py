@@ -207,8 +207,9 @@ def call_source(context: Any) -> str:
     """Who a call comes from, for rate limits: its token (hashed) when one was sent, else the
     caller's address without the port (`context.peer()`, e.g. 'ipv4:10.0.0.5:51234')."""
     mw = context.get_middleware("auth") if context is not None else None
-    if mw is not None and getattr(mw, "token_id", ""):
-        return f"token:{mw.token_id}"
+    tid = mw.token_id if isinstance(mw, AuthMiddleware) else ""
+    if tid:
+        return f"token:{tid}"
     try:
         peer = str(context.peer())
     except Exception:  # no peer known (in-process calls)

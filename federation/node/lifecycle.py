@@ -490,7 +490,7 @@ class Node:
                 self.metrics,
                 connect=lambda uri: self._client(uri, timeout, retries=2),
                 vetted=self.peers.vetted,
-                admits=self.gate.admits,
+                admits=self.gate.admits if self.gate is not None else None,
             )
         finally:
             self.metrics.sync_seconds.observe(time.perf_counter() - t0)
