@@ -335,3 +335,25 @@ def test_a_refused_higher_version_never_shadows_an_admitted_lower_one() -> None:
     cats["grpc://p:1"].append(_entry(mid, "grpc://p:1"))
     refs = {f.ref for f in plan_sync([], cats, SyncPolicy(), admits=lambda e: e.version == 2)}
     assert "support-tone@2" in refs
+
+
+def test_the_fleet_secret_is_never_printed_and_a_bad_file_is_a_config_problem(tmp_path) -> None:
+    import json
+
+    from loraflight.federation.cli.node_cmds import redacted_toml
+    from loraflight.federation.config import load_config
+
+    f = tmp_path / "fleet.secret"
+    f.write_text("fleet-secret-0123456789abcdef\n")
+    cfg = load_config(env={}, flags={"fleet_secret_file": str(f), "store": str(tmp_path / "s")})
+    for text in (cfg.to_toml(), redacted_toml(cfg), repr(cfg), json.dumps(cfg.to_dict())):
+        assert "fleet-secret-0123456789abcdef" not in text
+    assert str(f) in cfg.to_toml()
+    env = {"LORAFLIGHT_FLEET_SECRET_FILE": str(f)}
+    assert load_config(env=env, flags={"store": str(tmp_path / "s")}).fleet_secret_file == str(f)
+    short = tmp_path / "short"
+    short.write_text("short\n")
+    with pytest.raises(ConfigError, match=r"fleet_secret_file.*at least 16"):
+        load_config(env={}, flags={"fleet_secret_file": str(short)})
+    with pytest.raises(ConfigError, match="fleet_secret_file"):
+        load_config(env={}, flags={"fleet_secret_file": str(tmp_path / "missing")})

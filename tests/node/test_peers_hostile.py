@@ -371,3 +371,5 @@ def test_a_hello_flood_does_not_keep_a_real_hello_out(tmp_path, fleet, signer) -
             )
             n2.store.add(tiny_card("skill", 1, key=key), published=True)
             wait_for(lambda: "skill@1" in _refs(n1.store), 60, "n2's card on n1")
+            for node in (n1, n2):  # the secret is in no status, peer table or config dump
+                assert "fleet-secret-0123456789abcdef" not in json.dumps(node.status(), default=str)
