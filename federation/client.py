@@ -48,6 +48,7 @@ from .client_io import (
 from .protocol import (
     ACTION_DELETE,
     ACTION_HEALTH,
+    ACTION_HELLO,
     ACTION_NODE_INFO,
     ACTION_NOTIFY,
     ACTION_WITHDRAW,
@@ -75,7 +76,8 @@ from .withdrawal import Withdrawal, new_withdrawal, parse_ref
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (bytes received, bytes advertised)
-MAX_LOCATIONS_TRIED = 16
+MAX_LOCATIONS_TRIED = 3  # a listing may name any host:port: only a few are tried per card
+CONNECT_DEADLINE_S = 2.0  # a location other than the lister must answer `health` this fast
 
 
 class Client:
@@ -116,6 +118,7 @@ class Client:
         self._peer_formats: object = None  # the card format majors the node reads (its health says)
         self._get_many = 0  # cards per bundle the node serves (its health says; 0: card by card)
         self._header_max: int | None = None  # header bytes per listing entry, when the node truncates
+        self._unreachable = False  # as another location of a card: its `health` failed (`_peer`)
 
     # -- lifecycle
     def close(self) -> None:
@@ -208,6 +211,10 @@ class Client:
         check_protocol(str(info.get("protocol", "")), who=f"node {self.uri}")
         self._checked = True
         return info
+
+    def hello(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The fleet-secret challenge (`fleet_auth.hello_request` builds `body`); its answer."""
+        return self._action(ACTION_HELLO, body)
 
     def notify(self, peer_uri: str, epoch: int) -> dict[str, Any]:
         """Tell the node that `peer_uri`'s catalog changed (it may sync from it now)."""
@@ -376,26 +383,39 @@ class Client:
             entries[0], store=store, trusted=trusted, require_signed=require_signed, progress=progress
         )
 
-    def _peer(self, uri: str) -> Client:
+    def _peer(self, uri: str, vetted: bool = True) -> Client:
+        """A client of another location of a card: TLS if this client uses TLS (whatever the scheme),
+        the token only to a `vetted` location, a short `health` first (dead: seconds, once)."""
         if uri == self.uri:
             return self
+        if self.tls is not None and uri.startswith("grpc://"):
+            uri = "grpc+tls://" + uri[len("grpc://") :]
+        key = f"{uri} {vetted}"
         with self._lock:
-            c = self._peers.get(uri)
-            if c is None:
-                tls = self.tls if uri.startswith("grpc+tls") else None
-                c = Client(
-                    uri,
-                    self.token,
-                    tls,
-                    self.timeout,
-                    retries=self.retries,
-                    backoff=self.backoff,
-                    fetch_timeout=self.fetch_timeout,
-                    read_timeout=self.read_timeout,
-                )
-                c._checked = True  # same fleet: the listing node vouched for it
-                self._peers[uri] = c
-            return c
+            c = self._peers.get(key)
+        if c is None:
+            c = Client(
+                uri,
+                self.token if vetted else None,
+                self.tls,
+                min(self.timeout, CONNECT_DEADLINE_S),
+                retries=0,
+                backoff=self.backoff,
+                fetch_timeout=self.fetch_timeout,
+                read_timeout=self.read_timeout,
+            )
+            try:
+                c.health()  # a dead address fails fast here, and is not tried again by this client
+                c.timeout, c.retries = self.timeout, self.retries
+            except LoraflightError:
+                c._unreachable = True
+                raise
+            finally:
+                with self._lock:
+                    self._peers[key] = c
+        elif c._unreachable:
+            raise PeerError(f"{uri} did not answer within {CONNECT_DEADLINE_S:g} s before; not tried again")
+        return c
 
     def fetch_entry(
         self,
@@ -434,11 +454,16 @@ class Client:
             existing = store.check_admission(entry.header)  # conflicts and entry trust before bytes
             if existing is not None:
                 return store.get(existing.digest), existing
-        locs = dedupe([*(locations or entry.locations), self.uri])[:MAX_LOCATIONS_TRIED]
+        # `locations` are the caller's vetted ones; a listing's own are tried without the token
+        named = list(locations) if locations else list(entry.locations)
+        locs = dedupe([*named, self.uri])[:MAX_LOCATIONS_TRIED]  # in the order given, the lister kept
+        if self.uri not in locs:
+            locs = [*locs[: MAX_LOCATIONS_TRIED - 1], self.uri]
         errors: list[tuple[str, LoraflightError]] = []
         for loc in locs:
             try:
-                return self._peer(loc)._fetch_once(entry, store, tset, require_signed, progress, locs)
+                peer = self._peer(loc, vetted=bool(locations))
+                return peer._fetch_once(entry, store, tset, require_signed, progress, locs)
             except (TrustError, ConflictError, StoreError):
                 raise  # the same wherever the bytes come from
             except (CardError, PeerError) as e:

@@ -209,6 +209,11 @@ class NodeConfig:
     listen: str = _f(f"grpc://0.0.0.0:{DEFAULT_PORT}", "Flight address to listen on (port 0: any free port)")
     advertise: list[str] = _f([], "addresses peers should use (empty: derived from listen and interfaces)")
     fleet: str = _f("default", "fleet id: nodes sync only with peers of the same fleet")
+    fleet_secret_file: str = _f(
+        "",
+        "file holding the fleet secret (token-file rules, >= 16 chars): peers that prove it in a "
+        "hello are confirmed; with it, unconfirmed hosts are never synced from (never printed)",
+    )
     export_dir: str = _f(
         "", "write every stored card trust.engine allows as a PEFT folder here (for vLLM, LoRAX); empty: off"
     )

@@ -229,6 +229,9 @@ class Discovery:
         self._info: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._names: dict[str, str] = {}  # instance name -> node id
+        # instance name -> the addresses its record named: a goodbye carries them, so the peer
+        # table takes it only from the record that announced the peer (PeerTable.announce)
+        self._uris: dict[str, tuple[str, ...]] = {}
         self._gen: dict[str, int] = {}  # instance name -> count of browser events seen
         self._removed_at: dict[str, float] = {}  # instance name -> loop time of its goodbye
         self._registered: asyncio.Future[Any] | None = None
@@ -433,8 +436,9 @@ class Discovery:
         if state_change is ServiceStateChange.Removed:
             self._removed_at[name] = loop.time()
             node_id = self._names.pop(name, None)
+            uris = self._uris.pop(name, ())
             if node_id and node_id != self.node_id:
-                self._emit("removed", Announcement(node_id, self.fleet, "", False, 0, (), name))
+                self._emit("removed", Announcement(node_id, self.fleet, "", False, 0, uris, name))
             return
         added = state_change is ServiceStateChange.Added
         if not added and loop.time() - self._removed_at.get(name, float("-inf")) < _GOODBYE_GRACE:
@@ -476,6 +480,7 @@ class Discovery:
             log.debug("mDNS: ignoring %s of fleet %s", ann.node_id, ann.fleet)
             return
         self._names[name] = ann.node_id
+        self._uris[name] = ann.uris
         self._emit("added" if added else "updated", ann)
 
     def _emit(self, event: str, ann: Announcement) -> None:

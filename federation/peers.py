@@ -7,6 +7,16 @@ timeout (never by mDNS TTLs): after `failures` consecutive failures a peer is *d
 peers are probed every `probe` seconds and come back on the first success. A peer that says
 goodbye over mDNS leaves at once (unless a static or DNS entry also names it).
 
+Who is a peer (docs/operations.md, "Security model"): a peer is *confirmed* when the operator
+configured it (a static or DNS source), when it proved the fleet secret in a `hello`, or when
+it answered over TLS with a certificate of the fleet CA (`Peer.proved`). Anything else (an
+mDNS record, a `notify`) is an unconfirmed claim: capped in number (`MAX_UNCONFIRMED`), never
+given a token, and never a sync source unless the fleet is open (`syncable`: no secret, no
+fleet CA, where mDNS peers still sync, zero-config on a trusted LAN). An unconfirmed record
+cannot take over a peer that answered as itself: a goodbye or an address change for a node
+id counts only from the mDNS instance that announced it and at an address where it answered.
+Addresses are kept in `uris.canonical_uri` form.
+
 The table holds no sockets: the caller passes a `probe(uri, timeout) -> PeerInfo` function and
 drives `due()` / `record()` from its own loop, so the logic is tested without a network.
 """
@@ -20,16 +30,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraflight.errors import ConfigError
+
 from .discovery import Announcement
+from .ratelimit import SummaryLog
+from .uris import canonical_uri, same_host_port
 
 log = logging.getLogger(__name__)
 
 LIVE = "live"
 DROPPED = "dropped"
 PENDING = "pending"  # known address, never answered yet
-# Addresses learnt from a `notify` (which anyone who can reach the node may send) that have not
-# answered a health call yet: at most this many wait for confirmation at once.
+# Peers no operator, fleet secret or fleet CA vouches for (learnt from a `notify` or an mDNS
+# record, which anyone on the LAN may send): at most this many at once, whatever their state.
 MAX_UNCONFIRMED = 64
+# Addresses named by a `hello` whose caller proved the fleet secret, waiting for our own probe.
+MAX_HELLO = 256
+_quiet = SummaryLog(log, 10.0)
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,7 @@ class PeerInfo:
     epoch: int
     proto: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    proved: str = ""  # "secret" (its hello answer proved the fleet secret), "ca" (fleet-CA TLS), ""
 
 
 @dataclass
@@ -57,6 +75,14 @@ class Peer:
     last_try: float = float("-inf")
     first_seen: float = 0.0
     uri: str | None = None  # the address that answered last
+    proved: str = ""  # what its last answer proved: "secret", "ca" or "" (see PeerInfo)
+    verified: set[str] = field(default_factory=set)  # addresses where it answered as this node id
+    instance: str = ""  # the mDNS instance whose record announced it (goodbyes count from it only)
+
+    @property
+    def confirmed(self) -> bool:
+        """Configured by the operator (static, DNS), or proved the fleet secret or fleet CA."""
+        return bool(self.proved) or any(not _ephemeral(s) for s in self.sources)
 
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
         return {
@@ -68,32 +94,36 @@ class Peer:
             "epoch": self.epoch,
             "state": self.state,
             "failures": self.failures,
+            "confirmed": self.confirmed,
             "last_ok_ago": (None if not self.last_ok or now is None else round(now - self.last_ok, 3)),
         }
 
-    # H15 stand-in for H12's confirmed peers (issue 13): the coordinator keeps H12's version.
-    @property
-    def confirmed(self) -> bool:
-        """Configured by the operator (static, DNS) or, with no fleet secret, seen over mDNS."""
-        return any(s in ("static", "mdns") or s.startswith("dns:") for s in self.sources)
-
 
 def _ephemeral(source: str) -> bool:
-    """Sources that vouch for a peer only while it is around (mDNS, a notify it sent)."""
-    return source == "mdns" or source == "notify"
+    """Sources that vouch for a peer only while it is around (mDNS, a notify or hello it sent)."""
+    return source in ("mdns", "notify", "hello")
 
 
-# Events handed to `on_event`: ("added" | "dropped" | "removed" | "back" | "epoch", peer)
+def _canon(uris: Iterable[str], what: str) -> list[str]:
+    out: list[str] = []
+    for u in uris:
+        try:
+            c = canonical_uri(u)
+        except ConfigError as e:
+            _quiet.log(logging.INFO, f"bad-uri-{what}", "ignoring a peer address from %s: %s", what, e)
+            continue
+        if c not in out:
+            out.append(c)
+    return out
+
+
+# Events handed to `on_event`: ("added" | "dropped" | "removed" | "back" | "epoch" | "confirmed",
+# peer); "confirmed": a live peer just proved the fleet secret or CA (it may now be synced from)
 EventCallback = Callable[[str, Peer], None]
 
 
 class PeerTable:
     """Thread-safe table of peers with liveness bookkeeping."""
-
-    # H15 stand-in for H12's confirmed peers (issue 13): the coordinator keeps H12's version.
-    def confirmed(self) -> list[Peer]:
-        with self._lock:
-            return [p for p in self._peers.values() if p.confirmed]
 
     def __init__(
         self,
@@ -106,6 +136,7 @@ class PeerTable:
         forget_after: float = 3600.0,
         on_event: EventCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
+        open_fleet: bool = True,
     ) -> None:
         self.self_id = self_id
         self.fleet = fleet
@@ -115,6 +146,7 @@ class PeerTable:
         self.forget_after = forget_after
         self._on_event = on_event
         self._clock = clock
+        self.open_fleet = open_fleet  # no fleet secret, no fleet CA: mDNS peers are sync sources
         self._lock = threading.RLock()
         self._peers: dict[str, Peer] = {}
 
@@ -124,24 +156,51 @@ class PeerTable:
         """An mDNS event from `Discovery` (quick: safe to call on its loop)."""
         if ann.node_id == self.self_id:
             return
+        uris = _canon(ann.uris, "mdns")
         if event == "removed":
-            self._goodbye(ann.node_id)
+            self._goodbye(ann.node_id, ann.instance, uris)
             return
-        if ann.fleet != self.fleet:
+        if ann.fleet != self.fleet or not uris:
             return
         with self._lock:
             peer = self._peers.get(ann.node_id)
             if peer is None:
-                peer = self._merge_uris(ann.node_id, list(ann.uris), "mdns")
+                if not self._room():
+                    _quiet.log(
+                        logging.WARNING,
+                        "cap-mdns",
+                        "ignoring mDNS peer %s: too many unconfirmed peers",
+                        ann.node_id[:40],
+                    )
+                    return
+                peer = self._merge_uris(ann.node_id, uris, "mdns")
                 peer.fleet = ann.fleet
                 peer.epoch = ann.epoch
+                peer.instance = ann.instance
                 # An announced peer is presumed live: the first health call confirms it.
                 peer.state = LIVE
-                peer.uri = ann.uris[0]
+                peer.uri = uris[0]
                 self._emit("added", peer)
                 return
+            if not self._vouches(peer, ann.instance, uris):
+                # Another record claims this node id at addresses where it never answered: the
+                # addresses wait apart, as claims; the peer itself is left as it is.
+                _quiet.log(
+                    logging.WARNING,
+                    "spoof",
+                    "mDNS record %s claims node id %s at %s, where it never "
+                    "answered: not taken as its address",
+                    ann.instance[:60],
+                    ann.node_id[:40],
+                    uris[0],
+                )
+                for u in uris:
+                    if self.find_uri(u) is None and self._room():
+                        self._merge_uris(None, [u], "mdns")
+                return
             peer.sources.add("mdns")
-            for u in ann.uris:
+            peer.instance = peer.instance or ann.instance
+            for u in uris:
                 if u not in peer.uris:
                     peer.uris.append(u)
             if peer.state == DROPPED:
@@ -152,9 +211,19 @@ class PeerTable:
                 if peer.state == LIVE:
                     self._emit("epoch", peer)
 
+    @staticmethod
+    def _vouches(peer: Peer, instance: str, uris: list[str]) -> bool:
+        """Whether an mDNS record may speak for `peer`: it has not answered anywhere yet, or the
+        record comes from its instance and names an address where it answered."""
+        if not peer.verified or peer.state != LIVE:
+            return True
+        if peer.instance and instance and instance != peer.instance:
+            return False
+        return not uris or any(u in peer.verified for u in uris)
+
     def set_static(self, source: str, uris: Iterable[str]) -> None:
         """Replace the URIs a static or DNS source names (e.g. after re-resolving a DNS name)."""
-        uris = list(dict.fromkeys(uris))
+        uris = _canon(uris, source)
         with self._lock:
             for peer in list(self._peers.values()):
                 if source in peer.sources and not any(u in uris for u in peer.uris):
@@ -172,23 +241,46 @@ class PeerTable:
     def add_address(self, source: str, uri: str) -> Peer | None:
         """Add one address (e.g. from a `notify` by an unknown peer) without touching others.
 
-        None when `source` is ephemeral and `MAX_UNCONFIRMED` such addresses already wait for
-        their first health call (a flood of notifies naming made-up peers stays bounded).
+        None when the address is not a Flight address, or when `source` is ephemeral and
+        `MAX_UNCONFIRMED` unconfirmed peers are known (`MAX_HELLO` for "hello": addresses whose
+        caller proved the fleet secret), and none of them is a non-live one to forget first.
         """
+        got = _canon([uri], source)
+        if not got:
+            return None
+        uri = got[0]
         with self._lock:
             holder = self.find_uri(uri)
             if holder is None:
-                if _ephemeral(source) and self._unconfirmed() >= MAX_UNCONFIRMED:
-                    log.warning("ignoring peer address %s from %s: too many unconfirmed peers", uri, source)
+                if _ephemeral(source) and not self._room(hello=source == "hello"):
+                    _quiet.log(
+                        logging.WARNING,
+                        f"cap-{source}",
+                        "ignoring peer address %s from %s: too many unconfirmed peers",
+                        uri,
+                        source,
+                    )
                     return None
                 return self._merge_uris(None, [uri], source)
             holder.sources.add(source)
             return holder
 
-    def _unconfirmed(self) -> int:
-        return sum(
-            1 for p in self._peers.values() if p.state == PENDING and all(_ephemeral(s) for s in p.sources)
-        )
+    def _unconfirmed(self, hello: bool = False) -> list[Peer]:
+        return [p for p in self._peers.values() if not p.confirmed and (("hello" in p.sources) == hello)]
+
+    def _room(self, hello: bool = False) -> bool:
+        """Whether one more unconfirmed peer fits (forgetting the oldest non-live one if need be)."""
+        waiting = self._unconfirmed(hello)
+        if len(waiting) < (MAX_HELLO if hello else MAX_UNCONFIRMED):
+            return True
+        idle = [p for p in waiting if p.state != LIVE]
+        if not idle:
+            return False
+        old = min(idle, key=lambda p: p.first_seen)
+        del self._peers[old.key]
+        if old.state != PENDING:
+            self._emit("removed", old)
+        return True
 
     def _merge_uris(self, node_id: str | None, uris: list[str], source: str) -> Peer:
         key = node_id or f"uri:{uris[0]}"
@@ -197,10 +289,19 @@ class PeerTable:
         self._peers[key] = peer
         return peer
 
-    def _goodbye(self, node_id: str) -> None:
+    def _goodbye(self, node_id: str, instance: str = "", uris: Iterable[str] = ()) -> None:
         with self._lock:
             peer = self._peers.get(node_id)
             if peer is None:
+                return
+            if not self._vouches(peer, instance, list(uris)):
+                _quiet.log(
+                    logging.WARNING,
+                    "spoof-bye",
+                    "ignoring an mDNS goodbye for %s from %s: not the record it answered at",
+                    node_id[:40],
+                    instance[:60] or "an unknown record",
+                )
                 return
             # A notify-learnt address is as ephemeral as the mDNS record: both go with the goodbye.
             peer.sources = {s for s in peer.sources if not _ephemeral(s)}
@@ -277,8 +378,31 @@ class PeerTable:
                 peer.fleet = info.fleet
                 peer.node_id = info.node_id
                 return
+            proved = info.proved
             if peer.node_id is None:
                 other = self._peers.get(info.node_id)
+                if (
+                    other is not None
+                    and other is not peer
+                    and other.state == LIVE
+                    and other.verified
+                    and uri not in other.verified
+                    and not (proved or peer.confirmed)
+                ):
+                    # An unconfirmed address answers with the node id of a peer that answers
+                    # elsewhere: a claim, not the peer. Kept apart, never synced from.
+                    _quiet.log(
+                        logging.WARNING,
+                        "spoof-id",
+                        "%s answers as %s, which answers at %s: ignored as a claim",
+                        uri,
+                        info.node_id[:40],
+                        other.uri,
+                    )
+                    peer.state = DROPPED
+                    peer.failures = self.max_failures
+                    peer.last_ok = self._clock()
+                    return
                 if other is not None and other is not peer:
                     # Same node reached through another source: fold this entry into it.
                     del self._peers[peer.key]
@@ -291,11 +415,14 @@ class PeerTable:
                     del self._peers[peer.key]
                     peer.key = peer.node_id = info.node_id
                     self._peers[peer.key] = peer
-            was = peer.state
+            was, was_confirmed = peer.state, peer.confirmed
             peer.state = LIVE
             peer.failures = 0
             peer.last_ok = self._clock()
             peer.uri = uri
+            peer.proved = proved
+            if uri:
+                peer.verified.add(uri)
             peer.fleet = info.fleet
             newer = info.epoch > peer.epoch
             peer.epoch = max(peer.epoch, info.epoch)
@@ -306,6 +433,8 @@ class PeerTable:
                 self._emit("back", peer)
             elif newer:
                 self._emit("epoch", peer)
+            if was != PENDING and peer.confirmed and not was_confirmed:
+                self._emit("confirmed", peer)
 
     # -- queries
 
@@ -313,11 +442,42 @@ class PeerTable:
         with self._lock:
             return [p for p in self._peers.values() if p.state == LIVE and p.node_id]
 
+    def confirmed(self) -> list[Peer]:
+        """Every confirmed peer (`Peer.confirmed`) whose node id is known, whatever its state."""
+        with self._lock:
+            return sorted((p for p in self._peers.values() if p.confirmed and p.node_id), key=lambda p: p.key)
+
+    def believes(self, peer: Peer) -> bool:
+        """Whether this node takes the peer's word (syncs from it, believes its gossip): a confirmed
+        peer, and in an open fleet an mDNS peer too (never one only a `notify` named)."""
+        return peer.confirmed or (self.open_fleet and "mdns" in peer.sources)
+
+    def syncable(self) -> list[Peer]:
+        """Live peers this node syncs from (`believes`)."""
+        with self._lock:
+            return [p for p in self._peers.values() if p.state == LIVE and p.node_id and self.believes(p)]
+
+    def vetted(self, uri: str) -> bool:
+        """Whether `uri` is an address of a confirmed peer, whatever the scheme (a token and a
+        fetch may go there)."""
+        got = _canon([uri], "vetted")
+        if not got:
+            return False
+        with self._lock:  # the scheme aside: a TLS node dials a grpc:// peer as grpc+tls://
+            return any(
+                p.confirmed and any(same_host_port(got[0], u) for u in [*p.uris, *([p.uri] if p.uri else [])])
+                for p in self._peers.values()
+            )
+
     def get(self, node_id: str) -> Peer | None:
         with self._lock:
             return self._peers.get(node_id)
 
     def find_uri(self, uri: str) -> Peer | None:
+        """The peer holding `uri` (compared in `canonical_uri` form)."""
+        if "://" in uri:
+            got = _canon([uri], "lookup")
+            uri = got[0] if got else uri
         with self._lock:
             for p in self._peers.values():
                 if uri in p.uris or p.uri == uri:
@@ -342,4 +502,4 @@ class PeerTable:
             log.exception("peer event handler failed (%s %s)", event, peer.key)
 
 
-__all__ = ["DROPPED", "LIVE", "MAX_UNCONFIRMED", "PENDING", "Peer", "PeerInfo", "PeerTable"]
+__all__ = ["DROPPED", "LIVE", "MAX_HELLO", "MAX_UNCONFIRMED", "PENDING", "Peer", "PeerInfo", "PeerTable"]

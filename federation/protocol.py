@@ -46,6 +46,7 @@ ACTION_NOTIFY = "notify"
 ACTION_DELETE = "delete"
 ACTION_WITHDRAW = "withdraw"
 ACTION_WITHDRAWALS = "withdrawals"
+ACTION_HELLO = "hello"
 ACTIONS: dict[str, str] = {
     ACTION_HEALTH: "liveness: status, node id, protocol version, catalog epoch",
     ACTION_NODE_INFO: "node id, fleet id, software, protocol and format versions, epoch, counts, bytes",
@@ -53,6 +54,7 @@ ACTIONS: dict[str, str] = {
     ACTION_DELETE: 'remove a card; body JSON {"digest": hex} or {"name": n, "version": v}; needs a write token',
     ACTION_WITHDRAW: "honour and keep a signed withdrawal; body: the record's JSON; needs a write token",
     ACTION_WITHDRAWALS: "every withdrawal this node keeps: one result per record (JSON)",
+    ACTION_HELLO: "fleet-secret challenge both ways (HMAC over fresh nonces); body JSON, see docs/protocol.md",
 }
 PUBLISH_OP = "publish"
 MAX_CRITERIA_BYTES = 64 * 1024
@@ -558,6 +560,7 @@ __all__ = [
     "ACTIONS",
     "ACTION_DELETE",
     "ACTION_HEALTH",
+    "ACTION_HELLO",
     "ACTION_NODE_INFO",
     "ACTION_NOTIFY",
     "ACTION_WITHDRAW",

@@ -8,6 +8,7 @@ Every call also carries the client's protocol version; another major is refused 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import os
 from collections.abc import Iterable
@@ -128,12 +129,18 @@ class AuthMiddleware(flight.ServerMiddleware):
     """Per-call record of what the caller may do; handlers ask `can_write`."""
 
     def __init__(
-        self, can_read: bool, can_write: bool, peer_protocol: str | None, token: str = "none"
+        self,
+        can_read: bool,
+        can_write: bool,
+        peer_protocol: str | None,
+        token: str = "none",
+        token_id: str = "",
     ) -> None:
         self.can_read = can_read
         self.can_write = can_write
         self.peer_protocol = peer_protocol
         self.token = token  # what the caller sent: "none", "write", "read" or "unknown" (matches no token)
+        self.token_id = token_id  # a short hash of the token sent ("" when none): keys rate limits
 
     def sending_headers(self) -> dict[str, str]:
         return {PROTOCOL_HEADER: PROTOCOL_VERSION}
@@ -171,7 +178,9 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
                 "[lf:auth] this node needs a read token for every call; pass --token-file or LORAFLIGHT_TOKEN"
             )
         kind = "none" if token is None else "write" if can_write else "read" if is_read else "unknown"
-        return AuthMiddleware(can_read, can_write, proto, kind)
+        # only a token this node knows keys a rate limit (made-up ones would dodge it)
+        tid = hashlib.sha256(token.encode()).hexdigest()[:16] if token and kind in ("write", "read") else ""
+        return AuthMiddleware(can_read, can_write, proto, kind, tid)
 
 
 def require_write(context: Any, what: str, writable: bool = True) -> None:
@@ -194,6 +203,24 @@ def require_write(context: Any, what: str, writable: bool = True) -> None:
     raise AuthError(f"{what} needs a write token: {why} (denied)")
 
 
+def call_source(context: Any) -> str:
+    """Who a call comes from, for rate limits: its token (hashed) when one was sent, else the
+    caller's address without the port (`context.peer()`, e.g. 'ipv4:10.0.0.5:51234')."""
+    mw = context.get_middleware("auth") if context is not None else None
+    tid = mw.token_id if isinstance(mw, AuthMiddleware) else ""
+    if tid:
+        return f"token:{tid}"
+    try:
+        peer = str(context.peer())
+    except Exception:  # no peer known (in-process calls)
+        return "addr:?"
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host = rest.rsplit(":", 1)[0] if rest.count(":") >= 1 else rest
+        return f"addr:{host.strip('[]')}"
+    return f"addr:{peer[:80]}"
+
+
 def call_headers(token: str | None) -> list[tuple[bytes, bytes]]:
     h = [(PROTOCOL_HEADER.encode(), PROTOCOL_VERSION.encode())]
     if token:
@@ -207,6 +234,7 @@ __all__ = [
     "ClientTLS",
     "ServerTLS",
     "call_headers",
+    "call_source",
     "load_tokens",
     "require_write",
 ]

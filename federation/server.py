@@ -50,6 +50,7 @@ from .pause import pause_point
 from .protocol import (
     ACTION_DELETE,
     ACTION_HEALTH,
+    ACTION_HELLO,
     ACTION_NODE_INFO,
     ACTION_NOTIFY,
     ACTION_WITHDRAW,
@@ -76,7 +77,7 @@ from .protocol import (
     software_version,
     to_flight_error,
 )
-from .security import AuthMiddlewareFactory, ServerTLS, load_tokens, require_write
+from .security import AuthMiddlewareFactory, ServerTLS, call_source, load_tokens, require_write
 from .store import Store
 from .withdrawal import Withdrawal
 
@@ -172,6 +173,8 @@ class CardServer(flight.FlightServerBase):
         on_notify: Callable[[str], None] | None = None,
         peer_locations: Callable[[str], list[str]] | None = None,
         exchange: Callable[[Any, Any, Any, Any], None] | None = None,
+        on_notify_from: Callable[[str, str], None] | None = None,
+        on_hello: Callable[[dict[str, Any], str], dict[str, Any]] | None = None,
     ) -> None:
         uri = normalize_uri(listen, tls is not None)
         u = urlsplit(uri)
@@ -193,6 +196,9 @@ class CardServer(flight.FlightServerBase):
         self.limits = limits or Limits()
         self.tls = tls is not None
         self._on_notify = on_notify
+        # (peer, source) and (body, source): source is `security.call_source` (rate limits)
+        self._on_notify_from = on_notify_from
+        self._on_hello = on_hello
         self._peer_locations = peer_locations
         self._exchange = exchange  # do_exchange handler (serving.make_exchange_handler), or None
         self._write_tokens = tuple(write_tokens)
@@ -567,12 +573,17 @@ class CardServer(flight.FlightServerBase):
             if not isinstance(peer, str) or "://" not in peer or len(peer) > 512:
                 raise CardError('notify body must be {"peer": "grpc://host:port", "epoch": n}')
             normalize_uri(peer)
-            if self._on_notify is not None:
-                try:
+            try:
+                if self._on_notify_from is not None:
+                    self._on_notify_from(peer, call_source(context))
+                elif self._on_notify is not None:
                     self._on_notify(peer)
-                except Exception:
-                    log.exception("on_notify callback failed for %s", peer)
+            except Exception:
+                log.exception("on_notify callback failed for %s", peer)
             body = {"ok": True, "epoch": self.store.epoch}
+        elif kind == ACTION_HELLO and self._on_hello is not None:  # fleet secret: federation.fleet_auth
+            req = parse_json_body(action.body.to_pybytes() if action.body else b"", "hello")
+            body = self._on_hello(req, call_source(context))
         elif kind == ACTION_DELETE:
             require_write(context, "deleting a card", bool(self._write_tokens))
             req = parse_json_body(action.body.to_pybytes() if action.body else b"", "delete")

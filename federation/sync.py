@@ -1,9 +1,12 @@
 """Sync: a pure planner (catalogs + policy -> fetches) and an executor with bounded concurrency.
 
 Planner rules (docs/protocol.md, "Sync"): keep the cards matching the policy (base models,
-tags, name globs); per name the newest version wins; a digest is fetched once, from any
-location that holds it; the lineage parents of a chosen card come with it (parents first);
-nothing already held locally is fetched.
+tags, name globs); per name the newest version wins, and so does the newest version this
+node's trust policy admits (`admits`), so a refused higher version never shadows an admitted
+lower one; a digest is fetched once, from the peers that list it and the vetted locations
+their listings name (at most `MAX_LOCATIONS` a card: a listing may name any host:port, and
+only confirmed peers are tried); the lineage parents of a chosen card come with it (parents
+first); nothing already held locally is fetched.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 MAX_LINEAGE_DEPTH = 64
+MAX_LOCATIONS = 3  # locations tried per card: the listing peers first among them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +73,16 @@ def plan_sync(
     policy: SyncPolicy,
     skipped: dict[str, int] | None = None,
     withdrawn: Collection[tuple[str, int]] = (),
+    *,
+    vetted: Callable[[str], bool] | None = None,
+    admits: Callable[[CatalogEntry], bool] | None = None,
 ) -> list[Fetch]:
     """The fetches that bring the local catalog up to date with the peers' (pure).
+
+    `vetted(uri)`: whether a location a listing names may be tried (a confirmed peer); None:
+    only the peers that list a card are its locations. `admits(entry)`: whether this node's
+    trust policy would serve the card (hot-load, export); per name the newest admitted version
+    is fetched too, and only admitted local versions count as "we hold something newer".
 
     Cards of a format this node cannot read, and the other card of an upgrade pair already
     held (`engine.card.upgrade_pair`), are not fetched; `skipped` counts them by reason.
@@ -94,31 +106,51 @@ def plan_sync(
             skip[why] = skip.get(why, 0) + 1
         return why is not None
 
-    local_newest: dict[str, int] = {}
-    for e in local:
-        local_newest[e.name] = max(local_newest.get(e.name, 0), e.version)
-    # every digest the peers list, with the union of its locations (the listing peer first)
+    # every digest the peers list, with its listers and the vetted locations named for it
     by_digest: dict[str, CatalogEntry] = {}
-    locs: dict[str, list[str]] = {}
+    listers: dict[str, list[str]] = {}
+    named: dict[str, list[str]] = {}
     gone = set(withdrawn)
     for peer, entries in peer_catalogs.items():
         for e in entries:
             if (e.name, e.version) in gone:
                 continue
             by_digest.setdefault(e.digest, e)
-            locs.setdefault(e.digest, []).extend([*e.locations, peer])
+            listers.setdefault(e.digest, []).append(peer)
+            if vetted is not None:
+                named.setdefault(e.digest, []).extend(u for u in e.locations if u != peer and vetted(u))
+
+    def locations(d: str) -> tuple[str, ...]:
+        own = dedupe(listers.get(d, []))
+        others = [u for u in dedupe(named.get(d, [])) if u not in own]
+        return tuple([*others[: max(0, MAX_LOCATIONS - len(own))], *own][:MAX_LOCATIONS] or own[:1])
+
+    candidates = [
+        (d, e)
+        for d, e in sorted(by_digest.items(), key=lambda kv: (kv[1].name, -kv[1].version, kv[0]))
+        if d not in have and policy.matches(e) and not skips(e)
+    ]
     chosen: dict[str, CatalogEntry] = {}
-    for d, e in sorted(by_digest.items(), key=lambda kv: (kv[1].name, -kv[1].version, kv[0])):
-        if d in have or not policy.matches(e) or skips(e):
-            continue
-        if policy.latest_only:
-            best = chosen.get(e.name)
-            if best is not None and best.version >= e.version:
+    # per name: the newest version, and (when the trust policy refuses it) the newest admitted one
+    passes = [(None, "")] if admits is None else [(None, ""), (admits, "admitted:")]
+    for ok, prefix in passes:
+        local_newest: dict[str, int] = {}
+        for e in local:
+            if ok is None or ok(e):
+                local_newest[e.name] = max(local_newest.get(e.name, 0), e.version)
+        best: dict[str, CatalogEntry] = {}
+        for d, e in candidates:
+            if ok is not None and not ok(e):
                 continue
-            if local_newest.get(e.name, 0) > e.version:
-                continue  # we hold something newer
-        key = e.name if policy.latest_only else d
-        chosen[key] = e
+            if policy.latest_only:
+                b = best.get(e.name)
+                if b is not None and b.version >= e.version:
+                    continue
+                if local_newest.get(e.name, 0) > e.version:
+                    continue  # we hold something newer
+            best[e.name if policy.latest_only else d] = e
+        for k, e in best.items():
+            chosen.setdefault(e.digest if prefix else k, e)
     plan: list[Fetch] = []
     planned: set[str] = set()
 
@@ -131,9 +163,10 @@ def plan_sync(
                 pe = by_digest.get(parent)
                 if pe is not None:
                     add(pe, f"lineage of {e.ref}", depth + 1)
-        plan.append(Fetch(e, tuple(dedupe(locs.get(e.digest, []))), reason))
+        plan.append(Fetch(e, locations(e.digest), reason))
 
-    for e in sorted(chosen.values(), key=lambda x: (x.name, x.version)):
+    unique = {e.digest: e for e in chosen.values()}
+    for e in sorted(unique.values(), key=lambda x: (x.name, x.version)):
         add(e, "policy", 0)
     return plan
 
@@ -220,6 +253,9 @@ def sync(
     catalogs: Mapping[str, Sequence[CatalogEntry]] | None = None,
     withdrawals: bool = True,
     bundle_cards: int = BUNDLE_CARDS,
+    connect: Callable[[str], Any] | None = None,
+    vetted: Callable[[str], bool] | None = None,
+    admits: Callable[[CatalogEntry], bool] | None = None,
 ) -> SyncReport:
     """List the peers, plan, and fetch with at most `concurrency` transfers at once.
 
@@ -229,6 +265,9 @@ def sync(
     every withdrawn name@version. A peer whose `health` advertises bundles (`get_many`) sends
     its cards in bundles of at most `bundle_cards` (one stream, one group commit each, see
     `plan_bundles`); any other peer, and whatever a bundle did not deliver, go card by card.
+
+    `connect(uri) -> Client` (a node's one rule for token and TLS) replaces the default client;
+    `vetted` and `admits` go to `plan_sync`.
     """
     from .client import Client
 
@@ -242,7 +281,11 @@ def sync(
         with lock:
             c = clients.get(uri)
             if c is None:
-                c = clients[uri] = Client(uri, token=token, tls=tls, timeout=timeout)
+                c = clients[uri] = (
+                    connect(uri)
+                    if connect is not None
+                    else Client(uri, token=token, tls=tls, timeout=timeout)
+                )
             return c
 
     try:
@@ -260,7 +303,9 @@ def sync(
                 if uri not in report.peer_errors:
                     report.withdrawn.extend(pull_withdrawals(client(uri), store))
         gone = {(w.name, w.version) for w in store.withdrawals()}
-        plan = plan_sync(store.list(), cats, policy, report.skipped, withdrawn=gone)
+        plan = plan_sync(
+            store.list(), cats, policy, report.skipped, withdrawn=gone, vetted=vetted, admits=admits
+        )
         report.planned = plan
         if not plan:
             return report
@@ -386,6 +431,7 @@ def sync_from(peer: str, store: Store, **kw: Any) -> SyncReport:
 __all__ = [
     "BUNDLE_BYTES",
     "BUNDLE_CARDS",
+    "MAX_LOCATIONS",
     "Fetch",
     "SyncPolicy",
     "SyncProgress",

@@ -1,4 +1,6 @@
-"""Token files: `tokens.write_file`, `read_file` and `peer_file` read into the tokens they hold.
+"""Token files: `tokens.write_file`, `read_file` and `peer_file` read into the tokens they hold;
+`fleet_secret_file` checked by the same rules (its secret is read by the node, never kept in
+the config, so nothing that prints a config can print it).
 
 Files keep secrets out of `ps` and out of config files; `load_config` calls this after every
 source is applied, so a file's tokens join those given inline.
@@ -11,6 +13,7 @@ from typing import Any
 
 from loraflight.errors import ConfigError
 
+from .fleet_auth import FleetSecret
 from .security import load_tokens
 
 
@@ -31,6 +34,18 @@ def add_token_files(cfg: Any, problems: list[str]) -> None:
         else:
             have = getattr(t, kind)
             have.extend(x for x in toks if x not in have)
+    if cfg.fleet_secret_file:
+        try:
+            read_fleet_secret(cfg.fleet_secret_file)
+        except (ConfigError, OSError) as e:
+            problems.append(f"fleet_secret_file: {e}")
 
 
-__all__ = ["add_token_files"]
+def read_fleet_secret(path: str) -> FleetSecret | None:
+    """The fleet secret in `path` (None for an empty path); ConfigError saying what is wrong."""
+    if not path:
+        return None
+    return FleetSecret.from_file(os.path.expanduser(path))
+
+
+__all__ = ["add_token_files", "read_fleet_secret"]

@@ -134,7 +134,10 @@ class Membership:
         """Does SWIM check this peer's liveness (the peer loop then skips its health calls)? Yes
         for a confirmed live peer SWIM holds alive or suspect; the peer loop checks the rest (a
         peer the table holds live that SWIM holds dead or gone, too, until one of them yields)."""
-        if not (peer.node_id and peer.state == LIVE and peer.confirmed) or peer.node_id in self._legacy:
+        if (
+            not (peer.node_id and peer.state == LIVE and self.peers.believes(peer))
+            or peer.node_id in self._legacy
+        ):
             return False
         m = self.swim.members.get(peer.node_id)
         return m is not None and m.state in PROBE_STATES
@@ -142,14 +145,14 @@ class Membership:
     def may_sync(self, peer: Peer) -> bool:
         """May the node sync from this peer? Not while it is unconfirmed and known only from an
         address gossip named (a confirmed peer, or one that said hello itself, may)."""
-        return peer.confirmed or not any(u in self._gossiped for u in peer.uris)
+        return self.peers.believes(peer) or not any(u in self._gossiped for u in peer.uris)
 
     def _may_probe(self, node_id: str) -> bool:
         peer = self.peers.get(node_id)
         return peer is not None and self.handles(peer)
 
     def _confirmed_live(self) -> list[Peer]:
-        return [p for p in self.peers.confirmed() if p.state == LIVE and p.node_id]
+        return self.peers.syncable()  # live and believed: confirmed, or mDNS in an open fleet
 
     def local_change(self, epoch: int) -> list[Peer]:
         """This node's catalog changed: gossip the epoch; the peers to `notify` at once (a random
@@ -348,7 +351,7 @@ class Membership:
 
     def _heard(self, msg: Message, ours: bool, peer: Peer, uri: str | None) -> None:
         """An answer from the member we called (`ours`: it is who we think it is)."""
-        trusted = ours and msg.fleet == self.fleet and peer.confirmed
+        trusted = ours and msg.fleet == self.fleet and self.peers.believes(peer)
         with self._lock:
             self.swim.receive(msg, trusted)
             if ours and trusted:

@@ -38,7 +38,7 @@ from loraflight.errors import ConfigError, LoraflightError
 
 from ..client import Client
 from ..config import NodeConfig, resolve_keys
-from ..discovery import Discovery, interface_addresses
+from ..discovery import Discovery
 from ..identity import NodeIdentity
 from ..membership import Membership, SwimClient, membership_action, settings
 from ..metrics import NodeMetrics
@@ -47,10 +47,13 @@ from ..protocol import PROTOCOL_VERSION, CatalogEntry
 from ..security import ClientTLS, ServerTLS
 from ..store import Store
 from . import loops
+from .addresses import derive_locations
 from .engine import NodeEngine
 from .export import Exporter
+from .gate import PeerGate
 from .hotload import trust_refusal
 from .loader import Loader
+from .model import build_model
 from .service import NodeServer, NodeView
 from .status import build_status, engine_refusals, update_gauges, write_status_file
 
@@ -115,9 +118,9 @@ class Node:
             config,
             stop=self._stop,
             live_keys=lambda: (
-                self.membership.poll_keys()  # the safety poll asks one random peer (H15)
+                self.membership.poll_keys()  # the safety poll asks one random peer
                 if self.membership is not None
-                else [p.key for p in self.peers.live()]
+                else [p.key for p in self.peers.syncable()]
                 if self.peers is not None
                 else []
             ),
@@ -132,6 +135,7 @@ class Node:
         self._started = False
         self._arrived: dict[str, float] = {}  # digest -> wall time it entered the store
         self._loading: tuple[str, float] | None = None  # (base model, monotonic start) while it loads
+        self.gate: PeerGate | None = None  # who is a peer: token, TLS, notify, hello (at start)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,6 +188,18 @@ class Node:
             self._client_tls = ClientTLS.from_files(
                 cfg.tls.ca or None, cfg.tls.client_cert or None, cfg.tls.client_key or None
             )
+        self.gate = PeerGate(
+            cfg,
+            client_tls=self._client_tls,
+            peers=lambda: self.peers,
+            store=lambda: self.store,
+            node_id=lambda: self.node_id,
+            my_uri=lambda: self.server.location if self.server is not None else "",
+            base_model=lambda: self.base_model_id,
+            engine_keys=lambda: self._engine_keys,
+            mark_dirty=self._sync.mark_dirty,
+            wake_peers=self._wake_peers.set,
+        )
         if cfg.tokens.write and tls is None:
             log.warning("write tokens without TLS travel in clear text; configure tls.cert and tls.key")
         needs_model = self.engine is None and (
@@ -203,6 +219,7 @@ class Node:
             probe_interval=cfg.intervals.probe,
             failures=cfg.intervals.failures,
             on_event=self._on_peer_event,
+            open_fleet=self.gate.open_fleet,
         )
         # Before the server: a card published while the model loads is queued for the events loop.
         self._unsubscribe = self.store.subscribe(self._on_store_event)
@@ -224,7 +241,8 @@ class Node:
             read_tokens=cfg.tokens.read,
             node_id=self.identity.node_id,
             fleet_id=cfg.fleet,
-            on_notify=self._on_notify,
+            on_notify_from=self._on_notify,
+            on_hello=self.gate.on_hello,
             peer_locations=self._peer_locations,
             exchange=self._exchange,
         )
@@ -318,6 +336,7 @@ class Node:
             own_uris=lambda: set(self.server.locations) if self.server else set(),
             after_round=self._update_gauges,
             swim_handles=self.membership.handles if self.membership is not None else None,
+            prove=self.gate.prove,
         )
         for name, target in (
             ("peers", peer_loop.run),
@@ -341,31 +360,11 @@ class Node:
         )
 
     def _build_model(self, cfg: NodeConfig) -> Any:
-        """Build the engine from engine.base_model; the GenerationService for a causal LM, else None."""
-        from loraflight.engine.generate.models import is_causal_spec
-
-        if self.model_factory is not None:
-            self.model = self.model_factory(cfg)
-            self.engine = self.model.engine
-            return None
-
-        log.info("loading the base model %s (engine.base_model)", cfg.engine.base_model)
-        if is_causal_spec(cfg.engine.base_model):  # completions and chat, with its LM head
-            from loraflight.federation.serving.generation import GenerationService
-            from loraflight.federation.serving.metrics import ServingMetrics
-
-            generation = GenerationService.build(
-                cfg.engine.base_model, cfg, metrics=ServingMetrics(self.metrics.registry)
-            )
-            self.engine = generation.engine
-            return generation
-        from loraflight.engine.authoring.serving_model import build_serving_model
-
-        self.model = build_serving_model(
-            cfg.engine.base_model, device=cfg.engine.device, model_id=cfg.engine.model_id
-        )
-        self.engine = self.model.engine
-        return None
+        """Build the engine (`model.build_model`); the GenerationService for a causal LM, else None."""
+        model, self.engine, generation = build_model(cfg, self.metrics.registry, self.model_factory)
+        if model is not None:
+            self.model = model
+        return generation
 
     def _starting(self) -> str | None:
         """What `health` says while the node is not ready (no model id: health needs no token)."""
@@ -457,38 +456,22 @@ class Node:
     # ------------------------------------------------------------------ addresses
 
     def _derive_locations(self, port: int) -> list[str]:
-        """Advertised addresses when none are configured: the listen host, or every interface."""
-        if not port:
-            return []
-        u = urlsplit(self.config.listen)
-        scheme = "grpc+tls" if self.config.tls.cert else "grpc"
-        host = u.hostname or ""
-        if host not in ("0.0.0.0", "::", ""):
-            h = f"[{host}]" if ":" in host else host
-            return [f"{scheme}://{h}:{port}"]
-        ips: list[str] = []
-        wanted = set(self.config.discovery.interfaces)
-        for name, addrs in interface_addresses().items():
-            for ip in addrs:
-                if ip.startswith("127."):
-                    continue
-                if wanted and name not in wanted and ip not in wanted:
-                    continue
-                ips.append(ip)
-        return [f"{scheme}://{ip}:{port}" for ip in ips] or [f"{scheme}://127.0.0.1:{port}"]
+        cfg = self.config
+        return derive_locations(cfg.listen, port, tls=bool(cfg.tls.cert), interfaces=cfg.discovery.interfaces)
 
     def _peer_locations(self, digest: str) -> list[str]:
         return []
 
-    def _client(self, uri: str, timeout: float) -> Client:
-        tls = self._client_tls if uri.startswith("grpc+tls") else None
-        return Client(uri, self.config.tokens.peer or None, tls, timeout, retries=0)
+    def _client(self, uri: str, timeout: float, *, retries: int = 0) -> Client:
+        """Every call to a peer: the one rule for TLS and token (`gate.PeerGate.client`)."""
+        assert self.gate is not None, "node not started"
+        return self.gate.client(uri, timeout, retries=retries)
 
     # ------------------------------------------------------------------ peers
 
     def _on_peer_event(self, event: str, peer: Peer) -> None:
         """Peer table events; may run on the mDNS loop, so nothing here blocks (no store I/O)."""
-        if event in ("added", "back", "epoch"):
+        if event in ("added", "back", "epoch", "confirmed"):
             self._sync.mark_dirty(peer.key, event)
         if event in ("added", "dropped", "removed", "back"):
             log.info("peer %s %s (%s)", peer.key, event, peer.uri or ",".join(peer.uris))
@@ -504,19 +487,11 @@ class Node:
         self._update_gauges()
         self.write_status()
 
-    def _on_notify(self, peer_uri: str) -> None:
-        """A peer's catalog changed (Flight `notify`): sync from it now (runs on a server thread)."""
+    def _on_notify(self, peer_uri: str, source: str = "addr:?") -> None:
+        """A `notify` (runs on a server thread): `gate.PeerGate.on_notify` (it adds no sync source)."""
         self.metrics.notifies.inc()
-        if self.peers is None:
-            return
-        peer = self.peers.find_uri(peer_uri)
-        if peer is not None and peer.state == "live":
-            self._sync.mark_dirty(peer.key, "notify")
-        else:
-            # Unknown or not yet confirmed: a health call checks its fleet first, then it syncs.
-            if peer is None:
-                self.peers.add_address("notify", peer_uri)
-            self._wake_peers.set()
+        if self.gate is not None:
+            self.gate.on_notify(peer_uri, source)
 
     def _notify_peers(self, epoch: int, peers: list[Peer] | None = None) -> None:
         if self.peers is None or self._pool is None or self.server is None:
@@ -541,7 +516,7 @@ class Node:
     def sync_now(self, peer_keys: Iterable[str] | None = None, trigger: str = "manual") -> list[CatalogEntry]:
         """Pull what the sync policy wants from these live peers (all when None); returns new entries."""
         assert self.peers is not None and self.store is not None
-        live = {p.key: p for p in self.peers.live()}
+        live = {p.key: p for p in self.peers.syncable()}  # never a host only a notify named
         peers = list(live.values()) if peer_keys is None else [live[k] for k in peer_keys if k in live]
         if self.membership is not None:  # an address only gossip named is no sync source (H15)
             peers = [p for p in peers if self.membership.may_sync(p)]
@@ -552,7 +527,17 @@ class Node:
         t0 = time.perf_counter()
         added: list[CatalogEntry] = []
         try:
-            added = loops.sync_round(peers, self.config, self.store, self._client_tls, self.metrics)
+            timeout = max(self.config.intervals.health_timeout, 5.0)
+            added = loops.sync_round(
+                peers,
+                self.config,
+                self.store,
+                self._client_tls,
+                self.metrics,
+                connect=lambda uri: self._client(uri, timeout, retries=2),
+                vetted=self.peers.vetted,
+                admits=self.gate.admits if self.gate is not None else None,
+            )
         finally:
             self.metrics.sync_seconds.observe(time.perf_counter() - t0)
             self.write_status()

@@ -65,9 +65,20 @@ class Loader:
         return len(self._loaded)
 
     def load_existing(self) -> None:
-        """Load the newest version of every name in the store (a starting node)."""
-        for e in newest_per_name(self.store.list()):
-            self.load(e)
+        """Load the newest admitted version of every name in the store (a starting node): a
+        newer version the rules refuse (unsigned, a stranger's key, another base model) must
+        not stop an older admitted one from loading."""
+        by_name: dict[str, list[CatalogEntry]] = {}
+        for e in self.store.list():
+            by_name.setdefault(e.name, []).append(e)
+        for name, entries in sorted(by_name.items()):
+            newest = newest_per_name(entries)[0]
+            self.load(newest)
+            for e in sorted(entries, key=lambda x: -x.version):
+                if name in self._loaded:
+                    break
+                if e.digest != newest.digest:
+                    self.load(e)
 
     def load(self, entry: CatalogEntry, *, rollback: bool = False) -> None:
         """Load `entry` if the rules allow it (or park it until its lineage parents arrive).

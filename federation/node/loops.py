@@ -36,8 +36,13 @@ log = logging.getLogger("loraflight.federation.node")
 
 # addresses of one peer tried per probe, each for up to intervals.health_timeout
 PROBE_ADDRESSES = 4
+# unconfirmed peers probed per round at most (the rest wait their turn): a flood of claimed
+# addresses never delays the health calls of configured and confirmed peers
+UNCONFIRMED_PROBES = 4
 
 ClientFactory = Callable[[str, float], Client]
+# (client of the peer, its node id) -> what it proved: "secret", "ca" or "" (Node._prove)
+Prover = Callable[[Client, str], str]
 
 
 class PeerLoop:
@@ -56,6 +61,7 @@ class PeerLoop:
         own_uris: Callable[[], set[str]],
         after_round: Callable[[], None],
         swim_handles: Callable[[Peer], bool] | None = None,
+        prove: Prover | None = None,
     ) -> None:
         self.swim_handles = swim_handles  # peers whose liveness SWIM checks (membership, H15)
         self.config = config
@@ -67,6 +73,7 @@ class PeerLoop:
         self.wake = wake
         self.own_uris = own_uris
         self.after_round = after_round
+        self.prove = prove
 
     def run(self) -> None:
         cfg = self.config
@@ -97,6 +104,8 @@ class PeerLoop:
         due = [(p, u) for p, u in self.peers.due() if self.swim_handles is None or not self.swim_handles(p)]
         if not due:
             return
+        confirmed = [d for d in due if d[0].confirmed]
+        due = confirmed + [d for d in due if not d[0].confirmed][:UNCONFIRMED_PROBES]
         timeout = self.config.intervals.health_timeout
         futs = {self.pool.submit(self.probe, uris, timeout): peer for peer, uris in due}
         done, _ = wait(futs, timeout=timeout * PROBE_ADDRESSES + 1.0)
@@ -118,13 +127,16 @@ class PeerLoop:
             try:
                 with self.client(uri, timeout) as c:
                     h = c.health()
+                    node_id = str(h.get("node_id", ""))
+                    proved = self.prove(c, node_id) if self.prove is not None else ""
                 return (
                     uri,
                     PeerInfo(
-                        str(h.get("node_id", "")),
+                        node_id,
                         str(h.get("fleet_id", "")),
                         int(h.get("epoch", 0)),
                         str(h.get("protocol", "")),
+                        proved=proved,
                     ),
                     "",
                 )
@@ -194,8 +206,16 @@ def sync_round(
     store: Store,
     client_tls: ClientTLS | None,
     metrics: NodeMetrics,
+    *,
+    connect: Callable[[str], Client] | None = None,
+    vetted: Callable[[str], bool] | None = None,
+    admits: Callable[[CatalogEntry], bool] | None = None,
 ) -> list[CatalogEntry]:
-    """List the peers, plan with the sync policy, fetch (bounded concurrency, verified)."""
+    """List the peers, plan with the sync policy, fetch (bounded concurrency, verified).
+
+    `connect` is the node's one rule for token and TLS; `vetted` says which locations a
+    listing names may be tried; `admits`: the trust policy (see `sync.plan_sync`).
+    """
     pol = config.sync
     report = sync(
         [p.uri or p.uris[0] for p in peers],
@@ -205,6 +225,9 @@ def sync_round(
         token=config.tokens.peer or None,
         tls=client_tls,
         timeout=max(config.intervals.health_timeout, 5.0),
+        connect=connect,
+        vetted=vetted,
+        admits=admits,
     )
     for e in report.fetched:
         metrics.fetches.inc()
@@ -276,9 +299,11 @@ def submit_quietly(pool: ThreadPoolExecutor | None, fn: Callable[..., Any], *arg
 
 __all__ = [
     "PROBE_ADDRESSES",
+    "UNCONFIRMED_PROBES",
     "ClientFactory",
     "EventLoop",
     "PeerLoop",
+    "Prover",
     "SyncLoop",
     "submit_quietly",
     "sync_round",

@@ -25,6 +25,7 @@ from typing import Any
 
 from loraflight.testing import Lab, new_signer, tiny_card, wait_for
 
+from .netns_hostile import flood_from_a_neighbour, mdns_spoof
 from .netns_withdraw import withdraw_fleet
 
 
@@ -99,18 +100,32 @@ def three_hosts(lab: Lab) -> dict[str, Any]:
 
 
 def static_peers(lab: Lab) -> dict[str, Any]:
-    """Discovery off on both; h2 knows h1 as a static peer; a card published on h1 loads on h2."""
+    """Discovery off on both; h2 knows h1 as a static peer; a card published on h1 loads on h2.
+    Both hold the fleet secret, so h1 confirms h2 from its hello and syncs from it too (an
+    anonymous notify would not make h2 a sync source of h1)."""
     key, pub = _key()
     for i in (1, 2):
         lab.add_host(i)
-    lab.start_node(1, "st", "--trust-key", pub, "--no-discovery")
-    lab.start_node(2, "st", "--trust-key", pub, "--no-discovery", "--peer", lab.uri(1))
+    secret = lab.workdir / "fleet.secret"
+    secret.write_text("st-fleet-secret-0123456789abcdef\n")
+    lab.start_node(1, "st", "--trust-key", pub, "--no-discovery", "--fleet-secret-file", str(secret))
+    lab.start_node(
+        2,
+        "st",
+        "--trust-key",
+        pub,
+        "--no-discovery",
+        "--peer",
+        lab.uri(1),
+        "--fleet-secret-file",
+        str(secret),
+    )
     ids = {i: lab.wait_up(i)["node_id"] for i in (1, 2)}
     wait_for(lambda: ids[1] in lab.live_peers(2) and ids[2] in lab.live_peers(1), 60, "static peers to meet")
     assert not (lab.status(1) or {}).get("mdns") and not (lab.status(2) or {}).get("mdns")
     lab.publish(1, _card("skill", 1, key))
     wait_for(lambda: lab.loaded_version(2, "skill") == 1, 60, "skill@1 on h2 over a static peer")
-    # and back the other way: h1 learnt h2 from its hello, so h2's cards flow to h1 as well
+    # and back the other way: h1 confirmed h2 from its hello, so h2's cards flow to h1 as well
     lab.publish(2, _card("other", 1, key, seed=3))
     wait_for(lambda: lab.loaded_version(1, "other") == 1, 60, "other@1 on h1")
     return {"ids": ids}
@@ -149,6 +164,8 @@ SCENARIOS: dict[str, Callable[[Lab], dict[str, Any]]] = {
     "static_peers": static_peers,
     "two_fleets": two_fleets,
     "withdraw_fleet": withdraw_fleet,
+    "flood_from_a_neighbour": flood_from_a_neighbour,
+    "mdns_spoof": mdns_spoof,
 }
 
 

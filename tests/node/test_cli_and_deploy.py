@@ -212,7 +212,14 @@ def test_configmap_and_compose_configs_pass_the_validator(tmp_path: Path) -> Non
     keys.write_keypair(tmp_path / "publisher")  # stands in for the loraflight-trust ConfigMap
     trust_dir = "/etc/loraflight-trust/publisher.pub"
     assert trust_dir in cm["data"]["node.toml"]
-    p.write_text(cm["data"]["node.toml"].replace(trust_dir, str(tmp_path / "publisher" / "loraflight.pub")))
+    fleet_secret = tmp_path / "fleet.secret"  # stands in for the loraflight-fleet / compose secret
+    fleet_secret.write_text("0123456789abcdef0123456789abcdef\n")
+    assert "/etc/loraflight-fleet/secret" in cm["data"]["node.toml"]
+    p.write_text(
+        cm["data"]["node.toml"]
+        .replace(trust_dir, str(tmp_path / "publisher" / "loraflight.pub"))
+        .replace("/etc/loraflight-fleet/secret", str(fleet_secret))
+    )
     env = {"LORAFLIGHT_ADVERTISE": "grpc://10.0.0.5:8815", "LORAFLIGHT_TOKENS_WRITE": "0123456789abcdef0123"}
     for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]:
         if e["name"].startswith("LORAFLIGHT_") and e["name"] not in env:
@@ -226,14 +233,19 @@ def test_configmap_and_compose_configs_pass_the_validator(tmp_path: Path) -> Non
     assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
 
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    node_toml = DEPLOY / "compose" / "node.toml"
+    assert "fleet_secret" in compose["secrets"] and compose["x-node"]["secrets"] == ["fleet_secret"]
+    node_toml = tmp_path / "compose-node.toml"
+    node_toml.write_text(
+        (DEPLOY / "compose" / "node.toml").read_text().replace("/run/secrets/fleet_secret", str(fleet_secret))
+    )
     for name, svc in compose["services"].items():
         env = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in svc["environment"].items()}
         cfg = load_config(node_toml, env=env)
+        assert cfg.fleet_secret_file == str(fleet_secret), name
         others = {f"grpc://{o}:8815" for o in compose["services"] if o != name}
         assert set(cfg.discovery.peers) == others, name
         assert cfg.advertise == [f"grpc://{name}:8815"]
-    tomllib.loads(node_toml.read_text())
+    tomllib.loads((DEPLOY / "compose" / "node.toml").read_text())
 
 
 def test_container_image_is_non_root_with_healthcheck() -> None:

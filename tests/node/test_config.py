@@ -53,7 +53,7 @@ def key_values(key: Key, files: dict[str, Any]) -> list[Any]:
     }
     if key.path in special:
         return special[key.path]
-    if key.path.startswith("tokens.") and key.path.endswith("_file"):
+    if (key.path.startswith("tokens.") and key.path.endswith("_file")) or key.path == "fleet_secret_file":
         out = []
         for i in range(3):  # token files hold a token each (16 characters, different per file)
             f = Path(files["pems"][0]).parent / f"{key.name}-{i}.tokens"

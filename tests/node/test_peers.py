@@ -82,7 +82,7 @@ def test_goodbye_removes_at_once_unless_static() -> None:
     t.record(peer, uris[0], PeerInfo("p3", "f", 0))
     t.announce("added", _ann("p3", uri="grpc://10.0.0.3:1"))
     assert t.get("p3").sources == {"static", "mdns"}
-    t.announce("removed", _ann("p3"))
+    t.announce("removed", _ann("p3", uri="grpc://10.0.0.3:1"))
     assert t.get("p3") is not None and t.get("p3").sources == {"static"}
 
 
@@ -137,7 +137,7 @@ def test_notify_flood_of_unknown_addresses_is_bounded() -> None:
     assert len(t.all()) == MAX_UNCONFIRMED
     t.set_static("static", ["grpc://10.0.0.9:1"])  # configured peers are never crowded out
     assert len(t.all()) == MAX_UNCONFIRMED + 1
-    # a confirmed peer frees its slot
+    # a confirmed peer (it proved the fleet secret) frees its slot
     peer, uris = t.due()[0]
-    t.record(peer, uris[0], PeerInfo("n1", "f", 0))
+    t.record(peer, uris[0], PeerInfo("n1", "f", 0, proved="secret"))
     assert t.add_address("notify", "grpc://10.2.0.1:1") is not None
