@@ -449,19 +449,21 @@ def check_rows(
         raise CardError(f"module {modules[i]!r}: alpha is not finite")
 
 
-def header_from_schema(schema: pa.Schema) -> CardHeader:
+def header_from_schema(schema: pa.Schema, *, expect: CardHeader | None = None) -> CardHeader:
+    """The header a card's schema carries, checked; `expect` is returned as it is when the
+    metadata holds exactly its canonical JSON (a header already parsed and checked once)."""
     meta = schema.metadata or {}
     raw = meta.get(METADATA_KEY)
     if raw is None:
         raise CardError("not a loraflight card: the schema metadata has no 'loraflight' header")
     if sum(len(k) + len(v) for k, v in meta.items()) > MAX_HEADER_BYTES + 4096:
         raise CardError(f"schema metadata is larger than {MAX_HEADER_BYTES} bytes (metadata too large)")
-    header = CardHeader.from_json(raw)
-    expect = card_schema(header.dtype)
-    if not schema.remove_metadata().equals(expect):
+    header = expect if expect is not None and raw == expect.to_json() else CardHeader.from_json(raw)
+    plain = card_schema(header.dtype)
+    if not schema.remove_metadata().equals(plain):
         raise CardError(
             f"wrong schema for a {header.dtype} card: got ({schema_str(schema)}), "
-            f"expected ({schema_str(expect)})"
+            f"expected ({schema_str(plain)})"
         )
     return header
 

@@ -272,7 +272,10 @@ class PieceJob:
         self.nbytes = sum(a.nbytes + b.nbytes for _, a, b in self._tasks)
         n = len(self._tasks)
         cores = max(1, threads if threads is not None else CPUS)
-        helpers = min(cores - 1, n) if threads is not None else min(idle_cores(), n)
+        if threaded is False:
+            helpers = 0  # no helper will start: not worth reading /proc/loadavg
+        else:
+            helpers = min(cores - 1, n) if threads is not None else min(idle_cores(), n)
         self._mt = cores if n == 1 else 1  # one piece: BLAKE3's threads; else one piece per thread
         self._bad: list[int] = []
         self._error: BaseException | None = None
