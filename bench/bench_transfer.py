@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import http.client
 import http.server
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -112,9 +114,36 @@ def timed(fn: Callable[[], Cleanup]) -> float:
 
 
 def raw_do_get(client, digest: str) -> Cleanup:
+    """Bare raw `do_get`: every batch read (read_chunk until the end; faster here than
+    read_all, which also assembles a table), nothing else."""
     import pyarrow.flight as fl
 
-    client.do_get(fl.Ticket(digest.encode())).read_all()
+    r = client.do_get(fl.Ticket(digest.encode()))
+    while True:
+        try:
+            r.read_chunk()
+        except StopIteration:
+            break
+    return None
+
+
+def raw_do_get_hashed(client, digest: str, hasher: Callable[[], Any]) -> Cleanup:
+    """The floor of a transfer phase: raw `do_get`, and every buffer of every batch hashed as
+    it arrives (one hasher over the stream, in the receiving thread; nothing written)."""
+    import pyarrow.flight as fl
+
+    r = client.do_get(fl.Ticket(digest.encode()))
+    h = hasher()
+    while True:
+        try:
+            chunk = r.read_chunk()
+        except StopIteration:
+            break
+        for col in chunk.data.columns:
+            for b in col.buffers():
+                if b is not None:
+                    h.update(b)
+    h.digest()
     return None
 
 
@@ -159,9 +188,12 @@ def ours_fetch(client, entry, store) -> Cleanup:
     return cleanup
 
 
-def http_fetch(url: str, dest_dir: Path, expect_sha: str, ctx=None) -> Cleanup:
-    """The competitor end to end: GET, sha256 while receiving, write, fsync, rename."""
-    h = hashlib.sha256()
+def http_fetch(
+    url: str, dest_dir: Path, expect_sha: str, ctx=None, hasher: Callable[[], Any] = hashlib.sha256
+) -> Cleanup:
+    """The competitor end to end: GET, hash while receiving (sha256, or the card format's own
+    hash), write, fsync, rename."""
+    h = hasher()
     tmp = dest_dir / f".tmp-{threading.get_ident()}-{time.perf_counter_ns()}"
     with urllib.request.urlopen(url, context=ctx, timeout=120) as r, open(tmp, "wb") as f:
         while True:
@@ -173,7 +205,7 @@ def http_fetch(url: str, dest_dir: Path, expect_sha: str, ctx=None) -> Cleanup:
         f.flush()
         os.fsync(f.fileno())
     if h.hexdigest() != expect_sha:
-        raise RuntimeError("sha256 mismatch")
+        raise RuntimeError("hash mismatch")
     final = dest_dir / url.rsplit("/", 1)[1]
     os.replace(tmp, final)
     fd = os.open(dest_dir, os.O_RDONLY)
@@ -187,13 +219,16 @@ _FSYNC_POOL = ThreadPoolExecutor(16, thread_name_prefix="bench-fsync")
 
 def http_group(conn, names: list[str], dest_dir: Path, shas: dict[str, str]) -> list[Path]:
     """The competitor of one bundle, with our grouped fsync policy: one GET per card over a
-    kept-alive connection, sha256 while receiving, each file written; then the group's files
-    fsynced at once (16 threads, as our BundleReceiver), renamed, the directory fsynced once."""
+    kept-alive connection, BLAKE3 (format 2's hash) while receiving, each file written; then the
+    group's files fsynced at once (16 threads, as our BundleReceiver), renamed, the directory
+    fsynced once."""
+    import blake3
+
     done = []
     for n in names:
-        h = hashlib.sha256()
+        h = blake3.blake3()
         tmp = dest_dir / f".tmp-{threading.get_ident()}-{time.perf_counter_ns()}"
-        conn.request("GET", f"/{n}")
+        conn.request("GET", f"/cards/{n}")
         r = conn.getresponse()
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status} for {n}")
@@ -206,7 +241,7 @@ def http_group(conn, names: list[str], dest_dir: Path, shas: dict[str, str]) -> 
             f.write(b)
         f.flush()
         if h.hexdigest() != shas[n]:
-            raise RuntimeError("sha256 mismatch")
+            raise RuntimeError("BLAKE3 mismatch")
         done.append((f, tmp, dest_dir / n))
 
     def sync_close(f) -> None:
@@ -224,7 +259,10 @@ def http_group(conn, names: list[str], dest_dir: Path, shas: dict[str, str]) -> 
 
 def catchup_row(work: Path, count: int, kib: int, concurrency: int, repeats: int) -> tuple[tuple, dict]:
     """`count` cards of `kib` KiB synced from one peer: our sync (bundles, group commits) vs
-    one HTTP request per card over keep-alive, same sha256 verify, same grouped fsyncs."""
+    a listing, then one HTTP request per card over keep-alive, hashed as received, same grouped
+    fsyncs."""
+    import blake3
+
     from loraflight.federation import Store, SyncPolicy, sync
     from loraflight.federation.sync import BUNDLE_BYTES, BUNDLE_CARDS
     from loraflight.testing import make_card
@@ -233,16 +271,18 @@ def catchup_row(work: Path, count: int, kib: int, concurrency: int, repeats: int
     with Store(root) as s:
         for i in range(count):
             s.add(make_card(f"cu-{i:05d}", 1, nbytes=kib << 10, modules=1, seed=i))
-    shas = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (root / "cards").iterdir()}
+    shas = {p.name: blake3.blake3(p.read_bytes()).hexdigest() for p in (root / "cards").iterdir()}
     names = sorted(shas)
     file_size = max((root / "cards" / n).stat().st_size for n in names)
+    # the HTTP side's listing: what it fetches first, as our side lists the peer's cards
+    manifest = [{"file": n, "blake3": shas[n], "size": (root / "cards" / n).stat().st_size} for n in names]
+    (root / "http-index.json").write_text(json.dumps({"cards": manifest}))
     # the same grouping as ours: sync.plan_bundles' cards per bundle for one peer
     per = max(1, min(BUNDLE_CARDS, -(-count // concurrency), max(1, BUNDLE_BYTES // file_size)))
-    groups = [names[i : i + per] for i in range(0, len(names), per)]
     procs = []
     p, port = start(_card_server, str(root), None)
     procs.append(p)
-    p, http_port = start(_http_server, str(root / "cards"), None)
+    p, http_port = start(_http_server, str(root), None)
     procs.append(p)
     uri = f"grpc://127.0.0.1:{port}"
 
@@ -264,8 +304,15 @@ def catchup_row(work: Path, count: int, kib: int, concurrency: int, repeats: int
     def http_run() -> Cleanup:
         d = work / f"cu-http-{time.perf_counter_ns()}"
         d.mkdir()
+        c = conn()
+        c.request("GET", "/http-index.json")
+        listed = json.loads(c.getresponse().read())["cards"]
+        want = {x["file"]: x["blake3"] for x in listed if not (d / x["file"]).exists()}
+        todo = sorted(want)
+        groups = [todo[i : i + per] for i in range(0, len(todo), per)]
         with ThreadPoolExecutor(concurrency) as ex:
-            list(ex.map(lambda g: http_group(conn(), g, d, shas), groups))
+            got = sum(len(x) for x in ex.map(lambda g: http_group(conn(), g, d, want), groups))
+        assert got == count
         return lambda: shutil.rmtree(d)
 
     try:
@@ -277,7 +324,8 @@ def catchup_row(work: Path, count: int, kib: int, concurrency: int, repeats: int
     size = f"{kib // 1024} MiB" if kib >= 1024 and kib % 1024 == 0 else f"{kib} KiB"
     row = (
         f"{count} cards of {size}, sync from one peer (concurrency {concurrency})",
-        f"{count} HTTP GETs over keep-alive, sha256, grouped fsync ({per}/group), {concurrency} threads",
+        f"a JSON listing, then {count} HTTP GETs over keep-alive, BLAKE3, grouped fsync ({per}/group), "
+        f"{concurrency} threads",
         f"{res['http']:.3f} s",
         f"{res['ours']:.3f} s",
         f"{res['http'] / res['ours']:.2f}× HTTP (target ≥ 1.5)",
@@ -396,8 +444,10 @@ def main() -> None:
         catchup_main(args)
         return
 
+    import blake3
     import pyarrow.flight as fl
 
+    from loraflight.engine.card import LoRACard
     from loraflight.federation import Client, ClientTLS, Store
     from loraflight.testing import make_ca, make_card
 
@@ -407,10 +457,16 @@ def main() -> None:
         cert, key = pki["server_cert"].read_bytes(), pki["server_key"].read_bytes()
         big_root = work / "big"
         big = make_card("bench-64m", 1, nbytes=args.mib << 20, modules=max(args.mib // 4, 1))
+        # the same rows and batches written as format 1 (sha256 over the stream)
+        big1 = LoRACard.build(big.modules, name="bench-64m-f1", created=big.header.created, major=1)
         with Store(big_root) as s:
             big_entry = s.add(big)
+            s.add(big1)
         big_file = big_root / "cards" / f"{big.digest}.lora.arrow"
+        big1_file = big_root / "cards" / f"{big1.digest}.lora.arrow"
         big_sha = hashlib.sha256(big_file.read_bytes()).hexdigest()
+        big1_sha = hashlib.sha256(big1_file.read_bytes()).hexdigest()
+        big_b3 = blake3.blake3(big_file.read_bytes()).hexdigest()
         size = big_file.stat().st_size
 
         procs = []
@@ -435,37 +491,55 @@ def main() -> None:
         ours = Client(f"grpc://127.0.0.1:{ours_port}")
         ours_tls = Client(f"grpc+tls://127.0.0.1:{ours_tls_port}", tls=ClientTLS(ca=ca))
         entry = ours.info("bench-64m")
+        entry1 = ours.info("bench-64m-f1")
         entry_tls = ours_tls.info("bench-64m")
-        assert entry.digest == big_entry.digest
+        assert entry.digest == big_entry.digest and entry.header.major == 2 and entry1.header.major == 1
         dest = Store(work / "dest")
         dest_tls = Store(work / "dest-tls")
         http_dest = work / "http-dest"
         http_dest.mkdir()
         sslctx = ssl.create_default_context(cafile=str(pki["ca"]))
         url = f"http://127.0.0.1:{http_port}/{big_file.name}"
+        url1 = f"http://127.0.0.1:{http_port}/{big1_file.name}"
         surl = f"https://127.0.0.1:{https_port}/{big_file.name}"
 
         r = args.repeats
         print(f"# loraflight transfer benchmark — {machine()}")
         print(
-            f"# card: {size / 2**20:.1f} MiB file, {len(big)} modules in {len(big.batches)} batches of ≤ 4 MiB; "
-            f"medians of {r} runs after a warm-up, competitors alternated"
+            f"# card: {size / 2**20:.1f} MiB file, {len(big)} modules in {len(big.batches)} batches of ≤ 4 MiB "
+            f"(format 2; the format-1 card has the same rows and batches); "
+            f"medians of {r} runs after a warm-up, competitors alternated; load average {os.getloadavg()}"
         )
+        print(
+            "# sides: raw = pyarrow do_get, read_chunk until the end; floor = raw do_get, every arriving buffer hashed "
+            "(one BLAKE3, or sha256, in the receiving thread); ours transfer phase = our client's receive "
+            "loop + the store's staging (piece hashes checked as rows arrive, value check, temp file "
+            "written), stopping before fsync; end to end = Client.fetch_entry into a Store (hash while "
+            "receiving, write, fsync, open + verify, rename, index) vs urllib GET + hash while receiving "
+            "(sha256 for format 1, BLAKE3 for format 2: the same work) + write + fsync + rename"
+        )
+        b3 = blake3.blake3
         transfer = median_runs(
             {
                 "raw": lambda: raw_do_get(raw, big.digest),
+                "floor_b3": lambda: raw_do_get_hashed(raw, big.digest, b3),
+                "floor_sha": lambda: raw_do_get_hashed(raw, big1.digest, hashlib.sha256),
                 "ours_recv": lambda: ours_receive(ours, entry),
                 "ours_recv_hash": lambda: ours_stage(ours, entry, dest),
+                "ours_recv_hash_f1": lambda: ours_stage(ours, entry1, dest),
             },
             r,
         )
         e2e = median_runs(
             {
                 "ours": lambda: ours_fetch(ours, entry, dest),
-                "http": lambda: http_fetch(url, http_dest, big_sha),
+                "http": lambda: http_fetch(url, http_dest, big_b3, hasher=b3),
+                "ours_f1": lambda: ours_fetch(ours, entry1, dest),
+                "http_f1": lambda: http_fetch(url1, http_dest, big1_sha),
             },
             r,
         )
+        print(f"# load average after the 64 MiB rows {os.getloadavg()}", flush=True)
         tls = median_runs(
             {
                 "raw": lambda: raw_do_get(raw_tls, big.digest),
@@ -500,24 +574,41 @@ def main() -> None:
         rows += [
             (
                 f"{args.mib} MiB transfer, receive only",
-                "raw pyarrow do_get (RecordBatchStream, read_all)",
+                "raw pyarrow do_get (RecordBatchStream, read_chunk loop)",
                 gbs(transfer["raw"]),
                 gbs(transfer["ours_recv"]),
                 f"{transfer['raw'] / transfer['ours_recv']:.2f}× of raw (target ≥ 0.9)",
             ),
             (
-                f"{args.mib} MiB transfer phase: receive + hash + value check + temp write",
-                "raw pyarrow do_get (receive only)",
-                gbs(transfer["raw"]),
+                f"{args.mib} MiB transfer phase, format 2: receive + piece hashes + value check + temp write",
+                "floor: raw do_get + BLAKE3 over what arrives",
+                gbs(transfer["floor_b3"]),
                 gbs(transfer["ours_recv_hash"]),
-                f"{transfer['raw'] / transfer['ours_recv_hash']:.2f}× of raw (target ≥ 0.9)",
+                f"{transfer['floor_b3'] / transfer['ours_recv_hash']:.2f}× of the floor (target ≥ 0.95); "
+                f"{transfer['raw'] / transfer['ours_recv_hash']:.2f}× of bare raw do_get ({gbs(transfer['raw'])})",
             ),
             (
-                f"{args.mib} MiB end to end (verify + fsync + index)",
-                "http.server + urllib, sha256 + fsync + rename",
+                f"{args.mib} MiB transfer phase, format 1: receive + sha256 + value check + temp write",
+                "floor: raw do_get + BLAKE3 over what arrives",
+                gbs(transfer["floor_b3"]),
+                gbs(transfer["ours_recv_hash_f1"]),
+                f"{transfer['floor_b3'] / transfer['ours_recv_hash_f1']:.2f}× of the floor; "
+                f"{transfer['floor_sha'] / transfer['ours_recv_hash_f1']:.2f}× of raw + sha256 "
+                f"({gbs(transfer['floor_sha'])}); {transfer['raw'] / transfer['ours_recv_hash_f1']:.2f}× of raw",
+            ),
+            (
+                f"{args.mib} MiB end to end, format 2 (verify + fsync + index)",
+                "http.server + urllib, BLAKE3 + fsync + rename",
                 gbs(e2e["http"]),
                 gbs(e2e["ours"]),
                 f"{e2e['http'] / e2e['ours']:.2f}× HTTP (target ≥ 1.2)",
+            ),
+            (
+                f"{args.mib} MiB end to end, format 1 (verify + fsync + index)",
+                "http.server + urllib, sha256 + fsync + rename",
+                gbs(e2e["http_f1"]),
+                gbs(e2e["ours_f1"]),
+                f"{e2e['http_f1'] / e2e['ours_f1']:.2f}× HTTP",
             ),
             small_row,
             (
@@ -537,6 +628,7 @@ def main() -> None:
         ]
         print_rows(rows)
         print(f"# raw medians (s): transfer {transfer}, e2e {e2e}, tls {tls}, small {small}")
+        print(f"# load average at the end {os.getloadavg()}")
         for c in (ours, ours_tls):
             c.close()
         raw.close()
