@@ -195,7 +195,12 @@ class CardHeader:
         return d
 
     def to_json(self) -> bytes:
-        return canonical_json(self.to_dict())
+        """The canonical JSON of this header (computed once: a header is immutable)."""
+        cached = self.__dict__.get("_json")
+        if cached is None:
+            cached = canonical_json(self.to_dict())
+            object.__setattr__(self, "_json", cached)  # not a field: equality and replace ignore it
+        return cached
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CardHeader:
