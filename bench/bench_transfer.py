@@ -316,7 +316,15 @@ def catchup_row(work: Path, count: int, kib: int, concurrency: int, repeats: int
         return lambda: shutil.rmtree(d)
 
     try:
-        res = median_runs({"ours": ours, "http": http_run}, repeats)
+        cpu: dict[str, float] = {}
+        me = os.getpid()
+        res = median_runs(
+            {"ours": ours, "http": http_run},
+            repeats,
+            cpu_pids={"ours": [me, procs[0].pid], "http": [me, procs[1].pid]},
+            cpu=cpu,
+        )
+        res.update({f"cpu_{k}": v for k, v in cpu.items()})
     finally:
         for p in procs:
             p.kill()
@@ -326,9 +334,9 @@ def catchup_row(work: Path, count: int, kib: int, concurrency: int, repeats: int
         f"{count} cards of {size}, sync from one peer (concurrency {concurrency})",
         f"a JSON listing, then {count} HTTP GETs over keep-alive, BLAKE3, grouped fsync ({per}/group), "
         f"{concurrency} threads",
-        f"{res['http']:.3f} s",
-        f"{res['ours']:.3f} s",
-        f"{res['http'] / res['ours']:.2f}× HTTP (target ≥ 1.5)",
+        f"{res['http']:.3f} s (CPU {res['cpu_http']:.2f} s)",
+        f"{res['ours']:.3f} s (CPU {res['cpu_ours']:.2f} s)",
+        f"{res['http'] / res['ours']:.2f}× HTTP (target ≥ 1.5); CPU {res['cpu_http'] / res['cpu_ours']:.2f}×",
     )
     return row, res
 
@@ -349,7 +357,8 @@ def catchup_main(args) -> None:
         r = max(3, args.repeats)
         print(f"# loraflight catch-up benchmark — {machine()}")
         print(
-            f"# medians of {r} runs after a warm-up, competitors alternated; load average {os.getloadavg()}"
+            f"# medians of {r} runs after a warm-up, competitors alternated; load average {os.getloadavg()}; "
+            "CPU = user + system seconds of the client process and that side's server process per run"
         )
         rows, raw = [], {}
         for count, kib in ((args.small, args.small_kib), (args.many, args.many_kib)):
@@ -363,14 +372,38 @@ def catchup_main(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def median_runs(fns: dict[str, Callable[[], Cleanup]], repeats: int) -> dict[str, float]:
-    """Warm up each, then alternate A B A B ...; return median seconds per name."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (Linux /proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def median_runs(
+    fns: dict[str, Callable[[], Cleanup]],
+    repeats: int,
+    cpu_pids: dict[str, list[int]] | None = None,
+    cpu: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Warm up each, then alternate A B A B ...; return median seconds per name. With
+    `cpu_pids` (name -> the processes doing that side's work), `cpu` gets each side's median
+    CPU seconds per run: the work done, which a shared machine's load does not inflate much."""
     for fn in fns.values():
         timed(fn)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpus: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            pids = (cpu_pids or {}).get(k, [])
+            c0 = cpu_seconds(pids) if pids else 0.0
             times[k].append(timed(fn))
+            if pids:
+                cpus[k].append(cpu_seconds(pids) - c0)
+    if cpu is not None:
+        cpu.update({k: statistics.median(v) for k, v in cpus.items() if v})
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -58,8 +58,20 @@ _MODULES_RE = re.compile(rf"(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{MAX_MODULE_LEN - 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+_PLAIN: dict[str, pa.Schema] = {}  # dtype -> its schema without metadata (immutable, built once)
+
+
 def card_schema(dtype: str, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
     """The Arrow schema of a card of `dtype` (metadata optional)."""
+    if not metadata:
+        plain = _PLAIN.get(dtype)
+        if plain is None:
+            plain = _PLAIN[dtype] = _build_schema(dtype, None)
+        return plain
+    return _build_schema(dtype, metadata)
+
+
+def _build_schema(dtype: str, metadata: Mapping[bytes, bytes] | None) -> pa.Schema:
     value = ARROW_VALUE_TYPES[dtype]
     fields = [
         pa.field("module", pa.utf8(), nullable=False),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from loraflight.engine.card import CardDigest
+from loraflight.engine.card import CardDigest, card_schema
 from loraflight.engine.card.values import all_finite
 from loraflight.errors import CardError
 
@@ -22,17 +22,9 @@ def finite_bytes(mv: memoryview, dtype: str) -> bool:
     return all_finite(np.frombuffer(mv, dtype=_WORDS[dtype]), dtype)
 
 
-_PLAIN_SCHEMAS: dict[str, pa.Schema] = {}
-
-
 def plain_schema(dtype: str) -> pa.Schema:
-    """The card schema of `dtype` without metadata (built once per dtype)."""
-    s = _PLAIN_SCHEMAS.get(dtype)
-    if s is None:
-        from loraflight.engine.card import card_schema
-
-        s = _PLAIN_SCHEMAS[dtype] = card_schema(dtype)
-    return s
+    """The card schema of `dtype` without metadata (`card_schema` builds it once per dtype)."""
+    return card_schema(dtype)
 
 
 def _value_span(arr: pa.Array, n: int, itemsize: int, label: str) -> tuple[memoryview, np.ndarray]:
