@@ -24,7 +24,6 @@ import platform
 import shutil
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._iperf import iperf3_rate
 
 CTX = mp.get_context("spawn")
 
@@ -127,13 +128,17 @@ def raw_do_get(client, digest: str) -> Cleanup:
     return None
 
 
-def raw_do_get_hashed(client, digest: str, hasher: Callable[[], Any]) -> Cleanup:
+def raw_do_get_hashed(
+    client, digest: str, hasher: Callable[[], Any], write_to: Path | None = None
+) -> Cleanup:
     """The floor of a transfer phase: raw `do_get`, and every buffer of every batch hashed as
-    it arrives (one hasher over the stream, in the receiving thread; nothing written)."""
+    it arrives (one hasher over the stream, in the receiving thread); with `write_to`, each
+    buffer is also written to a temp file there (unbuffered, not fsynced; deleted after)."""
     import pyarrow.flight as fl
 
     r = client.do_get(fl.Ticket(digest.encode()))
     h = hasher()
+    f = open(write_to / f".floor-{time.perf_counter_ns()}", "wb", buffering=0) if write_to else None  # noqa: SIM115
     while True:
         try:
             chunk = r.read_chunk()
@@ -143,7 +148,12 @@ def raw_do_get_hashed(client, digest: str, hasher: Callable[[], Any]) -> Cleanup
             for b in col.buffers():
                 if b is not None:
                     h.update(b)
+                    if f is not None:
+                        f.write(b)
     h.digest()
+    if f is not None:
+        f.close()
+        return partial(os.unlink, f.name)
     return None
 
 
@@ -420,41 +430,6 @@ def run_ratio(runs: dict[str, list[float]], slow: str, fast: str) -> float:
     return statistics.median(a / b for a, b in zip(runs[slow], runs[fast], strict=True))
 
 
-def iperf3_rate(seconds: int = 3) -> float | None:
-    exe = shutil.which("iperf3")
-    if exe is None:
-        return None
-    import socket
-
-    with socket.socket() as probe:  # a free port (iperf3 cannot be told to pick one)
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    srv = subprocess.Popen(
-        [exe, "-s", "-1", "-B", "127.0.0.1", "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(50):
-            r = subprocess.run(
-                [exe, "-c", "127.0.0.1", "-p", port, "-t", str(seconds), "-P", "1", "-J"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if r.returncode == 0:
-                import json
-
-                try:
-                    return float(json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"]) / 8
-                except (ValueError, KeyError, TypeError):
-                    return None  # iperf3 reported an error instead of a result
-            time.sleep(0.1)
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            srv.kill()
-            srv.wait(5)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -558,7 +533,7 @@ def main() -> None:
         )
         print(
             "# sides: raw = pyarrow do_get, read_chunk until the end; floor = raw do_get, every arriving buffer hashed "
-            "(one BLAKE3, or sha256, in the receiving thread); ours transfer phase = our client's receive "
+            "(one BLAKE3, or sha256, in the receiving thread; + temp write: each buffer also written to a file); ours transfer phase = our client's receive "
             "loop + the store's staging (piece hashes checked as rows arrive, value check, temp file "
             "written), stopping before fsync; end to end = Client.fetch_entry into a Store (hash while "
             "receiving, write, fsync, open + verify, rename, index) vs urllib GET + hash while receiving "
@@ -572,6 +547,7 @@ def main() -> None:
                 "raw": lambda: raw_do_get(raw, big.digest),
                 "floor_b3": lambda: raw_do_get_hashed(raw, big.digest, b3),
                 "floor_sha": lambda: raw_do_get_hashed(raw, big1.digest, hashlib.sha256),
+                "floor_write": lambda: raw_do_get_hashed(raw, big.digest, b3, write_to=http_dest),
                 "ours_recv": lambda: ours_receive(ours, entry),
                 "ours_recv_hash": lambda: ours_stage(ours, entry, dest),
                 "ours_recv_hash_f1": lambda: ours_stage(ours, entry1, dest),
@@ -636,7 +612,9 @@ def main() -> None:
                 gbs(transfer["ours_recv_hash"]),
                 f"{transfer['floor_b3'] / transfer['ours_recv_hash']:.2f}× of the floor (target ≥ 0.95; per-run "
                 f"median {run_ratio(tr_runs, 'floor_b3', 'ours_recv_hash'):.2f}×); "
-                f"{transfer['raw'] / transfer['ours_recv_hash']:.2f}× of bare raw do_get ({gbs(transfer['raw'])})",
+                f"{transfer['raw'] / transfer['ours_recv_hash']:.2f}× of bare raw do_get ({gbs(transfer['raw'])}); "
+                f"{transfer['floor_write'] / transfer['ours_recv_hash']:.2f}× of the floor + temp write "
+                f"({gbs(transfer['floor_write'])})",
             ),
             (
                 f"{args.mib} MiB transfer phase, format 1: receive + sha256 + value check + temp write",
