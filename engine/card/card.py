@@ -210,7 +210,9 @@ class LoRACard:
         return card
 
     @classmethod
-    def open_buffer(cls, buf: pa.Buffer, path: str | os.PathLike[str], *, expect: CardHeader | None = None) -> LoRACard:
+    def open_buffer(
+        cls, buf: pa.Buffer, path: str | os.PathLike[str], *, expect: CardHeader | None = None
+    ) -> LoRACard:
         """`open` of a card file's bytes already in memory (e.g. just received and written to
         `path`), with the same checks and no copy; errors name `path`. With `expect` (the header
         a listing named), a header whose bytes are that header's canonical JSON is not parsed

@@ -250,11 +250,11 @@ class PieceJob:
     Pieces are shared out: up to `threads - 1` helpers take the next unhashed piece, and
     `result()` makes the caller take pieces too once its own work is done, so the whole card
     is hashed on every core with the GIL released. A one-piece card is hashed by one helper
-    with BLAKE3's own threads (`max_threads`, one per core idle right now, one when unthreaded).
-    Helpers start only on cores idle right now (`idle_cores`, unless `threads` is given). Unthreaded (small cards, one core, no idle core,
-    or ``threaded=False``) it hashes in the constructor. `result()` raises CardError naming every
-    piece that does not match, else returns the digest the header then has. Same interface as
-    `DigestJob`.
+    with BLAKE3's own threads (`max_threads`: one per core idle right now, a single one when
+    unthreaded). Helpers start only on cores idle right now (`idle_cores`, unless `threads` is
+    given). Unthreaded (small cards, one core, no idle core, or ``threaded=False``) it hashes
+    in the constructor. `result()` raises CardError naming every piece that does not match,
+    else returns the digest the header then has. Same interface as `DigestJob`.
     """
 
     def __init__(
