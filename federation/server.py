@@ -34,6 +34,7 @@ from loraflight.engine.card import (
     card_schema,
     check_name,
 )
+from loraflight.engine.card.ipc import map_file
 from loraflight.errors import CardError, ConfigError, LoraflightError, StoreError
 
 from .identity import NodeIdentity
@@ -446,8 +447,9 @@ class CardServer(flight.FlightServerBase):
             buf = None
             if self.store.entry_exists(digest):
                 try:
-                    buf = pa.memory_map(str(self.store.path_of(digest))).read_buffer()
-                except (OSError, pa.ArrowException):
+                    # a plain mmap (Arrow's memory_map advises the kernel on every read)
+                    buf, _ident = map_file(self.store.path_of(digest))
+                except CardError:
                     buf = None  # removed meanwhile
             if buf is None:
                 rows.append((digest, -1, 0, pa.py_buffer(b"")))

@@ -205,7 +205,25 @@ class LoRACard:
         """Map a card file and check its structure; no tensor byte is read or copied."""
         p = Path(path)
         buf, ident = map_file(p)
+        card = cls._open_buffer(buf, p)
+        card._ident = ident
+        return card
+
+    @classmethod
+    def open_buffer(
+        cls, buf: pa.Buffer, path: str | os.PathLike[str], *, expect: CardHeader | None = None
+    ) -> LoRACard:
+        """`open` of a card file's bytes already in memory (e.g. just received and written to
+        `path`), with the same checks and no copy; errors name `path`. With `expect` (the header
+        a listing named), a header whose bytes are that header's canonical JSON is not parsed
+        again (any other header is parsed and checked as usual)."""
+        return cls._open_buffer(buf, Path(path), expect=expect)
+
+    @classmethod
+    def _open_buffer(cls, buf: pa.Buffer, p: Path, *, expect: CardHeader | None = None) -> LoRACard:
         size = buf.size
+        if size == 0:
+            raise CardError(f"{p}: not an Arrow IPC file or truncated: the file is empty")
         base = buf.address
         compressed = compressed_batch(memoryview(buf))
         if compressed is not None:
@@ -219,7 +237,7 @@ class LoRACard:
         except (pa.ArrowException, OSError, ValueError) as e:
             raise CardError(f"{p}: not an Arrow IPC file or truncated: {e}") from None
         try:
-            header = header_from_schema(schema)
+            header = header_from_schema(schema, expect=expect)
         except CardError as e:
             raise CardError(f"{p}: {e}") from None
         # The file repeats the schema (with the header) at its start; Arrow's file reader uses the
@@ -257,7 +275,7 @@ class LoRACard:
             raise CardError(f"{p}: more than {MAX_ROWS} module rows")
         try:
             card = cls(header, batches, path=p)
-            card._map, card._ident = buf, ident
+            card._map = buf
             return card
         except CardError as e:
             raise CardError(f"{p}: {e}") from None

@@ -59,8 +59,20 @@ _MODULES_RE = re.compile(rf"(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{MAX_MODULE_LEN - 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+_PLAIN: dict[str, pa.Schema] = {}  # dtype -> its schema without metadata (immutable, built once)
+
+
 def card_schema(dtype: str, metadata: Mapping[bytes, bytes] | None = None) -> pa.Schema:
     """The Arrow schema of a card of `dtype` (metadata optional)."""
+    if not metadata:
+        plain = _PLAIN.get(dtype)
+        if plain is None:
+            plain = _PLAIN[dtype] = _build_schema(dtype, None)
+        return plain
+    return _build_schema(dtype, metadata)
+
+
+def _build_schema(dtype: str, metadata: Mapping[bytes, bytes] | None) -> pa.Schema:
     value = ARROW_VALUE_TYPES[dtype]
     fields = [
         pa.field("module", pa.utf8(), nullable=False),
@@ -217,7 +229,12 @@ class CardHeader:
         return d
 
     def to_json(self) -> bytes:
-        return canonical_json(self.to_dict())
+        """The canonical JSON of this header (computed once: a header is immutable)."""
+        cached = self.__dict__.get("_json")
+        if cached is None:
+            cached = canonical_json(self.to_dict())
+            object.__setattr__(self, "_json", cached)  # not a field: equality and replace ignore it
+        return cached
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CardHeader:
@@ -475,19 +492,21 @@ def check_rows(
         raise CardError(f"module {modules[i]!r}: alpha is not finite")
 
 
-def header_from_schema(schema: pa.Schema) -> CardHeader:
+def header_from_schema(schema: pa.Schema, *, expect: CardHeader | None = None) -> CardHeader:
+    """The header a card's schema carries, checked; `expect` is returned as it is when the
+    metadata holds exactly its canonical JSON (a header already parsed and checked once)."""
     meta = schema.metadata or {}
     raw = meta.get(METADATA_KEY)
     if raw is None:
         raise CardError("not a loraflight card: the schema metadata has no 'loraflight' header")
     if sum(len(k) + len(v) for k, v in meta.items()) > MAX_HEADER_BYTES + 4096:
         raise CardError(f"schema metadata is larger than {MAX_HEADER_BYTES} bytes (metadata too large)")
-    header = CardHeader.from_json(raw)
-    expect = card_schema(header.dtype)
-    if not schema.remove_metadata().equals(expect):
+    header = expect if expect is not None and raw == expect.to_json() else CardHeader.from_json(raw)
+    plain = card_schema(header.dtype)
+    if not schema.remove_metadata().equals(plain):
         raise CardError(
             f"wrong schema for a {header.dtype} card: got ({schema_str(schema)}), "
-            f"expected ({schema_str(expect)})"
+            f"expected ({schema_str(plain)})"
         )
     return header
 

@@ -250,11 +250,11 @@ class PieceJob:
     Pieces are shared out: up to `threads - 1` helpers take the next unhashed piece, and
     `result()` makes the caller take pieces too once its own work is done, so the whole card
     is hashed on every core with the GIL released. A one-piece card is hashed by one helper
-    with BLAKE3's own threads (`max_threads`). Helpers start only on cores idle right now
-    (`idle_cores`, unless `threads` is given). Unthreaded (small cards, one core, no idle core,
-    or ``threaded=False``) it hashes in the constructor. `result()` raises CardError naming every
-    piece that does not match, else returns the digest the header then has. Same interface as
-    `DigestJob`.
+    with BLAKE3's own threads (`max_threads`: one per core idle right now, a single one when
+    unthreaded). Helpers start only on cores idle right now (`idle_cores`, unless `threads` is
+    given). Unthreaded (small cards, one core, no idle core, or ``threaded=False``) it hashes
+    in the constructor. `result()` raises CardError naming every piece that does not match,
+    else returns the digest the header then has. Same interface as `DigestJob`.
     """
 
     def __init__(
@@ -272,8 +272,12 @@ class PieceJob:
         self.nbytes = sum(a.nbytes + b.nbytes for _, a, b in self._tasks)
         n = len(self._tasks)
         cores = max(1, threads if threads is not None else CPUS)
-        helpers = min(cores - 1, n) if threads is not None else min(idle_cores(), n)
-        self._mt = cores if n == 1 else 1  # one piece: BLAKE3's threads; else one piece per thread
+        # threaded=False: this thread only (no helper, no BLAKE3 threads), no /proc/loadavg read
+        idle = 0 if threaded is False else cores - 1 if threads is not None else idle_cores()
+        helpers = min(idle, n)
+        # one piece: BLAKE3's own threads, as many as there are cores to run them (a BLAKE3
+        # thread waiting for a busy core stalls the whole hash); else one piece per thread
+        self._mt = min(cores, 1 + idle) if n == 1 else 1
         self._bad: list[int] = []
         self._error: BaseException | None = None
         self._cancelled = False

@@ -42,6 +42,9 @@ class VerifiedFile:
     locations: tuple[str, ...]
 
 
+WRITEBACK_BYTES = 4 << 20  # from this size a received card's write-out is started at once
+
+
 class GroupTarget(Protocol):
     """What a bundle needs from its store."""
 
@@ -81,6 +84,7 @@ class BundleReceiver:
         self._tmp: Path | None = None
         self._size = 0
         self._written = 0
+        self._only: pa.Buffer | None = None  # the current card's bytes when one piece held them all
         self._done = False
         self._unsynced: dict[str, Any] = {}  # verified files not fsynced yet (open)
 
@@ -142,6 +146,7 @@ class BundleReceiver:
                 self._file.write(piece)
         except OSError as e:
             raise disk_error(e, f"cannot write {entry.ref}") from None
+        self._only = piece if n == size else None  # aligned in _finish
         self._written += n
         self.bytes_received += n
         if self._written == size:
@@ -169,19 +174,27 @@ class BundleReceiver:
 
     def _finish(self, entry: CatalogEntry) -> None:
         """The card's last byte arrived: fsync, open, verify; keep it or record why not."""
-        tmp, f = self._tmp, self._file
+        tmp, f, only = self._tmp, self._file, self._only
         assert tmp is not None
-        self._current = self._file = self._tmp = None
+        self._current = self._file = self._tmp = self._only = None
+        # no flush (the writes are unbuffered); the fsync comes at commit, for the whole group
+        # at once. Only a big card gets the writeback hint (its write-out overlaps receiving
+        # the rest); for a small one the syscall costs more than it saves.
+        if self._size >= WRITEBACK_BYTES:
+            try:
+                start_writeback(f.fileno(), 0, self._size)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    f.close()
+                    os.unlink(tmp)
+                raise disk_error(e, f"cannot store {entry.ref}") from None
         try:
-            f.flush()  # the fsync comes at commit, for the whole group at once
-            start_writeback(f.fileno(), 0, self._size)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                f.close()
-                os.unlink(tmp)
-            raise disk_error(e, f"cannot store {entry.ref}") from None
-        try:
-            card = LoRACard.open(tmp)
+            # a card that arrived in one piece is checked in those bytes, the ones just written
+            # (no re-open and re-map of the file); else the file is mapped as usual
+            if only is not None:
+                card = LoRACard.open_buffer(aligned(only), tmp, expect=entry.header)
+            else:
+                card = LoRACard.open(tmp)
             try:
                 if card.header != entry.header:
                     raise CardError(f"{entry.ref}: the received file's header is not the one listed; refused")
@@ -271,6 +284,16 @@ class BundleReceiver:
         for f in self.verified.values():
             with contextlib.suppress(OSError):
                 os.unlink(f.tmp)  # after a commit, only those not renamed are still there
+
+
+def aligned(buf: pa.Buffer, alignment: int = 64) -> pa.Buffer:
+    """`buf`, or an aligned copy of it: a card's bytes inside a received bundle batch start at
+    any offset, and tensors are read in place only when aligned to their element size."""
+    if buf.address % alignment == 0:
+        return buf
+    out = pa.allocate_buffer(buf.size)  # Arrow's pool: 64-byte aligned
+    memoryview(out).cast("B")[:] = memoryview(buf).cast("B")  # type: ignore[index]
+    return out
 
 
 FSYNC_THREADS = 16

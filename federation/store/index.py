@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS withdrawals (
 """
 _COLS = "digest, name, version, base_model, tags, size, rows, source, pinned, published, header, epoch"
 MAX_LOCATIONS = 32  # remembered per digest
+HEADER_MEMO = 16384  # parsed headers kept by the index (a few KiB each)
 
 
 class CardIndex:
@@ -78,6 +79,7 @@ class CardIndex:
             self._db.close()
             raise
         self.lock = threading.RLock()
+        self._headers: dict[bytes, CardHeader] = {}  # stored header bytes -> parsed (`_header`)
 
     def close(self) -> None:
         with self.lock:
@@ -99,11 +101,23 @@ class CardIndex:
         return int(row[0])
 
     # -- entries
+    def _header(self, raw: bytes) -> CardHeader:
+        """The header stored as `raw`, parsed once: a listing of N cards would otherwise parse
+        and re-encode N headers per call. Keyed by the bytes themselves (a header is immutable;
+        other bytes are another key), bounded; caller holds the lock."""
+        h = self._headers.get(raw)
+        if h is None:
+            h = CardHeader.from_json(raw)
+            if len(self._headers) >= HEADER_MEMO:
+                self._headers.pop(next(iter(self._headers)))  # the oldest
+            self._headers[raw] = h
+        return h
+
     def _entry(self, row: tuple[Any, ...]) -> CatalogEntry:
         digest, _name, _v, _bm, _tags, size, rows, source, pinned, published, header, epoch = row
         raw = header.encode()
         return CatalogEntry(
-            header=CardHeader.from_json(raw),
+            header=self._header(raw),
             header_json=raw,
             size=size,
             rows=rows,
@@ -492,4 +506,4 @@ class CardIndex:
         return [(r, json.loads(d), int(e)) for r, d, e in rows]
 
 
-__all__ = ["MAX_LOCATIONS", "SCHEMA", "CardIndex"]
+__all__ = ["HEADER_MEMO", "MAX_LOCATIONS", "SCHEMA", "CardIndex"]

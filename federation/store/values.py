@@ -9,35 +9,22 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from loraflight.engine.card import CardDigest
+from loraflight.engine.card import CardDigest, card_schema
+from loraflight.engine.card.values import all_finite
 from loraflight.errors import CardError
 
-_EXP_MASKS = {"float32": ("<u4", 0x7F800000), "float16": ("<u2", 0x7C00), "bfloat16": ("<u2", 0x7F80)}
-_FINITE_CHUNK = 1 << 20
+_WORDS = {"float32": "<u4", "float16": "<u2", "bfloat16": "<u2"}
 
 
 def finite_bytes(mv: memoryview, dtype: str) -> bool:
-    """No NaN/Inf among the values in `mv` (any alignment): exponent bits not all ones."""
-    wdt, mask = _EXP_MASKS[dtype]
-    words = np.frombuffer(mv, dtype=wdt)
-    for i in range(0, words.size, _FINITE_CHUNK):
-        chunk = words[i : i + _FINITE_CHUNK]
-        if chunk.size and int(np.bitwise_and(chunk, mask).max()) == mask:
-            return False
-    return True
-
-
-_PLAIN_SCHEMAS: dict[str, pa.Schema] = {}
+    """No NaN/Inf among the values in `mv` (any alignment): the card's own scan
+    (`engine.card.all_finite`: chunked, one small scratch buffer that stays in cache)."""
+    return all_finite(np.frombuffer(mv, dtype=_WORDS[dtype]), dtype)
 
 
 def plain_schema(dtype: str) -> pa.Schema:
-    """The card schema of `dtype` without metadata (built once per dtype)."""
-    s = _PLAIN_SCHEMAS.get(dtype)
-    if s is None:
-        from loraflight.engine.card import card_schema
-
-        s = _PLAIN_SCHEMAS[dtype] = card_schema(dtype)
-    return s
+    """The card schema of `dtype` without metadata (`card_schema` builds it once per dtype)."""
+    return card_schema(dtype)
 
 
 def _value_span(arr: pa.Array, n: int, itemsize: int, label: str) -> tuple[memoryview, np.ndarray]:
