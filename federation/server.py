@@ -39,6 +39,7 @@ from .identity import NodeIdentity
 from .pause import pause_point
 from .protocol import (
     ACTION_DELETE,
+    ACTION_HAVE,
     ACTION_HEALTH,
     ACTION_NODE_INFO,
     ACTION_NOTIFY,
@@ -66,6 +67,8 @@ from .protocol import (
 )
 from .security import AuthMiddlewareFactory, ServerTLS, load_tokens, require_write
 from .store import Store
+from .swarm.service import SwarmLimits, SwarmService
+from .swarm.wire import PIECES_KEY, HaveItem, parse_piece_ticket
 from .withdrawal import Withdrawal
 
 log = logging.getLogger(__name__)
@@ -140,6 +143,7 @@ class CardServer(flight.FlightServerBase):
         on_notify: Callable[[str], None] | None = None,
         peer_locations: Callable[[str], list[str]] | None = None,
         exchange: Callable[[Any, Any, Any, Any], None] | None = None,
+        swarm_limits: SwarmLimits | None = None,
     ) -> None:
         uri = normalize_uri(listen, tls is not None)
         u = urlsplit(uri)
@@ -169,6 +173,9 @@ class CardServer(flight.FlightServerBase):
         self._cache_lock = threading.Lock()
         self._stopped = False
         self._stop_lock = threading.Lock()
+        # the piece swarm: partial cards served while fetched, who holds what (federation/swarm)
+        self.swarm = SwarmService(store, swarm_limits)
+        self.swarm.self_uris = lambda: self.locations
         try:
             super().__init__(
                 uri, middleware={"auth": AuthMiddlewareFactory(read_tokens, write_tokens)}, **kwargs
@@ -254,6 +261,8 @@ class CardServer(flight.FlightServerBase):
             "format": FORMAT_VERSION,
             "formats": list(READ_MAJORS),  # the card format majors this node reads
             GET_MANY_KEY: MAX_BUNDLE_CARDS,  # serves several cards per do_get (bundle tickets)
+            PIECES_KEY: 1,  # serves piece tickets (the swarm)
+            "swarm": self.swarm.status(),
             "skipped_offers": dict(self.skipped_offers),  # cards not listed to a peer, by reason
             "epoch": self.store.epoch,
             "cards": st["cards"],
@@ -281,7 +290,16 @@ class CardServer(flight.FlightServerBase):
         if skipped:
             with self._skip_lock:
                 self.skipped_offers.update(skipped)
-        return iter([entry_to_flight_info(self._entry_locations(e), flight) for e in entries])
+        return iter(
+            [
+                entry_to_flight_info(
+                    self._entry_locations(e),
+                    flight,
+                    self.swarm.listing_holders(e.digest, len(e.header.pieces)) if e.header.pieces else None,
+                )
+                for e in entries
+            ]
+        )
 
     def _resolve(self, descriptor: flight.FlightDescriptor) -> CatalogEntry:
         if descriptor.descriptor_type != flight.DescriptorType.PATH:
@@ -322,6 +340,11 @@ class CardServer(flight.FlightServerBase):
         if many is not None:
             self._acquire_get()
             return flight.GeneratorStream(bundle_schema(), self._bundle_stream(many))
+        pieces = parse_piece_ticket(ticket.ticket)
+        if pieces is not None:
+            peer = str(context.peer() if context is not None else "").rsplit(":", 1)[0]
+            schema, stream = self.swarm.serve(pieces, peer, self._mapped)
+            return flight.GeneratorStream(schema, stream)
         digest = parse_ticket(ticket.ticket)
         card = self._mapped(digest)
         self._acquire_get()
@@ -477,6 +500,7 @@ class CardServer(flight.FlightServerBase):
                 "protocol": PROTOCOL_VERSION,
                 "formats": list(READ_MAJORS),
                 GET_MANY_KEY: MAX_BUNDLE_CARDS,
+                PIECES_KEY: 1,
                 "epoch": self.store.epoch,
             }
         elif kind == ACTION_NODE_INFO:
@@ -493,6 +517,12 @@ class CardServer(flight.FlightServerBase):
                 except Exception:
                     log.exception("on_notify callback failed for %s", peer)
             body = {"ok": True, "epoch": self.store.epoch}
+        elif kind == ACTION_HAVE:
+            item = HaveItem.from_dict(
+                parse_json_body(action.body.to_pybytes() if action.body else b"", "have")
+            )
+            self.swarm.note_have(item)
+            body = {"ok": True}
         elif kind == ACTION_DELETE:
             require_write(context, "deleting a card", bool(self._write_tokens))
             req = parse_json_body(action.body.to_pybytes() if action.body else b"", "delete")

@@ -22,6 +22,7 @@ from loraflight.errors import ConflictError, LoraflightError, PeerError, TrustEr
 from .protocol import CatalogEntry, dedupe
 from .security import ClientTLS
 from .store import Store
+from .swarm import SwarmService, swarm_fetch, wants_swarm
 
 log = logging.getLogger(__name__)
 MAX_LINEAGE_DEPTH = 64
@@ -220,6 +221,7 @@ def sync(
     catalogs: Mapping[str, Sequence[CatalogEntry]] | None = None,
     withdrawals: bool = True,
     bundle_cards: int = BUNDLE_CARDS,
+    swarm: SwarmService | None = None,
 ) -> SyncReport:
     """List the peers, plan, and fetch with at most `concurrency` transfers at once.
 
@@ -229,6 +231,9 @@ def sync(
     every withdrawn name@version. A peer whose `health` advertises bundles (`get_many`) sends
     its cards in bundles of at most `bundle_cards` (one stream, one group commit each, see
     `plan_bundles`); any other peer, and whatever a bundle did not deliver, go card by card.
+    With `swarm` (a node's `server.swarm`), a format-2 card that more than one peer may hold
+    is fetched piece by piece from several holders at once (`swarm.swarm_fetch`); when that
+    fails it is fetched whole as any other card.
     """
     from .client import Client
 
@@ -279,6 +284,26 @@ def sync(
             try:
                 if not first:
                     raise PeerError(f"no location holds {f.ref}")
+                if swarm is not None and wants_swarm(swarm, f.entry, f.locations):
+                    try:
+                        got = swarm_fetch(
+                            swarm,
+                            f.entry,
+                            client,
+                            locations=f.locations,
+                            trusted=trusted_set,
+                            require_signed=require_signed,
+                        )
+                    except (TrustError, ConflictError):
+                        raise
+                    except LoraflightError as e:
+                        log.warning("sync: swarm fetch of %s failed (%s); fetching it whole", f.ref, e)
+                    else:
+                        with lock:
+                            report.fetched.append(got)
+                        if progress is not None:
+                            progress(SyncProgress(f.ref, "done", total, total))
+                        return
                 _card, entry = client(first).fetch_entry_stored(
                     f.entry,
                     store=store,
@@ -345,8 +370,12 @@ def sync(
             max_workers=max(1, concurrency), thread_name_prefix="ThreadPoolExecutor-sync"
         ) as ex:
             for batch in (parents, rest):
-                singles, groups = plan_bundles(batch, concurrency, bundled, max_cards=bundle_cards)
-                futs = [ex.submit(run_group, g) for g in groups] + [ex.submit(run, f) for f in singles]
+                swarmed = [f for f in batch if wants_swarm(swarm, f.entry, f.locations)]  # never bundled
+                whole = [f for f in batch if f not in swarmed]
+                singles, groups = plan_bundles(whole, concurrency, bundled, max_cards=bundle_cards)
+                futs = [ex.submit(run_group, g) for g in groups] + [
+                    ex.submit(run, f) for f in swarmed + singles
+                ]
                 for fut in futs:
                     fut.result()
         return report

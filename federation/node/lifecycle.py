@@ -260,6 +260,8 @@ class Node:
         )
         if not cfg.advertise and not listen_port:
             self.server.use_locations(self._derive_locations(self.server.port))
+        # the swarm tells every live peer which pieces it holds while it fetches
+        self.server.swarm.peer_uris = lambda: [p.uri or p.uris[0] for p in self.peers.live()] if self.peers else []
         if cfg.metrics.port >= 0:
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         self._unsubscribe = self.store.subscribe(self._on_store_event)
@@ -471,7 +473,8 @@ class Node:
         t0 = time.perf_counter()
         added: list[CatalogEntry] = []
         try:
-            added = loops.sync_round(peers, self.config, self.store, self._client_tls, self.metrics)
+            swarm = self.server.swarm if self.server is not None else None
+            added = loops.sync_round(peers, self.config, self.store, self._client_tls, self.metrics, swarm)
         finally:
             self.metrics.sync_seconds.observe(time.perf_counter() - t0)
             self.write_status()

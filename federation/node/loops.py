@@ -192,8 +192,10 @@ def sync_round(
     store: Store,
     client_tls: ClientTLS | None,
     metrics: NodeMetrics,
+    swarm: Any = None,
 ) -> list[CatalogEntry]:
-    """List the peers, plan with the sync policy, fetch (bounded concurrency, verified)."""
+    """List the peers, plan with the sync policy, fetch (bounded concurrency, verified;
+    format-2 cards piece by piece through `swarm`, the node's `server.swarm`)."""
     pol = config.sync
     report = sync(
         [p.uri or p.uris[0] for p in peers],
@@ -203,6 +205,7 @@ def sync_round(
         token=config.tokens.peer or None,
         tls=client_tls,
         timeout=max(config.intervals.health_timeout, 5.0),
+        swarm=swarm,
     )
     for e in report.fetched:
         metrics.fetches.inc()

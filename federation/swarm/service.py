@@ -1,0 +1,255 @@
+"""A node's swarm: the cards it is fetching piece by piece (served while they arrive), who
+holds which pieces (from `have` actions and listings), and the upload side of piece tickets
+(caps per node and per peer; a complete holder refers askers to other holders).
+
+Upload rules (docs/protocol.md, "Swarm"): at most `max_uploads` piece streams at once and
+`max_uploads_per_peer` to one asking address, beyond which a request is refused as busy.
+A node holding the whole card leaves a piece out of its answer (the asker goes elsewhere)
+while it is sending that piece to someone else, or when it sent it before and either another
+holder is known to have it or it has pieces it never sent; a ticket marked ``last`` is always
+served. So an origin sends each piece about once and the fleet sends the copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from loraflight.engine.card import LoRACard
+from loraflight.errors import BusyError, CardNotFound
+
+from ..pause import pause_point
+from ..store import Store
+from .partial import PartialCard
+from .wire import HaveItem, PieceRequest, encode_bits, piece_metadata
+
+log = logging.getLogger(__name__)
+HAVE_TTL_S = 600.0
+MAX_TRACKED_DIGESTS = 1024
+MAX_HOLDERS_PER_DIGEST = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SwarmLimits:
+    max_uploads: int = 4  # piece streams this node sends at once
+    max_uploads_per_peer: int = 2  # of them to one asking address
+    upload_wait_s: float = 0.0  # how long a request waits for a free upload slot before 'busy'
+
+
+class _Uploads:
+    """Per card: how often this node sent each piece, and which are being sent now."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, int] = {}
+        self.sending: dict[int, int] = {}
+
+
+class SwarmService:
+    """Owned by a `CardServer` (`server.swarm`); a node sets `peer_uris` to its live peers."""
+
+    def __init__(self, store: Store, limits: SwarmLimits | None = None) -> None:
+        self.store = store
+        self.limits = limits or SwarmLimits()
+        self.self_uris: Callable[[], list[str]] = list
+        self.peer_uris: Callable[[], list[str]] = list
+        self._lock = threading.Condition()
+        self._partials: dict[str, PartialCard] = {}
+        self._fetches: dict[str, Any] = {}  # digest -> the running SwarmFetch
+        self._haves: dict[str, dict[str, tuple[frozenset[int], int, float]]] = {}
+        self._uploads: dict[str, _Uploads] = {}
+        self._active = 0
+        self._per_peer: dict[str, int] = {}
+        self.piece_support: dict[str, bool] = {}  # uri -> whether its health says it serves pieces
+        self.served_pieces = 0
+        self.referred = 0
+
+    # -- partial cards and fetches
+    def register(self, partial: PartialCard, fetch: Any) -> Any:
+        """Start serving `partial`; returns the fetch already running for this digest, if any."""
+        d = partial.entry.digest
+        with self._lock:
+            running = self._fetches.get(d)
+            if running is not None:
+                return running
+            self._partials[d] = partial
+            self._fetches[d] = fetch
+        return None
+
+    def unregister(self, digest: str) -> None:
+        with self._lock:
+            self._partials.pop(digest, None)
+            self._fetches.pop(digest, None)
+            self._lock.notify_all()
+
+    def fetch_of(self, digest: str) -> Any:
+        with self._lock:
+            return self._fetches.get(digest)
+
+    # -- who holds what
+    def note_have(self, item: HaveItem) -> None:
+        """Record a peer's `have` (bounded; old news expires after HAVE_TTL_S)."""
+        now = time.monotonic()
+        if item.peer in self.self_uris():
+            return
+        with self._lock:
+            table = self._haves.get(item.digest)
+            if table is None:
+                if len(self._haves) >= MAX_TRACKED_DIGESTS:
+                    self._expire(now, force=True)
+                table = self._haves[item.digest] = {}
+            old = table.get(item.peer)
+            pieces = item.pieces | old[0] if old is not None and old[1] == item.count else item.pieces
+            if item.peer in table or len(table) < MAX_HOLDERS_PER_DIGEST:
+                table[item.peer] = (pieces, item.count, now)
+            fetch = self._fetches.get(item.digest)
+        if fetch is not None:
+            fetch.news(item.peer, pieces)
+
+    def _expire(self, now: float, force: bool = False) -> None:
+        for d in list(self._haves):
+            t = self._haves[d]
+            for p in [p for p, v in t.items() if now - v[2] > HAVE_TTL_S]:
+                del t[p]
+            if not t or force:
+                del self._haves[d]
+                if force:
+                    return
+
+    def holders(self, digest: str) -> dict[str, frozenset[int]]:
+        """Peers known to hold pieces of `digest` (from haves), with their pieces."""
+        now = time.monotonic()
+        with self._lock:
+            t = self._haves.get(digest, {})
+            return {p: v[0] for p, v in t.items() if now - v[2] <= HAVE_TTL_S}
+
+    def listing_holders(self, digest: str, count: int) -> dict[str, str]:
+        """Holders for a listing's endpoint metadata: uri -> bitfield ('complete' for all)."""
+        out = {p: encode_bits(s, count) for p, s in self.holders(digest).items() if all(i < count for i in s)}
+        with self._lock:
+            part = self._partials.get(digest)
+        if part is not None:
+            mine = part.has()
+            if mine:
+                for uri in self.self_uris()[:1]:
+                    out[uri] = encode_bits(mine, count)
+        return out
+
+    # -- serving
+    def _card_batches(self, digest: str, mapped: Callable[[str], LoRACard]) -> tuple[Any, Any, bool, int]:
+        """(schema, batch-of-piece function, complete, pieces) of what this node holds of `digest`."""
+        if self.store.entry_exists(digest):
+            try:
+                card = mapped(digest)
+                batches = card.batches
+                return (
+                    batches[0].schema,
+                    lambda i: batches[i] if i < len(batches) else None,
+                    True,
+                    len(batches),
+                )
+            except CardNotFound:
+                pass
+        with self._lock:
+            part = self._partials.get(digest)
+        if part is None:
+            raise CardNotFound(f"no card or partial card with digest {digest[:16]}… here")
+        return part.schema, part.batch, False, part.count
+
+    def _take_slot(self, peer: str) -> None:
+        deadline = time.monotonic() + self.limits.upload_wait_s
+        with self._lock:
+            while (
+                self._active >= self.limits.max_uploads
+                or self._per_peer.get(peer, 0) >= self.limits.max_uploads_per_peer
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BusyError(
+                        f"this node is sending {self._active} pieces already ({self._per_peer.get(peer, 0)} "
+                        "to you); ask another holder"
+                    )
+                self._lock.wait(left)
+            self._active += 1
+            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+
+    def _give_slot(self, peer: str) -> None:
+        with self._lock:
+            self._active -= 1
+            n = self._per_peer.get(peer, 1) - 1
+            if n <= 0:
+                self._per_peer.pop(peer, None)
+            else:
+                self._per_peer[peer] = n
+            self._lock.notify_all()
+
+    def _refers(self, req: PieceRequest, i: int, count: int, complete: bool) -> bool:
+        """Whether a complete holder leaves piece `i` out (caller holds the lock)."""
+        if req.last or not complete:
+            return False
+        up = self._uploads.get(req.digest)
+        if up is None:
+            return False
+        if up.sending.get(i):
+            return True
+        if not up.sent.get(i):
+            return False
+        never_sent = any(not up.sent.get(k) for k in range(count))
+        others = any(i in v[0] for v in self._haves.get(req.digest, {}).values())
+        return never_sent or others
+
+    def serve(
+        self, req: PieceRequest, peer: str, mapped: Callable[[str], LoRACard]
+    ) -> tuple[Any, Iterator[Any]]:
+        """The (schema, generator of (batch, app_metadata)) answering a piece ticket."""
+        schema, batch_of, complete, count = self._card_batches(req.digest, mapped)
+        self._take_slot(peer)
+
+        def stream() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+            try:
+                for i in req.indexes:
+                    b = batch_of(i)
+                    if b is None:
+                        continue
+                    with self._lock:
+                        up = self._uploads.setdefault(req.digest, _Uploads())
+                        if len(self._uploads) > MAX_TRACKED_DIGESTS:
+                            self._uploads.pop(next(iter(self._uploads)))
+                        if self._refers(req, i, count, complete):
+                            self.referred += 1
+                            continue
+                        up.sending[i] = up.sending.get(i, 0) + 1
+                    try:
+                        yield b, pa.py_buffer(piece_metadata(i))
+                    finally:
+                        with self._lock:
+                            up.sending[i] -= 1
+                    with self._lock:
+                        up.sent[i] = up.sent.get(i, 0) + 1
+                        self.served_pieces += 1
+                    pause_point("serve_pieces", self.served_pieces)
+            finally:
+                self._give_slot(peer)
+
+        return schema, stream()
+
+    def status(self) -> dict[str, Any]:
+        """For node-info: cards being fetched (pieces held of how many) and uploads."""
+        with self._lock:
+            fetching = {d: {"have": len(p.has()), "pieces": p.count} for d, p in self._partials.items()}
+            sent = {d: sum(u.sent.values()) for d, u in self._uploads.items()}
+            return {
+                "fetching": fetching,
+                "pieces_sent": sent,
+                "served_pieces": self.served_pieces,
+                "referred": self.referred,
+                "uploading": self._active,
+            }
+
+
+__all__ = ["HAVE_TTL_S", "SwarmLimits", "SwarmService"]
