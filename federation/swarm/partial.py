@@ -35,6 +35,7 @@ class PartialCard:
         self.schema = card_schema(entry.header.dtype, {METADATA_KEY: raw})
         self._paths: dict[int, Path] = {}
         self._batches: dict[int, pa.RecordBatch] = {}
+        self._loose: set[Path] = set()  # written, not (yet) kept: deleted by discard too
         self._lock = threading.Lock()
         self._closed = False
 
@@ -51,20 +52,31 @@ class PartialCard:
         """Write a received piece to its own file in tmp/ and map it back (aligned, zero-copy),
         not yet kept: verify the mapped batch, then `keep` or `drop` it."""
         path = self.store.temp_path()
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"{self.entry.ref}: this partial card was already committed or discarded")
+            self._loose.add(path)
         try:
             with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, self.schema) as w:
                 w.write_batch(pa.record_batch(batch.columns, schema=self.schema))
-            return path, pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0)
+            mapped = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0)
         except OSError as e:
             self.drop(path)
             raise disk_error(e, f"cannot keep piece {index} of {self.entry.ref}") from None
         except pa.ArrowException as e:
             self.drop(path)
             raise CardError(f"piece {index} of {self.entry.ref} is not a card batch: {e}") from None
+        with self._lock:
+            closed = self._closed
+        if closed:  # discarded meanwhile: its file must not outlive it
+            self.drop(path)
+            raise StoreError(f"{self.entry.ref}: this partial card was discarded")
+        return path, mapped
 
     def keep(self, index: int, path: Path, mapped: pa.RecordBatch) -> bool:
         """Keep a verified piece written by `write`; False (and its file deleted) when held already."""
         with self._lock:
+            self._loose.discard(path)
             if not self._closed and index not in self._paths:
                 self._paths[index] = path
                 self._batches[index] = mapped
@@ -72,8 +84,9 @@ class PartialCard:
         self.drop(path)
         return False
 
-    @staticmethod
-    def drop(path: Path) -> None:
+    def drop(self, path: Path) -> None:
+        with self._lock:
+            self._loose.discard(path)
         with contextlib.suppress(OSError):
             os.unlink(path)
 
@@ -103,7 +116,8 @@ class PartialCard:
         """Delete every piece file (open maps stay valid until dropped)."""
         with self._lock:
             self._closed = True
-            paths, self._paths = list(self._paths.values()), {}
+            paths, self._paths = [*self._paths.values(), *self._loose], {}
+            self._loose = set()
             self._batches = {}
         for p in paths:
             with contextlib.suppress(OSError):

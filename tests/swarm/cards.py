@@ -36,7 +36,9 @@ def pieced_card(
         )
         for i in range(pieces)
     ]
-    plain = LoRACard.build(mods, name=name, version=version, base_model=base_model, created="2026-01-01T00:00:00Z")
+    plain = LoRACard.build(
+        mods, name=name, version=version, base_model=base_model, created="2026-01-01T00:00:00Z"
+    )
     groups = [[m] for m in mods]
     header = dataclasses.replace(plain.header, pieces=pieces_of(groups, "float32"), digest="")
     header = dataclasses.replace(header, digest=header_digest(header))
