@@ -187,16 +187,18 @@ class Client:
         try:
             reader = self._conn.do_get(flight.Ticket(ticket), self._opts(timeout=timeout))
             try:
-                for _ in range(limit):
+                for _ in range(limit + 1):  # read to the end: the server counts what it sent
                     try:
                         chunk = reader.read_chunk()
                     except StopIteration:
                         return
                     if chunk.data is not None:
                         yield chunk.app_metadata, chunk.data
-            finally:
+                raise PeerError(f"{self.uri} sent more than the {limit} pieces asked for")
+            except BaseException:
                 with contextlib.suppress(Exception):
                     reader.cancel()
+                raise
         except flight.FlightError as e:
             raise from_flight_error(e, f"{self.uri} do_get pieces") from None
         except pa.ArrowException as e:

@@ -72,7 +72,8 @@ class SwarmFetch:
         self._done = threading.Event()
         self._result: CatalogEntry | None = None
         self._error: LoraflightError | None = None
-        self._announcing: set[str] = set()
+        self._announcing: set[str] = set()  # peers a have is being sent to now
+        self._latest: dict[str, HaveItem] = {}  # the newest have not yet sent, per peer
         self.avoided: dict[str, str] = {}
 
     # -- from other threads
@@ -136,7 +137,7 @@ class SwarmFetch:
         start = time.monotonic()
         idle_since = start
         pool = cf.ThreadPoolExecutor(cfg.scheduler.total + 1, thread_name_prefix="ThreadPoolExecutor-swarm")
-        talk = cf.ThreadPoolExecutor(4, thread_name_prefix="ThreadPoolExecutor-swarm-have")
+        talk = cf.ThreadPoolExecutor(8, thread_name_prefix="ThreadPoolExecutor-swarm-have")
         futures: dict[cf.Future[tuple[str, Any, str]], Request] = {}
         dirty, last_told = False, 0.0
         try:
@@ -188,6 +189,12 @@ class SwarmFetch:
                 f.cancel()
             self._announce(talk, partial.has(), sched, wait=True)
             sources = dedupe(sched.sources.get(i, "") for i in range(n))
+            from_origins = sum(1 for i in range(n) if sched.sources.get(i) in sched.origins)
+            log.info(
+                "swarm %s: %d pieces from %d holders (%d from origins) in %.2f s; avoided: %s",
+                self.entry.ref, n, len(sources), from_origins, time.monotonic() - start,
+                ", ".join(sched.avoided) or "none",
+            )  # fmt: skip
             locations = dedupe([*self.service.self_uris(), *self._holders, *sources])
             return partial.commit(source=sources[0] if sources else "swarm", locations=locations)
         finally:
@@ -211,8 +218,10 @@ class SwarmFetch:
         """One piece from one holder: (outcome, (piece file, mapped batch) verified or None, detail)."""
         h = self.entry.header
         try:
-            chunks = self.connect(req.peer).get_pieces(
-                piece_ticket(h.digest, req.piece, 1, last=req.last), timeout=timeout, limit=1
+            chunks = list(  # read to the end of the stream: its holder counts what it sent
+                self.connect(req.peer).get_pieces(
+                    piece_ticket(h.digest, req.piece, 1, last=req.last), timeout=timeout, limit=1
+                )
             )
             for meta, batch in chunks:
                 i = parse_piece_metadata(meta)
@@ -254,21 +263,28 @@ class SwarmFetch:
         futs = []
         for uri in targets:
             with self._lock:
-                if uri in self._announcing and not wait:
+                self._latest[uri] = body  # a send in flight to `uri` sends this next (coalesced)
+                if uri in self._announcing:
                     continue
                 self._announcing.add(uri)
-            futs.append(talk.submit(self._tell, uri, body))
+            futs.append(talk.submit(self._tell, uri))
         if wait:
             cf.wait(futs, timeout=2.0)
 
-    def _tell(self, uri: str, body: HaveItem) -> None:
-        try:
-            self.connect(uri).have(body)
-        except LoraflightError as e:
-            log.debug("have to %s failed: %s", uri, e)
-        finally:
+    def _tell(self, uri: str) -> None:
+        """Send `uri` the newest have for it until none is left (one sender per peer)."""
+        for _ in range(10_000):
             with self._lock:
-                self._announcing.discard(uri)
+                body = self._latest.pop(uri, None)
+                if body is None:
+                    self._announcing.discard(uri)
+                    return
+            try:
+                self.connect(uri).have(body)
+            except LoraflightError as e:
+                log.debug("have to %s failed: %s", uri, e)
+        with self._lock:
+            self._announcing.discard(uri)
 
 
 def wants_swarm(service: SwarmService | None, entry: CatalogEntry, locations: Sequence[str]) -> bool:

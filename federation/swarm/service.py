@@ -5,9 +5,9 @@ holds which pieces (from `have` actions and listings), and the upload side of pi
 Upload rules (docs/protocol.md, "Swarm"): at most `max_uploads` piece streams at once and
 `max_uploads_per_peer` to one asking address, beyond which a request is refused as busy.
 A node holding the whole card leaves a piece out of its answer (the asker goes elsewhere)
-while it is sending that piece to someone else, or when it sent it before and either another
-holder is known to have it or it has pieces it never sent; a ticket marked ``last`` is always
-served. So an origin sends each piece about once and the fleet sends the copies.
+once it has sent that piece to anyone; a ticket marked ``last`` (the asker has no other
+holder left for it) is always served. So an origin sends each piece about once and the
+fleet sends the copies.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class SwarmService:
         self.piece_support: dict[str, bool] = {}  # uri -> whether its health says it serves pieces
         self.served_pieces = 0
         self.referred = 0
+        self.forced = 0  # pieces sent again because the asker had no other holder left
 
     # -- partial cards and fetches
     def register(self, partial: PartialCard, fetch: Any) -> Any:
@@ -141,25 +142,20 @@ class SwarmService:
         return out
 
     # -- serving
-    def _card_batches(self, digest: str, mapped: Callable[[str], LoRACard]) -> tuple[Any, Any, bool, int]:
-        """(schema, batch-of-piece function, complete, pieces) of what this node holds of `digest`."""
+    def _card_batches(self, digest: str, mapped: Callable[[str], LoRACard]) -> tuple[Any, Any, bool]:
+        """(schema, batch-of-piece function, complete) of what this node holds of `digest`."""
         if self.store.entry_exists(digest):
             try:
                 card = mapped(digest)
                 batches = card.batches
-                return (
-                    batches[0].schema,
-                    lambda i: batches[i] if i < len(batches) else None,
-                    True,
-                    len(batches),
-                )
+                return batches[0].schema, lambda i: batches[i] if i < len(batches) else None, True
             except CardNotFound:
                 pass
         with self._lock:
             part = self._partials.get(digest)
         if part is None:
             raise CardNotFound(f"no card or partial card with digest {digest[:16]}… here")
-        return part.schema, part.batch, False, part.count
+        return part.schema, part.batch, False
 
     def _take_slot(self, peer: str) -> None:
         deadline = time.monotonic() + self.limits.upload_wait_s
@@ -188,26 +184,22 @@ class SwarmService:
                 self._per_peer[peer] = n
             self._lock.notify_all()
 
-    def _refers(self, req: PieceRequest, i: int, count: int, complete: bool) -> bool:
-        """Whether a complete holder leaves piece `i` out (caller holds the lock)."""
+    def _refers(self, req: PieceRequest, i: int, complete: bool) -> bool:
+        """Whether a complete holder leaves piece `i` out: it sent it before (the asker goes to
+        whoever got it; a ticket marked `last` is always served). Caller holds the lock."""
         if req.last or not complete:
             return False
         up = self._uploads.get(req.digest)
-        if up is None:
-            return False
-        if up.sending.get(i):
-            return True
-        if not up.sent.get(i):
-            return False
-        never_sent = any(not up.sent.get(k) for k in range(count))
-        others = any(i in v[0] for v in self._haves.get(req.digest, {}).values())
-        return never_sent or others
+        return up is not None and bool(up.sent.get(i))
 
     def serve(
         self, req: PieceRequest, peer: str, mapped: Callable[[str], LoRACard]
     ) -> tuple[Any, Iterator[Any]]:
         """The (schema, generator of (batch, app_metadata)) answering a piece ticket."""
-        schema, batch_of, complete, count = self._card_batches(req.digest, mapped)
+        full, batch_of, complete = self._card_batches(req.digest, mapped)
+        # no header in the stream's schema: the asker has it from the listing, and a referral
+        # (an answer without pieces) then costs a few hundred bytes, not the header's kilobytes
+        schema = full.remove_metadata()
         self._take_slot(peer)
 
         def stream() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
@@ -220,18 +212,21 @@ class SwarmService:
                         up = self._uploads.setdefault(req.digest, _Uploads())
                         if len(self._uploads) > MAX_TRACKED_DIGESTS:
                             self._uploads.pop(next(iter(self._uploads)))
-                        if self._refers(req, i, count, complete):
+                        if self._refers(req, i, complete):
                             self.referred += 1
                             continue
+                        if req.last and up.sent.get(i):
+                            self.forced += 1
                         up.sending[i] = up.sending.get(i, 0) + 1
+                        up.sent[i] = (
+                            up.sent.get(i, 0) + 1
+                        )  # counted when handed over (a cancel still cost it)
+                        self.served_pieces += 1
                     try:
-                        yield b, pa.py_buffer(piece_metadata(i))
+                        yield pa.record_batch(b.columns, schema=schema), pa.py_buffer(piece_metadata(i))
                     finally:
                         with self._lock:
                             up.sending[i] -= 1
-                    with self._lock:
-                        up.sent[i] = up.sent.get(i, 0) + 1
-                        self.served_pieces += 1
                     pause_point("serve_pieces", self.served_pieces)
             finally:
                 self._give_slot(peer)
@@ -241,13 +236,32 @@ class SwarmService:
     def status(self) -> dict[str, Any]:
         """For node-info: cards being fetched (pieces held of how many) and uploads."""
         with self._lock:
-            fetching = {d: {"have": len(p.has()), "pieces": p.count} for d, p in self._partials.items()}
+            parts = list(self._partials.items())
+        fetching = {
+            d: {"have": len(h), "pieces": p.count, "bits": encode_bits(h, p.count)}
+            for d, p in parts
+            for h in (p.has(),)
+        }
+        now = time.monotonic()
+        with self._lock:
             sent = {d: sum(u.sent.values()) for d, u in self._uploads.items()}
+            # per card: how many of its pieces the peers' haves name between them
+            covered = {
+                d: len(frozenset().union(*(v[0] for v in t.values() if now - v[2] <= HAVE_TTL_S)))
+                for d, t in self._haves.items()
+                if t
+            }
             return {
                 "fetching": fetching,
                 "pieces_sent": sent,
+                "held_by_peers": covered,
                 "served_pieces": self.served_pieces,
                 "referred": self.referred,
+                "forced": self.forced,
+                "complete_peers": {
+                    d: sum(1 for v in t.values() if len(v[0]) == v[1] and now - v[2] <= HAVE_TTL_S)
+                    for d, t in self._haves.items()
+                },
                 "uploading": self._active,
             }
 

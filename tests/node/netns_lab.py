@@ -25,6 +25,7 @@ from typing import Any
 
 from loraflight.testing import Lab, new_signer, tiny_card, wait_for
 
+from .netns_swarm import swarm_spread
 from .netns_withdraw import withdraw_fleet
 
 
@@ -149,6 +150,7 @@ SCENARIOS: dict[str, Callable[[Lab], dict[str, Any]]] = {
     "static_peers": static_peers,
     "two_fleets": two_fleets,
     "withdraw_fleet": withdraw_fleet,
+    "swarm_spread": swarm_spread,
 }
 
 
