@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -175,34 +175,12 @@ class Client:
         self._get_many = advertised_get_many(h)
         return h
 
-    def have(self, item: Any) -> dict[str, Any]:
-        """Tell the node which pieces of a card this node holds (a `swarm.HaveItem`)."""
+    def have(self, item: Any) -> dict[str, Any]:  # a swarm.HaveItem: the pieces of a card held here
         return self._action(ACTION_HAVE, item.to_dict())
 
-    def get_pieces(
-        self, ticket: bytes, *, timeout: float, limit: int
-    ) -> Iterator[tuple[Any, pa.RecordBatch]]:
-        """The (app_metadata, batch) chunks answering a piece ticket, at most `limit` of them,
-        unverified (`swarm.fetch` verifies each); no retries: the swarm asks elsewhere."""
-        try:
-            reader = self._conn.do_get(flight.Ticket(ticket), self._opts(timeout=timeout))
-            try:
-                for _ in range(limit + 1):  # read to the end: the server counts what it sent
-                    try:
-                        chunk = reader.read_chunk()
-                    except StopIteration:
-                        return
-                    if chunk.data is not None:
-                        yield chunk.app_metadata, chunk.data
-                raise PeerError(f"{self.uri} sent more than the {limit} pieces asked for")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    reader.cancel()
-                raise
-        except flight.FlightError as e:
-            raise from_flight_error(e, f"{self.uri} do_get pieces") from None
-        except pa.ArrowException as e:
-            raise PeerError(f"{self.uri} do_get pieces: {e}") from None
+    def do_get(self, ticket: bytes, *, timeout: float) -> flight.FlightStreamReader:
+        """The raw Flight stream of any ticket, no retries (the swarm's piece tickets)."""
+        return self._conn.do_get(flight.Ticket(ticket), self._opts(timeout=timeout))
 
     def node_info(self) -> dict[str, Any]:
         info = self._action(ACTION_NODE_INFO)

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraflight.engine.card import READ_MAJORS, upgrade_pair
 from loraflight.errors import ConflictError, LoraflightError, PeerError, TrustError
@@ -22,7 +22,9 @@ from loraflight.errors import ConflictError, LoraflightError, PeerError, TrustEr
 from .protocol import CatalogEntry, dedupe
 from .security import ClientTLS
 from .store import Store
-from .swarm import SwarmService, swarm_fetch, wants_swarm
+
+if TYPE_CHECKING:
+    from .swarm import SwarmService
 
 log = logging.getLogger(__name__)
 MAX_LINEAGE_DEPTH = 64
@@ -236,6 +238,7 @@ def sync(
     fails it is fetched whole as any other card.
     """
     from .client import Client
+    from .swarm import swarm_fetch, wants_swarm
 
     policy = policy or SyncPolicy()
     report = SyncReport()

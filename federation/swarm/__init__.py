@@ -8,7 +8,7 @@ upload caps) and `fetch` (the fetch loop).
 
 from __future__ import annotations
 
-from .fetch import SwarmConfig, SwarmFetch, swarm_fetch, wants_swarm
+from .fetch import SwarmConfig, SwarmFetch, read_pieces, swarm_fetch, wants_swarm
 from .partial import PartialCard
 from .scheduler import PieceScheduler, Request, SchedulerConfig
 from .service import SwarmLimits, SwarmService
@@ -28,6 +28,7 @@ __all__ = [
     "SwarmService",
     "parse_piece_ticket",
     "piece_ticket",
+    "read_pieces",
     "serves_pieces",
     "swarm_fetch",
     "wants_swarm",

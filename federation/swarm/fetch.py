@@ -20,10 +20,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.flight as flight
+
 from loraflight.engine.card import verify_piece, verify_signature
 from loraflight.errors import BusyError, CardError, LoraflightError, PeerError
 
-from ..protocol import CatalogEntry, dedupe
+from ..protocol import CatalogEntry, dedupe, from_flight_error
 from ..store import Store
 from ..store.values import check_batch_finite, plain_schema
 from .partial import PartialCard
@@ -218,11 +221,8 @@ class SwarmFetch:
         """One piece from one holder: (outcome, (piece file, mapped batch) verified or None, detail)."""
         h = self.entry.header
         try:
-            chunks = list(  # read to the end of the stream: its holder counts what it sent
-                self.connect(req.peer).get_pieces(
-                    piece_ticket(h.digest, req.piece, 1, last=req.last), timeout=timeout, limit=1
-                )
-            )
+            ticket = piece_ticket(h.digest, req.piece, 1, last=req.last)
+            chunks = read_pieces(self.connect(req.peer), ticket, timeout=timeout, limit=1)
             for meta, batch in chunks:
                 i = parse_piece_metadata(meta)
                 if i != req.piece:
@@ -287,6 +287,30 @@ class SwarmFetch:
             self._announcing.discard(uri)
 
 
+def read_pieces(client: Any, ticket: bytes, *, timeout: float, limit: int) -> list[tuple[Any, Any]]:
+    """The (app_metadata, batch) chunks answering a piece ticket, at most `limit`, read to the end
+    of the stream (its holder counts what it sent); unverified. Errors map onto ours."""
+    where = f"{client.uri} do_get pieces"
+    try:
+        reader = client.do_get(ticket, timeout=timeout)
+        out = []
+        try:
+            for _ in range(limit + 1):
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    return out
+                if chunk.data is not None:
+                    out.append((chunk.app_metadata, chunk.data))
+            raise PeerError(f"{where}: sent more than the {limit} pieces asked for")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                reader.cancel()
+            raise
+    except (flight.FlightError, pa.ArrowException) as e:
+        raise from_flight_error(e, where) from None
+
+
 def wants_swarm(service: SwarmService | None, entry: CatalogEntry, locations: Sequence[str]) -> bool:
     """Whether `entry` is fetched by the swarm: a format-2 card of several pieces, on a node
     with a swarm, when more than one peer may hold pieces of it (its holders, partial holders
@@ -328,4 +352,4 @@ def swarm_fetch(
     return SwarmFetch(service, entry, connect, holders=holders, config=config).run()
 
 
-__all__ = ["SwarmConfig", "SwarmFetch", "swarm_fetch", "wants_swarm"]
+__all__ = ["SwarmConfig", "SwarmFetch", "read_pieces", "swarm_fetch", "wants_swarm"]

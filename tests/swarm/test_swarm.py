@@ -27,6 +27,7 @@ from loraflight.federation.swarm import (
     SwarmFetch,
     parse_piece_ticket,
     piece_ticket,
+    read_pieces,
     swarm_fetch,
     wants_swarm,
 )
@@ -133,7 +134,7 @@ def test_pieces_are_served_while_fetching_and_partial_holders_travel_with_listin
     with Client(f.uris[1]) as c:
         got = [
             (json.loads(bytes(m))["piece"], b)
-            for m, b in c.get_pieces(piece_ticket(card.digest, 0, 4), timeout=5, limit=5)
+            for m, b in read_pieces(c, piece_ticket(card.digest, 0, 4), timeout=5, limit=5)
         ]
     assert [i for i, _ in got] == [1, 3]  # only the verified pieces it holds
     assert got[0][1].equals(card.batches[1])
@@ -237,11 +238,9 @@ def test_old_peers_never_get_a_piece_ticket_and_a_failed_swarm_leaves_nothing(fl
         with pytest.raises(PeerError, match="no usable holder"):
             job.run()
         assert not any(t.startswith(b"pieces:") for t in old.tickets)
-        assert (
-            (stalled.uri in job.avoided
-            and "stall" in str(job.avoided))
-            or "timed out" in job.avoided[stalled.uri]
-        )
+        assert (stalled.uri in job.avoided and "stall" in str(job.avoided)) or "timed out" in job.avoided[
+            stalled.uri
+        ]
         assert f.stores[0].entry(card.digest) is None  # nothing partial in the store
         assert not list(f.stores[0].tmp_dir.iterdir())
         del c
