@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from loraflight.engine.card import verify_piece, verify_signature
+from loraflight.engine.card import header_digest, verify_piece, verify_signature
 from loraflight.errors import BusyError, CardError, LoraflightError, PeerError
 
 from ..protocol import CatalogEntry, dedupe, from_flight_error
@@ -344,6 +344,8 @@ def swarm_fetch(
 
     Trust and admission are checked on the header before any piece is asked for.
     """
+    if header_digest(entry.header) != entry.digest:
+        raise CardError(f"{entry.ref}: the listed header does not hash to its digest; refused")
     verify_signature(entry.header, None if trusted is None else set(trusted), require_signed=require_signed)
     existing = service.store.check_admission(entry.header)
     if existing is not None:

@@ -1,8 +1,7 @@
 """A card being fetched piece by piece: each verified piece is kept as its own file in the
 store's tmp/ (emptied on every open, so a kill leaves nothing partial behind), served to
 other peers from there, and assembled in order into the store's normal commit when all are
-in (`Store.stage`: the file is written, hashed, value-checked, fsynced and renamed as any
-received card)."""
+in (`Store.commit_file`: admission checks, rename, index, as any received card)."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from loraflight.engine.card import METADATA_KEY, card_schema
+from loraflight.engine.card import METADATA_KEY, LoRACard, card_schema
 from loraflight.errors import CardError, StoreError
 
 from ..protocol import CatalogEntry
@@ -101,16 +100,38 @@ class PartialCard:
             return self._batches.get(index)
 
     def commit(self, *, source: str, locations: Iterable[str]) -> CatalogEntry:
-        """Assemble every piece in order through the store's normal receive and commit."""
+        """Write every piece in order into one card file in tmp/, fsync it, open it (structure,
+        header, piece layout) and hand it to the store's normal commit (`Store.commit_file`:
+        admission, rename, index). Each piece was verified on arrival and the header's digest
+        by `swarm_fetch`, so nothing is hashed twice."""
         with self._lock:
             if len(self._paths) != self.count:
                 raise CardError(f"{self.entry.ref}: {len(self._paths)} of {self.count} pieces are in")
             batches = [self._batches[i] for i in range(self.count)]
         e = self.entry
-        with self.store.stage(self.schema, rows=e.rows, max_bytes=e.size, expect=e) as staged:
-            for b in batches:
-                staged.write_batch(b)
-            return staged.commit(source=source, locations=locations)
+        tmp = self.store.temp_path()
+        try:
+            try:
+                with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, self.schema) as w:
+                    for b in batches:
+                        w.write_batch(b)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                raise disk_error(err, f"cannot store {e.ref}") from None
+            card = LoRACard.open(tmp)
+            rows = len(card)
+            same = card.header == e.header
+            del card
+            if not same or rows != e.rows:
+                raise CardError(f"{e.ref}: the assembled card's header or rows differ from the listing's")
+            return self.store.commit_file(tmp, e.header, rows, source, False, False, locations)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # renamed away on success
 
     def discard(self) -> None:
         """Delete every piece file (open maps stay valid until dropped)."""

@@ -5,8 +5,8 @@ holds which pieces (from `have` actions and listings), and the upload side of pi
 Upload rules (docs/protocol.md, "Swarm"): at most `max_uploads` piece streams at once and
 `max_uploads_per_peer` to one asking address, beyond which a request is refused as busy.
 A node holding the whole card leaves a piece out of its answer (the asker goes elsewhere)
-once it has sent that piece to anyone; a ticket marked ``last`` (the asker has no other
-holder left for it) is always served. So an origin sends each piece about once and the
+while it is sending that piece to another peer, and once it has sent it to anyone unless the
+ticket is marked ``last`` (the asker has no other holder left for it). So an origin sends each piece about once and the
 fleet sends the copies.
 """
 
@@ -37,8 +37,9 @@ MAX_HOLDERS_PER_DIGEST = 256
 
 @dataclasses.dataclass(frozen=True)
 class SwarmLimits:
-    max_uploads: int = 4  # piece streams this node sends at once
-    max_uploads_per_peer: int = 2  # of them to one asking address
+    # piece streams this node sends at once: few, so each piece lands (and is re-shared) soon
+    max_uploads: int = 2
+    max_uploads_per_peer: int = 1  # of them to one asking address
     upload_wait_s: float = 0.0  # how long a request waits for a free upload slot before 'busy'
 
 
@@ -185,12 +186,15 @@ class SwarmService:
             self._lock.notify_all()
 
     def _refers(self, req: PieceRequest, i: int, complete: bool) -> bool:
-        """Whether a complete holder leaves piece `i` out: it sent it before (the asker goes to
-        whoever got it; a ticket marked `last` is always served). Caller holds the lock."""
-        if req.last or not complete:
-            return False
+        """Whether a complete holder leaves piece `i` out: it is sending it to another peer right
+        now, or (unless the ticket is marked `last`) it sent it before; the asker goes to whoever
+        got it. Caller holds the lock."""
         up = self._uploads.get(req.digest)
-        return up is not None and bool(up.sent.get(i))
+        if not complete or up is None:
+            return False
+        if up.sending.get(i):
+            return True
+        return not req.last and bool(up.sent.get(i))
 
     def serve(
         self, req: PieceRequest, peer: str, mapped: Callable[[str], LoRACard]
