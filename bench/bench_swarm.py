@@ -49,8 +49,8 @@ def card(version: int, key: Any) -> Any:
     return LoRACard.build(mods, name="swarm-big", version=version, dtype="float16").sign(key)
 
 
-def stored_on(lab: Any, hosts: list[int], digest: str, timeout: float) -> float:
-    """Seconds until every host lists `digest` (one polling thread per host)."""
+def stored_on(lab: Any, hosts: list[int], digest: str, timeout: float) -> dict[int, float]:
+    """Seconds until each host lists `digest` (one polling thread per host)."""
     from loraflight.federation.client import Client
 
     t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def stored_on(lab: Any, hosts: list[int], digest: str, timeout: float) -> float:
         t.join(timeout + 5)
     if len(done) != len(hosts):
         raise SystemExit(f"not stored on {sorted(set(hosts) - set(done))} after {timeout:.0f} s")
-    return max(done.values())
+    return done
 
 
 def link_time(lab: Any, digest: str) -> float:
@@ -107,17 +107,21 @@ def run_n(lab: Any, n: int, repeats: int, key: Any, pub: str, version0: int) -> 
         tx0 = lab.tx_bytes(1)
         t0 = time.perf_counter()
         lab.publish(1, c)
-        stored_on(lab, hosts, c.digest, 300.0)
-        spread = time.perf_counter() - t0  # from the publish call on
+        t1 = time.perf_counter()
+        at = stored_on(lab, hosts, c.digest, 300.0)  # seconds from the publish answer
+        spread = max(at.values()) + (t1 - t0)  # from the publish call on
+        origin = at[1] + (t1 - t0)  # publish -> stored on h1 (not the swarm's part)
         sent = (lab.tx_bytes(1) - tx0) / size
         lt = link_time(lab, c.digest)
         if r:  # the first round warms up
-            rounds.append({"spread": spread, "link": lt, "origin": sent, "size": size})
+            rounds.append({"spread": spread, "link": lt, "origin": sent, "size": size, "h1": origin})
         print(
-            f"  N={n} round {r}: {spread:.2f} s, link-time {lt:.2f} s, h1 sent {sent:.2f} cards", flush=True
+            f"  N={n} round {r}: {spread:.2f} s (h1 stored after {origin:.2f} s), link-time {lt:.2f} s, "
+            f"h1 sent {sent:.2f} cards",
+            flush=True,
         )
     wipe(lab, hosts)
-    med = {k: statistics.median(x[k] for x in rounds) for k in ("spread", "link", "origin")}
+    med = {k: statistics.median(x[k] for x in rounds) for k in ("spread", "link", "origin", "h1")}
     med["lt"] = statistics.median(x["spread"] / x["link"] for x in rounds)
     return {"n": n, "size": rounds[0]["size"], **med}
 
@@ -139,7 +143,7 @@ def _inside(args: argparse.Namespace) -> int:
     key, pub = new_signer()
     results, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="lf-bench-swarm-") as d:
-        lab = Lab(Path(d), tmpfs_stores=True)
+        lab = Lab(Path(args.workdir or d), tmpfs_stores=True)
         try:
             lab.setup()
             for i in range(1, max(ns) + 1):
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns", default="4,8,16", help="host counts, comma-separated")
     p.add_argument("--repeats", type=int, default=3, help="rounds per N after one warm-up")
     p.add_argument("--rate", default="200mbit", help="every host's uplink (tc tbf rate)")
+    p.add_argument("--workdir", default="", help="keep the nodes' logs and status files here")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if os.environ.get("LORAFLIGHT_IN_LAB") == "1":
         return _inside(args)
