@@ -8,7 +8,7 @@ sockets; `fetch` applies them).
   no other holder known has the piece.
 - **Bounded**: at most `per_peer` requests in flight to one holder and `total` in all.
 - **Refusals**: a holder that leaves a piece out (it refers the asker elsewhere) is not asked
-  for it again for `retry_after_s`, and then with ``last`` set (it must serve it or is
+  for it again for `referral_wait_s`, and then with ``last`` set (it must serve it or is
   avoided); a busy holder is not asked for anything for `retry_after_s`.
 - **Avoided for good** (for the rest of the fetch): a holder that sent a piece that does not
   verify, stalled mid-piece, or left out a piece it was asked for with ``last``; also one that
@@ -30,12 +30,17 @@ OUTCOMES = ("ok", "missing", "busy", "bad", "stall", "error")
 class SchedulerConfig:
     per_peer: int = 2  # requests in flight to one holder
     total: int = 4  # requests in flight in all
-    retry_after_s: float = 0.5  # a refusal or 'busy' keeps a holder out of a piece (or all) this long
+    retry_after_s: float = 0.15  # 'busy' or an error keeps a holder out this long
+    # a holder that left a piece out is asked for it again (as its last holder) only after this:
+    # long enough for whoever got the piece to receive it and say so
+    referral_wait_s: float = 1.0
     max_errors: int = 3  # transport errors before a holder is avoided for the rest of the fetch
 
     def __post_init__(self) -> None:
-        if self.per_peer < 1 or self.total < 1 or self.retry_after_s < 0 or self.max_errors < 1:
-            raise ValueError("per_peer, total and max_errors must be >= 1 and retry_after_s >= 0")
+        if self.per_peer < 1 or self.total < 1 or self.max_errors < 1:
+            raise ValueError("per_peer, total and max_errors must be >= 1")
+        if self.retry_after_s < 0 or self.referral_wait_s < 0:
+            raise ValueError("retry_after_s and referral_wait_s must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +122,7 @@ class PieceScheduler:
         if self.peer_load.get(peer, 0) >= self.config.per_peer or self.busy_until.get(peer, 0.0) > now:
             return False
         t = self.refused.get((peer, piece))
-        return t is None or now - t >= self.config.retry_after_s
+        return t is None or now - t >= self.config.referral_wait_s
 
     def _pick_peer(self, piece: int, now: float, exclude: set[str]) -> Request | None:
         holders = [p for p in self.holders_of(piece) if p not in exclude]

@@ -5,8 +5,9 @@ holds which pieces (from `have` actions and listings), and the upload side of pi
 Upload rules (docs/protocol.md, "Swarm"): at most `max_uploads` piece streams at once and
 `max_uploads_per_peer` to one asking address, beyond which a request is refused as busy.
 A node holding the whole card leaves a piece out of its answer (the asker goes elsewhere)
-while it is sending that piece to another peer, and once it has sent it to anyone unless the
-ticket is marked ``last`` (the asker has no other holder left for it). So an origin sends each piece about once and the
+once it is sending or has sent that piece to anyone, unless the ticket is marked ``last``
+(the asker has no other holder left for it): such a ticket is answered 'busy' while the
+piece is on its way to another peer, and served otherwise. So an origin sends each piece about once and the
 fleet sends the copies.
 """
 
@@ -186,21 +187,25 @@ class SwarmService:
             self._lock.notify_all()
 
     def _refers(self, req: PieceRequest, i: int, complete: bool) -> bool:
-        """Whether a complete holder leaves piece `i` out: it is sending it to another peer right
-        now, or (unless the ticket is marked `last`) it sent it before; the asker goes to whoever
-        got it. Caller holds the lock."""
+        """Whether a complete holder leaves piece `i` out: it is sending it or sent it to another
+        peer (the asker goes to whoever got it); never for a ticket marked `last`, which `serve`
+        answers 'busy' instead while the piece is on its way elsewhere. Caller holds the lock."""
         up = self._uploads.get(req.digest)
-        if not complete or up is None:
+        if not complete or up is None or req.last:
             return False
-        if up.sending.get(i):
-            return True
-        return not req.last and bool(up.sent.get(i))
+        return bool(up.sending.get(i) or up.sent.get(i))
 
     def serve(
         self, req: PieceRequest, peer: str, mapped: Callable[[str], LoRACard]
     ) -> tuple[Any, Iterator[Any]]:
         """The (schema, generator of (batch, app_metadata)) answering a piece ticket."""
         full, batch_of, complete = self._card_batches(req.digest, mapped)
+        if req.last and complete:
+            with self._lock:
+                up = self._uploads.get(req.digest)
+                flying = [i for i in req.indexes if up is not None and up.sending.get(i)]
+            if flying:
+                raise BusyError(f"piece {flying[0]} is on its way to another peer; ask it of them shortly")
         # no header in the stream's schema: the asker has it from the listing, and a referral
         # (an answer without pieces) then costs a few hundred bytes, not the header's kilobytes
         schema = full.remove_metadata()

@@ -58,7 +58,7 @@ def test_bounds_per_peer_and_in_total() -> None:
 
 
 def test_a_refused_piece_waits_then_is_asked_as_last_holder_and_a_lie_is_avoided() -> None:
-    s = sched(2, total=1, retry_after_s=1.0)
+    s = sched(2, total=1, referral_wait_s=1.0)
     s.add_holder("a", [0])
     (req,) = s.next_requests(0.0)
     assert (req.peer, req.piece, req.last) == ("a", 0, False)

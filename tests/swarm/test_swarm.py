@@ -38,7 +38,7 @@ from loraflight.testing import make_card
 from .cards import pieced_card
 
 FAST = SwarmConfig(
-    scheduler=SchedulerConfig(retry_after_s=0.05),
+    scheduler=SchedulerConfig(retry_after_s=0.05, referral_wait_s=0.05),
     piece_timeout_s=1.0,
     idle_timeout_s=1.0,
     fetch_timeout_s=60.0,
