@@ -170,13 +170,14 @@ def _inside(args: argparse.Namespace) -> int:
             f"card {results[0]['size'] / 1e6:.1f} MB (8 pieces); link-time = one whole-card DoGet over one link"
         )
         print(
-            "| N | publish -> on all | link-time | on all, in link-times | h1 sent, card sizes | vs first N |"
+            "| N | publish -> on all | of which publish -> on h1 | link-time | on all, in link-times "
+            "| h1 sent, card sizes | vs first N |"
         )
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in results:
             print(
-                f"| {r['n']} | {r['spread']:.2f} s | {r['link']:.2f} s | {r['lt']:.2f} | {r['origin']:.2f} "
-                f"| {r['spread'] / results[0]['spread']:.2f}x |"
+                f"| {r['n']} | {r['spread']:.2f} s | {r['h1']:.2f} s | {r['link']:.2f} s | {r['lt']:.2f} "
+                f"| {r['origin']:.2f} | {r['spread'] / results[0]['spread']:.2f}x |"
             )
     for s in skipped:
         print(f"skipped {s}")

@@ -227,6 +227,7 @@ class CardServer(flight.FlightServerBase):
             if self._stopped:
                 return True
             self._stopped = True
+        self.swarm.close()
         t = threading.Thread(target=self.shutdown, name="loraflight-flight-shutdown", daemon=True)
         t.start()
         t.join(self.limits.stop_timeout_s if timeout is None else timeout)
@@ -343,7 +344,10 @@ class CardServer(flight.FlightServerBase):
         pieces = parse_piece_ticket(ticket.ticket)
         if pieces is not None:
             peer = str(context.peer() if context is not None else "").rsplit(":", 1)[0]
-            schema, stream = self.swarm.serve(pieces, peer, self._mapped)
+            try:
+                schema, stream = self.swarm.serve(pieces, peer, self._mapped)
+            except BusyError as e:  # routine in a swarm (the asker goes elsewhere): not logged
+                raise to_flight_error(e, flight) from None
             return flight.GeneratorStream(schema, stream)
         digest = parse_ticket(ticket.ticket)
         card = self._mapped(digest)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from loraflight.engine.card import header_digest, verify_piece, verify_signature
-from loraflight.errors import BusyError, CardError, LoraflightError, PeerError
+from loraflight.errors import BusyError, CardError, CardNotFound, LoraflightError, PeerError
 
 from ..protocol import CatalogEntry, dedupe, from_flight_error
 from ..store import Store
@@ -126,9 +126,14 @@ class SwarmFetch:
         cfg, n, d = self.config, self.count, self.entry.digest
         me = set(self.service.self_uris())
         sched = PieceScheduler(n, config=cfg.scheduler, rng=self._rng)
+        talk = cf.ThreadPoolExecutor(8, thread_name_prefix="ThreadPoolExecutor-swarm-have")
         for h in self._holders:
-            if h not in me and self._serves(h):
+            if h in me:
+                continue
+            if self.service.piece_support.get(h):
                 sched.add_holder(h, range(n), origin=True)
+            elif h not in self.service.piece_support:  # its health says; asked beside the fetch
+                talk.submit(self._probe, h)
         for p, bits in self.entry.holders:
             with contextlib.suppress(PeerError):
                 if p not in me:
@@ -140,12 +145,13 @@ class SwarmFetch:
         start = time.monotonic()
         idle_since = start
         pool = cf.ThreadPoolExecutor(cfg.scheduler.total + 1, thread_name_prefix="ThreadPoolExecutor-swarm")
-        talk = cf.ThreadPoolExecutor(8, thread_name_prefix="ThreadPoolExecutor-swarm-have")
         futures: dict[cf.Future[tuple[str, Any, str]], Request] = {}
         dirty, last_told = False, 0.0
         try:
             while not sched.complete:
                 now = time.monotonic()
+                if self.service.closed:
+                    raise PeerError(f"{self.entry.ref}: the node is stopping; swarm fetch abandoned")
                 if now - start > cfg.fetch_timeout_s:
                     raise PeerError(f"{self.entry.ref}: swarm fetch ran past {cfg.fetch_timeout_s:.0f} s")
                 with self._lock:
@@ -205,6 +211,10 @@ class SwarmFetch:
             pool.shutdown(wait=False, cancel_futures=True)
             talk.shutdown(wait=False, cancel_futures=True)
 
+    def _probe(self, uri: str) -> None:
+        if self._serves(uri):
+            self.news(uri, range(self.count), origin=True)
+
     def _serves(self, uri: str) -> bool:
         """Whether `uri` serves piece tickets (its health says; cached on the service)."""
         known = self.service.piece_support.get(uri)
@@ -240,6 +250,8 @@ class SwarmFetch:
             return "missing", None, "left the piece out"
         except BusyError as e:
             return "busy", None, str(e)
+        except CardNotFound as e:  # it holds no such card (any more): as if it left the piece out
+            return "missing", None, str(e)
         except CardError as e:
             return "bad", None, str(e)
         except PeerError as e:

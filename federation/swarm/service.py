@@ -67,10 +67,17 @@ class SwarmService:
         self._uploads: dict[str, _Uploads] = {}
         self._active = 0
         self._per_peer: dict[str, int] = {}
+        self.closed = False  # set by the server's stop: running fetches give up
         self.piece_support: dict[str, bool] = {}  # uri -> whether its health says it serves pieces
         self.served_pieces = 0
         self.referred = 0
         self.forced = 0  # pieces sent again because the asker had no other holder left
+
+    def close(self) -> None:
+        """Stop: running swarm fetches end (their piece files are deleted)."""
+        self.closed = True
+        with self._lock:
+            self._lock.notify_all()
 
     # -- partial cards and fetches
     def register(self, partial: PartialCard, fetch: Any) -> Any:
