@@ -261,7 +261,9 @@ class Node:
         if not cfg.advertise and not listen_port:
             self.server.use_locations(self._derive_locations(self.server.port))
         # the swarm tells every live peer which pieces it holds while it fetches
-        self.server.swarm.peer_uris = lambda: [p.uri or p.uris[0] for p in self.peers.live()] if self.peers else []
+        self.server.swarm.peer_uris = lambda: (
+            [p.uri or p.uris[0] for p in self.peers.live()] if self.peers else []
+        )
         if cfg.metrics.port >= 0:
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         self._unsubscribe = self.store.subscribe(self._on_store_event)
