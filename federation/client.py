@@ -47,6 +47,7 @@ from .client_io import (
 )
 from .protocol import (
     ACTION_DELETE,
+    ACTION_HAVE,
     ACTION_HEALTH,
     ACTION_HELLO,
     ACTION_NODE_INFO,
@@ -170,8 +171,12 @@ class Client:
             time.sleep(self.backoff * (2**attempt))
         raise from_flight_error(last or RuntimeError("no attempt"), f"{self.uri} {what}")
 
-    def _action(self, kind: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        payload = json.dumps(body).encode() if body is not None else b""
+    def _action(
+        self, kind: str, body: dict[str, Any] | None = None, *, payload: bytes | None = None
+    ) -> dict[str, Any]:
+        """One action whose answer is one JSON object (`payload`: a body already serialised)."""
+        if payload is None:
+            payload = json.dumps(body).encode() if body is not None else b""
 
         def run() -> list[bytes]:
             first = next(iter(self._conn.do_action(flight.Action(kind, payload), self._opts())), None)
@@ -205,6 +210,13 @@ class Client:
         if isinstance(hm, int) and not isinstance(hm, bool) and hm > 0:
             self._header_max = min(hm, LISTING_HEADER_BYTES)
         return h
+
+    def have(self, item: Any) -> dict[str, Any]:  # a swarm.HaveItem: the pieces of a card held here
+        return self._action(ACTION_HAVE, item.to_dict())
+
+    def do_get(self, ticket: bytes, *, timeout: float) -> flight.FlightStreamReader:
+        """The raw Flight stream of any ticket, no retries (the swarm's piece tickets)."""
+        return self._conn.do_get(flight.Ticket(ticket), self._opts(timeout=timeout))
 
     def node_info(self) -> dict[str, Any]:
         info = self._action(ACTION_NODE_INFO)
@@ -248,22 +260,7 @@ class Client:
                 key = load_private(key)
             name, version = parse_ref(ref)
             w = new_withdrawal(name, version, key, reason=reason)
-        payload = w.to_json()
-
-        def run() -> list[bytes]:
-            return [
-                r.body.to_pybytes()
-                for r in self._conn.do_action(flight.Action(ACTION_WITHDRAW, payload), self._opts())
-            ]
-
-        out = self._call(ACTION_WITHDRAW, run)
-        try:
-            data = json.loads(out[0]) if out else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PeerError(f"{self.uri} answered withdraw with invalid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise PeerError(f"{self.uri} answered withdraw with something other than a JSON object")
-        return data
+        return self._action(ACTION_WITHDRAW, payload=w.to_json())
 
     def withdrawals(self, *, strict: bool = False) -> list[Withdrawal]:
         """The withdrawals the node keeps. A node older than withdrawals answers 'unknown

@@ -47,6 +47,7 @@ ACTION_DELETE = "delete"
 ACTION_WITHDRAW = "withdraw"
 ACTION_WITHDRAWALS = "withdrawals"
 ACTION_HELLO = "hello"
+ACTION_HAVE = "have"  # the swarm: which pieces of a card the sender holds (federation/swarm/wire.py)
 ACTIONS: dict[str, str] = {
     ACTION_HEALTH: "liveness: status, node id, protocol version, catalog epoch",
     ACTION_NODE_INFO: "node id, fleet id, software, protocol and format versions, epoch, counts, bytes",
@@ -55,6 +56,7 @@ ACTIONS: dict[str, str] = {
     ACTION_WITHDRAW: "honour and keep a signed withdrawal; body: the record's JSON; needs a write token",
     ACTION_WITHDRAWALS: "every withdrawal this node keeps: one result per record (JSON)",
     ACTION_HELLO: "fleet-secret challenge both ways (HMAC over fresh nonces); body JSON, see docs/protocol.md",
+    ACTION_HAVE: 'which pieces of a card a peer holds; body JSON {"digest", "peer", "pieces", "count"}',
 }
 PUBLISH_OP = "publish"
 MAX_CRITERIA_BYTES = 64 * 1024
@@ -222,6 +224,8 @@ class CatalogEntry:
     # The exact bytes `header` was parsed from (listing app_metadata or the index), when known:
     # a receiver whose stream carries the same bytes reuses `header` instead of parsing again.
     header_json: bytes = dataclasses.field(default=b"", compare=False, repr=False)
+    # Partial holders the listing node knows of, (uri, bitfield) pairs (the swarm; docs/protocol.md)
+    holders: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def digest(self) -> str:
@@ -292,9 +296,16 @@ LISTING_HEADER_KEY = "listing_header_max"
 TRUNCATED_KEY = "loraflight_truncated"
 
 
-def entry_to_flight_info(entry: CatalogEntry, flight: Any, *, header_max: int | None = None) -> Any:
-    """A FlightInfo for `entry` (`flight` is pyarrow.flight, passed to keep imports light).
-    With `header_max`, a header larger than that goes as a truncation marker (`truncated_ref`)."""
+def entry_to_flight_info(
+    entry: CatalogEntry,
+    flight: Any,
+    holders: Mapping[str, str] | None = None,
+    *,
+    header_max: int | None = None,
+) -> Any:
+    """A FlightInfo for `entry` (`flight` is pyarrow.flight, passed to keep imports light);
+    `holders` (uri -> bitfield: partial holders) go in the endpoint's app_metadata. With
+    `header_max`, a header larger than that goes as a truncation marker (`truncated_ref`)."""
     header_json = entry.header_json or entry.header.to_json()
     if header_max is not None and len(header_json) > header_max:
         marker = {
@@ -307,7 +318,9 @@ def entry_to_flight_info(entry: CatalogEntry, flight: Any, *, header_max: int | 
     schema = card_schema(entry.header.dtype, {METADATA_KEY: header_json})
     descriptor = flight.FlightDescriptor.for_path(entry.name, str(entry.version))
     locations = [flight.Location(u) for u in entry.locations]
-    endpoint = flight.FlightEndpoint(entry.digest.encode(), locations)
+    endpoint = flight.FlightEndpoint(
+        entry.digest.encode(), locations, app_metadata=holders_metadata(holders or {})
+    )
     return flight.FlightInfo(
         schema,
         descriptor,
@@ -352,12 +365,45 @@ def entry_from_flight_info(info: Any) -> CatalogEntry:
     for loc in list(ep.locations)[:64]:
         uri = loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
         locs.append(uri)
+    holders = tuple(parse_holders(getattr(ep, "app_metadata", b"")).items())
     size, rows = int(info.total_bytes), int(info.total_records)
     if size <= 0 or rows <= 0:
         raise PeerError(f"peer listed {header.ref} with size {size} and rows {rows}; both must be > 0")
     if rows > MAX_ROWS:
         raise PeerError(f"peer listed {header.ref} with {rows} rows; a card has at most {MAX_ROWS}")
-    return CatalogEntry(header=header, size=size, rows=rows, locations=tuple(dedupe(locs)), header_json=raw)
+    return CatalogEntry(
+        header=header, size=size, rows=rows, locations=tuple(dedupe(locs)), header_json=raw, holders=holders
+    )
+
+
+MAX_HOLDERS_LISTED = 64
+
+
+def holders_metadata(holders: Mapping[str, str]) -> bytes:
+    """An endpoint's app_metadata naming partial holders (uri -> bitfield); b"" when none."""
+    if not holders:
+        return b""
+    items = dict(list(holders.items())[:MAX_HOLDERS_LISTED])
+    return json.dumps({"holders": items}, sort_keys=True).encode()
+
+
+def parse_holders(raw: Any) -> dict[str, str]:
+    """The holders an endpoint's app_metadata names (empty for anything else: older nodes)."""
+    data = bytes(raw or b"")
+    if not data:
+        return {}
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return {}
+    h = obj.get("holders") if isinstance(obj, dict) else None
+    if not isinstance(h, dict):
+        return {}
+    return {
+        k: v
+        for k, v in list(h.items())[:MAX_HOLDERS_LISTED]
+        if isinstance(k, str) and "://" in k and len(k) <= 512 and isinstance(v, str) and len(v) <= 2048
+    }
 
 
 def descriptor_ref(path: list[bytes]) -> tuple[str, str]:
@@ -559,6 +605,7 @@ def header_json_dict(headers: Mapping[str, Any], key: str) -> str | None:
 __all__ = [
     "ACTIONS",
     "ACTION_DELETE",
+    "ACTION_HAVE",
     "ACTION_HEALTH",
     "ACTION_HELLO",
     "ACTION_NODE_INFO",
@@ -583,9 +630,11 @@ __all__ = [
     "entry_from_flight_info",
     "entry_to_flight_info",
     "from_flight_error",
+    "holders_metadata",
     "offer_filter",
     "parse_bundle_ticket",
     "parse_criteria",
+    "parse_holders",
     "to_flight_error",
     "truncated_ref",
 ]

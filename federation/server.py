@@ -34,8 +34,7 @@ from loraflight.engine.card import (
     card_schema,
     check_name,
 )
-from loraflight.engine.card.ipc import map_file
-from loraflight.errors import CardError, ConfigError, LoraflightError, StoreError
+from loraflight.errors import BusyError, CardError, ConfigError, LoraflightError, StoreError
 
 from .identity import NodeIdentity
 from .limits import (
@@ -50,6 +49,7 @@ from .limits import (
 from .pause import pause_point
 from .protocol import (
     ACTION_DELETE,
+    ACTION_HAVE,
     ACTION_HEALTH,
     ACTION_HELLO,
     ACTION_NODE_INFO,
@@ -57,7 +57,6 @@ from .protocol import (
     ACTION_WITHDRAW,
     ACTION_WITHDRAWALS,
     ACTIONS,
-    BUNDLE_CHUNK_BYTES,
     GET_MANY_KEY,
     LISTING_HEADER_BYTES,
     LISTING_HEADER_KEY,
@@ -79,7 +78,10 @@ from .protocol import (
     to_flight_error,
 )
 from .security import AuthMiddlewareFactory, ServerTLS, call_source, load_tokens, require_write
+from .serve_bundle import bundle_batches
 from .store import Store
+from .swarm.service import SwarmLimits, SwarmService
+from .swarm.wire import PIECES_KEY, HaveItem, parse_piece_ticket
 from .withdrawal import Withdrawal
 
 log = logging.getLogger(__name__)
@@ -176,6 +178,7 @@ class CardServer(flight.FlightServerBase):
         exchange: Callable[[Any, Any, Any, Any], None] | None = None,
         on_notify_from: Callable[[str, str], None] | None = None,
         on_hello: Callable[[dict[str, Any], str], dict[str, Any]] | None = None,
+        swarm_limits: SwarmLimits | None = None,
     ) -> None:
         uri = normalize_uri(listen, tls is not None)
         u = urlsplit(uri)
@@ -224,6 +227,9 @@ class CardServer(flight.FlightServerBase):
         self._cache_lock = threading.Lock()
         self._stopped = False
         self._stop_lock = threading.Lock()
+        # the piece swarm: partial cards served while fetched, who holds what (federation/swarm)
+        self.swarm = SwarmService(store, swarm_limits)
+        self.swarm.self_uris = lambda: self.locations
         try:
             super().__init__(
                 uri,
@@ -282,6 +288,7 @@ class CardServer(flight.FlightServerBase):
             self._stopped = True
         for pool in (self._gets, self._puts, self._exchanges):
             pool.close()
+        self.swarm.close()
         t = threading.Thread(target=self.shutdown, name="loraflight-flight-shutdown", daemon=True)
         t.start()
         t.join(self.limits.stop_timeout_s if timeout is None else timeout)
@@ -320,6 +327,8 @@ class CardServer(flight.FlightServerBase):
             "format": FORMAT_VERSION,
             "formats": list(READ_MAJORS),  # the card format majors this node reads
             GET_MANY_KEY: MAX_BUNDLE_CARDS,  # serves several cards per do_get (bundle tickets)
+            PIECES_KEY: 1,  # serves piece tickets (the swarm)
+            "swarm": self.swarm.status(),
             "skipped_offers": dict(self.skipped_offers),  # cards not listed to a peer, by reason
             "streams": self.stream_counts(),
             "epoch": self.store.epoch,
@@ -352,7 +361,15 @@ class CardServer(flight.FlightServerBase):
         # headers never sits in memory whole. An asker that says how much header it takes per
         # entry (criteria header_max) gets larger headers as a truncation marker instead.
         cap = None if c.header_max is None else min(c.header_max, self.limits.listing_header_bytes)
-        return (entry_to_flight_info(self._entry_locations(e), flight, header_max=cap) for e in entries)
+        return (
+            entry_to_flight_info(
+                self._entry_locations(e),
+                flight,
+                self.swarm.listing_holders(e.digest, len(e.header.pieces)) if e.header.pieces else None,
+                header_max=cap,
+            )
+            for e in entries
+        )
 
     def _resolve(self, descriptor: flight.FlightDescriptor) -> CatalogEntry:
         if descriptor.descriptor_type != flight.DescriptorType.PATH:
@@ -405,68 +422,32 @@ class CardServer(flight.FlightServerBase):
         many = parse_bundle_ticket(ticket.ticket)
         if many is not None:
             slot = self._gets.acquire(call_client_key(context))
-            return flight.GeneratorStream(bundle_schema(), watched(self._bundle_stream(many), slot))
+            return flight.GeneratorStream(bundle_schema(), watched(bundle_batches(self.store, many), slot))
+        pieces = parse_piece_ticket(ticket.ticket)
+        if pieces is not None:
+            peer = str(context.peer() if context is not None else "").rsplit(":", 1)[0]
+            slot = self._gets.acquire(call_client_key(context))
+            try:
+                schema, stream = self.swarm.serve(pieces, peer, self._mapped)
+            except BusyError as e:  # routine in a swarm (the asker goes elsewhere): not logged
+                slot.release()
+                raise to_flight_error(e, flight) from None
+            except BaseException:
+                slot.release()
+                raise
+            return flight.GeneratorStream(schema, watched(stream, slot))
         digest = parse_ticket(ticket.ticket)
         card = self._mapped(digest)
         slot = self._gets.acquire(call_client_key(context))
         schema = card.batches[0].schema
         batches = card.batches
 
-        def stream() -> Iterator[pa.RecordBatch]:
+        def card_stream() -> Iterator[pa.RecordBatch]:
             for i, b in enumerate(batches):
                 yield b
                 pause_point("serve_batches", i + 1)
 
-        return flight.GeneratorStream(schema, watched(stream(), slot))
-
-    def _bundle_stream(self, digests: list[str]) -> Iterator[pa.RecordBatch]:
-        """The files of several cards as (digest, size, offset, data) pieces, in order; one
-        transfer slot for the whole bundle. A card this node does not hold is one row of size -1.
-        Large pieces go out zero-copy from the mapped file; small cards share a batch."""
-        schema = bundle_schema()
-        rows: list[tuple[str, int, int, pa.Buffer]] = []
-        pending = 0
-        sent = 0
-
-        def batch() -> pa.RecordBatch:
-            datas = [
-                pa.Array.from_buffers(pa.binary(), 1, [None, _offsets(len(b)), b]) for _d, _s, _o, b in rows
-            ]
-            data = datas[0] if len(datas) == 1 else pa.concat_arrays(datas)
-            return pa.record_batch(
-                [
-                    pa.array([r[0] for r in rows], pa.string()),
-                    pa.array([r[1] for r in rows], pa.int64()),
-                    pa.array([r[2] for r in rows], pa.int64()),
-                    data,
-                ],
-                schema=schema,
-            )
-
-        for digest in digests:
-            buf = None
-            if self.store.entry_exists(digest):
-                try:
-                    # a plain mmap (Arrow's memory_map advises the kernel on every read)
-                    buf, _ident = map_file(self.store.path_of(digest))
-                except CardError:
-                    buf = None  # removed meanwhile
-            if buf is None:
-                rows.append((digest, -1, 0, pa.py_buffer(b"")))
-                continue
-            self.store.touch(digest)
-            size = buf.size
-            for off in range(0, max(size, 1), BUNDLE_CHUNK_BYTES):
-                piece = buf.slice(off, min(BUNDLE_CHUNK_BYTES, size - off))
-                if rows and pending + piece.size > BUNDLE_CHUNK_BYTES:
-                    yield batch()
-                    rows, pending = [], 0
-                rows.append((digest, size, off, piece))
-                pending += piece.size
-            sent += 1
-            pause_point("serve_bundle_cards", sent)
-        if rows:
-            yield batch()
+        return flight.GeneratorStream(schema, watched(card_stream(), slot))
 
     @edge
     def do_put(
@@ -565,6 +546,7 @@ class CardServer(flight.FlightServerBase):
                 "formats": list(READ_MAJORS),
                 GET_MANY_KEY: MAX_BUNDLE_CARDS,
                 LISTING_HEADER_KEY: self.limits.listing_header_bytes,
+                PIECES_KEY: 1,
                 "epoch": self.store.epoch,
             }
         elif kind == ACTION_NODE_INFO:
@@ -586,6 +568,12 @@ class CardServer(flight.FlightServerBase):
         elif kind == ACTION_HELLO and self._on_hello is not None:  # fleet secret: federation.fleet_auth
             req = parse_json_body(action.body.to_pybytes() if action.body else b"", "hello")
             body = self._on_hello(req, call_source(context))
+        elif kind == ACTION_HAVE:
+            item = HaveItem.from_dict(
+                parse_json_body(action.body.to_pybytes() if action.body else b"", "have")
+            )
+            self.swarm.note_have(item)
+            body = {"ok": True}
         elif kind == ACTION_DELETE:
             require_write(context, "deleting a card", bool(self._write_tokens))
             req = parse_json_body(action.body.to_pybytes() if action.body else b"", "delete")
@@ -606,11 +594,6 @@ class CardServer(flight.FlightServerBase):
         else:
             raise CardError(f"unknown action {kind[:64]!r}; known: {', '.join(ACTIONS)}")
         return iter([json.dumps(body).encode()])
-
-
-def _offsets(n: int) -> pa.Buffer:
-    """The int32 offsets buffer of a one-value binary array of `n` bytes."""
-    return pa.py_buffer((0).to_bytes(4, "little") + n.to_bytes(4, "little"))
 
 
 def _host(h: str) -> str:

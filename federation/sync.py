@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraflight.engine.card import READ_MAJORS, upgrade_pair
 from loraflight.errors import ConflictError, LoraflightError, PeerError, TrustError
@@ -25,6 +25,9 @@ from loraflight.errors import ConflictError, LoraflightError, PeerError, TrustEr
 from .protocol import CatalogEntry, dedupe
 from .security import ClientTLS
 from .store import Store
+
+if TYPE_CHECKING:
+    from .swarm import SwarmService
 
 log = logging.getLogger(__name__)
 MAX_LINEAGE_DEPTH = 64
@@ -256,6 +259,7 @@ def sync(
     connect: Callable[[str], Any] | None = None,
     vetted: Callable[[str], bool] | None = None,
     admits: Callable[[CatalogEntry], bool] | None = None,
+    swarm: SwarmService | None = None,
 ) -> SyncReport:
     """List the peers, plan, and fetch with at most `concurrency` transfers at once.
 
@@ -268,8 +272,12 @@ def sync(
 
     `connect(uri) -> Client` (a node's one rule for token and TLS) replaces the default client;
     `vetted` and `admits` go to `plan_sync`.
+    With `swarm` (a node's `server.swarm`), a format-2 card that more than one peer may hold
+    is fetched piece by piece from several holders at once (`swarm.swarm_fetch`); when that
+    fails it is fetched whole as any other card.
     """
     from .client import Client
+    from .swarm import swarm_fetch, wants_swarm
 
     policy = policy or SyncPolicy()
     report = SyncReport()
@@ -324,6 +332,26 @@ def sync(
             try:
                 if not first:
                     raise PeerError(f"no location holds {f.ref}")
+                if swarm is not None and wants_swarm(swarm, f.entry, f.locations):
+                    try:
+                        got = swarm_fetch(
+                            swarm,
+                            f.entry,
+                            client,
+                            locations=f.locations,
+                            trusted=trusted_set,
+                            require_signed=require_signed,
+                        )
+                    except (TrustError, ConflictError):
+                        raise
+                    except LoraflightError as e:
+                        log.warning("sync: swarm fetch of %s failed (%s); fetching it whole", f.ref, e)
+                    else:
+                        with lock:
+                            report.fetched.append(got)
+                        if progress is not None:
+                            progress(SyncProgress(f.ref, "done", total, total))
+                        return
                 _card, entry = client(first).fetch_entry_stored(
                     f.entry,
                     store=store,
@@ -390,8 +418,12 @@ def sync(
             max_workers=max(1, concurrency), thread_name_prefix="ThreadPoolExecutor-sync"
         ) as ex:
             for batch in (parents, rest):
-                singles, groups = plan_bundles(batch, concurrency, bundled, max_cards=bundle_cards)
-                futs = [ex.submit(run_group, g) for g in groups] + [ex.submit(run, f) for f in singles]
+                swarmed = [f for f in batch if wants_swarm(swarm, f.entry, f.locations)]  # never bundled
+                whole = [f for f in batch if f not in swarmed]
+                singles, groups = plan_bundles(whole, concurrency, bundled, max_cards=bundle_cards)
+                futs = [ex.submit(run_group, g) for g in groups] + [
+                    ex.submit(run, f) for f in swarmed + singles
+                ]
                 for fut in futs:
                     fut.result()
         return report

@@ -292,11 +292,15 @@ class Lab:
     """Hosts in network namespaces on one bridge, one `loraflight node run` each (see
     tests/node/netns_lab.py: run inside `unshare -n -m`)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tmpfs_stores: bool = False) -> None:
         self.workdir = workdir
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.hosts: list[int] = []
         self.exe = str(Path(sys.executable).with_name("loraflight"))
+        # stores on a tmpfs (mounted by setup inside the lab's mount namespace), so one disk does
+        # not stand in for every host's
+        self.tmpfs_stores = tmpfs_stores
+        self.stores_root = Path("/run/lfstores") if tmpfs_stores else workdir
 
     # -- network
 
@@ -306,12 +310,21 @@ class Lab:
         sh("mount", "--make-rprivate", "/")
         Path("/run/netns").mkdir(parents=True, exist_ok=True)
         sh("mount", "-t", "tmpfs", "tmpfs", "/run/netns")
+        if self.tmpfs_stores:
+            self.stores_on_tmpfs()
         sh("ip", "link", "set", "lo", "up")
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
 
-    def add_host(self, i: int) -> None:
+    def stores_on_tmpfs(self, root: Path = Path("/run/lfstores")) -> None:
+        """Put the hosts' stores on a tmpfs from now on (inside the lab's mount namespace)."""
+        root.mkdir(parents=True, exist_ok=True)
+        sh("mount", "-t", "tmpfs", "tmpfs", str(root))
+        self.tmpfs_stores, self.stores_root = True, root
+
+    def add_host(self, i: int, *, rate: str | None = None) -> None:
+        """Host `i` (namespace hN, eth0 = SUBNET.N on the bridge); `rate` shapes its uplink (`shape`)."""
         ns = f"h{i}"
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "add", f"lfv{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -320,6 +333,19 @@ class Lab:
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         self.hosts.append(i)
+        if rate:
+            self.shape(i, rate)
+
+    def shape(self, i: int, rate: str = "200mbit", burst: str = "256kb", latency: str = "50ms") -> None:
+        """Shape host `i`'s uplink (egress of its eth0) with a token bucket, as a real link would
+        be: `tc qdisc replace dev eth0 root tbf rate RATE burst BURST latency LATENCY`."""
+        sh("ip", "netns", "exec", f"h{i}", "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
+           "rate", rate, "burst", burst, "latency", latency)  # fmt: skip
+
+    def tx_bytes(self, i: int) -> int:
+        """Bytes host `i` has sent on its eth0 (/sys/class/net/eth0/statistics/tx_bytes there)."""
+        r = sh("ip", "netns", "exec", f"h{i}", "cat", "/sys/class/net/eth0/statistics/tx_bytes")
+        return int(r.stdout.strip())
 
     def link(self, i: int, up: bool) -> None:
         sh("ip", "link", "set", f"lfv{i}", "up" if up else "down")
@@ -329,6 +355,9 @@ class Lab:
     def uri(self, i: int) -> str:
         return f"grpc://{SUBNET}.{i}:{PORT}"
 
+    def store_dir(self, i: int) -> Path:
+        return self.stores_root / f"h{i}" / "store"
+
     def status_path(self, i: int) -> Path:
         return self.workdir / f"h{i}" / "status.json"
 
@@ -337,7 +366,7 @@ class Lab:
         d.mkdir(parents=True, exist_ok=True)
         args = [
             "ip", "netns", "exec", f"h{i}", self.exe, "node", "run",
-            "--store", str(d / "store"),
+            "--store", str(self.store_dir(i)),
             "--listen", f"grpc://0.0.0.0:{PORT}",
             "--fleet", fleet,
             "--interface", "eth0",

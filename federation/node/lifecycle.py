@@ -248,6 +248,10 @@ class Node:
         )
         if not cfg.advertise and not listen_port:
             self.server.use_locations(self._derive_locations(self.server.port))
+        # the swarm tells every live peer which pieces it holds while it fetches
+        self.server.swarm.peer_uris = lambda: (
+            [p.uri or p.uris[0] for p in self.peers.live()] if self.peers else []
+        )
         if cfg.metrics.port >= 0:
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         try:
@@ -537,6 +541,7 @@ class Node:
                 connect=lambda uri: self._client(uri, timeout, retries=2),
                 vetted=self.peers.vetted,
                 admits=self.gate.admits if self.gate is not None else None,
+                swarm=self.server.swarm if self.server is not None else None,
             )
         finally:
             self.metrics.sync_seconds.observe(time.perf_counter() - t0)

@@ -210,11 +210,13 @@ def sync_round(
     connect: Callable[[str], Client] | None = None,
     vetted: Callable[[str], bool] | None = None,
     admits: Callable[[CatalogEntry], bool] | None = None,
+    swarm: Any = None,
 ) -> list[CatalogEntry]:
     """List the peers, plan with the sync policy, fetch (bounded concurrency, verified).
 
     `connect` is the node's one rule for token and TLS; `vetted` says which locations a
-    listing names may be tried; `admits`: the trust policy (see `sync.plan_sync`).
+    listing names may be tried; `admits`: the trust policy (see `sync.plan_sync`); format-2 cards come piece by piece
+    through `swarm` (the node's `server.swarm`).
     """
     pol = config.sync
     report = sync(
@@ -228,6 +230,7 @@ def sync_round(
         connect=connect,
         vetted=vetted,
         admits=admits,
+        swarm=swarm,
     )
     for e in report.fetched:
         metrics.fetches.inc()

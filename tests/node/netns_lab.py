@@ -26,6 +26,7 @@ from typing import Any
 from loraflight.testing import Lab, new_signer, tiny_card, wait_for
 
 from .netns_hostile import flood_from_a_neighbour, mdns_spoof
+from .netns_swarm import swarm_spread
 from .netns_withdraw import withdraw_fleet
 
 
@@ -166,6 +167,7 @@ SCENARIOS: dict[str, Callable[[Lab], dict[str, Any]]] = {
     "withdraw_fleet": withdraw_fleet,
     "flood_from_a_neighbour": flood_from_a_neighbour,
     "mdns_spoof": mdns_spoof,
+    "swarm_spread": swarm_spread,
 }
 
 

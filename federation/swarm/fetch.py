@@ -1,0 +1,369 @@
+"""A swarm fetch: one format-2 card from several holders at once, piece by piece.
+
+The loop applies `PieceScheduler`'s rules with a small thread pool: each request is one
+piece ticket to one holder, verified as it lands (`verify_piece`, values finite), kept in a
+`PartialCard` (served to others at once) and announced to the node's peers (`have`);
+holders that lie, corrupt or stall are avoided for the rest of the fetch. When every piece
+is in, the card goes through the store's normal receive and commit, so a kill at any point
+leaves no partial card in the store (the piece files live in tmp/, emptied on open).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from loraflight.engine.card import header_digest, verify_piece, verify_signature
+from loraflight.errors import BusyError, CardError, CardNotFound, LoraflightError, PeerError
+
+from ..protocol import CatalogEntry, dedupe, from_flight_error
+from ..store import Store
+from ..store.values import check_batch_finite, plain_schema
+from .partial import PartialCard
+from .scheduler import PieceScheduler, Request, SchedulerConfig
+from .service import SwarmService
+from .wire import HaveItem, decode_bits, parse_piece_metadata, piece_ticket, serves_pieces
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwarmConfig:
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    piece_timeout_s: float = 10.0  # a piece stream that takes longer stalled (at least this)
+    min_rate: float = 1e6  # bytes/s: big pieces get bytes / min_rate seconds if that is longer
+    idle_timeout_s: float = 30.0  # no holder for a missing piece this long: the fetch fails
+    fetch_timeout_s: float = 600.0
+    announce_every_s: float = 0.05  # haves to peers at most this often
+    max_announce: int = 32  # peers told per announcement
+
+
+class SwarmFetch:
+    """One running swarm fetch of `entry` (see module doc); `run()` returns the stored entry."""
+
+    def __init__(
+        self,
+        service: SwarmService,
+        entry: CatalogEntry,
+        connect: Callable[[str], Any],
+        *,
+        holders: Sequence[str],
+        config: SwarmConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.service = service
+        self.store: Store = service.store
+        self.entry = entry
+        self.connect = connect
+        self.config = config or SwarmConfig()
+        self.count = len(entry.header.pieces)
+        self._holders = list(holders)
+        self._rng = rng or random.Random()
+        self._news: list[tuple[str, frozenset[int], bool]] = []
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._result: CatalogEntry | None = None
+        self._error: LoraflightError | None = None
+        self._announcing: set[str] = set()  # peers a have is being sent to now
+        self._latest: dict[str, HaveItem] = {}  # the newest have not yet sent, per peer
+        self.avoided: dict[str, str] = {}
+
+    # -- from other threads
+    def news(self, peer: str, pieces: Iterable[int], origin: bool = False) -> None:
+        with self._lock:
+            self._news.append((peer, frozenset(pieces), origin))
+        self._wake.set()
+
+    def wait(self, timeout: float) -> CatalogEntry:
+        """The result of a fetch another caller runs (joining it)."""
+        if not self._done.wait(timeout):
+            raise PeerError(
+                f"{self.entry.ref}: the swarm fetch running here did not finish in {timeout:.0f} s"
+            )
+        if self._error is not None:
+            raise type(self._error)(str(self._error))
+        assert self._result is not None
+        return self._result
+
+    # -- the fetch
+    def run(self) -> CatalogEntry:
+        partial = PartialCard(self.store, self.entry)
+        running = self.service.register(partial, self)
+        if running is not None:
+            for h in self._holders:
+                running.news(h, range(self.count), True)
+            return running.wait(self.config.fetch_timeout_s)  # type: ignore[no-any-return]
+        try:
+            self._result = self._run(partial)
+            return self._result
+        except LoraflightError as e:
+            self._error = e
+            raise
+        except Exception as e:
+            self._error = PeerError(f"{self.entry.ref}: swarm fetch failed: {e}")
+            raise self._error from None
+        finally:
+            self._done.set()
+            self.service.unregister(self.entry.digest)
+            partial.discard()
+
+    def _me(self) -> str:
+        mine = self.service.self_uris()
+        return mine[0] if mine else ""
+
+    def _run(self, partial: PartialCard) -> CatalogEntry:
+        cfg, n, d = self.config, self.count, self.entry.digest
+        me = set(self.service.self_uris())
+        sched = PieceScheduler(n, config=cfg.scheduler, rng=self._rng)
+        talk = cf.ThreadPoolExecutor(8, thread_name_prefix="ThreadPoolExecutor-swarm-have")
+        for h in self._holders:
+            if h in me:
+                continue
+            if self.service.piece_support.get(h):
+                sched.add_holder(h, range(n), origin=True)
+            elif h not in self.service.piece_support:  # its health says; asked beside the fetch
+                talk.submit(self._probe, h)
+        for p, bits in self.entry.holders:
+            with contextlib.suppress(PeerError):
+                if p not in me:
+                    sched.add_holder(p, decode_bits(bits, n))
+        for p, s in self.service.holders(d).items():
+            sched.add_holder(p, s)
+        piece_bytes = max(1, self.entry.size // n)
+        timeout = max(cfg.piece_timeout_s, 1.2 * piece_bytes / cfg.min_rate)
+        start = time.monotonic()
+        idle_since = start
+        pool = cf.ThreadPoolExecutor(cfg.scheduler.total + 1, thread_name_prefix="ThreadPoolExecutor-swarm")
+        futures: dict[cf.Future[tuple[str, Any, str]], Request] = {}
+        dirty, last_told = False, 0.0
+        try:
+            while not sched.complete:
+                now = time.monotonic()
+                if self.service.closed:
+                    raise PeerError(f"{self.entry.ref}: the node is stopping; swarm fetch abandoned")
+                if now - start > cfg.fetch_timeout_s:
+                    raise PeerError(f"{self.entry.ref}: swarm fetch ran past {cfg.fetch_timeout_s:.0f} s")
+                with self._lock:
+                    news, self._news = self._news, []
+                for peer, pieces, origin in news:
+                    if peer not in me:
+                        sched.add_holder(peer, pieces, origin=origin and self._serves(peer))
+                for req in sched.next_requests(now):
+                    futures[pool.submit(self._download, partial, req, timeout)] = req
+                if dirty and now - last_told >= cfg.announce_every_s:
+                    self._announce(talk, partial.has(), sched)
+                    dirty, last_told = False, now
+                if not futures:
+                    if sched.unavailable() and now - idle_since > cfg.idle_timeout_s:
+                        why = "; ".join(f"{p}: {w}" for p, w in sched.avoided.items()) or "none"
+                        raise PeerError(
+                            f"{self.entry.ref}: no usable holder has pieces {sched.unavailable()[:8]} "
+                            f"(waited {cfg.idle_timeout_s:.0f} s; holders avoided: {why})"
+                        )
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                idle_since = now
+                done, _ = cf.wait(list(futures), timeout=0.05, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    req = futures.pop(f)
+                    outcome, batch, detail = f.result()
+                    now = time.monotonic()
+                    if outcome == "ok":
+                        path, mapped = batch
+                        if sched.finished(req, "ok", now) and partial.keep(req.piece, path, mapped):
+                            dirty = True
+                        else:
+                            partial.drop(path)
+                        continue
+                    sched.finished(req, outcome, now, detail)
+                    if outcome in ("bad", "stall") or req.peer in sched.avoided:
+                        log.warning(
+                            "swarm %s: piece %d from %s refused (%s: %s); avoiding that peer for this fetch",
+                            self.entry.ref, req.piece, req.peer, outcome, detail,
+                        )  # fmt: skip
+            self.avoided = dict(sched.avoided)
+            for f in futures:
+                f.cancel()
+            self._announce(talk, partial.has(), sched, wait=True)
+            sources = dedupe(sched.sources.get(i, "") for i in range(n))
+            from_origins = sum(1 for i in range(n) if sched.sources.get(i) in sched.origins)
+            log.info(
+                "swarm %s: %d pieces from %d holders (%d from origins) in %.2f s; avoided: %s",
+                self.entry.ref, n, len(sources), from_origins, time.monotonic() - start,
+                ", ".join(sched.avoided) or "none",
+            )  # fmt: skip
+            locations = dedupe([*self.service.self_uris(), *self._holders, *sources])
+            return partial.commit(source=sources[0] if sources else "swarm", locations=locations)
+        finally:
+            self.avoided = dict(sched.avoided)
+            pool.shutdown(wait=False, cancel_futures=True)
+            talk.shutdown(wait=False, cancel_futures=True)
+
+    def _probe(self, uri: str) -> None:
+        if self._serves(uri):
+            self.news(uri, range(self.count), origin=True)
+
+    def _serves(self, uri: str) -> bool:
+        """Whether `uri` serves piece tickets (its health says; cached on the service)."""
+        known = self.service.piece_support.get(uri)
+        if known is not None:
+            return known
+        try:
+            ok = serves_pieces(self.connect(uri).health())
+        except LoraflightError:
+            return False
+        self.service.piece_support[uri] = ok
+        return ok
+
+    def _download(self, partial: PartialCard, req: Request, timeout: float) -> tuple[str, Any, str]:
+        """One piece from one holder: (outcome, (piece file, mapped batch) verified or None, detail)."""
+        h = self.entry.header
+        try:
+            ticket = piece_ticket(h.digest, req.piece, 1, last=req.last)
+            chunks = read_pieces(self.connect(req.peer), ticket, timeout=timeout, limit=1)
+            for meta, batch in chunks:
+                i = parse_piece_metadata(meta)
+                if i != req.piece:
+                    return "bad", None, f"sent piece {i} when asked for piece {req.piece}"
+                if not batch.schema.equals(plain_schema(h.dtype), check_metadata=False):
+                    return "bad", None, f"piece {i} is not a {h.dtype} card's batch"
+                path, mapped = partial.write(i, batch)  # aligned: Flight's buffers often are not
+                try:
+                    verify_piece(h, i, mapped)
+                    check_batch_finite(mapped, h.dtype)
+                except BaseException:
+                    partial.drop(path)
+                    raise
+                return "ok", (path, mapped), ""
+            return "missing", None, "left the piece out"
+        except BusyError as e:
+            return "busy", None, str(e)
+        except CardNotFound as e:  # it holds no such card (any more): as if it left the piece out
+            return "missing", None, str(e)
+        except CardError as e:
+            return "bad", None, str(e)
+        except PeerError as e:
+            return ("stall" if "timed out" in str(e) else "error"), None, str(e)
+        except LoraflightError as e:
+            return "error", None, str(e)
+
+    def _announce(
+        self, talk: cf.ThreadPoolExecutor, have: frozenset[int], sched: PieceScheduler, wait: bool = False
+    ) -> None:
+        me = self._me()
+        if not me or not have:
+            return
+        body = HaveItem(self.entry.digest, me, have, self.count)
+        mine = set(self.service.self_uris())
+        targets = [
+            u for u in dedupe([*self.service.peer_uris(), *sched.holders, *self._holders]) if u not in mine
+        ]
+        if len(targets) > self.config.max_announce:
+            targets = self._rng.sample(targets, self.config.max_announce)
+        futs = []
+        for uri in targets:
+            with self._lock:
+                self._latest[uri] = body  # a send in flight to `uri` sends this next (coalesced)
+                if uri in self._announcing:
+                    continue
+                self._announcing.add(uri)
+            futs.append(talk.submit(self._tell, uri))
+        if wait:
+            cf.wait(futs, timeout=2.0)
+
+    def _tell(self, uri: str) -> None:
+        """Send `uri` the newest have for it until none is left (one sender per peer)."""
+        for _ in range(10_000):
+            with self._lock:
+                body = self._latest.pop(uri, None)
+                if body is None:
+                    self._announcing.discard(uri)
+                    return
+            try:
+                self.connect(uri).have(body)
+            except LoraflightError as e:
+                log.debug("have to %s failed: %s", uri, e)
+        with self._lock:
+            self._announcing.discard(uri)
+
+
+def read_pieces(client: Any, ticket: bytes, *, timeout: float, limit: int) -> list[tuple[Any, Any]]:
+    """The (app_metadata, batch) chunks answering a piece ticket, at most `limit`, read to the end
+    of the stream (its holder counts what it sent); unverified. Errors map onto ours."""
+    where = f"{client.uri} do_get pieces"
+    try:
+        reader = client.do_get(ticket, timeout=timeout)
+        out: list[tuple[Any, Any]] = []
+        try:
+            for _ in range(limit + 1):
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    return out
+                if chunk.data is not None:
+                    out.append((chunk.app_metadata, chunk.data))
+            raise PeerError(f"{where}: sent more than the {limit} pieces asked for")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                reader.cancel()
+            raise
+    except (flight.FlightError, pa.ArrowException) as e:
+        raise from_flight_error(e, where) from None
+
+
+def wants_swarm(service: SwarmService | None, entry: CatalogEntry, locations: Sequence[str]) -> bool:
+    """Whether `entry` is fetched by the swarm: a format-2 card of several pieces, on a node
+    with a swarm, when more than one peer may hold pieces of it (its holders, partial holders
+    known, and the node's other peers, which may be fetching it too). Else whole-card."""
+    if service is None or entry.header.major < 2 or len(entry.header.pieces) < 2:
+        return False
+    mine = set(service.self_uris())
+    if not service.self_uris():
+        return False
+    may_hold = {
+        *locations,
+        *entry.locations,
+        *(p for p, _ in entry.holders),
+        *service.holders(entry.digest),
+        *service.peer_uris(),
+    } - mine
+    return len(may_hold) >= 2
+
+
+def swarm_fetch(
+    service: SwarmService,
+    entry: CatalogEntry,
+    connect: Callable[[str], Any],
+    *,
+    locations: Sequence[str] = (),
+    trusted: Iterable[str] | None = None,
+    require_signed: bool = False,
+    config: SwarmConfig | None = None,
+) -> CatalogEntry:
+    """Fetch `entry` through the swarm into the service's store; the stored entry.
+
+    Trust and admission are checked on the header before any piece is asked for.
+    """
+    if header_digest(entry.header) != entry.digest:
+        raise CardError(f"{entry.ref}: the listed header does not hash to its digest; refused")
+    verify_signature(entry.header, None if trusted is None else set(trusted), require_signed=require_signed)
+    existing = service.store.check_admission(entry.header)
+    if existing is not None:
+        return existing
+    holders = dedupe([*locations, *entry.locations])
+    return SwarmFetch(service, entry, connect, holders=holders, config=config).run()
+
+
+__all__ = ["SwarmConfig", "SwarmFetch", "read_pieces", "swarm_fetch", "wants_swarm"]
