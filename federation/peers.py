@@ -457,6 +457,20 @@ class PeerTable:
         with self._lock:
             return [p for p in self._peers.values() if p.state == LIVE and p.node_id and self.believes(p)]
 
+    def is_source(self, uri: str) -> bool:
+        """Whether `uri` is an address of a live peer this node syncs from (`believes`): it may
+        be asked for pieces, and its `have` is believed."""
+        got = _canon([uri], "source")
+        if not got:
+            return False
+        with self._lock:
+            return any(
+                p.state == LIVE
+                and self.believes(p)
+                and any(same_host_port(got[0], u) for u in [*p.uris, *([p.uri] if p.uri else [])])
+                for p in self._peers.values()
+            )
+
     def vetted(self, uri: str) -> bool:
         """Whether `uri` is an address of a confirmed peer, whatever the scheme (a token and a
         fetch may go there)."""

@@ -250,8 +250,9 @@ class Node:
             self.server.use_locations(self._derive_locations(self.server.port))
         # the swarm tells every live peer which pieces it holds while it fetches
         self.server.swarm.peer_uris = lambda: (
-            [p.uri or p.uris[0] for p in self.peers.live()] if self.peers else []
+            [p.uri or p.uris[0] for p in self.peers.syncable()] if self.peers else []
         )
+        self.server.swarm.may_use = lambda uri: self.peers is not None and self.peers.is_source(uri)
         if cfg.metrics.port >= 0:
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         try:

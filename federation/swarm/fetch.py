@@ -58,6 +58,7 @@ class SwarmFetch:
         connect: Callable[[str], Any],
         *,
         holders: Sequence[str],
+        planned: Sequence[str] = (),
         config: SwarmConfig | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -67,7 +68,9 @@ class SwarmFetch:
         self.connect = connect
         self.config = config or SwarmConfig()
         self.count = len(entry.header.pieces)
-        self._holders = list(holders)
+        # the sync plan's locations are vetted already; any other address only if the node may use it
+        self._planned = set(planned)
+        self._holders = [h for h in holders if self._usable(h)]
         self._rng = rng or random.Random()
         self._news: list[tuple[str, frozenset[int], bool]] = []
         self._wake = threading.Event()
@@ -122,6 +125,9 @@ class SwarmFetch:
         mine = self.service.self_uris()
         return mine[0] if mine else ""
 
+    def _usable(self, uri: str) -> bool:
+        return uri in self._planned or self.service.may_use(uri)
+
     def _run(self, partial: PartialCard) -> CatalogEntry:
         cfg, n, d = self.config, self.count, self.entry.digest
         me = set(self.service.self_uris())
@@ -136,7 +142,7 @@ class SwarmFetch:
                 talk.submit(self._probe, h)
         for p, bits in self.entry.holders:
             with contextlib.suppress(PeerError):
-                if p not in me:
+                if p not in me and self._usable(p):
                     sched.add_holder(p, decode_bits(bits, n))
         for p, s in self.service.holders(d).items():
             sched.add_holder(p, s)
@@ -363,7 +369,7 @@ def swarm_fetch(
     if existing is not None:
         return existing
     holders = dedupe([*locations, *entry.locations])
-    return SwarmFetch(service, entry, connect, holders=holders, config=config).run()
+    return SwarmFetch(service, entry, connect, holders=holders, planned=locations, config=config).run()
 
 
 __all__ = ["SwarmConfig", "SwarmFetch", "read_pieces", "swarm_fetch", "wants_swarm"]

@@ -60,6 +60,9 @@ class SwarmService:
         self.limits = limits or SwarmLimits()
         self.self_uris: Callable[[], list[str]] = list
         self.peer_uris: Callable[[], list[str]] = list
+        # Which addresses may be asked for pieces, or believed in a `have` (a node: its confirmed
+        # peers, and mDNS peers in an open fleet; docs/operations.md "Security model").
+        self.may_use: Callable[[str], bool] = lambda uri: True
         self._lock = threading.Condition()
         self._partials: dict[str, PartialCard] = {}
         self._fetches: dict[str, Any] = {}  # digest -> the running SwarmFetch
@@ -105,7 +108,7 @@ class SwarmService:
     def note_have(self, item: HaveItem) -> None:
         """Record a peer's `have` (bounded; old news expires after HAVE_TTL_S)."""
         now = time.monotonic()
-        if item.peer in self.self_uris():
+        if item.peer in self.self_uris() or not self.may_use(item.peer):
             return
         with self._lock:
             table = self._haves.get(item.digest)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from loraflight.engine.card import DTYPES, CardHeader, LoRACard, ModuleLoRA, compute_digest
 
+BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"  # refused in new headers
 _WORD = {"float32": np.uint32, "float16": np.uint16, "bfloat16": np.uint16}
 _EXP = {"float32": 0x7F800000, "float16": 0x7C00, "bfloat16": 0x7F80}
 
@@ -65,7 +66,14 @@ def cards(draw: st.DrawFn) -> LoRACard:
         name=draw(card_names),
         version=draw(st.integers(1, 2**53 - 1)),
         dtype=dtype,
-        description=draw(st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)),
+        # any text a new card may hold: no control characters but newline and tab, no bidi controls
+        description=draw(
+            st.text(
+                st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters=BIDI)
+                | st.sampled_from("\n\t"),
+                max_size=60,
+            )
+        ),
         tags=draw(st.lists(st.from_regex(r"[a-z0-9][a-z0-9 _:-]{0,10}", fullmatch=True), max_size=4)),
         base_model=draw(st.none() | st.from_regex(r"[A-Za-z0-9/_.-]{1,30}", fullmatch=True)),
         base_fingerprint=draw(st.none() | digests),
