@@ -77,6 +77,7 @@ from .protocol import (
     software_version,
     to_flight_error,
 )
+from .ratelimit import SummaryLog
 from .security import AuthMiddlewareFactory, ServerTLS, call_source, load_tokens, require_write
 from .serve_bundle import bundle_batches
 from .store import Store
@@ -85,6 +86,7 @@ from .swarm.wire import PIECES_KEY, HaveItem, parse_piece_ticket
 from .withdrawal import Withdrawal
 
 log = logging.getLogger(__name__)
+_quiet = SummaryLog(log)  # refusals and failures: one line per kind and interval
 F = TypeVar("F", bound=Callable[..., Any])
 MAP_CACHE = 256  # open card maps kept for do_get (address space only; pages are the page cache's)
 
@@ -136,10 +138,12 @@ def edge(fn: F) -> F:
         except flight.FlightError:
             raise
         except LoraflightError as e:
-            log.warning("%s refused: %s", fn.__name__, e)
+            # one line per kind of refusal and interval, however many arrive (a flood)
+            _quiet.log(logging.WARNING, f"{fn.__name__}:{type(e).__name__}", "%s refused: %s", fn.__name__, e)
             raise to_flight_error(e, flight) from None
         except Exception as e:
-            log.exception("%s failed", fn.__name__)
+            if _quiet.log(logging.ERROR, f"{fn.__name__}:failed", "%s failed: %r", fn.__name__, e):
+                log.error("traceback of the failure above", exc_info=True)
             raise to_flight_error(e, flight) from None
 
     return wrapper  # type: ignore[return-value]

@@ -388,7 +388,7 @@ class Membership:
             elif what == "alive" and peer is not None and peer.state != LIVE:
                 self._submit(self.probe, node_id, False)  # it refuted: check it directly
             elif what == "epoch" and peer is not None:
-                if peer.confirmed and peer.state == LIVE and int(detail) > peer.epoch:
+                if self.peers.believes(peer) and peer.state == LIVE and int(detail) > peer.epoch:
                     self.peers.record(
                         peer, _peer_uri(peer), PeerInfo(node_id, peer.fleet or self.fleet, int(detail))
                     )

@@ -53,14 +53,14 @@ def run_until_signal(run: Callable[[threading.Event], int], drain_s: float = DRA
     worker.start()
     signalled = False
     while worker.is_alive():
-        if signal.sigtimedwait(SIGNALS, 0.5) is not None:
+        if _stop_signal(0.5):
             log.info("stop signal: draining for at most %.0f s", drain_s)
             stop.set()
             signalled = True
             break
     end = time.monotonic() + drain_s
     while worker.is_alive() and time.monotonic() < end:
-        if signal.sigtimedwait(SIGNALS, min(0.5, max(0.01, end - time.monotonic()))) is not None:
+        if _stop_signal(min(0.5, max(0.01, end - time.monotonic()))):
             log.warning("second stop signal: exiting now")
             _hard_exit(1)
     if worker.is_alive():
@@ -74,6 +74,13 @@ def run_until_signal(run: Callable[[threading.Event], int], drain_s: float = DRA
         # or not, concurrent.futures' atexit hook), and one may be blocked on a peer's read
         _hard_exit(code)
     return code
+
+
+def _stop_signal(timeout: float) -> bool:
+    """Whether SIGTERM/SIGINT arrived within `timeout`. CPython's sigtimedwait returns a
+    siginfo with si_signo 0 when the wait is interrupted (SIGSTOP then SIGCONT): not a stop."""
+    info = signal.sigtimedwait(SIGNALS, timeout)
+    return info is not None and info.si_signo in SIGNALS
 
 
 def _hard_exit(code: int) -> None:
