@@ -214,7 +214,10 @@ class SwarmFetch:
             self.avoided = dict(sched.avoided)
             for f in futures:
                 f.cancel()
-            self._announce(talk, partial.has(), sched, wait=True)
+            # a copy serves every asker (from its pieces now, from the store once committed);
+            # the peers hear it is complete while it commits
+            self.service.fetched(self.entry.digest)
+            told = self._announce(talk, partial.has(), sched)
             sources = dedupe(sched.sources.get(i, "") for i in range(n))
             from_origins = sum(1 for i in range(n) if sched.sources.get(i) in sched.origins)
             log.info(
@@ -225,7 +228,7 @@ class SwarmFetch:
             )  # fmt: skip
             locations = dedupe([*self.service.self_uris(), *self._holders, *sources])
             stored = partial.commit(source=sources[0] if sources else "swarm", locations=locations)
-            self.service.fetched(stored.digest)
+            cf.wait(told, timeout=2.0)
             return stored
         finally:
             self.avoided = dict(sched.avoided)
@@ -281,11 +284,12 @@ class SwarmFetch:
             return "error", None, str(e)
 
     def _announce(
-        self, talk: cf.ThreadPoolExecutor, have: frozenset[int], sched: PieceScheduler, wait: bool = False
-    ) -> None:
+        self, talk: cf.ThreadPoolExecutor, have: frozenset[int], sched: PieceScheduler
+    ) -> list[cf.Future[None]]:
+        """Tell the peers which pieces are here now; the sends started (coalesced per peer)."""
         me = self._me()
         if not me or not have:
-            return
+            return []
         body = HaveItem(self.entry.digest, me, have, self.count)
         mine = set(self.service.self_uris())
         targets = [
@@ -301,8 +305,7 @@ class SwarmFetch:
                     continue
                 self._announcing.add(uri)
             futs.append(talk.submit(self._tell, uri))
-        if wait:
-            cf.wait(futs, timeout=2.0)
+        return futs
 
     def _tell(self, uri: str) -> None:
         """Send `uri` the newest have for it until none is left (one sender per peer)."""
