@@ -42,8 +42,8 @@ class SwarmLimits:
     # piece streams this node sends at once: few, so each piece lands (and is re-shared) soon
     max_uploads: int = 1
     max_uploads_per_peer: int = 1  # of them to one asking address
-    # a request waits this long for a free upload slot before it is answered
-    # busy: the uplink goes on to the next piece at once instead of idling until a retry
+    # a request waits this long for a free upload slot before 'busy': the uplink goes on to
+    # the next piece at once instead of idling until some asker retries
     upload_wait_s: float = 0.25
 
 
