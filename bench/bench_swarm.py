@@ -113,15 +113,18 @@ def run_n(lab: Any, n: int, repeats: int, key: Any, pub: str, version0: int) -> 
         origin = at[1] + (t1 - t0)  # publish -> stored on h1 (not the swarm's part)
         sent = (lab.tx_bytes(1) - tx0) / size
         lt = link_time(lab, c.digest)
+        load = os.getloadavg()[0]  # the machine's cores are shared by every host (and more)
         if r:  # the first round warms up
-            rounds.append({"spread": spread, "link": lt, "origin": sent, "size": size, "h1": origin})
+            rounds.append(
+                {"spread": spread, "link": lt, "origin": sent, "size": size, "h1": origin, "load": load}
+            )
         print(
             f"  N={n} round {r}: {spread:.2f} s (h1 stored after {origin:.2f} s), link-time {lt:.2f} s, "
-            f"h1 sent {sent:.2f} cards",
+            f"h1 sent {sent:.2f} cards, load average {load:.1f}",
             flush=True,
         )
     wipe(lab, hosts)
-    med = {k: statistics.median(x[k] for x in rounds) for k in ("spread", "link", "origin", "h1")}
+    med = {k: statistics.median(x[k] for x in rounds) for k in ("spread", "link", "origin", "h1", "load")}
     med["lt"] = statistics.median(x["spread"] / x["link"] for x in rounds)
     return {"n": n, "size": rounds[0]["size"], **med}
 
@@ -171,13 +174,13 @@ def _inside(args: argparse.Namespace) -> int:
         )
         print(
             "| N | publish -> on all | of which publish -> on h1 | link-time | on all, in link-times "
-            "| h1 sent, card sizes | vs first N |"
+            "| h1 sent, card sizes | vs first N | load average (1 min) |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in results:
             print(
                 f"| {r['n']} | {r['spread']:.2f} s | {r['h1']:.2f} s | {r['link']:.2f} s | {r['lt']:.2f} "
-                f"| {r['origin']:.2f} | {r['spread'] / results[0]['spread']:.2f}x |"
+                f"| {r['origin']:.2f} | {r['spread'] / results[0]['spread']:.2f}x | {r['load']:.1f} |"
             )
     for s in skipped:
         print(f"skipped {s}")

@@ -215,8 +215,9 @@ class Client:
         return self._action(ACTION_HAVE, item.to_dict())
 
     def do_get(self, ticket: bytes, *, timeout: float) -> flight.FlightStreamReader:
-        """The raw Flight stream of any ticket, no retries (the swarm's piece tickets)."""
-        return self._conn.do_get(flight.Ticket(ticket), self._opts(timeout=timeout))
+        """The raw Flight stream of any ticket, no retries (the swarm's piece tickets), on the data
+        connection: a piece is up to a card batch (4 MiB and more), past the control one's limit."""
+        return self._data().do_get(flight.Ticket(ticket), self._opts(timeout=timeout))
 
     def node_info(self) -> dict[str, Any]:
         info = self._action(ACTION_NODE_INFO)

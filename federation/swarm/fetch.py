@@ -46,6 +46,10 @@ class SwarmConfig:
     fetch_timeout_s: float = 600.0
     announce_every_s: float = 0.05  # haves to peers at most this often
     max_announce: int = 32  # peers told per announcement
+    # a referred piece is asked again as `last` after this many times the median piece time
+    # seen in this fetch (within 0.2 s .. the scheduler's referral_wait_s): whoever got the
+    # piece has said so by then, or its have was lost or is late
+    referral_pieces: float = 3.0
 
 
 class SwarmFetch:
@@ -153,6 +157,9 @@ class SwarmFetch:
         pool = cf.ThreadPoolExecutor(cfg.scheduler.total + 1, thread_name_prefix="ThreadPoolExecutor-swarm")
         futures: dict[cf.Future[tuple[str, Any, str]], Request] = {}
         dirty, last_told = False, 0.0
+        outcomes: dict[str, int] = {}  # how the requests ended (the log line says)
+        began: dict[cf.Future[tuple[str, Any, str]], float] = {}
+        took: list[float] = []  # seconds each piece that came in took
         try:
             while not sched.complete:
                 now = time.monotonic()
@@ -166,7 +173,8 @@ class SwarmFetch:
                     if peer not in me:
                         sched.add_holder(peer, pieces, origin=origin and self._serves(peer))
                 for req in sched.next_requests(now):
-                    futures[pool.submit(self._download, partial, req, timeout)] = req
+                    fut = pool.submit(self._download, partial, req, timeout)
+                    futures[fut], began[fut] = req, now
                 if dirty and now - last_told >= cfg.announce_every_s:
                     self._announce(talk, partial.has(), sched)
                     dirty, last_told = False, now
@@ -185,8 +193,12 @@ class SwarmFetch:
                 for f in done:
                     req = futures.pop(f)
                     outcome, batch, detail = f.result()
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
                     now = time.monotonic()
+                    t_req = began.pop(f, now)
                     if outcome == "ok":
+                        took.append(now - t_req)
+                        sched.referral_wait_s = referral_wait(took, cfg)
                         path, mapped = batch
                         if sched.finished(req, "ok", now) and partial.keep(req.piece, path, mapped):
                             dirty = True
@@ -202,16 +214,22 @@ class SwarmFetch:
             self.avoided = dict(sched.avoided)
             for f in futures:
                 f.cancel()
-            self._announce(talk, partial.has(), sched, wait=True)
+            # a copy serves every asker (from its pieces now, from the store once committed);
+            # the peers hear it is complete while it commits
+            self.service.fetched(self.entry.digest)
+            told = self._announce(talk, partial.has(), sched)
             sources = dedupe(sched.sources.get(i, "") for i in range(n))
             from_origins = sum(1 for i in range(n) if sched.sources.get(i) in sched.origins)
             log.info(
-                "swarm %s: %d pieces from %d holders (%d from origins) in %.2f s; avoided: %s",
+                "swarm %s: %d pieces from %d holders (%d from origins) in %.2f s; requests %s; avoided: %s",
                 self.entry.ref, n, len(sources), from_origins, time.monotonic() - start,
+                " ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
                 ", ".join(sched.avoided) or "none",
             )  # fmt: skip
             locations = dedupe([*self.service.self_uris(), *self._holders, *sources])
-            return partial.commit(source=sources[0] if sources else "swarm", locations=locations)
+            stored = partial.commit(source=sources[0] if sources else "swarm", locations=locations)
+            cf.wait(told, timeout=2.0)
+            return stored
         finally:
             self.avoided = dict(sched.avoided)
             pool.shutdown(wait=False, cancel_futures=True)
@@ -266,11 +284,12 @@ class SwarmFetch:
             return "error", None, str(e)
 
     def _announce(
-        self, talk: cf.ThreadPoolExecutor, have: frozenset[int], sched: PieceScheduler, wait: bool = False
-    ) -> None:
+        self, talk: cf.ThreadPoolExecutor, have: frozenset[int], sched: PieceScheduler
+    ) -> list[cf.Future[None]]:
+        """Tell the peers which pieces are here now; the sends started (coalesced per peer)."""
         me = self._me()
         if not me or not have:
-            return
+            return []
         body = HaveItem(self.entry.digest, me, have, self.count)
         mine = set(self.service.self_uris())
         targets = [
@@ -286,8 +305,7 @@ class SwarmFetch:
                     continue
                 self._announcing.add(uri)
             futs.append(talk.submit(self._tell, uri))
-        if wait:
-            cf.wait(futs, timeout=2.0)
+        return futs
 
     def _tell(self, uri: str) -> None:
         """Send `uri` the newest have for it until none is left (one sender per peer)."""
@@ -327,6 +345,15 @@ def read_pieces(client: Any, ticket: bytes, *, timeout: float, limit: int) -> li
             raise
     except (flight.FlightError, pa.ArrowException) as e:
         raise from_flight_error(e, where) from None
+
+
+def referral_wait(took: Sequence[float], config: SwarmConfig) -> float:
+    """The referral wait for pieces that took `took` seconds each (see SwarmConfig)."""
+    ceiling = config.scheduler.referral_wait_s
+    if not took:
+        return ceiling
+    typical = sorted(took)[len(took) // 2]
+    return min(ceiling, max(min(0.2, ceiling), config.referral_pieces * typical))
 
 
 def wants_swarm(service: SwarmService | None, entry: CatalogEntry, locations: Sequence[str]) -> bool:
@@ -372,4 +399,4 @@ def swarm_fetch(
     return SwarmFetch(service, entry, connect, holders=holders, planned=locations, config=config).run()
 
 
-__all__ = ["SwarmConfig", "SwarmFetch", "read_pieces", "swarm_fetch", "wants_swarm"]
+__all__ = ["SwarmConfig", "SwarmFetch", "read_pieces", "referral_wait", "swarm_fetch", "wants_swarm"]

@@ -9,7 +9,8 @@ sockets; `fetch` applies them).
 - **Bounded**: at most `per_peer` requests in flight to one holder and `total` in all.
 - **Refusals**: a holder that leaves a piece out (it refers the asker elsewhere) is not asked
   for it again for `referral_wait_s`, and then with ``last`` set (it must serve it or is
-  avoided); a busy holder is not asked for anything for `retry_after_s`.
+  avoided); a busy holder is not asked for anything for `retry_after_s`. The fetch shortens
+  the referral wait to a few times what a piece takes (`referral_wait_s` attribute).
 - **Avoided for good** (for the rest of the fetch): a holder that sent a piece that does not
   verify, stalled mid-piece, or left out a piece it was asked for with ``last``; also one that
   failed `max_errors` times otherwise (unreachable).
@@ -28,7 +29,7 @@ OUTCOMES = ("ok", "missing", "busy", "bad", "stall", "error")
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    per_peer: int = 2  # requests in flight to one holder
+    per_peer: int = 1  # requests in flight to one holder (a holder serves one asker one piece at a time)
     total: int = 4  # requests in flight in all
     retry_after_s: float = 0.15  # 'busy' or an error keeps a holder out this long
     # a holder that left a piece out is asked for it again (as its last holder) only after this:
@@ -82,6 +83,8 @@ class PieceScheduler:
         self.errors: dict[str, int] = {}
         self.bad_pieces: list[tuple[str, int, str]] = []  # (peer, piece, outcome) of every refusal for good
         self.sources: dict[int, str] = {}  # piece -> the holder it came from
+        # the referral wait in force: the fetch may shorten it to what pieces take here
+        self.referral_wait_s = self.config.referral_wait_s
 
     # -- holders
     def add_holder(self, peer: str, pieces: Iterable[int], *, origin: bool = False) -> None:
@@ -122,7 +125,7 @@ class PieceScheduler:
         if self.peer_load.get(peer, 0) >= self.config.per_peer or self.busy_until.get(peer, 0.0) > now:
             return False
         t = self.refused.get((peer, piece))
-        return t is None or now - t >= self.config.referral_wait_s
+        return t is None or now - t >= self.referral_wait_s
 
     def _pick_peer(self, piece: int, now: float, exclude: set[str]) -> Request | None:
         holders = [p for p in self.holders_of(piece) if p not in exclude]

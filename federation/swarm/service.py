@@ -8,7 +8,8 @@ A node holding the whole card leaves a piece out of its answer (the asker goes e
 once it is sending or has sent that piece to anyone, unless the ticket is marked ``last``
 (the asker has no other holder left for it): such a ticket is answered 'busy' while the
 piece is on its way to another peer, and served otherwise. So an origin sends each piece about once and the
-fleet sends the copies.
+fleet sends the copies. A node that got the card through the swarm (a copy) serves every
+asker (`fetched`). A request waits up to `upload_wait_s` for a free slot before 'busy'.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ MAX_HOLDERS_PER_DIGEST = 256
 @dataclasses.dataclass(frozen=True)
 class SwarmLimits:
     # piece streams this node sends at once: few, so each piece lands (and is re-shared) soon
-    max_uploads: int = 2
+    max_uploads: int = 1
     max_uploads_per_peer: int = 1  # of them to one asking address
-    upload_wait_s: float = 0.0  # how long a request waits for a free upload slot before 'busy'
+    # a request waits this long for a free upload slot before 'busy': the uplink goes on to
+    # the next piece at once instead of idling until some asker retries
+    upload_wait_s: float = 0.25
 
 
 class _Uploads:
@@ -72,6 +75,9 @@ class SwarmService:
         self._per_peer: dict[str, int] = {}
         self.closed = False  # set by the server's stop: running fetches give up
         self.piece_support: dict[str, bool] = {}  # uri -> whether its health says it serves pieces
+        # cards this node got through the swarm: it serves their pieces to anyone who asks (a copy
+        # in the fleet, not an origin, need not spare its uplink); bounded, oldest forgotten first
+        self._copies: dict[str, None] = {}
         self.served_pieces = 0
         self.referred = 0
         self.forced = 0  # pieces sent again because the asker had no other holder left
@@ -99,6 +105,13 @@ class SwarmService:
             self._partials.pop(digest, None)
             self._fetches.pop(digest, None)
             self._lock.notify_all()
+
+    def fetched(self, digest: str) -> None:
+        """`digest` was stored by a swarm fetch here: its pieces are never referred elsewhere."""
+        with self._lock:
+            self._copies[digest] = None
+            while len(self._copies) > MAX_TRACKED_DIGESTS:
+                self._copies.pop(next(iter(self._copies)))
 
     def fetch_of(self, digest: str) -> Any:
         with self._lock:
@@ -199,9 +212,12 @@ class SwarmService:
     def _refers(self, req: PieceRequest, i: int, complete: bool) -> bool:
         """Whether a complete holder leaves piece `i` out: it is sending it or sent it to another
         peer (the asker goes to whoever got it); never for a ticket marked `last`, which `serve`
-        answers 'busy' instead while the piece is on its way elsewhere. Caller holds the lock."""
+        answers 'busy' instead while the piece is on its way elsewhere, nor for a card this node
+        got through the swarm (only an origin spares its uplink: a copy that referred every
+        asker it had served once would leave the last fetchers waiting on referrals). Caller
+        holds the lock."""
         up = self._uploads.get(req.digest)
-        if not complete or up is None or req.last:
+        if not complete or up is None or req.last or req.digest in self._copies:
             return False
         return bool(up.sending.get(i) or up.sent.get(i))
 
@@ -210,7 +226,7 @@ class SwarmService:
     ) -> tuple[Any, Iterator[Any]]:
         """The (schema, generator of (batch, app_metadata)) answering a piece ticket."""
         full, batch_of, complete = self._card_batches(req.digest, mapped)
-        if req.last and complete:
+        if req.last and complete and req.digest not in self._copies:
             with self._lock:
                 up = self._uploads.get(req.digest)
                 flying = [i for i in req.indexes if up is not None and up.sending.get(i)]

@@ -199,3 +199,20 @@ def test_wire_forms_round_trip_and_refuse_malformed() -> None:
     assert HaveItem.from_dict(item.to_dict()) == item
     with pytest.raises(CardError, match="have body"):
         HaveItem.from_dict({"digest": D, "peer": "nope", "pieces": "00", "count": 3})
+
+
+def test_the_referral_wait_follows_the_piece_times_seen_within_its_bounds() -> None:
+    from loraflight.federation.swarm.fetch import SwarmConfig, referral_wait
+
+    cfg = SwarmConfig(scheduler=SchedulerConfig(referral_wait_s=1.0), referral_pieces=3.0)
+    assert referral_wait([], cfg) == 1.0  # nothing seen yet: the configured wait
+    assert referral_wait([0.1, 0.2, 0.9], cfg) == pytest.approx(0.6)  # 3 x the median
+    assert referral_wait([0.01], cfg) == 0.2  # never below 0.2 s
+    assert referral_wait([2.0], cfg) == 1.0  # never above the configured wait
+    s = sched(2, referral_wait_s=1.0)
+    s.add_holder("a", [0])
+    (req,) = s.next_requests(0.0)
+    s.finished(req, "missing", 0.0)
+    s.referral_wait_s = 0.3
+    assert s.next_requests(0.2) == []
+    assert s.next_requests(0.31) == [Request("a", 0, last=True)]

@@ -122,6 +122,33 @@ def test_a_card_spreads_from_every_holder_and_the_origin_sends_each_piece_about_
     assert sum(sent[1:]) > 0, sent  # and the fetchers served each other
 
 
+def test_pieces_as_big_as_a_writers_travel_over_the_data_connection(fleet: Any) -> None:
+    # a writer's piece is 4 MiB of tensor bytes: past the control connection's message limit
+    f = fleet(3)
+    card = pieced_card(pieces=2, piece_bytes=5 << 20)
+    f.stores[0].add(card, published=True)
+    entry = _listed(f)
+    got = swarm_fetch(f.servers[1].swarm, entry, f.connect(1), locations=[f.uris[0]], config=FAST)
+    assert got.digest == card.digest
+    f.stores[1].get(card.digest).verify()
+    assert f.servers[0].swarm.status()["pieces_sent"].get(card.digest, 0) >= 1  # not fetched whole
+
+
+def test_an_origin_refers_a_piece_it_sent_and_a_copy_serves_it_again(fleet: Any) -> None:
+    f = fleet(4)
+    card = pieced_card(pieces=3)
+    f.stores[0].add(card, published=True)
+    entry = _listed(f)
+    swarm_fetch(f.servers[1].swarm, entry, f.connect(1), locations=[f.uris[0]], config=FAST)
+    ticket = piece_ticket(card.digest, 0, 1)
+    for asker in (2, 3):  # the origin sent every piece once: it leaves piece 0 out
+        assert read_pieces(f.connect(asker)(f.uris[0]), ticket, timeout=5.0, limit=1) == []
+    for asker in (2, 3):  # the copy on server 1 serves it to every asker
+        got = read_pieces(f.connect(asker)(f.uris[1]), ticket, timeout=5.0, limit=1)
+        assert len(got) == 1 and got[0][1].num_rows == 1
+    assert f.servers[1].swarm.status()["referred"] == 0
+
+
 def test_pieces_are_served_while_fetching_and_partial_holders_travel_with_listings(fleet: Any) -> None:
     f = fleet(2)
     card = pieced_card(pieces=4)
