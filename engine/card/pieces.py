@@ -356,7 +356,11 @@ class PieceJob:
         if not self._done.is_set():
             raise CardError("the digest job was cancelled")
         if self._nonfinite:  # names the first module with a NaN or Inf
+            first = min(self._nonfinite)
             check_finite([self._runs[i] for i in sorted(self._nonfinite)], self._header.dtype)
+            raise CardError(  # the values changed under the scan (a file rewritten in place)
+                f"{self._header.ref}: piece {first} of {len(self._tasks)} has NaN or Inf values"
+            )
         if self._bad:
             raise bad_piece_error(self._header, sorted(self._bad))
         return header_digest(self._header)
