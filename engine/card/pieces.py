@@ -31,6 +31,7 @@ from loraflight.errors import CardError
 
 from .batches import BatchRun, ModuleLoRA, batch_run, contiguous, group_rows
 from .header import CardHeader, canonical_json
+from .values import all_finite, check_finite
 
 PIECE_DOMAIN = b"loraflight-piece-v2\x00"
 CARD2_DOMAIN = b"loraflight-card-v2\x00"
@@ -255,6 +256,12 @@ class PieceJob:
     given). Unthreaded (small cards, one core, no idle core, or ``threaded=False``) it hashes
     in the constructor. `result()` raises CardError naming every piece that does not match,
     else returns the digest the header then has. Same interface as `DigestJob`.
+
+    ``finite=True`` (`LoRACard.verify`): whoever hashes a piece also scans its values for
+    NaN/Inf right after (the piece is still in cache), so the value check is shared out over
+    the same threads in the same one-piece steps instead of running on the caller alone
+    first; `result()` then raises the value error (naming the module) before any hash error,
+    as `check_values()` followed by the digest would.
     """
 
     def __init__(
@@ -264,8 +271,12 @@ class PieceJob:
         *,
         threaded: bool | None = None,
         threads: int | None = None,
+        finite: bool = False,
     ) -> None:
         check_layout(header, [len(r.names) for r in runs])
+        self._runs = runs
+        self._finite = finite
+        self._nonfinite: list[int] = []
         first = [p[0] for p in header.pieces]
         self._header = header
         self._tasks = [_run_parts(i, first[i], header.dtype, r) for i, r in enumerate(runs)]
@@ -296,7 +307,10 @@ class PieceJob:
             started.acquire()
             _thread.start_new_thread(self._helper, (started,))
             if k == 0:
-                started.acquire(timeout=0.005)  # hand the GIL over until the first helper hashes
+                # hand the GIL over until the first helper hashes, briefly: on a loaded machine
+                # the helper may not be scheduled for milliseconds, and the caller's own work
+                # (numpy scans, copies) releases the GIL anyway
+                started.acquire(timeout=0.001)
 
     def _helper(self, started: Any) -> None:
         started.release()
@@ -316,6 +330,10 @@ class PieceJob:
             prefix, a, b = tasks[i]
             if hash_parts(prefix, a, b, self._mt) != pieces[i][2]:
                 self._bad.append(i)
+            if self._finite:
+                run, dt = self._runs[i], self._header.dtype
+                if not (all_finite(run.flat_a, dt) and all_finite(run.flat_b, dt)):
+                    self._nonfinite.append(i)
             with self._count_lock:
                 self._hashed += 1
                 if self._hashed == n:
@@ -337,6 +355,12 @@ class PieceJob:
             raise CardError(f"hashing the card failed: {self._error}") from self._error
         if not self._done.is_set():
             raise CardError("the digest job was cancelled")
+        if self._nonfinite:  # names the first module with a NaN or Inf
+            first = min(self._nonfinite)
+            check_finite([self._runs[i] for i in sorted(self._nonfinite)], self._header.dtype)
+            raise CardError(  # the values changed under the scan (a file rewritten in place)
+                f"{self._header.ref}: piece {first} of {len(self._tasks)} has NaN or Inf values"
+            )
         if self._bad:
             raise bad_piece_error(self._header, sorted(self._bad))
         return header_digest(self._header)
