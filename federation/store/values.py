@@ -18,7 +18,7 @@ _WORDS = {"float32": "<u4", "float16": "<u2", "bfloat16": "<u2"}
 
 def finite_bytes(mv: memoryview, dtype: str) -> bool:
     """No NaN/Inf among the values in `mv` (any alignment): the card's own scan
-    (`engine.card.all_finite`: chunked, one small scratch buffer that stays in cache)."""
+    (`engine.card.all_finite`: chunked integer max reductions, no scratch buffer)."""
     return all_finite(np.frombuffer(mv, dtype=_WORDS[dtype]), dtype)
 
 
