@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench._machine import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_LENGTH = 256  # MiniLM's sentence_bert_config.json max_seq_length
@@ -127,14 +129,6 @@ def log_tail(path: Path, lines: int = 3) -> str:
         return ""
     kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return " | ".join(kept[-lines:])
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
 
 
 def versions() -> str:

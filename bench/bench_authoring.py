@@ -18,25 +18,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
+from bench._machine import cpu_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def paired(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, float]:
@@ -200,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
         f"sentence-transformers {sentence_transformers.__version__}; nproc {os.cpu_count()}, "
-        f"threads {args.threads}, CPU {_cpu()}; medians of {args.repeats} alternated runs after {args.warmup} warm-up"
+        f"threads {args.threads}, CPU {cpu_model()}; medians of {args.repeats} alternated runs after {args.warmup} warm-up"
     )
     head = ("measure", "loraflight", "competitor", "speed-up")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]

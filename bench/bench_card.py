@@ -37,6 +37,7 @@ import blake3
 import numpy as np
 import pyarrow as pa
 
+from bench._machine import cpu_model
 from loraflight.engine.card import LoRACard, ModuleLoRA
 from loraflight.errors import CardError
 
@@ -82,12 +83,7 @@ def env_line() -> str:
     import safetensors
     import torch
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (
         f"python {platform.python_version()}, torch {torch.__version__}, pyarrow {pa.__version__}, "
         f"safetensors {safetensors.__version__}, numpy {np.__version__}; nproc {os.cpu_count()}; "

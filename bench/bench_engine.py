@@ -18,7 +18,6 @@ verified-file memo (a card file already verified and unchanged since).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import os
@@ -39,6 +38,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bench._machine import cpu_model  # noqa: E402
 from loraflight.engine import Engine, LoRACard  # noqa: E402
 from loraflight.engine._verify import forget_verified  # noqa: E402
 from loraflight.engine.peft_io import from_peft  # noqa: E402
@@ -140,12 +140,7 @@ def env_line() -> str:
     import peft
     import transformers
 
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     return (
         f"python {platform.python_version()}, torch {torch.__version__}, peft {peft.__version__}, "
         f"transformers {transformers.__version__}; nproc {os.cpu_count()}, torch threads "

@@ -25,14 +25,14 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench._machine import cpu_model, load_average, run_in_lab
+
 SWIM = ("--membership-probe-interval", "0.5")
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -41,22 +41,11 @@ def _machine() -> str:
     import pyarrow
     import zeroconf
 
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (
         f"python {platform.python_version()}, pyarrow {pyarrow.__version__}, zeroconf {zeroconf.__version__}; "
         f"nproc {os.cpu_count()}; CPU {cpu}"
     )
-
-
-def _load() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -140,7 +129,7 @@ def _inside(args: argparse.Namespace) -> int:
     ns = [int(x) for x in args.ns.split(",")]
     key = keys.generate()
     pub = keys.public_key_b64(key.public_key())
-    load_before = _load()
+    load_before = load_average()
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     version = 0
     with tempfile.TemporaryDirectory(prefix="lf-bench-swim-") as d:
@@ -165,7 +154,11 @@ def _inside(args: argparse.Namespace) -> int:
                             for _ in range(args.repeats):
                                 r["leave"].append(leave_time(lab, hosts, ids, pub, swim))
                     rows[(mode, n)] = {k: statistics.median(v) if v else None for k, v in r.items()}
-                    print(f"  {mode} N={n}: {rows[(mode, n)]} (load {_load()})", file=sys.stderr, flush=True)
+                    print(
+                        f"  {mode} N={n}: {rows[(mode, n)]} (load {load_average()})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     _stop_all(lab, hosts)
         except BaseException:
             lab.dump()
@@ -175,7 +168,7 @@ def _inside(args: argparse.Namespace) -> int:
     lo, hi = min(ns), max(ns)
     print(f"\nmembership over N network-namespace hosts (mDNS on veths, no engine), medians; {_machine()}")
     print(
-        f"load average before {load_before}, after {_load()}; window {args.window:.0f} s, {args.repeats} repeats"
+        f"load average before {load_before}, after {load_average()}; window {args.window:.0f} s, {args.repeats} repeats"
     )
     print(
         "\n| N | idle CPU per node, SWIM | idle CPU, every node checks every peer | card on all | killed node leaves all |"
@@ -206,15 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="repeats per measure")
     p.add_argument("--no-baseline", action="store_true", help="skip the membership.enabled = false runs")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("LORAFLIGHT_IN_LAB") == "1":
-        return _inside(args)
-    if os.geteuid() != 0:
-        print("needs root: network namespaces", file=sys.stderr)
-        return 2
-    env = {**os.environ, "LORAFLIGHT_IN_LAB": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    fwd = sys.argv[1:] if argv is None else argv
-    cmd = ["unshare", "-n", "-m", sys.executable, "-m", "bench.bench_membership", *fwd]
-    return subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+    return run_in_lab("bench.bench_membership", argv, lambda: _inside(args))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,18 +28,11 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench._machine import cpu_model, run_in_lab
 
 
 def _machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import pyarrow
     import torch
     import zeroconf
@@ -277,15 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-skill", action="store_true")
     p.add_argument("--skip-big", action="store_true")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("LORAFLIGHT_IN_LAB") == "1":
-        return _inside(args)
-    if os.geteuid() != 0:
-        print("needs root: network namespaces", file=sys.stderr)
-        return 2
-    env = {**os.environ, "LORAFLIGHT_IN_LAB": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    fwd = sys.argv[1:] if argv is None else argv
-    cmd = ["unshare", "-n", "-m", sys.executable, "-m", "bench.bench_propagation", *fwd]
-    return subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+    return run_in_lab("bench.bench_propagation", argv, lambda: _inside(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench._machine import run_in_lab
+
 FLEET = "swarmbench"
 
 
@@ -195,15 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", default="200mbit", help="every host's uplink (tc tbf rate)")
     p.add_argument("--workdir", default="", help="keep the nodes' logs and status files here")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("LORAFLIGHT_IN_LAB") == "1":
-        return _inside(args)
-    if os.geteuid() != 0:
-        print("needs root: network namespaces", file=sys.stderr)
-        return 2
-    env = {**os.environ, "LORAFLIGHT_IN_LAB": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    fwd = sys.argv[1:] if argv is None else argv
-    cmd = ["unshare", "-n", "-m", sys.executable, "-m", "bench.bench_swarm", *fwd]
-    return subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+    return run_in_lab("bench.bench_swarm", argv, lambda: _inside(args))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ deleting a run's directory) happens after the clock stops, for every competitor 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import http.client
 import http.server
@@ -38,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._iperf import iperf3_rate
+from bench._machine import cpu_model
 
 CTX = mp.get_context("spawn")
 
@@ -434,12 +434,7 @@ def run_ratio(runs: dict[str, list[float]], slow: str, fast: str) -> float:
 
 
 def machine() -> str:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     import pyarrow
 
     return (
