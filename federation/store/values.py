@@ -86,30 +86,18 @@ def hash_batch(digest: CardDigest, batch: pa.RecordBatch, dtype: str, check_fini
     modules = cols[0].to_pylist()
     ranks, alphas, fins, fouts = (cols[k].to_pylist() for k in (1, 2, 3, 4))
     size = DTYPES[dtype].itemsize
-    spans = []
-    for k, label in ((5, "lora_a"), (6, "lora_b")):
-        arr = cols[k]
-        obuf = arr.buffers()[1]
-        if obuf is None or obuf.size < (arr.offset + n + 1) * 4:
-            raise CardError(f"{label}: offsets buffer is missing or shorter than the row count")
-        off = np.frombuffer(obuf, dtype="<i4", count=n + 1, offset=arr.offset * 4).astype(np.int64)
-        values = arr.values
-        vbufs = values.buffers()
-        vbuf = vbufs[1] if len(vbufs) > 1 else None
-        vsize = 0 if vbuf is None else vbuf.size
-        base = values.offset * size
-        spans.append((off, vbuf, vsize, base, label))
+    spans = [(*_value_span(cols[k], n, size, label), label) for k, label in ((5, "lora_a"), (6, "lora_b"))]
     for i in range(n):
         r, fi, fo = int(ranks[i]), int(fins[i]), int(fouts[i])
         parts = []
-        for (off, vbuf, vsize, base, label), count in zip(spans, (r * fi, fo * r), strict=True):
-            lo, hi = base + int(off[i]) * size, base + int(off[i + 1]) * size
-            if off[i + 1] - off[i] != count or lo < 0 or hi > vsize or r < 1 or fi < 1 or fo < 1:
+        for (mv, off, label), count in zip(spans, (r * fi, fo * r), strict=True):
+            lo, hi = int(off[i]) * size, int(off[i + 1]) * size
+            if off[i + 1] - off[i] != count or lo < 0 or hi > len(mv) or r < 1 or fi < 1 or fo < 1:
                 raise CardError(
                     f"module {modules[i]!r}: {label} holds {int(off[i + 1] - off[i])} values for shape "
                     f"needing {count}, or points outside its buffer (corrupt batch)"
                 )
-            parts.append(memoryview(vbuf)[lo:hi] if vbuf is not None else memoryview(b""))
+            parts.append(mv[lo:hi])
         if check_finite:
             for label, part in zip(("lora_a", "lora_b"), parts, strict=True):
                 if not finite_bytes(part, dtype):
