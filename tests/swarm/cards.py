@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
-from loraflight.engine.card import LoRACard, ModuleLoRA, header_digest
+from loraflight.engine.card import LoRACard, header_digest
 from loraflight.engine.card.batches import to_batches
 from loraflight.engine.card.pieces import pieces_of
+from loraflight.testing import make_card
 
 
 def pieced_card(
@@ -23,22 +22,10 @@ def pieced_card(
     base_model: str | None = "tiny-base",
 ) -> LoRACard:
     """A float32 card of `pieces` pieces (one module each) of about `piece_bytes` tensor bytes."""
-    rng = np.random.default_rng(seed + 1000 * version)
-    rank = 4
-    feat = max(piece_bytes // (2 * rank * 4), 1)
-    mods = [
-        ModuleLoRA(
-            f"layers.{i}.proj",
-            rank,
-            8.0,
-            rng.standard_normal((rank, feat), dtype=np.float32),
-            rng.standard_normal((feat, rank), dtype=np.float32),
-        )
-        for i in range(pieces)
-    ]
-    plain = LoRACard.build(
-        mods, name=name, version=version, base_model=base_model, created="2026-01-01T00:00:00Z"
+    plain = make_card(
+        name, version, nbytes=piece_bytes * pieces, modules=pieces, seed=seed, base_model=base_model
     )
+    mods = plain.modules
     groups = [[m] for m in mods]
     header = dataclasses.replace(plain.header, pieces=pieces_of(groups, "float32"), digest="")
     header = dataclasses.replace(header, digest=header_digest(header))
