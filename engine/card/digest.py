@@ -14,7 +14,7 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -105,70 +105,59 @@ def digest_pieces(header: CardHeader, modules: Sequence[ModuleLoRA]) -> tuple[li
     zero-copy byte views of each row's A and B, so the stream is hashed (or gathered) without
     copying a tensor.
     """
-    head = canonical_json(header.signed_part())
-    dt = header.dtype.encode()
-    pre: list[bytes] = [_DIGEST_DOMAIN, struct.pack("<Q", len(head)), head, struct.pack("<Q", len(modules))]
-    pieces: list[Any] = []
-    total = 0
-    pack_row = struct.Struct("<IdQQB").pack
-    pack_u32 = struct.Struct("<I").pack
-    pack_u64 = struct.Struct("<Q").pack
-    for m in modules:
-        name = m.module.encode()
-        a = contiguous(m.a).data.cast("B")
-        b = contiguous(m.b).data.cast("B")
-        pre += (
-            pack_u32(len(name)),
-            name,
-            pack_row(m.rank, m.alpha, m.in_features, m.out_features, len(dt)),
-            dt,
-            pack_u64(a.nbytes),
+    rows = (
+        (
+            m.module,
+            m.rank,
+            m.alpha,
+            m.in_features,
+            m.out_features,
+            contiguous(m.a).data.cast("B"),
+            contiguous(m.b).data.cast("B"),
         )
-        small = b"".join(pre)
-        mid = pack_u64(b.nbytes)
-        pieces += (small, a, mid, b)
-        total += len(small) + a.nbytes + len(mid) + b.nbytes
-        pre = []
-    if pre:  # a card without rows (never valid, but hashable)
-        small = b"".join(pre)
-        pieces.append(small)
-        total += len(small)
-    return pieces, total
+        for m in modules
+    )
+    return _stream_pieces(header, len(modules), rows)
 
 
 def run_pieces(header: CardHeader, runs: Sequence[BatchRun]) -> tuple[list[Any], int]:
     """`digest_pieces` from a card's batch runs: byte slices of each batch's flat arrays."""
+
+    def rows() -> Iterator[tuple[str, int, float, int, int, memoryview, memoryview]]:
+        for run in runs:
+            mva = contiguous(run.flat_a).data.cast("B")
+            mvb = contiguous(run.flat_b).data.cast("B")
+            isz = run.flat_a.itemsize
+            oa, ob = run.oa, run.ob
+            for i, name in enumerate(run.names):
+                a = mva[oa[i] * isz : oa[i + 1] * isz]
+                b = mvb[ob[i] * isz : ob[i + 1] * isz]
+                yield name, run.ranks[i], run.alphas[i], run.fins[i], run.fouts[i], a, b
+
+    return _stream_pieces(header, sum(len(r.names) for r in runs), rows())
+
+
+def _stream_pieces(
+    header: CardHeader, n: int, rows: Iterable[tuple[str, int, float, int, int, memoryview, memoryview]]
+) -> tuple[list[Any], int]:
+    """The one framing of the digest stream over (name, rank, alpha, in, out, A bytes, B bytes)."""
     head = canonical_json(header.signed_part())
     dt = header.dtype.encode()
-    n = sum(len(r.names) for r in runs)
     pre: list[bytes] = [_DIGEST_DOMAIN, struct.pack("<Q", len(head)), head, struct.pack("<Q", n)]
     pieces: list[Any] = []
     total = 0
     pack_row = struct.Struct("<IdQQB").pack
     pack_u32 = struct.Struct("<I").pack
     pack_u64 = struct.Struct("<Q").pack
-    for run in runs:
-        mva = contiguous(run.flat_a).data.cast("B")
-        mvb = contiguous(run.flat_b).data.cast("B")
-        isz = run.flat_a.itemsize
-        oa, ob = run.oa, run.ob
-        for i, name in enumerate(run.names):
-            nb = name.encode()
-            a = mva[oa[i] * isz : oa[i + 1] * isz]
-            b = mvb[ob[i] * isz : ob[i + 1] * isz]
-            pre += (
-                pack_u32(len(nb)),
-                nb,
-                pack_row(run.ranks[i], run.alphas[i], run.fins[i], run.fouts[i], len(dt)),
-                dt,
-                pack_u64(a.nbytes),
-            )
-            small = b"".join(pre)
-            mid = pack_u64(b.nbytes)
-            pieces += (small, a, mid, b)
-            total += len(small) + a.nbytes + len(mid) + b.nbytes
-            pre = []
-    if pre:
+    for name, rank, alpha, fin, fout, a, b in rows:
+        nb = name.encode()
+        pre += (pack_u32(len(nb)), nb, pack_row(rank, alpha, fin, fout, len(dt)), dt, pack_u64(a.nbytes))
+        small = b"".join(pre)
+        mid = pack_u64(b.nbytes)
+        pieces += (small, a, mid, b)
+        total += len(small) + a.nbytes + len(mid) + b.nbytes
+        pre = []
+    if pre:  # a card without rows (never valid, but hashable)
         small = b"".join(pre)
         pieces.append(small)
         total += len(small)
