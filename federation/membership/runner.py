@@ -9,8 +9,9 @@ to the node's `PeerTable`.
   health call (which also notes the peer's catalog epoch, so a higher one triggers a sync from
   it), and a member SWIM declares dead or departed is dropped there. Gossip about a node's epoch
   is recorded the same way when that node is a confirmed live peer, so sync is driven by gossip.
-* Trust: news is applied only from a confirmed peer of this fleet, and (when its addresses are
-  IP literals) only when the call comes from one of them. A member heard of only by gossip is
+* Trust: news is applied only from a peer of this fleet the table believes (`PeerTable.believes`:
+  confirmed, or an mDNS peer in an open fleet), and (when its addresses are IP literals) only
+  when the call comes from one of them; the same holds for serving a ping-req. A member heard of only by gossip is
   handed to the peer table as an unconfirmed address; it becomes a sync source only once the
   table confirms it.
 * A peer whose server does not know the actions (an older node) is checked by `health` in the
@@ -196,16 +197,35 @@ class Membership:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
+        """One period every `probe_interval`; between periods, wake when a suspicion runs out, so a
+        dead verdict does not wait for the next period."""
         interval = self.settings.params.probe_interval
         next_sync = time.monotonic() + self.settings.sync_interval * self._rng.random()
-        while not self._stop.wait(interval):
+        next_period = time.monotonic() + interval
+        while True:
+            with self._lock:
+                expiry = self.swim.next_expiry()
+            wake = next_period if expiry is None else min(next_period, expiry)
+            if self._stop.wait(max(0.0, wake - time.monotonic())):
+                return
             try:
+                if time.monotonic() < next_period:
+                    self.expire()
+                    continue
+                next_period = max(next_period + interval, time.monotonic() + interval / 2)
                 self.period()
                 if time.monotonic() >= next_sync:
                     next_sync = time.monotonic() + self.settings.sync_interval
                     self._submit(self.anti_entropy)
             except Exception:  # one bad period must not end membership for good
                 log.exception("membership period failed; trying again next period")
+
+    def expire(self) -> None:
+        """Suspicions that ran out become dead verdicts now (between periods)."""
+        with self._lock:
+            self.swim.tick()
+            events = self._drain()
+        self._apply(events)
 
     def period(self) -> None:
         rejoin: list[str] = []
@@ -405,12 +425,12 @@ class Membership:
     # ------------------------------------------------------------------ server side
 
     def _trusted(self, msg: Message, caller: str) -> Peer | None:
-        """The sender's peer entry when its news may be believed (confirmed, same fleet, and
-        calling from one of its addresses when those are IP literals)."""
+        """The sender's peer entry when its news may be believed (believed by the peer table, same
+        fleet, and calling from one of its addresses when those are IP literals)."""
         if msg.fleet != self.fleet:
             return None
         peer = self.peers.get(msg.sender)
-        if peer is None or not peer.confirmed:
+        if peer is None or not self.peers.believes(peer):
             return None
         host = _ip(caller_host(caller))
         ips = [_ip(urlsplit(u).hostname or "") for u in peer.uris]
@@ -449,7 +469,7 @@ class Membership:
             return False
         try:
             peer = self.peers.get(target)
-            if peer is None or not peer.confirmed:
+            if peer is None or not self.peers.believes(peer):
                 return False  # only members we know ourselves: never a probe of any address
             return self._ping(target) is not None
         finally:

@@ -219,6 +219,11 @@ class Swim:
         p = self.params
         return p.suspicion_mult * max(1.0, math.log10(n)) * p.probe_interval
 
+    def next_expiry(self) -> float | None:
+        """When the first suspect's suspicion runs out (clock time), or None without suspects."""
+        since = [m.since for m in self.members.values() if m.state == SUSPECT]
+        return min(since) + self.suspicion_timeout() if since else None
+
     def tick(self) -> None:
         """Suspects past the suspicion timeout are dead; long-dead members are forgotten."""
         now = self.clock()

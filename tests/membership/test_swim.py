@@ -228,3 +228,19 @@ def test_offer_reports_a_member_held_dead_so_the_caller_can_let_it_refute() -> N
     assert s.offer("x", "grpc://x:1") is True
     msg = s.message("x")
     assert msg["news"][0] == {"k": DEAD, "n": "x", "i": 0, "u": "grpc://x:1"}
+
+
+def test_next_expiry_is_when_the_first_suspicion_runs_out() -> None:
+    f = Fleet(4)
+    f.introduce_all()
+    a = f.nodes["n00"]
+    assert a.next_expiry() is None  # nobody suspected: nothing to wake for
+    a.probe_failed("n01")
+    first = f.clock.now
+    f.clock.now += 0.3
+    a.probe_failed("n02")
+    assert a.next_expiry() == pytest.approx(first + a.suspicion_timeout())
+    f.clock.now = first + a.suspicion_timeout()
+    a.tick()
+    assert a.members["n01"].state == DEAD and a.members["n02"].state == SUSPECT
+    assert a.next_expiry() == pytest.approx(first + 0.3 + a.suspicion_timeout())
