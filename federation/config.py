@@ -197,6 +197,9 @@ class MembershipConfig:
     fanout: int = _f(3, "members that news is pushed to per period, and that a catalog change is notified to")
     suspicion_mult: float = _f(4.0, "a suspect is dead after this * max(1, log10 N) * probe_interval seconds")
     retransmit_mult: int = _f(4, "each news item is piggybacked this * ceil(log10(N + 1)) times")
+    gossip_interval: float = _f(
+        0.2, "seconds between gossip rounds (fanout members) while news waits, between periods"
+    )
     sync_interval: float = _f(
         10.0, "anti-entropy: seconds between member-list and epoch exchanges with one random member"
     )

@@ -3,7 +3,8 @@ to the node's `PeerTable`.
 
 * ``lf-swim`` runs one protocol period every `probe_interval`: refresh the member list from the
   peer table's confirmed live peers, probe (`swim-ping`; no answer: `swim-ping-req` through a few
-  others), push waiting news to `fanout` members, and every `sync_interval` one anti-entropy
+  others), push waiting news to `fanout` members (and again every `gossip_interval` between
+  periods while news waits, as memberlist's gossip timer), and every `sync_interval` one anti-entropy
   exchange (`swim-sync`) with one random member.
 * The peer table stays the one record the node reads: an answer is recorded as a successful
   health call (which also notes the peer's catalog epoch, so a higher one triggers a sync from
@@ -44,6 +45,7 @@ from .wire import ACTION_PING, ACTION_PING_REQ, ACTION_SYNC, Message, parse_mess
 log = logging.getLogger("loraflight.federation.membership")
 
 MAX_PING_REQS = 8  # ping-reqs this node serves at once; more are answered "no ack" at once
+LEGACY_RETRY_S = 60.0  # a peer that did not know the actions is asked again after this long
 ItemHandler = Callable[[News], None]
 
 
@@ -117,7 +119,9 @@ class Membership:
             may_probe=self._may_probe,
         )
         self._lock = threading.Lock()  # guards self.swim; never held during a call
-        self._legacy: set[str] = set()  # peers without the actions: the peer loop checks them
+        # peers without the actions (when we learnt it): the peer loop checks them, and they are
+        # asked again after LEGACY_RETRY_S (an older node may be upgraded and restarted)
+        self._legacy: dict[str, float] = {}
         self._inflight: set[str] = set()
         self._seen_version = -1
         self._gossiped: set[str] = set()  # addresses heard of only by gossip (never a sync source)
@@ -135,13 +139,19 @@ class Membership:
         """Does SWIM check this peer's liveness (the peer loop then skips its health calls)? Yes
         for a confirmed live peer SWIM holds alive or suspect; the peer loop checks the rest (a
         peer the table holds live that SWIM holds dead or gone, too, until one of them yields)."""
-        if (
-            not (peer.node_id and peer.state == LIVE and self.peers.believes(peer))
-            or peer.node_id in self._legacy
+        if not (peer.node_id and peer.state == LIVE and self.peers.believes(peer)) or self._is_legacy(
+            peer.node_id or ""
         ):
             return False
         m = self.swim.members.get(peer.node_id)
         return m is not None and m.state in PROBE_STATES
+
+    def _is_legacy(self, node_id: str) -> bool:
+        since = self._legacy.get(node_id)
+        if since is not None and time.monotonic() - since >= LEGACY_RETRY_S:
+            self._legacy.pop(node_id, None)
+            return False
+        return since is not None
 
     def may_sync(self, peer: Peer) -> bool:
         """May the node sync from this peer? Not while it is unconfirmed and known only from an
@@ -197,28 +207,48 @@ class Membership:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        """One period every `probe_interval`; between periods, wake when a suspicion runs out, so a
-        dead verdict does not wait for the next period."""
+        """One period every `probe_interval`; between periods, a gossip round every
+        `gossip_interval` while news waits, and a wake when a suspicion runs out (a dead verdict
+        does not wait for the next period)."""
         interval = self.settings.params.probe_interval
-        next_sync = time.monotonic() + self.settings.sync_interval * self._rng.random()
-        next_period = time.monotonic() + interval
+        gossip_every = min(self.settings.gossip_interval, interval)
+        now = time.monotonic()
+        next_sync = now + self.settings.sync_interval * self._rng.random()
+        next_period, next_gossip = now + interval, now + gossip_every
         while True:
             with self._lock:
                 expiry = self.swim.next_expiry()
-            wake = next_period if expiry is None else min(next_period, expiry)
+                news = len(self.swim.queue) > 0
+            wake = min(
+                next_period,
+                expiry if expiry is not None else next_period,
+                next_gossip if news else next_period,
+            )
             if self._stop.wait(max(0.0, wake - time.monotonic())):
                 return
             try:
-                if time.monotonic() < next_period:
-                    self.expire()
+                now = time.monotonic()
+                if now >= next_period:
+                    next_period = max(next_period + interval, now + interval / 2)
+                    next_gossip = now + gossip_every
+                    self.period()
+                    if time.monotonic() >= next_sync:
+                        next_sync = time.monotonic() + self.settings.sync_interval
+                        self._submit(self.anti_entropy)
                     continue
-                next_period = max(next_period + interval, time.monotonic() + interval / 2)
-                self.period()
-                if time.monotonic() >= next_sync:
-                    next_sync = time.monotonic() + self.settings.sync_interval
-                    self._submit(self.anti_entropy)
+                if news and now >= next_gossip:
+                    next_gossip = now + gossip_every
+                    self.gossip()
+                self.expire()
             except Exception:  # one bad period must not end membership for good
                 log.exception("membership period failed; trying again next period")
+
+    def gossip(self) -> None:
+        """A gossip round between periods: ping `fanout` random members with the waiting news."""
+        with self._lock:
+            targets = self.swim.gossip_targets([])
+        for n in targets:
+            self._submit(self.probe, n, False)
 
     def expire(self) -> None:
         """Suspicions that ran out become dead verdicts now (between periods)."""
@@ -232,7 +262,9 @@ class Membership:
         with self._lock:
             self.swim.uri = self._uri()
             for p in self._confirmed_live():
-                if p.node_id not in self._legacy and self.swim.offer(p.node_id or "", _peer_uri(p), p.epoch):
+                if not self._is_legacy(p.node_id or "") and self.swim.offer(
+                    p.node_id or "", _peer_uri(p), p.epoch
+                ):
                     rejoin.append(p.node_id or "")
             self.swim.tick()
             targets = self.swim.probe_targets()
@@ -291,7 +323,7 @@ class Membership:
         except CardError as e:
             if "unknown action" in str(e):
                 log.info("peer %s does not speak SWIM; checking it by health calls", node_id)
-                self._legacy.add(node_id)
+                self._legacy[node_id] = time.monotonic()
             return None
         except (LoraflightError, OSError, ValueError) as e:
             log.debug("swim-ping %s (%s) failed: %s", node_id, uri, e)
@@ -308,7 +340,7 @@ class Membership:
                 return
             self._inflight.add(node_id)
         try:
-            if self._ping(node_id) is not None or not indirect or node_id in self._legacy:
+            if self._ping(node_id) is not None or not indirect or self._is_legacy(node_id):
                 return
             with self._lock:
                 helpers = self.swim.helpers_for(node_id)
@@ -452,6 +484,7 @@ class Membership:
         if kind == ACTION_PING_REQ:
             extra["ack"] = self._serve_ping_req(msg.target) if peer is not None else False
         with self._lock:
+            self.swim.uri = self.swim.uri or self._uri()  # called before our first period
             self.swim.receive(msg, peer is not None)
             if kind == ACTION_SYNC:
                 extra.update(self.swim.digest())
@@ -487,6 +520,7 @@ def membership_action(m: Membership | None, kind: str, body: bytes, caller: str)
 
 
 __all__ = [
+    "LEGACY_RETRY_S",
     "MAX_PING_REQS",
     "ItemHandler",
     "Membership",

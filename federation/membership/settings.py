@@ -15,13 +15,14 @@ class Settings:
     params: SwimParams
     probe_timeout: float  # one ping, seconds
     sync_interval: float  # anti-entropy, seconds
+    gossip_interval: float = 0.2  # gossip rounds between periods while news waits, seconds
 
 
 def problems(cfg: Any) -> list[str]:
     """Every problem in the `membership.*` keys of a NodeConfig (empty when they are valid)."""
     m = cfg.membership
     p: list[str] = []
-    for name in ("probe_interval", "sync_interval", "suspicion_mult"):
+    for name in ("probe_interval", "sync_interval", "gossip_interval", "suspicion_mult"):
         v = getattr(m, name)
         if not 0 < v <= 86400:
             p.append(f"membership.{name}: {v} must be > 0 and at most 86400")
@@ -54,7 +55,7 @@ def settings(cfg: Any) -> Settings:
         retransmit_mult=m.retransmit_mult,
     )
     timeout = m.probe_timeout or cfg.intervals.health_timeout
-    return Settings(params, min(timeout, max(0.05, m.probe_interval)), m.sync_interval)
+    return Settings(params, min(timeout, max(0.05, m.probe_interval)), m.sync_interval, m.gossip_interval)
 
 
 __all__ = ["Settings", "problems", "settings"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, TypeVar
 
 from loraflight.errors import ConfigError, LoraflightError, TrustError
 
@@ -42,6 +42,8 @@ from ..store import Store
 from ..token_files import read_fleet_secret
 from ..uris import canonical_uri, dial_uri
 from .hotload import trust_refusal
+
+C = TypeVar("C", bound=Client)
 
 log = logging.getLogger("loraflight.federation.node")
 
@@ -97,15 +99,16 @@ class PeerGate:
 
     # -- calls this node makes
 
-    def client(self, uri: str, timeout: float, *, retries: int = 0) -> Client:
-        """Every call this node makes to a peer goes through here: the one rule for TLS and token."""
+    def client(self, uri: str, timeout: float, *, retries: int = 0, cls: type[C] = Client) -> C:  # type: ignore[assignment]
+        """Every call this node makes to a peer goes through here: the one rule for TLS and token
+        (`cls`: a `Client` subclass, e.g. the membership's `SwimClient`)."""
         dial = dial_uri(uri, tls=self.dial_tls)
         tls = self.client_tls if dial.startswith("grpc+tls") else None
         token = self.config.tokens.peer or None
         peers = self._peers()
         if token and not ((peers is not None and peers.vetted(dial)) or (tls is not None and self.fleet_ca)):
             token = None
-        return Client(dial, token, tls, timeout, retries=retries)
+        return cls(dial, token, tls, timeout, retries=retries)
 
     def prove(self, client: Client, node_id: str) -> str:
         """What a peer that just answered `health` as `node_id` proves: "ca" (TLS, fleet CA),

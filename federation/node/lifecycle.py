@@ -221,6 +221,21 @@ class Node:
             on_event=self._on_peer_event,
             open_fleet=self.gate.open_fleet,
         )
+        if cfg.membership.enabled:
+            # SWIM probes, gossip and anti-entropy (federation/membership). Made before the server
+            # answers anything: a peer pinging in the start-up window would otherwise be told
+            # "membership is off" and check this node by health calls from then on.
+            self.membership = Membership(
+                settings(cfg),
+                self_id=self.identity.node_id,
+                fleet=cfg.fleet,
+                peers=self.peers,
+                uri=lambda: self.server.location if self.server else "",
+                epoch=self.store.epoch,
+                client=lambda uri, t: self.gate.client(uri, t, retries=0, cls=SwimClient),
+                stop=self._stop,
+                on_change=lambda: loops.submit_quietly(self._pool, self.write_status),
+            )
         # Before the server: a card published while the model loads is queued for the events loop.
         self._unsubscribe = self.store.subscribe(self._on_store_event)
         listen_port = urlsplit(cfg.listen).port or 0
@@ -312,24 +327,6 @@ class Node:
                 self.discovery = None
         if self._loader is not None:
             self._loader.load_existing()
-        if cfg.membership.enabled:  # SWIM probes, gossip and anti-entropy (federation/membership)
-            self.membership = Membership(
-                settings(cfg),
-                self_id=self.identity.node_id,
-                fleet=cfg.fleet,
-                peers=self.peers,
-                uri=lambda: self.server.location if self.server else "",
-                epoch=self.store.epoch,
-                client=lambda uri, t: SwimClient(
-                    uri,
-                    cfg.tokens.peer or None,
-                    self._client_tls if uri.startswith("grpc+tls") else None,
-                    t,
-                    retries=0,
-                ),
-                stop=self._stop,
-                on_change=lambda: loops.submit_quietly(self._pool, self.write_status),
-            )
         peer_loop = loops.PeerLoop(
             cfg,
             self.peers,
