@@ -218,12 +218,8 @@ class Membership:
         while True:
             with self._lock:
                 expiry = self.swim.next_expiry()
-                news = len(self.swim.queue) > 0
-            wake = min(
-                next_period,
-                expiry if expiry is not None else next_period,
-                next_gossip if news else next_period,
-            )
+            # news can arrive at any time (a probe thread's verdict, a call): look every gossip tick
+            wake = min(next_period, next_gossip, expiry if expiry is not None else next_period)
             if self._stop.wait(max(0.0, wake - time.monotonic())):
                 return
             try:
@@ -236,7 +232,7 @@ class Membership:
                         next_sync = time.monotonic() + self.settings.sync_interval
                         self._submit(self.anti_entropy)
                     continue
-                if news and now >= next_gossip:
+                if now >= next_gossip:
                     next_gossip = now + gossip_every
                     self.gossip()
                 self.expire()
@@ -244,7 +240,8 @@ class Membership:
                 log.exception("membership period failed; trying again next period")
 
     def gossip(self) -> None:
-        """A gossip round between periods: ping `fanout` random members with the waiting news."""
+        """A gossip round between periods: ping `fanout` random members with the waiting news
+        (nothing when no news waits)."""
         with self._lock:
             targets = self.swim.gossip_targets([])
         for n in targets:
