@@ -173,7 +173,11 @@ def _inside(args: argparse.Namespace) -> int:
                         if n in (min(ns), max(ns)):
                             for _ in range(args.repeats):
                                 r["leave"].append(leave_time(lab, hosts, ids, pub, swim))
-                                print(f"  {mode} N={n}: leave {r['leave'][-1]:.2f} s", file=sys.stderr, flush=True)
+                                print(
+                                    f"  {mode} N={n}: leave {r['leave'][-1]:.2f} s",
+                                    file=sys.stderr,
+                                    flush=True,
+                                )
                     rows[(mode, n)] = {k: statistics.median(v) if v else None for k, v in r.items()}
                     print(
                         f"  {mode} N={n}: {rows[(mode, n)]} (load {load_average()})",
