@@ -44,6 +44,9 @@ class News:
     topic: str = ""  # ITEM only
     key: str = ""  # ITEM only
     value: Any = field(default=None, compare=False)  # ITEM only: small JSON value
+    # SUSPECT only: how long the sender has held the suspicion, ms (filled in when sent), so
+    # every member's suspicion runs out at about the same time as the first suspector's
+    age_ms: int = field(default=0, compare=False)
 
     @property
     def subject(self) -> tuple[str, ...]:
@@ -60,6 +63,8 @@ class News:
             out["u"] = self.uri
         if self.kind == ITEM:
             out.update(t=self.topic, key=self.key, v=self.value)
+        if self.kind == SUSPECT and self.age_ms > 0:
+            out["a"] = self.age_ms
         return out
 
 
@@ -82,6 +87,11 @@ def news_from_wire(d: Any, what: str = "news item") -> News:
         raise PeerError(f"{what}: 'i' must be an integer in 0..2^62")
     node = _text(d, "n", MAX_ID, what)
     uri = _text(d, "u", MAX_URI, what, required=kind == ALIVE)
+    if kind == SUSPECT:
+        age = d.get("a", 0)
+        if not isinstance(age, int) or isinstance(age, bool) or not 0 <= age < MAX_INT:
+            raise PeerError(f"{what}: 'a' (suspected for, ms) must be an integer in 0..2^62")
+        return News(kind, node, num, uri, age_ms=age)
     if kind != ITEM:
         return News(kind, node, num, uri)
     value = d.get("v")

@@ -9,7 +9,9 @@ network drive it in the tests.
   periods). A member that does not answer is probed indirectly through `indirect` others
   (ping-req); if none of them reaches it either, it is *suspect*.
 * A suspect that does not refute within `suspicion_mult * max(1, log10 N) * probe_interval`
-  seconds is *dead*. A member refutes by raising its incarnation above the one it is suspected
+  seconds is *dead*. A suspicion travels with its age (how long the sender has held it), so
+  every member's runs out at about the time the first suspector's does, instead of each
+  member's timer starting when the news reached it. A member refutes by raising its incarnation above the one it is suspected
   (or declared dead) at and gossiping *alive*; a restarted node starts with an incarnation
   above anything the fleet holds for it (the runner derives it from the boot time).
 * News (member states, catalog epochs, generic items) rides on every ping and ack (at most
@@ -246,6 +248,7 @@ class Swim:
             news.append(News(m.state, m.node_id, m.incarnation, m.uri))
         n = sum(1 for x in self.members.values() if x.state in PROBE_STATES) + 1
         news += [x for x in self.queue.take(n, self.params.max_news - len(news)) if x not in news]
+        news = [self._aged(x) for x in news]
         return {
             "from": self.self_id,
             "inc": self.incarnation,
@@ -254,6 +257,16 @@ class Swim:
             "news": [x.to_wire() for x in news],
             **extra,
         }
+
+    def _aged(self, item: News) -> News:
+        """A suspicion as sent: with how long this node has held it (when it still does)."""
+        if item.kind != SUSPECT:
+            return item
+        m = self.members.get(item.node)
+        if m is None or m.state != SUSPECT or m.incarnation != item.number:
+            return item
+        age = max(0, int((self.clock() - m.since) * 1000))
+        return News(SUSPECT, item.node, item.number, item.uri, age_ms=age)
 
     def receive(self, msg: Message, trusted: bool) -> None:
         """Apply what a message says, when its sender is trusted (else nothing)."""
@@ -320,6 +333,8 @@ class Swim:
                 self.events.append(("joined", item.node, item.uri))
             return
         if not newer(item, News(m.state, m.node_id, m.incarnation)):
+            if item.kind == SUSPECT and m.state == SUSPECT and item.number == m.incarnation:
+                m.since = min(m.since, self._suspected_since(item))  # someone suspected it earlier
             return
         was = m.state
         m.incarnation = item.number
@@ -328,9 +343,14 @@ class Swim:
             m.uri = item.uri
         if item.kind != was:
             m.state = item.kind
-            m.since = self.clock()
+            m.since = self._suspected_since(item) if item.kind == SUSPECT else self.clock()
             self.events.append((item.kind, item.node, was))
         self.queue.add(News(item.kind, item.node, item.number, m.uri if item.kind == ALIVE else ""))
+
+    def _suspected_since(self, item: News) -> float:
+        """When a suspicion began, by our clock: now less its age, the age capped at the
+        suspicion timeout (a larger one says no more than "dead now", which a member may say)."""
+        return self.clock() - min(item.age_ms / 1000, self.suspicion_timeout())
 
     def _about_me(self, item: News) -> None:
         claim = item.kind in MEMBER_KINDS and item.kind != ALIVE

@@ -244,3 +244,34 @@ def test_next_expiry_is_when_the_first_suspicion_runs_out() -> None:
     a.tick()
     assert a.members["n01"].state == DEAD and a.members["n02"].state == SUSPECT
     assert a.next_expiry() == pytest.approx(first + 0.3 + a.suspicion_timeout())
+
+
+def test_a_suspicion_travels_with_its_age_so_it_runs_out_everywhere_at_once() -> None:
+    f = Fleet(4)
+    f.introduce_all()
+    a, b = f.nodes["n00"], f.nodes["n02"]
+    a.probe_failed("n01")
+    f.clock.now += 1.5  # a has held the suspicion 1.5 s when it tells b
+    wire = json.loads(json.dumps(a.message("n02")))
+    sent = [x for x in wire["news"] if x["k"] == SUSPECT and x["n"] == "n01"]
+    assert sent and sent[0]["a"] == 1500
+    b.receive(parse_message(json.dumps(wire).encode()), True)
+    assert b.members["n01"].state == SUSPECT
+    assert b.next_expiry() == pytest.approx(a.next_expiry())
+    # an age past the suspicion timeout says no more than "dead now"
+    c = f.nodes["n03"]
+    wire["news"] = [{**sent[0], "a": 10**12}]
+    c.receive(parse_message(json.dumps(wire).encode()), True)
+    assert c.next_expiry() == pytest.approx(f.clock.now)
+
+
+def test_suspicion_age_must_be_a_non_negative_integer() -> None:
+    body = {
+        "from": "x",
+        "inc": 1,
+        "uri": "grpc://x:1",
+        "epoch": 0,
+        "news": [{"k": SUSPECT, "n": "y", "i": 0, "a": -5}],
+    }
+    with pytest.raises(PeerError, match="'a'"):
+        parse_message(json.dumps(body).encode())
