@@ -225,6 +225,7 @@ class Node:
             # SWIM probes, gossip and anti-entropy (federation/membership). Made before the server
             # answers anything: a peer pinging in the start-up window would otherwise be told
             # "membership is off" and check this node by health calls from then on.
+            gate = self.gate
             self.membership = Membership(
                 settings(cfg),
                 self_id=self.identity.node_id,
@@ -232,7 +233,7 @@ class Node:
                 peers=self.peers,
                 uri=lambda: self.server.location if self.server else "",
                 epoch=self.store.epoch,
-                client=lambda uri, t: self.gate.client(uri, t, retries=0, cls=SwimClient),
+                client=lambda uri, t: gate.client(uri, t, retries=0, cls=SwimClient),
                 stop=self._stop,
                 on_change=lambda: loops.submit_quietly(self._pool, self.write_status),
             )
