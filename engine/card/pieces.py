@@ -31,7 +31,7 @@ from loraflight.errors import CardError
 
 from .batches import BatchRun, ModuleLoRA, batch_run, contiguous, group_rows
 from .header import CardHeader, canonical_json
-from .values import all_finite, check_finite
+from .values import FiniteScan, all_finite, check_finite
 
 PIECE_DOMAIN = b"loraflight-piece-v2\x00"
 CARD2_DOMAIN = b"loraflight-card-v2\x00"
@@ -92,6 +92,25 @@ def hash_parts(prefix: bytes, a: Any, b: Any, max_threads: int = 1) -> str:
     h.update(_u64(b.nbytes))
     h.update(b)
     return h.hexdigest()
+
+
+def hash_scan(prefix: bytes, a: Any, b: Any, dtype: str) -> tuple[str, bool]:
+    """`hash_parts(prefix, a, b)` (one thread) and whether every value of the flat arrays `a`
+    and `b` is finite, in one read of the values: each chunk of `FINITE_CHUNK_BYTES` (within
+    the core's L2) is hashed and then scanned while it is still in cache, rather than the
+    whole piece hashed and then read from memory again by the scan."""
+    h = blake3.blake3(prefix)
+    finite = True
+    for flat in (a, b):
+        mv = contiguous(flat).data.cast("B")
+        h.update(_u64(mv.nbytes))
+        scan = FiniteScan(flat, dtype)
+        step, size = scan.step, flat.itemsize
+        for i in range(0, flat.size, step):
+            h.update(mv[i * size : (i + step) * size])
+            if finite and not scan.check(i, i + step):
+                finite = False
+    return h.hexdigest(), finite
 
 
 def _run_parts(index: int, first_row: int, dtype: str, run: BatchRun) -> tuple[bytes, Any, Any]:
@@ -306,7 +325,7 @@ class PieceJob:
             started = _thread.allocate_lock()
             started.acquire()
             _thread.start_new_thread(self._helper, (started,))
-            if k == 0:
+            if k == 0 and not self._finite:
                 # hand the GIL over until the first helper hashes, briefly: on a loaded machine
                 # the helper may not be scheduled for milliseconds, and the caller's own work
                 # (numpy scans, copies) releases the GIL anyway
@@ -328,12 +347,18 @@ class PieceJob:
             if i >= n:
                 return
             prefix, a, b = tasks[i]
-            if hash_parts(prefix, a, b, self._mt) != pieces[i][2]:
+            run = self._runs[i]
+            if self._finite and self._mt == 1:  # hashed and scanned chunk by chunk, in cache
+                got, finite = hash_scan(prefix, run.flat_a, run.flat_b, self._header.dtype)
+            else:
+                got = hash_parts(prefix, a, b, self._mt)
+                finite = not self._finite or (
+                    all_finite(run.flat_a, self._header.dtype) and all_finite(run.flat_b, self._header.dtype)
+                )
+            if got != pieces[i][2]:
                 self._bad.append(i)
-            if self._finite:
-                run, dt = self._runs[i], self._header.dtype
-                if not (all_finite(run.flat_a, dt) and all_finite(run.flat_b, dt)):
-                    self._nonfinite.append(i)
+            if not finite:
+                self._nonfinite.append(i)
             with self._count_lock:
                 self._hashed += 1
                 if self._hashed == n:
@@ -376,6 +401,7 @@ __all__ = [
     "check_layout",
     "content_digest",
     "hash_parts",
+    "hash_scan",
     "header_digest",
     "idle_cores",
     "piece_hash",

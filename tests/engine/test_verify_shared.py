@@ -10,7 +10,8 @@ import pytest
 
 import loraflight.engine.card.batches as batchmod
 from loraflight.engine.card import LoRACard, ModuleLoRA, PieceJob
-from loraflight.engine.card.values import all_finite
+from loraflight.engine.card.pieces import hash_parts, hash_scan
+from loraflight.engine.card.values import FINITE_CHUNK_BYTES, FiniteScan, all_finite
 from loraflight.errors import CardError
 
 N_MODULES = 12
@@ -105,3 +106,48 @@ def test_all_finite_float32_edges_and_chunks() -> None:
     big[-1] = np.nan
     assert not all_finite(big, "float32")
     assert all_finite(np.zeros(0, np.float32), "float32")
+
+
+def storage(vals: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values in a card's storage dtype (bfloat16: the top 16 bits of each word)."""
+    return (vals.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else vals.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_finite_scan_is_exact_where_the_or_reduction_cannot_decide(dtype: str) -> None:
+    """Finite values that set every exponent bit between them (3.0 beside 0.75, 1.5, ...) defeat
+    the one-pass OR test: those chunks, and every later one, get the exact check."""
+    step = FINITE_CHUNK_BYTES // (4 if dtype == "float32" else 2)
+    vals = np.tile(
+        np.array([3.0, 0.75, 1.5, -0.3, 1e-3, 65000.0 if dtype != "float32" else 3e38], np.float32),
+        3 * step // 6 + 1,
+    )
+    words = storage(vals, dtype)
+    exp_all = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000}[dtype]
+    wv = words.view(np.uint32 if dtype == "float32" else np.uint16)
+    assert int(np.bitwise_or.reduce(wv[:step])) & exp_all == exp_all  # the OR cannot rule NaN out
+    assert all_finite(words, dtype)
+    for pos in (5, step + 7, words.size - 1):  # first chunk, after the OR was given up, the last
+        bad = words.copy()
+        bad.view(wv.dtype)[pos] = exp_all | 1  # a NaN
+        assert not all_finite(bad, dtype)
+        scan = FiniteScan(bad, dtype)
+        got = [scan.check(i, i + scan.step) for i in range(0, bad.size, scan.step)]
+        assert got.count(False) == 1 and not got[pos // scan.step]
+    small = np.full(2 * step + 3, 0.01, np.float32)  # the OR decides: every chunk passes on it
+    small = storage(small, dtype)
+    assert all_finite(small, dtype)
+    small.view(wv.dtype)[-1] = exp_all  # Inf in the short last chunk
+    assert not all_finite(small, dtype)
+
+
+def test_hash_scan_is_hash_parts_plus_the_value_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    card = many_pieces(monkeypatch)
+    run = card.runs[3]
+    prefix = b"framing"
+    want = hash_parts(prefix, run.flat_a.data.cast("B"), run.flat_b.data.cast("B"))
+    assert hash_scan(prefix, run.flat_a, run.flat_b, "float16") == (want, True)
+    b = run.flat_b.copy()
+    b[-1] = np.inf
+    got, finite = hash_scan(prefix, run.flat_a, b, "float16")
+    assert not finite and got == hash_parts(prefix, run.flat_a.data.cast("B"), b.data.cast("B"))
