@@ -183,8 +183,8 @@ def batch_runs(batches: Sequence[pa.RecordBatch], dtype: str) -> list[BatchRun]:
     if modules:
         want_a = nums[0].astype(np.int64) * nums[2]
         want_b = nums[3] * nums[0]
-        got_a = np.concatenate([np.diff(oa) for (oa, _), _ in views])
-        got_b = np.concatenate([np.diff(ob) for _, (ob, _) in views])
+        got_a = np.concatenate([oa[1:] - oa[:-1] for (oa, _), _ in views])
+        got_b = np.concatenate([ob[1:] - ob[:-1] for _, (ob, _) in views])
         bad = np.flatnonzero((got_a != want_a) | (got_b != want_b))
         if bad.size:  # the first row to report
             i = int(bad[0])

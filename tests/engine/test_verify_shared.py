@@ -3,9 +3,11 @@ and the integer-reduction finite check it uses, checked against numpy's isfinite
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import loraflight.engine.card.batches as batchmod
@@ -151,3 +153,49 @@ def test_hash_scan_is_hash_parts_plus_the_value_check(monkeypatch: pytest.Monkey
     b[-1] = np.inf
     got, finite = hash_scan(prefix, run.flat_a, b, "float16")
     assert not finite and got == hash_parts(prefix, run.flat_a.data.cast("B"), b.data.cast("B"))
+
+
+class StalledHelper(PieceJob):
+    """A PieceJob whose helper thread stops in the middle of its first piece, as a helper
+    switched out by the scheduler for a long time slice does (the OS scheduler itself cannot
+    be driven from a test): the caller must hash that piece again rather than wait for it."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        self.entered = threading.Event()  # the helper is inside its first piece
+        self.release = threading.Event()
+        self.caller = threading.get_ident()
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+
+    def _owner_goes_on(self, i: int, done: int) -> bool:
+        if threading.get_ident() != self.caller:
+            if not self.entered.is_set():
+                self.entered.set()
+                assert self.release.wait(30), "the test never released the helper"
+        elif not self.entered.is_set():
+            assert self.entered.wait(30), "the helper never started"
+        return super()._owner_goes_on(i, done)
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_a_piece_whose_helper_stalls_is_hashed_again_by_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tampered: bool
+) -> None:
+    card = many_pieces(monkeypatch)
+    path = tmp_path / "card.lora.arrow"
+    data = card.to_bytes()
+    if tampered:  # every piece, so whichever one the helper stops in is a bad one
+        for i in range(N_MODULES):
+            data = flip(LoRACard.from_table(pa.ipc.open_file(pa.BufferReader(data)).read_all()), i)
+    path.write_bytes(data)
+    opened = LoRACard.open(path)
+    job = StalledHelper(opened.header, opened.runs, threads=2, finite=True)
+    try:
+        if not tampered:
+            assert job.result() == card.digest  # while the helper is still stopped in its piece
+        else:
+            every = ", ".join(map(str, range(N_MODULES)))
+            with pytest.raises(CardError, match=f"piece 0 of {N_MODULES} .*bad pieces: {every}\\)"):
+                job.result()
+        assert not job.release.is_set()
+    finally:
+        job.release.set()
