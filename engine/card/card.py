@@ -441,9 +441,9 @@ class LoRACard:
         """check_values() and compute_digest(); the hash runs in a helper thread (DigestJob)
         while this thread scans the values, so verify costs about one sha256 pass.
 
-        Format 2: each piece hashed and then scanned finite by whichever thread takes it
-        (`PieceJob(finite=True)`), so neither the scan nor the hash is left for last on one
-        thread; on every core (as ``blake3(buf, max_threads=cores)`` uses), not only on the
+        Format 2: each piece hashed and scanned finite, chunk by chunk, by whichever thread
+        takes it (`PieceJob(finite=True)`), so neither the scan nor the hash is left for last
+        on one thread; on every core (as ``blake3(buf, max_threads=cores)`` uses), not only on the
         cores /proc/loadavg calls idle at this instant: the caller waits for the answer, and a
         spinning thread pool or a brief burst elsewhere made that reading say "none" and hash
         the whole card on this one thread (bench/bench_card.py, same run: 0.44x of blake3's

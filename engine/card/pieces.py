@@ -9,6 +9,7 @@ Pure rules plus the one threaded job that applies them:
 - `header_digest`: the card digest, BLAKE3 over the canonical header (piece list included).
 - `verify_piece(header, index, batch)`: one received batch checked against the header alone,
   from any peer, in any order.
+- `hash_scan`: a piece's hash and its NaN/Inf scan in one read, chunk by chunk (verify).
 - `PieceJob`: all pieces of a card hashed in a helper thread (GIL released) while the caller
   does other work (values scan, copy into the model); `result()` names every bad piece.
 """
@@ -291,10 +292,13 @@ class PieceJob:
     else returns the digest the header then has. Same interface as `DigestJob`.
 
     ``finite=True`` (`LoRACard.verify`): whoever hashes a piece also scans its values for
-    NaN/Inf right after (the piece is still in cache), so the value check is shared out over
-    the same threads in the same one-piece steps instead of running on the caller alone
-    first; `result()` then raises the value error (naming the module) before any hash error,
-    as `check_values()` followed by the digest would.
+    NaN/Inf (`hash_scan`: chunk by chunk, each chunk scanned right after it is hashed, while
+    it is in cache), so the value check is shared out over the same threads instead of
+    running on the caller alone first; `result()` then raises the value error (naming the
+    module) before any hash error, as `check_values()` followed by the digest would. There the
+    caller, once no piece is left to take, waits for a piece still in progress only as long as
+    its owner should need at the caller's pace, then hashes it again itself (a helper switched
+    out mid-piece no longer holds up the answer); the first copy to end counts.
     """
 
     def __init__(
