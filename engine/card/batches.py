@@ -1,15 +1,14 @@
 """Record batches: module rows, the structural checks of a batch, building batches from rows.
 
-`batch_run` checks one record batch (Arrow's full validation, row fields against the limits,
+`batch_runs` checks record batches (Arrow's full validation, row fields against the limits,
 each row's value counts against its shape) without reading a tensor byte, and returns a
-`BatchRun`: the row fields as lists plus all A (all B) values of the batch as one flat
+`BatchRun` per batch: the row fields as lists plus all A (all B) values of the batch as one flat
 zero-copy array. `to_batches` lays rows out into batches of about `BATCH_TARGET_BYTES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,10 +60,12 @@ def contiguous(a: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- batches
 
 
-def column_values(col: pa.ListArray, npdt: np.dtype[Any], n: int, label: str) -> tuple[list[int], np.ndarray]:
-    """(offsets as Python ints, the flat values as a zero-copy numpy view) of a list column."""
+def column_values(
+    col: pa.ListArray, npdt: np.dtype[Any], n: int, label: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, the flat values) of a list column, both zero-copy numpy views."""
     try:
-        offs = col.offsets.to_pylist()
+        offs = col.offsets.to_numpy()
         vals = col.values.to_numpy()
     except (pa.ArrowException, ValueError) as e:
         raise CardError(f"{label}: cannot view the column without copying: {e}") from None
@@ -134,56 +135,88 @@ def batch_rows(batch: pa.RecordBatch, dtype: str) -> list[ModuleLoRA]:
 
 
 def batch_run(batch: pa.RecordBatch, dtype: str) -> BatchRun:
-    """Structural checks of one batch (no tensor byte is read); its rows as a `BatchRun`.
+    """Structural checks of one batch (no tensor byte is read); its rows as a `BatchRun`."""
+    return batch_runs([batch], dtype)[0]
 
-    Each row's value counts are checked against its shape here, vectorised over the batch.
+
+def batch_runs(batches: Sequence[pa.RecordBatch], dtype: str) -> list[BatchRun]:
+    """Structural checks of record batches of one schema (no tensor byte is read); their rows.
+
+    Arrow's full validation and the value columns are checked batch by batch; the row fields
+    (names, ranks, alphas, shapes against the limits) and each row's value counts against its
+    shape are checked once over the rows of all batches, vectorised (a card's open does one
+    pass per column, not one per batch).
     """
+    for batch in batches:
+        try:
+            # Arrow's full validation (offsets monotonic and in bounds, UTF-8 valid) is what makes
+            # the views below safe; it is cheap (no tensor byte is read); batches may come from a peer.
+            batch.validate(full=True)
+        except (pa.ArrowException, ValueError) as e:
+            raise CardError(f"record batch is corrupt: {e}") from None
+        if batch.num_columns != 7:
+            raise CardError(f"record batch has {batch.num_columns} columns; a card has 7")
+    if not batches:
+        return []
     try:
-        # Arrow's full validation (offsets monotonic and in bounds, UTF-8 valid) is what makes the
-        # views below safe; it is cheap (no tensor byte is read) and batches may come from a peer.
-        batch.validate(full=True)
+        cols = pa.Table.from_batches(batches).columns
     except (pa.ArrowException, ValueError) as e:
-        raise CardError(f"record batch is corrupt: {e}") from None
-    n = batch.num_rows
-    cols = batch.columns
-    if len(cols) != 7:
-        raise CardError(f"record batch has {len(cols)} columns; a card has 7")
+        raise CardError(f"record batches of different schemas: {e}") from None
     for i, c in enumerate(cols):
         if c.null_count:
-            raise CardError(f"column {batch.schema.field(i).name!r} has nulls; a card has none")
+            raise CardError(f"column {batches[0].schema.field(i).name!r} has nulls; a card has none")
     modules = cols[0].to_pylist()
-    rl = cols[1].to_pylist()
-    al = cols[2].to_pylist()
-    fil = cols[3].to_pylist()
-    fol = cols[4].to_pylist()
-    if n:
+    nums = [c.to_numpy() for c in cols[1:5]]
+    rl, al, fil, fol = (x.tolist() for x in nums)
+    if modules:
         check_rows(modules, rl, al, fil, fol)
     npdt = DTYPES[dtype]
-    oa, fa = column_values(cols[5], npdt, n, "lora_a")
-    ob, fb = column_values(cols[6], npdt, n, "lora_b")
-    sizes_ok = [oa[i + 1] - oa[i] for i in range(n)] == list(map(operator.mul, rl, fil)) and [
-        ob[i + 1] - ob[i] for i in range(n)
-    ] == list(map(operator.mul, fol, rl))
-    for i in range(0 if sizes_ok else n):  # find the row to report
-        r = rl[i]
-        if oa[i + 1] - oa[i] != r * fil[i] or ob[i + 1] - ob[i] != fol[i] * r:
-            got_a = oa[i + 1] - oa[i]
+    views = []
+    for k, batch in enumerate(batches):
+        n = batch.num_rows
+        views.append(
+            (
+                column_values(cols[5].chunk(k), npdt, n, "lora_a"),
+                column_values(cols[6].chunk(k), npdt, n, "lora_b"),
+            )
+        )
+    if modules:
+        want_a = nums[0].astype(np.int64) * nums[2]
+        want_b = nums[3] * nums[0]
+        got_a = np.concatenate([oa[1:] - oa[:-1] for (oa, _), _ in views])
+        got_b = np.concatenate([ob[1:] - ob[:-1] for _, (ob, _) in views])
+        bad = np.flatnonzero((got_a != want_a) | (got_b != want_b))
+        if bad.size:  # the first row to report
+            i = int(bad[0])
             label, got, shape = (
-                ("lora_a", got_a, (r, fil[i]))
-                if got_a != r * fil[i]
-                else ("lora_b", ob[i + 1] - ob[i], (fol[i], r))
+                ("lora_a", got_a[i], (rl[i], fil[i]))
+                if got_a[i] != want_a[i]
+                else ("lora_b", got_b[i], (fol[i], rl[i]))
             )
             raise CardError(
                 f"module {modules[i]!r}: {label} holds {got} values but its shape {shape} needs "
                 f"{shape[0] * shape[1]} (shape disagrees with its bytes)"
             )
-    a0, b0 = oa[0], ob[0]
-    fa, fb = fa[a0 : oa[-1]], fb[b0 : ob[-1]]
-    if a0:
-        oa = [o - a0 for o in oa]
-    if b0:
-        ob = [o - b0 for o in ob]
-    return BatchRun(modules, rl, al, fil, fol, oa, ob, fa, fb)
+    runs = []
+    first = 0
+    for (oa, fa), (ob, fb) in views:
+        n = len(oa) - 1
+        end = first + n
+        runs.append(
+            BatchRun(
+                modules[first:end],
+                rl[first:end],
+                al[first:end],
+                fil[first:end],
+                fol[first:end],
+                (oa - oa[0]).tolist(),
+                (ob - ob[0]).tolist(),
+                fa[oa[0] : oa[-1]],
+                fb[ob[0] : ob[-1]],
+            )
+        )
+        first = end
+    return runs
 
 
 def group_rows(mods: Sequence[ModuleLoRA]) -> list[list[ModuleLoRA]]:
@@ -238,6 +271,7 @@ __all__ = [
     "ModuleLoRA",
     "batch_rows",
     "batch_run",
+    "batch_runs",
     "column_values",
     "contiguous",
     "group_rows",

@@ -25,7 +25,7 @@ import pyarrow as pa
 from loraflight.errors import CardError
 from loraflight.files import atomic_write
 
-from .batches import BatchRun, ModuleLoRA, batch_run, contiguous, group_rows, to_batches
+from .batches import BatchRun, ModuleLoRA, batch_runs, contiguous, group_rows, to_batches
 from .digest import GATHER_BYTES, DigestJob, compute_digest, run_pieces
 from .header import (
     CARD_SUFFIX,
@@ -87,7 +87,7 @@ class LoRACard:
                 raise CardError(
                     f"record batch {i} has schema ({schema_str(b.schema)}), expected ({schema_str(expect)})"
                 )
-        runs = [batch_run(b, header.dtype) for b in self._batches]
+        runs = batch_runs(self._batches, header.dtype)
         names = [n for r in runs for n in r.names]
         if len(names) > MAX_ROWS:
             raise CardError(f"card has {len(names)} modules; the limit is {MAX_ROWS}")
@@ -258,7 +258,7 @@ class LoRACard:
         batches = []
         for i in range(n):
             try:
-                b = reader.get_batch(i)  # fully validated below, in LoRACard() (batch_run)
+                b = reader.get_batch(i)  # fully validated below, in LoRACard() (batch_runs)
             except (pa.ArrowException, OSError, ValueError, IndexError) as e:
                 raise CardError(f"{p}: record batch {i} is corrupt or truncated: {e}") from None
             # Tensors must be views of the mapping: a compressed (or otherwise copied) body is refused.
@@ -441,9 +441,9 @@ class LoRACard:
         """check_values() and compute_digest(); the hash runs in a helper thread (DigestJob)
         while this thread scans the values, so verify costs about one sha256 pass.
 
-        Format 2: each piece hashed and then scanned finite by whichever thread takes it
-        (`PieceJob(finite=True)`), so neither the scan nor the hash is left for last on one
-        thread; on every core (as ``blake3(buf, max_threads=cores)`` uses), not only on the
+        Format 2: each piece hashed and scanned finite, chunk by chunk, by whichever thread
+        takes it (`PieceJob(finite=True)`), so neither the scan nor the hash is left for last
+        on one thread; on every core (as ``blake3(buf, max_threads=cores)`` uses), not only on the
         cores /proc/loadavg calls idle at this instant: the caller waits for the answer, and a
         spinning thread pool or a brief burst elsewhere made that reading say "none" and hash
         the whole card on this one thread (bench/bench_card.py, same run: 0.44x of blake3's

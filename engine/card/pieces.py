@@ -9,6 +9,7 @@ Pure rules plus the one threaded job that applies them:
 - `header_digest`: the card digest, BLAKE3 over the canonical header (piece list included).
 - `verify_piece(header, index, batch)`: one received batch checked against the header alone,
   from any peer, in any order.
+- `hash_scan`: a piece's hash and its NaN/Inf scan in one read, chunk by chunk (verify).
 - `PieceJob`: all pieces of a card hashed in a helper thread (GIL released) while the caller
   does other work (values scan, copy into the model); `result()` names every bad piece.
 """
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import _thread
 import dataclasses
+import functools
 import itertools
 import os
 import struct
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import blake3
@@ -31,7 +34,7 @@ from loraflight.errors import CardError
 
 from .batches import BatchRun, ModuleLoRA, batch_run, contiguous, group_rows
 from .header import CardHeader, canonical_json
-from .values import all_finite, check_finite
+from .values import FINITE_CHUNK_BYTES, FiniteScan, all_finite, check_finite
 
 PIECE_DOMAIN = b"loraflight-piece-v2\x00"
 CARD2_DOMAIN = b"loraflight-card-v2\x00"
@@ -92,6 +95,37 @@ def hash_parts(prefix: bytes, a: Any, b: Any, max_threads: int = 1) -> str:
     h.update(_u64(b.nbytes))
     h.update(b)
     return h.hexdigest()
+
+
+def hash_scan(
+    prefix: bytes, a: Any, b: Any, dtype: str, go_on: Callable[[int], bool] | None = None
+) -> tuple[str, bool] | None:
+    """`hash_parts(prefix, a, b)` (one thread) and whether every value of the flat arrays `a`
+    and `b` is finite, in one read of the values: each chunk of `FINITE_CHUNK_BYTES` (within
+    the core's L2) is hashed and then scanned while it is still in cache, rather than the
+    whole piece hashed and then read from memory again by the scan. `go_on(chunks done)` is
+    asked before each chunk; when it says False the work stops and None is returned."""
+    h = blake3.blake3(prefix)
+    finite = True
+    done = 0
+    for flat in (a, b):
+        mv = contiguous(flat).data.cast("B")
+        h.update(_u64(mv.nbytes))
+        scan = FiniteScan(flat, dtype)
+        step, size = scan.step, flat.itemsize
+        for i in range(0, flat.size, step):
+            if go_on is not None and not go_on(done):
+                return None
+            h.update(mv[i * size : (i + step) * size])
+            if finite and not scan.check(i, i + step):
+                finite = False
+            done += 1
+    return h.hexdigest(), finite
+
+
+def scan_chunks(a: Any, b: Any) -> int:
+    """How many chunks `hash_scan` takes over the flat arrays `a` and `b`."""
+    return sum(-(-x.nbytes // FINITE_CHUNK_BYTES) for x in (a, b))
 
 
 def _run_parts(index: int, first_row: int, dtype: str, run: BatchRun) -> tuple[bytes, Any, Any]:
@@ -258,10 +292,13 @@ class PieceJob:
     else returns the digest the header then has. Same interface as `DigestJob`.
 
     ``finite=True`` (`LoRACard.verify`): whoever hashes a piece also scans its values for
-    NaN/Inf right after (the piece is still in cache), so the value check is shared out over
-    the same threads in the same one-piece steps instead of running on the caller alone
-    first; `result()` then raises the value error (naming the module) before any hash error,
-    as `check_values()` followed by the digest would.
+    NaN/Inf (`hash_scan`: chunk by chunk, each chunk scanned right after it is hashed, while
+    it is in cache), so the value check is shared out over the same threads instead of
+    running on the caller alone first; `result()` then raises the value error (naming the
+    module) before any hash error, as `check_values()` followed by the digest would. There the
+    caller, once no piece is left to take, waits for a piece still in progress only as long as
+    its owner should need at the caller's pace, then hashes it again itself (a helper switched
+    out mid-piece no longer holds up the answer); the first copy to end counts.
     """
 
     def __init__(
@@ -277,11 +314,9 @@ class PieceJob:
         self._runs = runs
         self._finite = finite
         self._nonfinite: list[int] = []
-        first = [p[0] for p in header.pieces]
         self._header = header
-        self._tasks = [_run_parts(i, first[i], header.dtype, r) for i, r in enumerate(runs)]
-        self.nbytes = sum(a.nbytes + b.nbytes for _, a, b in self._tasks)
-        n = len(self._tasks)
+        self.nbytes = sum(r.flat_a.nbytes + r.flat_b.nbytes for r in runs)
+        n = len(runs)
         cores = max(1, threads if threads is not None else CPUS)
         # threaded=False: this thread only (no helper, no BLAKE3 threads), no /proc/loadavg read
         idle = 0 if threaded is False else cores - 1 if threads is not None else idle_cores()
@@ -295,6 +330,10 @@ class PieceJob:
         self._next = itertools.count()  # next() is atomic under the GIL: each piece taken once
         self._count_lock = threading.Lock()
         self._hashed = 0
+        self._won = [False] * n  # piece i's outcome recorded (by the first thread to hash it)
+        self._chunked = finite and self._mt == 1  # verify: hash_scan, chunk by chunk
+        self._progress = [0] * n  # chunks its owner has hashed, for a waiting thread to judge
+        self._chunks = [scan_chunks(r.flat_a, r.flat_b) for r in runs] if self._chunked else []
         self._done = threading.Event()
         if threaded is None:
             threaded = self.nbytes >= 256 << 10 and cores > 1 and helpers > 0
@@ -306,10 +345,11 @@ class PieceJob:
             started = _thread.allocate_lock()
             started.acquire()
             _thread.start_new_thread(self._helper, (started,))
-            if k == 0:
+            if k == 0 and not self._finite:
                 # hand the GIL over until the first helper hashes, briefly: on a loaded machine
                 # the helper may not be scheduled for milliseconds, and the caller's own work
-                # (numpy scans, copies) releases the GIL anyway
+                # (numpy scans, copies) releases the GIL anyway. With finite=True (verify) the
+                # caller's work is hashing too: it starts at once and releases the GIL each chunk.
                 started.acquire(timeout=0.001)
 
     def _helper(self, started: Any) -> None:
@@ -320,24 +360,70 @@ class PieceJob:
             self._error = e
             self._done.set()
 
-    def _work(self) -> None:
-        """Hash pieces until none is left (any thread may call it)."""
-        tasks, pieces, n = self._tasks, self._header.pieces, len(self._tasks)
+    def _work(self) -> int:
+        """Hash pieces until none is left (any thread may call it); the chunks this call hashed."""
+        runs, pieces, dt = self._runs, self._header.pieces, self._header.dtype
+        n = len(runs)
+        chunks = 0
         while not self._cancelled:
             i = next(self._next)
             if i >= n:
+                break
+            run = runs[i]  # the framing is built by the thread that hashes the piece
+            prefix, a, b = _run_parts(i, pieces[i][0], dt, run)
+            if self._chunked:  # hashed and scanned chunk by chunk, in cache
+                got = hash_scan(prefix, run.flat_a, run.flat_b, dt, functools.partial(self._owner_goes_on, i))
+                if got is not None:
+                    self._record(i, *got)
+                    chunks += self._chunks[i]
+            else:
+                finite = not self._finite or (all_finite(run.flat_a, dt) and all_finite(run.flat_b, dt))
+                self._record(i, hash_parts(prefix, a, b, self._mt), finite)
+        return chunks
+
+    def _owner_goes_on(self, i: int, done: int) -> bool:
+        self._progress[i] = done  # what a waiting thread judges the owner's speed by
+        return not self._won[i] and not self._cancelled
+
+    def _record(self, i: int, got: str, finite: bool) -> None:
+        """Piece `i`'s outcome, from whichever thread hashed it first."""
+        with self._count_lock:
+            if self._won[i]:
                 return
-            prefix, a, b = tasks[i]
-            if hash_parts(prefix, a, b, self._mt) != pieces[i][2]:
+            self._won[i] = True
+            if got != self._header.pieces[i][2]:
                 self._bad.append(i)
-            if self._finite:
-                run, dt = self._runs[i], self._header.dtype
-                if not (all_finite(run.flat_a, dt) and all_finite(run.flat_b, dt)):
-                    self._nonfinite.append(i)
-            with self._count_lock:
-                self._hashed += 1
-                if self._hashed == n:
-                    self._done.set()
+            if not finite:
+                self._nonfinite.append(i)
+            self._hashed += 1
+            if self._hashed == len(self._runs):
+                self._done.set()
+
+    def _take_over(self, started: float, own_chunks: int) -> None:
+        """The caller, with no piece left to take, waits for the pieces in progress only as
+        long as their owners should need at the caller's own pace (chunks left x its time per
+        chunk, twice over); a piece still unfinished then is hashed again by the caller, and
+        whichever copy ends first counts (the other stops at its next chunk). On a machine
+        shared with other work a helper is often switched out for a time slice (4 ms and
+        more) in the middle of a piece; this bounds the wait to about one piece."""
+        elapsed = time.perf_counter() - started
+        chunk_s = elapsed / own_chunks if own_chunks else FINITE_CHUNK_BYTES / 1e9
+        runs, pieces, dt = self._runs, self._header.pieces, self._header.dtype
+        tried: set[int] = set()
+        while not self._done.is_set() and not self._cancelled and self._error is None:
+            late = [i for i in range(len(runs)) if not self._won[i] and i not in tried]
+            if not late:
+                return
+            i = late[0]
+            left = self._chunks[i] - self._progress[i]
+            if self._done.wait(2 * left * chunk_s + 100e-6) or self._won[i]:
+                continue
+            tried.add(i)
+            run = runs[i]
+            prefix, _, _ = _run_parts(i, pieces[i][0], dt, run)
+            got = hash_scan(prefix, run.flat_a, run.flat_b, dt, lambda _done, i=i: not self._won[i])
+            if got is not None:
+                self._record(i, *got)
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -345,9 +431,16 @@ class PieceJob:
     def result(self) -> str:
         if self._threaded and not self._cancelled and self._error is None:
             try:
-                self._work()  # the caller's own work is done: it hashes what is left too
+                started = time.perf_counter()
+                own = self._work()  # the caller's own work is done: it hashes what is left too
+                digest = header_digest(self._header)  # while the helpers finish their last pieces
+                if self._chunked:
+                    self._take_over(started, own)
             except BaseException as e:
                 self._error = e
+                digest = ""
+        else:
+            digest = ""
         waited = self._error is None and not self._cancelled
         if waited and not self._done.wait(_HASH_TIMEOUT_S + self.nbytes / 100e6):
             raise CardError(f"hashing {self.nbytes} bytes did not finish in time; the machine is overloaded")
@@ -359,11 +452,11 @@ class PieceJob:
             first = min(self._nonfinite)
             check_finite([self._runs[i] for i in sorted(self._nonfinite)], self._header.dtype)
             raise CardError(  # the values changed under the scan (a file rewritten in place)
-                f"{self._header.ref}: piece {first} of {len(self._tasks)} has NaN or Inf values"
+                f"{self._header.ref}: piece {first} of {len(self._runs)} has NaN or Inf values"
             )
         if self._bad:
             raise bad_piece_error(self._header, sorted(self._bad))
-        return header_digest(self._header)
+        return digest or header_digest(self._header)
 
 
 __all__ = [
@@ -376,6 +469,7 @@ __all__ = [
     "check_layout",
     "content_digest",
     "hash_parts",
+    "hash_scan",
     "header_digest",
     "idle_cores",
     "piece_hash",

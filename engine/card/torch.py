@@ -58,7 +58,7 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 def split_views(flat: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> Sequence[torch.Tensor]:
     """Views of consecutive 2-D tensors laid end to end in the 1-D torch tensor `flat`."""
     first = shapes[0]
-    if all(s == first for s in shapes):
+    if shapes.count(first) == len(shapes):  # one shape: one view and one unbind
         return flat.view(len(shapes), *first).unbind(0)
     return [t.view(s) for t, s in zip(flat.split([s[0] * s[1] for s in shapes]), shapes, strict=True)]
 
@@ -81,17 +81,18 @@ def card_views(card: LoRACard, module: str | None = None) -> dict[str, tuple[tor
             if bf16:
                 a, b = a.view(torch.bfloat16), b.view(torch.bfloat16)
             return {m.module: (a, b)}
-        whole, base = None, 0
-        if card.mapping is not None:  # one tensor over the whole mapping, sliced per batch
-            whole = torch.from_numpy(np.frombuffer(card.mapping, np.uint8))
-            base = card.mapping.address
         tdt = TORCH_DTYPES[card.dtype]
+        whole, base, size = None, 0, 1
+        if card.mapping is not None:  # one tensor of card words over the whole mapping, sliced per batch
+            size = tdt.itemsize
+            words = np.frombuffer(card.mapping, np.uint8, card.mapping.size // size * size)
+            whole = torch.from_numpy(words).view(tdt)  # the values are aligned (batch_runs checks)
+            base = card.mapping.address
         for run in card.runs:
             fa, fb = run.flat_a, run.flat_b
             if whole is not None:
-                oa, ob = fa.ctypes.data - base, fb.ctypes.data - base
-                ta = whole[oa : oa + fa.nbytes].view(tdt)
-                tb = whole[ob : ob + fb.nbytes].view(tdt)
+                oa, ob = (fa.ctypes.data - base) // size, (fb.ctypes.data - base) // size
+                ta, tb = whole[oa : oa + fa.size], whole[ob : ob + fb.size]
             else:
                 ta, tb = torch.from_numpy(fa), torch.from_numpy(fb)
                 if bf16:
