@@ -205,6 +205,26 @@ class MembershipConfig:
     )
 
 
+# limits.* (issue 13): bounds against hostile or overloaded peers (federation/node/bounds.py
+# turns them into the server's `Limits` and the client's read bounds)
+@dataclass
+class LimitsConfig:
+    max_card_bytes: int = _f(8 << 30, "largest card this node accepts, by do_put or by a fetch, bytes")
+    get_slots: int = _f(4, "do_get streams served at once (more wait up to limits.get_wait, then get 'busy')")
+    gets_per_client: int = _f(3, "of those, streams one client (its token, else its address) holds at once")
+    get_wait: float = _f(30.0, "seconds a do_get waits for a free slot before it is answered 'busy'")
+    stall: float = _f(30.0, "seconds a served stream may make no progress before it gives its slot back")
+    put_slots: int = _f(8, "do_put and do_exchange streams served at once (each kind)")
+    puts_per_client: int = _f(2, "of those, streams one client holds at once")
+    put_idle: float = _f(
+        60.0, "seconds a do_put/do_exchange stream may stay idle before its slot is given back"
+    )
+    put_deadline: float = _f(900.0, "seconds one do_put may take in all")
+    read_timeout: float = _f(
+        30.0, "seconds a read from a peer's stream may bring nothing before this node gives the transfer up"
+    )
+
+
 @dataclass
 class NodeConfig:
     store: str = _f("~/.local/share/loraflight", "store directory (cards, index, node identity, epoch)")
@@ -233,6 +253,7 @@ class NodeConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def get(self, path: str) -> Any:
         obj: Any = self
@@ -524,6 +545,7 @@ __all__ = [
     "ExportConfig",
     "IntervalsConfig",
     "Key",
+    "LimitsConfig",
     "LogConfig",
     "MembershipConfig",
     "MetricsConfig",

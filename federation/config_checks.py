@@ -217,6 +217,22 @@ def validate(cfg: NodeConfig) -> list[str]:
             p.append(f"intervals.{name}: {v} must be > 0 and at most 86400 seconds")
     if not 1 <= iv.failures <= 1000:
         p.append(f"intervals.failures: {iv.failures} is outside 1..1000")
+    lim = cfg.limits
+    if not 1 << 20 <= lim.max_card_bytes <= 1 << 40:
+        p.append(f"limits.max_card_bytes: {lim.max_card_bytes} is outside 1 MiB..1 TiB")
+    for name, high in (
+        ("get_slots", 1024),
+        ("gets_per_client", 1024),
+        ("put_slots", 1024),
+        ("puts_per_client", 1024),
+    ):
+        v = getattr(lim, name)
+        if not 1 <= v <= high:
+            p.append(f"limits.{name}: {v} is outside 1..{high}")
+    for name in ("get_wait", "stall", "put_idle", "put_deadline", "read_timeout"):
+        v = getattr(lim, name)
+        if not 0 < v <= 86400:
+            p.append(f"limits.{name}: {v} must be > 0 and at most 86400 seconds")
     # metrics, log
     if not -1 <= cfg.metrics.port <= 65535:
         p.append(f"metrics.port: {cfg.metrics.port} is outside -1..65535 (-1: off)")

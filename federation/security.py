@@ -188,7 +188,8 @@ def require_write(context: Any, what: str, writable: bool = True) -> None:
     if not writable:
         raise AuthError(
             f"{what} is refused: this node has no write tokens, so it accepts no writes (denied); "
-            "start it with --token-file to allow publishing"
+            "start it with a write token to allow publishing (`loraflight serve --token-file F`, "
+            "`loraflight node run --write-token-file F`)"
         )
     mw = context.get_middleware("auth")
     if mw is not None and mw.can_write:

@@ -41,6 +41,7 @@ from ..security import ClientTLS
 from ..store import Store
 from ..token_files import read_fleet_secret
 from ..uris import canonical_uri, dial_uri
+from .bounds import client_bounds
 from .hotload import trust_refusal
 
 C = TypeVar("C", bound=Client)
@@ -108,7 +109,7 @@ class PeerGate:
         peers = self._peers()
         if token and not ((peers is not None and peers.vetted(dial)) or (tls is not None and self.fleet_ca)):
             token = None
-        return cls(dial, token, tls, timeout, retries=retries)
+        return cls(dial, token, tls, timeout, retries=retries, **client_bounds(self.config))
 
     def prove(self, client: Client, node_id: str) -> str:
         """What a peer that just answered `health` as `node_id` proves: "ca" (TLS, fleet CA),

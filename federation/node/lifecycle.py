@@ -48,6 +48,7 @@ from ..security import ClientTLS, ServerTLS
 from ..store import Store
 from . import loops
 from .addresses import derive_locations
+from .bounds import server_limits
 from .engine import NodeEngine
 from .export import Exporter
 from .gate import PeerGate
@@ -261,6 +262,7 @@ class Node:
             on_hello=self.gate.on_hello,
             peer_locations=self._peer_locations,
             exchange=self._exchange,
+            limits=server_limits(cfg),
         )
         if not cfg.advertise and not listen_port:
             self.server.use_locations(self._derive_locations(self.server.port))
