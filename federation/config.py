@@ -202,6 +202,26 @@ class MembershipConfig:
     )
 
 
+# swarm.* (issue 19): the piece swarm's limits (federation/swarm/settings.py applies them)
+@dataclass
+class SwarmKeysConfig:
+    max_uploads: int = _f(1, "piece streams this node sends at once (more requests wait, then get 'busy')")
+    max_uploads_per_peer: int = _f(1, "of those, piece streams to one asking address")
+    upload_wait: float = _f(
+        0.25, "seconds a piece request waits for a free upload slot before it is answered 'busy'"
+    )
+    fetch_concurrency: int = _f(4, "piece requests one swarm fetch has in flight, to different holders")
+    fetch_per_peer: int = _f(1, "piece requests one swarm fetch has in flight to one holder")
+    referral_wait: float = _f(
+        1.0,
+        "longest wait, seconds, before a piece a holder referred elsewhere is asked of it again as its "
+        "last holder (the fetch shortens it to 3 piece times)",
+    )
+    notify: int = _f(
+        32, "peers notified at once of a card published here that the swarm spreads (the rest hear by gossip)"
+    )
+
+
 @dataclass
 class NodeConfig:
     store: str = _f("~/.local/share/loraflight", "store directory (cards, index, node identity, epoch)")
@@ -230,6 +250,7 @@ class NodeConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
+    swarm: SwarmKeysConfig = field(default_factory=SwarmKeysConfig)
 
     def get(self, path: str) -> Any:
         obj: Any = self
@@ -525,6 +546,7 @@ __all__ = [
     "MembershipConfig",
     "MetricsConfig",
     "NodeConfig",
+    "SwarmKeysConfig",
     "SyncConfig",
     "TLSConfig",
     "TokensConfig",

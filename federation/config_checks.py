@@ -217,6 +217,7 @@ def validate(cfg: NodeConfig) -> list[str]:
             p.append(f"intervals.{name}: {v} must be > 0 and at most 86400 seconds")
     if not 1 <= iv.failures <= 1000:
         p.append(f"intervals.failures: {iv.failures} is outside 1..1000")
+    p.extend(swarm_problems(cfg))
     # metrics, log
     if not -1 <= cfg.metrics.port <= 65535:
         p.append(f"metrics.port: {cfg.metrics.port} is outside -1..65535 (-1: off)")
@@ -227,4 +228,35 @@ def validate(cfg: NodeConfig) -> list[str]:
     return p
 
 
-__all__ = ["DEFAULT_PORT", "key_problem", "parse_hostport", "parse_uri", "resolve_keys", "validate"]
+def swarm_problems(cfg: NodeConfig) -> list[str]:
+    """Every problem in the `swarm.*` keys (federation/swarm/settings.py turns them into limits)."""
+    sw = cfg.swarm
+    p: list[str] = []
+    for name, low, high in (
+        ("max_uploads", 1, 64),
+        ("max_uploads_per_peer", 1, 64),
+        ("fetch_concurrency", 1, 64),
+        ("fetch_per_peer", 1, 64),
+        ("notify", 0, 1024),
+    ):
+        v = getattr(sw, name)
+        if not low <= v <= high:
+            p.append(f"swarm.{name}: {v} is outside {low}..{high}")
+    if not 0 <= sw.upload_wait <= 5:  # a fetcher gives a piece at least 10 s (swarm.fetch.SwarmConfig)
+        p.append(
+            f"swarm.upload_wait: {sw.upload_wait} must be 0 .. 5 seconds, well below a piece's 10 s deadline"
+        )
+    if not 0 <= sw.referral_wait <= 60:
+        p.append(f"swarm.referral_wait: {sw.referral_wait} must be 0 .. 60 seconds")
+    return p
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "key_problem",
+    "parse_hostport",
+    "parse_uri",
+    "resolve_keys",
+    "swarm_problems",
+    "validate",
+]

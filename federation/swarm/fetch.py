@@ -356,11 +356,17 @@ def referral_wait(took: Sequence[float], config: SwarmConfig) -> float:
     return min(ceiling, max(min(0.2, ceiling), config.referral_pieces * typical))
 
 
+def spreads_by_swarm(entry: CatalogEntry) -> bool:
+    """Whether peers fetch `entry` piece by piece (when more than one may hold it): a format-2
+    card of several pieces."""
+    return entry.header.major >= 2 and len(entry.header.pieces) >= 2
+
+
 def wants_swarm(service: SwarmService | None, entry: CatalogEntry, locations: Sequence[str]) -> bool:
     """Whether `entry` is fetched by the swarm: a format-2 card of several pieces, on a node
     with a swarm, when more than one peer may hold pieces of it (its holders, partial holders
     known, and the node's other peers, which may be fetching it too). Else whole-card."""
-    if service is None or entry.header.major < 2 or len(entry.header.pieces) < 2:
+    if service is None or not spreads_by_swarm(entry):
         return False
     mine = set(service.self_uris())
     if not service.self_uris():
@@ -396,7 +402,16 @@ def swarm_fetch(
     if existing is not None:
         return existing
     holders = dedupe([*locations, *entry.locations])
+    config = config or service.fetch_config
     return SwarmFetch(service, entry, connect, holders=holders, planned=locations, config=config).run()
 
 
-__all__ = ["SwarmConfig", "SwarmFetch", "read_pieces", "referral_wait", "swarm_fetch", "wants_swarm"]
+__all__ = [
+    "SwarmConfig",
+    "SwarmFetch",
+    "read_pieces",
+    "referral_wait",
+    "spreads_by_swarm",
+    "swarm_fetch",
+    "wants_swarm",
+]

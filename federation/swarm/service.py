@@ -61,6 +61,8 @@ class SwarmService:
     def __init__(self, store: Store, limits: SwarmLimits | None = None) -> None:
         self.store = store
         self.limits = limits or SwarmLimits()
+        # what this node's swarm fetches run with (`fetch.SwarmConfig`; None: its defaults)
+        self.fetch_config: Any = None
         self.self_uris: Callable[[], list[str]] = list
         self.peer_uris: Callable[[], list[str]] = list
         # Which addresses may be asked for pieces, or believed in a `have` (a node: its confirmed
@@ -235,6 +237,12 @@ class SwarmService:
         # no header in the stream's schema: the asker has it from the listing, and a referral
         # (an answer without pieces) then costs a few hundred bytes, not the header's kilobytes
         schema = full.remove_metadata()
+        with self._lock:
+            refers_all = all(self._refers(req, i, complete) for i in req.indexes)
+            if refers_all:
+                self.referred += req.count
+        if refers_all:  # answered at once: a referral does not wait for the upload slot
+            return schema, iter(())
         self._take_slot(peer)
 
         def stream() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from loraflight.errors import PeerError
+from loraflight.errors import BusyError, PeerError
 from loraflight.federation.client import Client
 from loraflight.federation.protocol import PROTOCOL_VERSION
 from loraflight.federation.server import CardServer
@@ -25,6 +25,7 @@ from loraflight.federation.swarm import (
     SchedulerConfig,
     SwarmConfig,
     SwarmFetch,
+    SwarmLimits,
     parse_piece_ticket,
     piece_ticket,
     read_pieces,
@@ -293,3 +294,17 @@ def test_sync_uses_the_swarm_for_format_2_and_fetches_others_whole(fleet: Any) -
 def _listed_by_name(f: Fleet, name: str) -> Any:
     with Client(f.uris[0]) as c:
         return next(e for e in c.list() if e.name == name)
+
+
+def test_a_referral_is_answered_at_once_even_when_every_upload_slot_is_taken(fleet: Any) -> None:
+    f = fleet(3)
+    card = pieced_card(pieces=3)
+    f.stores[0].add(card, published=True)
+    entry = _listed(f)
+    swarm_fetch(f.servers[1].swarm, entry, f.connect(1), locations=[f.uris[0]], config=FAST)
+    # no upload slot is ever free on the origin now: a piece it must send is refused as busy
+    f.servers[0].swarm.limits = SwarmLimits(max_uploads=0, upload_wait_s=0.0)
+    origin = f.connect(2)(f.uris[0])
+    assert read_pieces(origin, piece_ticket(card.digest, 0, 1), timeout=5.0, limit=1) == []  # referred
+    with pytest.raises(BusyError):  # as its last holder it must send the piece: that needs a slot
+        read_pieces(origin, piece_ticket(card.digest, 0, 1, last=True), timeout=5.0, limit=1)
