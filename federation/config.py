@@ -210,6 +210,11 @@ class SwarmKeysConfig:
     upload_wait: float = _f(
         0.25, "seconds a piece request waits for a free upload slot before it is answered 'busy'"
     )
+    origin_extra: float = _f(
+        0.25,
+        "share of a card a publishing node sends again once it has sent every piece (0 .. 0.5: it sends at "
+        "most 1 + this card sizes, besides pieces asked of it as the last holder)",
+    )
     fetch_concurrency: int = _f(4, "piece requests one swarm fetch has in flight, to different holders")
     fetch_per_peer: int = _f(1, "piece requests one swarm fetch has in flight to one holder")
     referral_wait: float = _f(

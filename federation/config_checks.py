@@ -246,6 +246,8 @@ def swarm_problems(cfg: NodeConfig) -> list[str]:
         p.append(
             f"swarm.upload_wait: {sw.upload_wait} must be 0 .. 5 seconds, well below a piece's 10 s deadline"
         )
+    if not 0 <= sw.origin_extra <= 0.5:
+        p.append(f"swarm.origin_extra: {sw.origin_extra} must be 0 .. 0.5 (a share of the card)")
     if not 0 <= sw.referral_wait <= 60:
         p.append(f"swarm.referral_wait: {sw.referral_wait} must be 0 .. 60 seconds")
     return p

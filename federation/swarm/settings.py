@@ -31,7 +31,10 @@ def settings(cfg: Any) -> Settings:
         raise ConfigError("invalid swarm settings:\n  " + "\n  ".join(bad))
     sw = cfg.swarm
     limits = SwarmLimits(
-        max_uploads=sw.max_uploads, max_uploads_per_peer=sw.max_uploads_per_peer, upload_wait_s=sw.upload_wait
+        max_uploads=sw.max_uploads,
+        max_uploads_per_peer=sw.max_uploads_per_peer,
+        upload_wait_s=sw.upload_wait,
+        origin_extra=sw.origin_extra,
     )
     sched = dataclasses.replace(
         SchedulerConfig(),

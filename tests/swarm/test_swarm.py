@@ -308,3 +308,19 @@ def test_a_referral_is_answered_at_once_even_when_every_upload_slot_is_taken(fle
     assert read_pieces(origin, piece_ticket(card.digest, 0, 1), timeout=5.0, limit=1) == []  # referred
     with pytest.raises(BusyError):  # as its last holder it must send the piece: that needs a slot
         read_pieces(origin, piece_ticket(card.digest, 0, 1, last=True), timeout=5.0, limit=1)
+
+
+def test_an_origin_sends_a_few_pieces_again_only_after_it_has_sent_every_piece_once(fleet: Any) -> None:
+    f = fleet(3)
+    card = pieced_card(pieces=4)
+    f.stores[0].add(card, published=True)
+    f.servers[0].swarm.limits = SwarmLimits(origin_extra=0.5)  # 2 of 4 pieces again
+    origin = f.connect(2)(f.uris[0])
+
+    def ask(i: int) -> int:
+        return len(read_pieces(origin, piece_ticket(card.digest, i, 1), timeout=5.0, limit=1))
+
+    assert [ask(0), ask(1), ask(0)] == [1, 1, 0]  # piece 0 went out already, pieces 2 and 3 not yet
+    assert [ask(2), ask(3)] == [1, 1]
+    assert [ask(0), ask(1), ask(2)] == [1, 1, 0]  # every piece went out: two more, then it refers
+    assert f.servers[0].swarm.status()["pieces_sent"][card.digest] == 6
