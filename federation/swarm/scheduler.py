@@ -18,7 +18,8 @@ sockets; `fetch` applies them).
   verify, stalled mid-piece, or left out a piece it was asked for with ``last``; also one that
   failed `max_errors` times otherwise (unreachable).
 - **Endgame**: only when every missing piece is in flight, a piece in flight from one holder
-  is asked of a second (the first to verify wins; the fetch cancels the other: `cancelled`).
+  is asked of a second that is not an origin (the first to verify wins; the fetch cancels
+  the other: `cancelled`).
 """
 
 from __future__ import annotations
@@ -178,10 +179,11 @@ class PieceScheduler:
                     return req
             return None
         # endgame: every missing piece is in flight; ask a second holder for one asked of only one
+        # (never an origin: a copy it streams counts against its 1.5 card sizes, cancelled or not)
         flying = [i for i in self.missing if len(self.inflight.get(i, ())) == 1]
         self.rng.shuffle(flying)
         for i in flying:
-            req = self._pick_peer(i, now, set(self.inflight[i]))
+            req = self._pick_peer(i, now, set(self.inflight[i]) | self.origins)
             if req is not None:
                 return dataclasses.replace(req, duplicate=True)
         return None
