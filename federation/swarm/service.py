@@ -18,6 +18,7 @@ once, without a slot.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -190,7 +191,17 @@ class SwarmService:
             part = self._partials.get(digest)
         if part is None:
             raise CardNotFound(f"no card or partial card with digest {digest[:16]}… here")
-        return part.schema, part.batch, 0
+
+        def batch_of(i: int) -> Any:
+            # a fetch that ends while this stream waits for its slot commits the card and drops
+            # its pieces: the piece is served from the store then, not left out
+            b = part.batch(i)
+            if b is None and self.store.entry_exists(digest):
+                with contextlib.suppress(CardNotFound, IndexError):
+                    b = mapped(digest).batches[i]
+            return b
+
+        return part.schema, batch_of, 0
 
     def _take_slot(self, peer: str) -> None:
         deadline = time.monotonic() + self.limits.upload_wait_s

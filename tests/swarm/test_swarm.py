@@ -324,3 +324,21 @@ def test_an_origin_sends_a_few_pieces_again_only_after_it_has_sent_every_piece_o
     assert [ask(2), ask(3)] == [1, 1]
     assert [ask(0), ask(1), ask(2)] == [1, 1, 0]  # every piece went out: two more, then it refers
     assert f.servers[0].swarm.status()["pieces_sent"][card.digest] == 6
+
+
+def test_a_piece_asked_of_a_fetch_that_commits_meanwhile_comes_from_the_store(fleet: Any) -> None:
+    f = fleet(2)
+    card = pieced_card(pieces=3)
+    entry = f.stores[0].add(card, published=True)
+    swarm = f.servers[1].swarm
+    partial = PartialCard(f.stores[1], _listed(f))
+    assert swarm.register(partial, fetch=None) is None
+    partial.add(0, card.batches[0])
+    req = parse_piece_ticket(piece_ticket(card.digest, 0, 1))
+    assert req is not None
+    _schema, stream = swarm.serve(req, "10.0.0.9", f.stores[1].get)  # answered from the partial card
+    f.stores[1].add(card)  # the fetch commits and drops its pieces before the stream runs
+    partial.discard()
+    swarm.unregister(entry.digest)
+    sent = list(stream)
+    assert len(sent) == 1 and sent[0][0].num_rows == card.batches[0].num_rows
