@@ -228,20 +228,30 @@ def validate(cfg: NodeConfig) -> list[str]:
     return p
 
 
+def range_problems(section: str, keys: object, bounds: Iterable[tuple[str, int, int]]) -> list[str]:
+    """One line per integer key of a config section (`keys`) outside its (name, low, high)."""
+    out = []
+    for name, low, high in bounds:
+        v = getattr(keys, name)
+        if not low <= v <= high:
+            out.append(f"{section}.{name}: {v} is outside {low}..{high}")
+    return out
+
+
 def swarm_problems(cfg: NodeConfig) -> list[str]:
     """Every problem in the `swarm.*` keys (federation/swarm/settings.py turns them into limits)."""
     sw = cfg.swarm
-    p: list[str] = []
-    for name, low, high in (
-        ("max_uploads", 1, 64),
-        ("max_uploads_per_peer", 1, 64),
-        ("fetch_concurrency", 1, 64),
-        ("fetch_per_peer", 1, 64),
-        ("notify", 0, 1024),
-    ):
-        v = getattr(sw, name)
-        if not low <= v <= high:
-            p.append(f"swarm.{name}: {v} is outside {low}..{high}")
+    p = range_problems(
+        "swarm",
+        sw,
+        (
+            ("max_uploads", 1, 64),
+            ("max_uploads_per_peer", 1, 64),
+            ("fetch_concurrency", 1, 64),
+            ("fetch_per_peer", 1, 64),
+            ("notify", 0, 1024),
+        ),
+    )
     if not 0 <= sw.upload_wait <= 5:  # a fetcher gives a piece at least 10 s (swarm.fetch.SwarmConfig)
         p.append(
             f"swarm.upload_wait: {sw.upload_wait} must be 0 .. 5 seconds, well below a piece's 10 s deadline"
@@ -258,6 +268,7 @@ __all__ = [
     "key_problem",
     "parse_hostport",
     "parse_uri",
+    "range_problems",
     "resolve_keys",
     "swarm_problems",
     "validate",

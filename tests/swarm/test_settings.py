@@ -3,7 +3,6 @@ limits on a node, and a card published on a node notified to `swarm.notify` peer
 
 from __future__ import annotations
 
-import socket
 import uuid
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from loraflight.errors import ConfigError
 from loraflight.federation.config import load_config
 from loraflight.federation.node import Node
 from loraflight.federation.swarm.settings import settings
-from loraflight.testing import node_config, wait_for
+from loraflight.testing import free_ports, node_config, wait_for
 
 from .cards import pieced_card
 
@@ -60,16 +59,6 @@ def test_swarm_keys_become_the_limits_a_fetch_and_the_uploads_run_with() -> None
     assert (d.limits.max_uploads, d.fetch.scheduler.total, d.notify) == (1, 4, 32)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _notifies(node: Node) -> float:
     return node.metrics.registry.get_sample_value("loraflight_notifies_received_total") or 0.0
 
@@ -80,7 +69,7 @@ def test_a_swarm_card_published_on_a_node_is_notified_to_every_peer_at_once(tmp_
     key = keys.generate()
     pub = keys.public_key_b64(key.public_key())
     fleet = f"sw{uuid.uuid4().hex[:8]}"
-    uris = [f"grpc://127.0.0.1:{p}" for p in _free_ports(4)]
+    uris = [f"grpc://127.0.0.1:{p}" for p in free_ports(4)]
     nodes = []
     try:
         for i, uri in enumerate(uris):
