@@ -225,6 +225,31 @@ class LimitsConfig:
     )
 
 
+# swarm.* (issue 19): the piece swarm's limits (federation/swarm/settings.py applies them)
+@dataclass
+class SwarmKeysConfig:
+    max_uploads: int = _f(1, "piece streams this node sends at once (more requests wait, then get 'busy')")
+    max_uploads_per_peer: int = _f(1, "of those, piece streams to one asking address")
+    upload_wait: float = _f(
+        0.25, "seconds a piece request waits for a free upload slot before it is answered 'busy'"
+    )
+    origin_extra: float = _f(
+        0.25,
+        "share of a card a publishing node sends again once it has sent every piece (0 .. 0.5: it sends at "
+        "most 1 + this card sizes, besides pieces asked of it as the last holder)",
+    )
+    fetch_concurrency: int = _f(4, "piece requests one swarm fetch has in flight, to different holders")
+    fetch_per_peer: int = _f(1, "piece requests one swarm fetch has in flight to one holder")
+    referral_wait: float = _f(
+        1.0,
+        "longest wait, seconds, before a piece a holder referred elsewhere is asked of it again as its "
+        "last holder (the fetch shortens it to 3 piece times)",
+    )
+    notify: int = _f(
+        32, "peers notified at once of a card published here that the swarm spreads (the rest hear by gossip)"
+    )
+
+
 @dataclass
 class NodeConfig:
     store: str = _f("~/.local/share/loraflight", "store directory (cards, index, node identity, epoch)")
@@ -254,6 +279,7 @@ class NodeConfig:
     log: LogConfig = field(default_factory=LogConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    swarm: SwarmKeysConfig = field(default_factory=SwarmKeysConfig)
 
     def get(self, path: str) -> Any:
         obj: Any = self
@@ -550,6 +576,7 @@ __all__ = [
     "MembershipConfig",
     "MetricsConfig",
     "NodeConfig",
+    "SwarmKeysConfig",
     "SyncConfig",
     "TLSConfig",
     "TokensConfig",

@@ -220,19 +220,21 @@ def validate(cfg: NodeConfig) -> list[str]:
     lim = cfg.limits
     if not 1 << 20 <= lim.max_card_bytes <= 1 << 40:
         p.append(f"limits.max_card_bytes: {lim.max_card_bytes} is outside 1 MiB..1 TiB")
-    for name, high in (
-        ("get_slots", 1024),
-        ("gets_per_client", 1024),
-        ("put_slots", 1024),
-        ("puts_per_client", 1024),
-    ):
-        v = getattr(lim, name)
-        if not 1 <= v <= high:
-            p.append(f"limits.{name}: {v} is outside 1..{high}")
+    p += range_problems(
+        "limits",
+        lim,
+        (
+            ("get_slots", 1, 1024),
+            ("gets_per_client", 1, 1024),
+            ("put_slots", 1, 1024),
+            ("puts_per_client", 1, 1024),
+        ),
+    )
     for name in ("get_wait", "stall", "put_idle", "put_deadline", "read_timeout"):
         v = getattr(lim, name)
         if not 0 < v <= 86400:
             p.append(f"limits.{name}: {v} must be > 0 and at most 86400 seconds")
+    p.extend(swarm_problems(cfg))
     # metrics, log
     if not -1 <= cfg.metrics.port <= 65535:
         p.append(f"metrics.port: {cfg.metrics.port} is outside -1..65535 (-1: off)")
@@ -243,4 +245,48 @@ def validate(cfg: NodeConfig) -> list[str]:
     return p
 
 
-__all__ = ["DEFAULT_PORT", "key_problem", "parse_hostport", "parse_uri", "resolve_keys", "validate"]
+def range_problems(section: str, keys: object, bounds: Iterable[tuple[str, int, int]]) -> list[str]:
+    """One line per integer key of a config section (`keys`) outside its (name, low, high)."""
+    out = []
+    for name, low, high in bounds:
+        v = getattr(keys, name)
+        if not low <= v <= high:
+            out.append(f"{section}.{name}: {v} is outside {low}..{high}")
+    return out
+
+
+def swarm_problems(cfg: NodeConfig) -> list[str]:
+    """Every problem in the `swarm.*` keys (federation/swarm/settings.py turns them into limits)."""
+    sw = cfg.swarm
+    p = range_problems(
+        "swarm",
+        sw,
+        (
+            ("max_uploads", 1, 64),
+            ("max_uploads_per_peer", 1, 64),
+            ("fetch_concurrency", 1, 64),
+            ("fetch_per_peer", 1, 64),
+            ("notify", 0, 1024),
+        ),
+    )
+    if not 0 <= sw.upload_wait <= 5:  # a fetcher gives a piece at least 10 s (swarm.fetch.SwarmConfig)
+        p.append(
+            f"swarm.upload_wait: {sw.upload_wait} must be 0 .. 5 seconds, well below a piece's 10 s deadline"
+        )
+    if not 0 <= sw.origin_extra <= 0.5:
+        p.append(f"swarm.origin_extra: {sw.origin_extra} must be 0 .. 0.5 (a share of the card)")
+    if not 0 <= sw.referral_wait <= 60:
+        p.append(f"swarm.referral_wait: {sw.referral_wait} must be 0 .. 60 seconds")
+    return p
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "key_problem",
+    "parse_hostport",
+    "parse_uri",
+    "range_problems",
+    "resolve_keys",
+    "swarm_problems",
+    "validate",
+]

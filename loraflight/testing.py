@@ -51,6 +51,20 @@ def wait_for(
         time.sleep(interval)
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` TCP ports on 127.0.0.1 that were free a moment ago (for nodes that must know each
+    other's addresses before they start)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 # ------------------------------------------------------------------ cards
 
 
@@ -469,6 +483,7 @@ __all__ = [
     "TINY_BASE",
     "TOKEN",
     "Lab",
+    "free_ports",
     "make_ca",
     "make_card",
     "new_signer",

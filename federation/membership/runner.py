@@ -165,12 +165,12 @@ class Membership:
     def _confirmed_live(self) -> list[Peer]:
         return self.peers.syncable()  # live and believed: confirmed, or mDNS in an open fleet
 
-    def local_change(self, epoch: int) -> list[Peer]:
+    def local_change(self, epoch: int, fanout: int = 0) -> list[Peer]:
         """This node's catalog changed: gossip the epoch; the peers to `notify` at once (a random
-        `fanout` of the live ones, confirmed first) are returned."""
+        `fanout` of the live ones, confirmed first; `fanout` 0: the membership's) are returned."""
         with self._lock:
             self.swim.set_epoch(epoch)
-        fanout = self.settings.params.fanout
+        fanout = max(fanout, self.settings.params.fanout)
         confirmed = self._confirmed_live()
         picked = self._rng.sample(confirmed, min(fanout, len(confirmed)))
         if len(picked) < fanout:

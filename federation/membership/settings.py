@@ -7,6 +7,7 @@ from typing import Any
 
 from loraflight.errors import ConfigError
 
+from ..config_checks import range_problems
 from .swim import SwimParams
 
 
@@ -28,15 +29,11 @@ def problems(cfg: Any) -> list[str]:
             p.append(f"membership.{name}: {v} must be > 0 and at most 86400")
     if not 0 <= m.probe_timeout <= 86400:
         p.append(f"membership.probe_timeout: {m.probe_timeout} must be 0 (intervals.health_timeout) or > 0")
-    for name, low, high in (
-        ("probes", 1, 64),
-        ("indirect", 0, 64),
-        ("fanout", 1, 64),
-        ("retransmit_mult", 1, 64),
-    ):
-        v = getattr(m, name)
-        if not low <= v <= high:
-            p.append(f"membership.{name}: {v} is outside {low}..{high}")
+    p += range_problems(
+        "membership",
+        m,
+        (("probes", 1, 64), ("indirect", 0, 64), ("fanout", 1, 64), ("retransmit_mult", 1, 64)),
+    )
     return p
 
 

@@ -46,6 +46,8 @@ from ..peers import Peer, PeerTable
 from ..protocol import PROTOCOL_VERSION, CatalogEntry
 from ..security import ClientTLS, ServerTLS
 from ..store import Store
+from ..swarm.fetch import spreads_by_swarm
+from ..swarm.settings import settings as swarm_settings
 from . import loops
 from .addresses import derive_locations
 from .bounds import server_limits
@@ -113,6 +115,7 @@ class Node:
         self._exporter: Exporter | None = None
         self._pusher: Any = None  # serving.push.Pusher while api.push is set
         self.membership: Membership | None = None  # SWIM (membership.enabled)
+        self._swarm_notify = 0  # peers told at once of a swarm card published here (swarm.notify)
         self._stop = threading.Event()
         self._wake_peers = threading.Event()
         self._sync = loops.SyncLoop(
@@ -241,6 +244,7 @@ class Node:
         # Before the server: a card published while the model loads is queued for the events loop.
         self._unsubscribe = self.store.subscribe(self._on_store_event)
         listen_port = urlsplit(cfg.listen).port or 0
+        swarm = swarm_settings(cfg)
         self.server = NodeServer(
             NodeView(
                 loaded=self.loaded,
@@ -263,7 +267,10 @@ class Node:
             peer_locations=self._peer_locations,
             exchange=self._exchange,
             limits=server_limits(cfg),
+            swarm_limits=swarm.limits,
         )
+        self.server.swarm.fetch_config = swarm.fetch
+        self._swarm_notify = swarm.notify
         if not cfg.advertise and not listen_port:
             self.server.use_locations(self._derive_locations(self.server.port))
         # the swarm tells every live peer which pieces it holds while it fetches
@@ -559,8 +566,13 @@ class Node:
             epoch = self.store.epoch
             if self.discovery is not None:
                 self.discovery.update_epoch(epoch)  # non-blocking: runs on the mDNS loop
-            # non-blocking: runs on the I/O pool; with membership, `fanout` peers only (gossip does the rest)
-            self._notify_peers(epoch, self.membership.local_change(epoch) if self.membership else None)
+            # non-blocking: runs on the I/O pool; with membership, `fanout` peers only (gossip does the
+            # rest), but a card published here that the swarm spreads goes to many at once (every
+            # fetcher starts while the origin sends its first pieces, none waits for gossip)
+            wide = (
+                self._swarm_notify if event == "added" and entry.published and spreads_by_swarm(entry) else 0
+            )
+            self._notify_peers(epoch, self.membership.local_change(epoch, wide) if self.membership else None)
         self._events.put(event, entry)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:

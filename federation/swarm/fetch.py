@@ -84,6 +84,8 @@ class SwarmFetch:
         self._error: LoraflightError | None = None
         self._announcing: set[str] = set()  # peers a have is being sent to now
         self._latest: dict[str, HaveItem] = {}  # the newest have not yet sent, per peer
+        self._readers: dict[tuple[str, int], Any] = {}  # (peer, piece) -> its open piece stream
+        self._cancelled: set[tuple[str, int]] = set()  # requests ended here: a copy came first
         self.avoided: dict[str, str] = {}
 
     # -- from other threads
@@ -193,6 +195,10 @@ class SwarmFetch:
                 for f in done:
                     req = futures.pop(f)
                     outcome, batch, detail = f.result()
+                    with self._lock:
+                        if (req.peer, req.piece) in self._cancelled and outcome != "ok":
+                            outcome = "cancelled"
+                        self._cancelled.discard((req.peer, req.piece))
                     outcomes[outcome] = outcomes.get(outcome, 0) + 1
                     now = time.monotonic()
                     t_req = began.pop(f, now)
@@ -202,6 +208,7 @@ class SwarmFetch:
                         path, mapped = batch
                         if sched.finished(req, "ok", now) and partial.keep(req.piece, path, mapped):
                             dirty = True
+                            self._cancel_copies(req, futures.values())
                         else:
                             partial.drop(path)
                         continue
@@ -251,12 +258,45 @@ class SwarmFetch:
         self.service.piece_support[uri] = ok
         return ok
 
+    def _cancel_copies(self, got: Request, flying: Iterable[Request]) -> None:
+        """Piece `got.piece` is in: end the other requests for it (endgame copies), so their
+        holders' uplinks go on to pieces someone still needs."""
+        with self._lock:
+            for r in flying:
+                if r.piece == got.piece and r.peer != got.peer:
+                    self._cancelled.add((r.peer, r.piece))
+                    reader = self._readers.get((r.peer, r.piece))
+                    if reader is not None:
+                        with contextlib.suppress(Exception):
+                            reader.cancel()
+
+    def _opened(self, req: Request, reader: Any) -> None:
+        with self._lock:
+            self._readers[(req.peer, req.piece)] = reader
+            cancelled = (req.peer, req.piece) in self._cancelled
+        if cancelled:
+            with contextlib.suppress(Exception):
+                reader.cancel()
+
     def _download(self, partial: PartialCard, req: Request, timeout: float) -> tuple[str, Any, str]:
         """One piece from one holder: (outcome, (piece file, mapped batch) verified or None, detail)."""
+        try:
+            return self._download_one(partial, req, timeout)
+        finally:
+            with self._lock:
+                self._readers.pop((req.peer, req.piece), None)
+
+    def _download_one(self, partial: PartialCard, req: Request, timeout: float) -> tuple[str, Any, str]:
         h = self.entry.header
         try:
             ticket = piece_ticket(h.digest, req.piece, 1, last=req.last)
-            chunks = read_pieces(self.connect(req.peer), ticket, timeout=timeout, limit=1)
+            chunks = read_pieces(
+                self.connect(req.peer),
+                ticket,
+                timeout=timeout,
+                limit=1,
+                opened=lambda r: self._opened(req, r),
+            )
             for meta, batch in chunks:
                 i = parse_piece_metadata(meta)
                 if i != req.piece:
@@ -323,12 +363,17 @@ class SwarmFetch:
             self._announcing.discard(uri)
 
 
-def read_pieces(client: Any, ticket: bytes, *, timeout: float, limit: int) -> list[tuple[Any, Any]]:
+def read_pieces(
+    client: Any, ticket: bytes, *, timeout: float, limit: int, opened: Callable[[Any], None] | None = None
+) -> list[tuple[Any, Any]]:
     """The (app_metadata, batch) chunks answering a piece ticket, at most `limit`, read to the end
-    of the stream (its holder counts what it sent); unverified. Errors map onto ours."""
+    of the stream (its holder counts what it sent); unverified. Errors map onto ours. `opened`
+    gets the stream's reader as soon as it is open (another thread may `cancel()` it)."""
     where = f"{client.uri} do_get pieces"
     try:
         reader = client.do_get(ticket, timeout=timeout)
+        if opened is not None:
+            opened(reader)
         out: list[tuple[Any, Any]] = []
         try:
             for _ in range(limit + 1):
@@ -356,11 +401,17 @@ def referral_wait(took: Sequence[float], config: SwarmConfig) -> float:
     return min(ceiling, max(min(0.2, ceiling), config.referral_pieces * typical))
 
 
+def spreads_by_swarm(entry: CatalogEntry) -> bool:
+    """Whether peers fetch `entry` piece by piece (when more than one may hold it): a format-2
+    card of several pieces."""
+    return entry.header.major >= 2 and len(entry.header.pieces) >= 2
+
+
 def wants_swarm(service: SwarmService | None, entry: CatalogEntry, locations: Sequence[str]) -> bool:
     """Whether `entry` is fetched by the swarm: a format-2 card of several pieces, on a node
     with a swarm, when more than one peer may hold pieces of it (its holders, partial holders
     known, and the node's other peers, which may be fetching it too). Else whole-card."""
-    if service is None or entry.header.major < 2 or len(entry.header.pieces) < 2:
+    if service is None or not spreads_by_swarm(entry):
         return False
     mine = set(service.self_uris())
     if not service.self_uris():
@@ -396,7 +447,16 @@ def swarm_fetch(
     if existing is not None:
         return existing
     holders = dedupe([*locations, *entry.locations])
+    config = config or service.fetch_config
     return SwarmFetch(service, entry, connect, holders=holders, planned=locations, config=config).run()
 
 
-__all__ = ["SwarmConfig", "SwarmFetch", "read_pieces", "referral_wait", "swarm_fetch", "wants_swarm"]
+__all__ = [
+    "SwarmConfig",
+    "SwarmFetch",
+    "read_pieces",
+    "referral_wait",
+    "spreads_by_swarm",
+    "swarm_fetch",
+    "wants_swarm",
+]

@@ -4,8 +4,11 @@ sockets; `fetch` applies them).
 - **Rarest first, random among equals**: of the pieces still missing and not in flight, one
   held by the fewest holders known, ties broken by the scheduler's `random.Random`.
 - **Spread the load**: among a piece's holders, a random one of those that are not an
-  origin (the holders that had the whole card when the fetch started); an origin only when
-  no other holder known has the piece.
+  origin (the holders that had the whole card when the fetch started) and are free now; an
+  origin only when no other holder has the piece or every other holder of it answered
+  'busy' just now, and never as its `last` holder while another holder has the piece (an
+  origin refers a piece it sent until it has sent every piece once, then sends a few again:
+  `SwarmLimits.origin_extra`).
 - **Bounded**: at most `per_peer` requests in flight to one holder and `total` in all.
 - **Refusals**: a holder that leaves a piece out (it refers the asker elsewhere) is not asked
   for it again for `referral_wait_s`, and then with ``last`` set (it must serve it or is
@@ -15,7 +18,8 @@ sockets; `fetch` applies them).
   verify, stalled mid-piece, or left out a piece it was asked for with ``last``; also one that
   failed `max_errors` times otherwise (unreachable).
 - **Endgame**: only when every missing piece is in flight, a piece in flight from one holder
-  is asked of a second (the first to verify wins).
+  is asked of a second that is not an origin (the first to verify wins; the fetch cancels
+  the other: `cancelled`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import dataclasses
 import random
 from collections.abc import Iterable
 
-OUTCOMES = ("ok", "missing", "busy", "bad", "stall", "error")
+OUTCOMES = ("ok", "missing", "busy", "bad", "stall", "error", "cancelled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +132,22 @@ class PieceScheduler:
         return t is None or now - t >= self.referral_wait_s
 
     def _pick_peer(self, piece: int, now: float, exclude: set[str]) -> Request | None:
-        holders = [p for p in self.holders_of(piece) if p not in exclude]
+        every = self.holders_of(piece)
+        holders = [p for p in every if p not in exclude]
         others = [p for p in holders if p not in self.origins]
-        pool = others if others else holders  # an origin only when nobody else has the piece
-        free = [p for p in pool if self._free(p, piece, now)]
+        free = [p for p in others if self._free(p, piece, now)]
+        if not free and all(self.busy_until.get(p, 0.0) > now for p in others):
+            # an origin only when every other holder of the piece answered 'busy' just now (not
+            # while one serves us something else or must answer for a piece it left out), and
+            # never as its last holder while another holder has it (that one serves it later)
+            others_hold = any(p not in self.origins for p in every)
+            free = [
+                p
+                for p in holders
+                if p in self.origins
+                and self._free(p, piece, now)
+                and not (others_hold and (p, piece) in self.refused)
+            ]
         if not free:
             return None
         peer = self.rng.choice(sorted(free))
@@ -163,10 +179,11 @@ class PieceScheduler:
                     return req
             return None
         # endgame: every missing piece is in flight; ask a second holder for one asked of only one
+        # (never an origin: a copy it streams counts against its 1.5 card sizes, cancelled or not)
         flying = [i for i in self.missing if len(self.inflight.get(i, ())) == 1]
         self.rng.shuffle(flying)
         for i in flying:
-            req = self._pick_peer(i, now, set(self.inflight[i]))
+            req = self._pick_peer(i, now, set(self.inflight[i]) | self.origins)
             if req is not None:
                 return dataclasses.replace(req, duplicate=True)
         return None
@@ -186,6 +203,8 @@ class PieceScheduler:
             if not flying:
                 del self.inflight[req.piece]
         self.peer_load[req.peer] = max(0, self.peer_load.get(req.peer, 0) - 1)
+        if outcome == "cancelled":  # the fetch ended it: another copy of the piece came first
+            return False
         if outcome == "ok":
             new = req.piece not in self.have
             self.have.add(req.piece)

@@ -7,13 +7,18 @@ Upload rules (docs/protocol.md, "Swarm"): at most `max_uploads` piece streams at
 A node holding the whole card leaves a piece out of its answer (the asker goes elsewhere)
 once it is sending or has sent that piece to anyone, unless the ticket is marked ``last``
 (the asker has no other holder left for it): such a ticket is answered 'busy' while the
-piece is on its way to another peer, and served otherwise. So an origin sends each piece about once and the
-fleet sends the copies. A node that got the card through the swarm (a copy) serves every
-asker (`fetched`). A request waits up to `upload_wait_s` for a free slot before 'busy'.
+piece is on its way to another peer, and served otherwise. So an origin sends each piece about
+once and the fleet sends the copies; once it has sent every piece, it sends up to
+`origin_extra` of the card again (fetchers ask an origin only when no other holder of the
+piece is free: its uplink, idle by then, helps with the last pieces). A node that got the
+card through the swarm (a copy) serves every asker (`fetched`). A request waits up to
+`upload_wait_s` for a free slot before 'busy'; a referral (nothing to send) is answered at
+once, without a slot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -45,6 +50,9 @@ class SwarmLimits:
     # a request waits this long for a free upload slot before 'busy': the uplink goes on to
     # the next piece at once instead of idling until some asker retries
     upload_wait_s: float = 0.25
+    # an origin that has sent every piece of a card once sends up to this share of the card again
+    # (to askers whose other holders of a piece are all busy): its idle uplink helps in the tail
+    origin_extra: float = 0.25
 
 
 class _Uploads:
@@ -61,6 +69,8 @@ class SwarmService:
     def __init__(self, store: Store, limits: SwarmLimits | None = None) -> None:
         self.store = store
         self.limits = limits or SwarmLimits()
+        # what this node's swarm fetches run with (`fetch.SwarmConfig`; None: its defaults)
+        self.fetch_config: Any = None
         self.self_uris: Callable[[], list[str]] = list
         self.peer_uris: Callable[[], list[str]] = list
         # Which addresses may be asked for pieces, or believed in a `have` (a node: its confirmed
@@ -167,20 +177,31 @@ class SwarmService:
         return out
 
     # -- serving
-    def _card_batches(self, digest: str, mapped: Callable[[str], LoRACard]) -> tuple[Any, Any, bool]:
-        """(schema, batch-of-piece function, complete) of what this node holds of `digest`."""
+    def _card_batches(self, digest: str, mapped: Callable[[str], LoRACard]) -> tuple[Any, Any, int]:
+        """(schema, batch-of-piece function, pieces when complete else 0) of what this node holds
+        of `digest`."""
         if self.store.entry_exists(digest):
             try:
                 card = mapped(digest)
                 batches = card.batches
-                return batches[0].schema, lambda i: batches[i] if i < len(batches) else None, True
+                return batches[0].schema, lambda i: batches[i] if i < len(batches) else None, len(batches)
             except CardNotFound:
                 pass
         with self._lock:
             part = self._partials.get(digest)
         if part is None:
             raise CardNotFound(f"no card or partial card with digest {digest[:16]}… here")
-        return part.schema, part.batch, False
+
+        def batch_of(i: int) -> Any:
+            # a fetch that ends while this stream waits for its slot commits the card and drops
+            # its pieces: the piece is served from the store then, not left out
+            b = part.batch(i)
+            if b is None and self.store.entry_exists(digest):
+                with contextlib.suppress(CardNotFound, IndexError):
+                    b = mapped(digest).batches[i]
+            return b
+
+        return part.schema, batch_of, 0
 
     def _take_slot(self, peer: str) -> None:
         deadline = time.monotonic() + self.limits.upload_wait_s
@@ -209,17 +230,23 @@ class SwarmService:
                 self._per_peer[peer] = n
             self._lock.notify_all()
 
-    def _refers(self, req: PieceRequest, i: int, complete: bool) -> bool:
-        """Whether a complete holder leaves piece `i` out: it is sending it or sent it to another
-        peer (the asker goes to whoever got it); never for a ticket marked `last`, which `serve`
-        answers 'busy' instead while the piece is on its way elsewhere, nor for a card this node
-        got through the swarm (only an origin spares its uplink: a copy that referred every
-        asker it had served once would leave the last fetchers waiting on referrals). Caller
-        holds the lock."""
+    def _refers(self, req: PieceRequest, i: int, complete: int) -> bool:
+        """Whether a complete holder (of `complete` pieces; 0: a partial one) leaves piece `i`
+        out: it is sending it, or sent it to another peer (the asker goes to whoever got it)
+        unless every piece has gone out once and its extra sends stay within `origin_extra` of
+        the card; never for a ticket marked `last`, which `serve` answers 'busy' instead while
+        the piece is on its way elsewhere, nor for a card this node got through the swarm (only
+        an origin spares its uplink: a copy that referred every asker it had served once would
+        leave the last fetchers waiting on referrals). Caller holds the lock."""
         up = self._uploads.get(req.digest)
         if not complete or up is None or req.last or req.digest in self._copies:
             return False
-        return bool(up.sending.get(i) or up.sent.get(i))
+        if up.sending.get(i):
+            return True
+        if not up.sent.get(i):
+            return False
+        extra = sum(up.sent.values()) - len(up.sent)
+        return len(up.sent) < complete or extra >= int(complete * self.limits.origin_extra)
 
     def serve(
         self, req: PieceRequest, peer: str, mapped: Callable[[str], LoRACard]
@@ -235,6 +262,12 @@ class SwarmService:
         # no header in the stream's schema: the asker has it from the listing, and a referral
         # (an answer without pieces) then costs a few hundred bytes, not the header's kilobytes
         schema = full.remove_metadata()
+        with self._lock:
+            refers_all = all(self._refers(req, i, complete) for i in req.indexes)
+            if refers_all:
+                self.referred += req.count
+        if refers_all:  # answered at once: a referral does not wait for the upload slot
+            return schema, iter(())
         self._take_slot(peer)
 
         def stream() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:

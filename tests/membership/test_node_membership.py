@@ -4,7 +4,6 @@ leaving, untrusted gossip ignored, bounded bodies, and a peer without the action
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from loraflight.engine import keys
 from loraflight.errors import LoraflightError
 from loraflight.federation.membership import ACTION_PING, SwimClient
 from loraflight.federation.node import Node
-from loraflight.testing import node_config, tiny_card, wait_for
+from loraflight.testing import free_ports, node_config, tiny_card, wait_for
 
 FAST = {
     "discovery.enabled": False,
@@ -23,16 +22,6 @@ FAST = {
     "membership.sync_interval": 1.0,
     "membership.suspicion_mult": 3.0,
 }
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _members(node: Node) -> dict[str, dict[str, Any]]:
@@ -48,7 +37,7 @@ def signer() -> tuple[object, str]:
 
 def _mesh(tmp_path: Path, n: int, pub: str, **extra: Any) -> list[Node]:
     fleet = f"m{uuid.uuid4().hex[:8]}"
-    ports = _free_ports(n)
+    ports = free_ports(n)
     uris = [f"grpc://127.0.0.1:{p}" for p in ports]
     nodes = []
     for i in range(n):

@@ -46,6 +46,7 @@ def key_values(key: Key, files: dict[str, Any]) -> list[Any]:
         "tokens.write": [["w" * 16], ["x" * 16], ["y" * 16]],
         "tokens.read": [["r" * 16], ["s" * 16], ["t" * 16]],
         "limits.max_card_bytes": [1 << 20, 1 << 30, 1 << 33],
+        "swarm.origin_extra": [0.1, 0.2, 0.5],
         "api.push": [
             ["vllm+http://127.0.0.1:8000"],
             ["sglang+http://10.0.0.2:30000"],

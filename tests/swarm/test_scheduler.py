@@ -216,3 +216,31 @@ def test_the_referral_wait_follows_the_piece_times_seen_within_its_bounds() -> N
     s.referral_wait_s = 0.3
     assert s.next_requests(0.2) == []
     assert s.next_requests(0.31) == [Request("a", 0, last=True)]
+
+
+def test_an_origin_is_asked_when_no_other_holder_is_free_but_never_as_last_while_one_has_it() -> None:
+    s = sched(2, total=2, retry_after_s=1.0, referral_wait_s=0.5)
+    s.add_holder("origin", range(2), origin=True)
+    s.add_holder("a", [0])
+    r1, r2 = s.next_requests(0.0)
+    assert {(r1.peer, r1.piece), (r2.peer, r2.piece)} == {("a", 0), ("origin", 1)}
+    to_a, to_origin = (r1, r2) if r1.peer == "a" else (r2, r1)
+    s.finished(to_origin, "ok", 0.1)
+    s.finished(to_a, "busy", 0.1)  # `a` is busy for a second
+    (req,) = s.next_requests(0.2)
+    assert (req.peer, req.piece, req.last) == ("origin", 0, False)  # a's piece, of the origin meanwhile
+    s.finished(req, "missing", 0.3)  # it referred us: the piece went to someone else
+    assert s.next_requests(1.0) == []  # past the referral wait, yet `a` is busy: no `last` to the origin
+    assert s.next_requests(1.2) == [Request("a", 0)]  # and no endgame copy of it from the origin as `last`
+
+
+def test_a_cancelled_copy_frees_its_slot_and_leaves_its_holder_in_good_standing() -> None:
+    s = sched(1, per_peer=1, total=2, max_errors=1)
+    s.add_holder("a", [0])
+    s.add_holder("b", [0])
+    first, copy = s.next_requests(0.0)
+    assert copy.duplicate and {first.peer, copy.peer} == {"a", "b"}
+    assert s.finished(first, "ok", 0.1) is True
+    assert s.finished(copy, "cancelled", 0.1) is False
+    assert s.in_flight() == 0 and s.complete
+    assert not s.avoided and not s.busy_until and not s.errors

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from loraflight.errors import PeerError
+from loraflight.errors import BusyError, PeerError
 from loraflight.federation.client import Client
 from loraflight.federation.protocol import PROTOCOL_VERSION
 from loraflight.federation.server import CardServer
@@ -25,6 +25,7 @@ from loraflight.federation.swarm import (
     SchedulerConfig,
     SwarmConfig,
     SwarmFetch,
+    SwarmLimits,
     parse_piece_ticket,
     piece_ticket,
     read_pieces,
@@ -293,3 +294,51 @@ def test_sync_uses_the_swarm_for_format_2_and_fetches_others_whole(fleet: Any) -
 def _listed_by_name(f: Fleet, name: str) -> Any:
     with Client(f.uris[0]) as c:
         return next(e for e in c.list() if e.name == name)
+
+
+def test_a_referral_is_answered_at_once_even_when_every_upload_slot_is_taken(fleet: Any) -> None:
+    f = fleet(3)
+    card = pieced_card(pieces=3)
+    f.stores[0].add(card, published=True)
+    entry = _listed(f)
+    swarm_fetch(f.servers[1].swarm, entry, f.connect(1), locations=[f.uris[0]], config=FAST)
+    # no upload slot is ever free on the origin now: a piece it must send is refused as busy
+    f.servers[0].swarm.limits = SwarmLimits(max_uploads=0, upload_wait_s=0.0)
+    origin = f.connect(2)(f.uris[0])
+    assert read_pieces(origin, piece_ticket(card.digest, 0, 1), timeout=5.0, limit=1) == []  # referred
+    with pytest.raises(BusyError):  # as its last holder it must send the piece: that needs a slot
+        read_pieces(origin, piece_ticket(card.digest, 0, 1, last=True), timeout=5.0, limit=1)
+
+
+def test_an_origin_sends_a_few_pieces_again_only_after_it_has_sent_every_piece_once(fleet: Any) -> None:
+    f = fleet(3)
+    card = pieced_card(pieces=4)
+    f.stores[0].add(card, published=True)
+    f.servers[0].swarm.limits = SwarmLimits(origin_extra=0.5)  # 2 of 4 pieces again
+    origin = f.connect(2)(f.uris[0])
+
+    def ask(i: int) -> int:
+        return len(read_pieces(origin, piece_ticket(card.digest, i, 1), timeout=5.0, limit=1))
+
+    assert [ask(0), ask(1), ask(0)] == [1, 1, 0]  # piece 0 went out already, pieces 2 and 3 not yet
+    assert [ask(2), ask(3)] == [1, 1]
+    assert [ask(0), ask(1), ask(2)] == [1, 1, 0]  # every piece went out: two more, then it refers
+    assert f.servers[0].swarm.status()["pieces_sent"][card.digest] == 6
+
+
+def test_a_piece_asked_of_a_fetch_that_commits_meanwhile_comes_from_the_store(fleet: Any) -> None:
+    f = fleet(2)
+    card = pieced_card(pieces=3)
+    entry = f.stores[0].add(card, published=True)
+    swarm = f.servers[1].swarm
+    partial = PartialCard(f.stores[1], _listed(f))
+    assert swarm.register(partial, fetch=None) is None
+    partial.add(0, card.batches[0])
+    req = parse_piece_ticket(piece_ticket(card.digest, 0, 1))
+    assert req is not None
+    _schema, stream = swarm.serve(req, "10.0.0.9", f.stores[1].get)  # answered from the partial card
+    f.stores[1].add(card)  # the fetch commits and drops its pieces before the stream runs
+    partial.discard()
+    swarm.unregister(entry.digest)
+    sent = list(stream)
+    assert len(sent) == 1 and sent[0][0].num_rows == card.batches[0].num_rows
