@@ -421,9 +421,13 @@ class PieceJob:
             tried.add(i)
             run = runs[i]
             prefix, _, _ = _run_parts(i, pieces[i][0], dt, run)
-            got = hash_scan(prefix, run.flat_a, run.flat_b, dt, lambda _done, i=i: not self._won[i])
+            got = hash_scan(prefix, run.flat_a, run.flat_b, dt, functools.partial(self._still_lost, i))
             if got is not None:
                 self._record(i, *got)
+
+    def _still_lost(self, i: int, _done: int) -> bool:
+        """Should the caller go on hashing piece `i` (no helper's copy has won it yet)?"""
+        return not self._won[i]
 
     def cancel(self) -> None:
         self._cancelled = True
