@@ -474,7 +474,7 @@ class Membership:
         if peer is None:
             self.counts["ignored"] += 1
             stranger = self.peers.get(msg.sender) is None and self.peers.find_uri(msg.uri) is None
-            if msg.fleet == self.fleet and stranger:
+            if msg.fleet == self.fleet and stranger and not self._said_it_left(msg):
                 # Like a notify from a stranger: the peer table health-checks it first.
                 self.peers.add_address("notify", msg.uri)
         extra: dict[str, Any] = {}
@@ -493,6 +493,16 @@ class Membership:
             self.peers.record(peer, uri, PeerInfo(msg.sender, self.fleet, msg.epoch))
         self._apply(events)
         return json.dumps(reply).encode()
+
+    def _said_it_left(self, msg: Message) -> bool:
+        """Is this message from a node that is leaving (its own `left` rides on it, or this table
+        holds it departed at its incarnation)? Such a stranger is not handed to the peer table:
+        a goodbye followed by its last gossip must not bring it back."""
+        if any(n.kind == LEFT and n.node == msg.sender for n in msg.news):
+            return True
+        with self._lock:
+            m = self.swim.members.get(msg.sender)
+        return m is not None and m.state == LEFT and m.incarnation >= msg.incarnation
 
     def _serve_ping_req(self, target: str) -> bool:
         if not target or not self._req_slots.acquire(blocking=False):

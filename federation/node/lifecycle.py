@@ -117,6 +117,7 @@ class Node:
         self.membership: Membership | None = None  # SWIM (membership.enabled)
         self._swarm_notify = 0  # peers told at once of a swarm card published here (swarm.notify)
         self._stop = threading.Event()
+        self._leaving = threading.Event()  # stop() has begun: this node announces itself no more
         self._wake_peers = threading.Event()
         self._sync = loops.SyncLoop(
             config,
@@ -172,6 +173,7 @@ class Node:
         # A node may be started again after stop(): its loops must not see the old stop signal.
         self._stop.clear()
         self._wake_peers.clear()
+        self._leaving.clear()
         root = cfg.store_path
         self.identity = NodeIdentity.load_or_create(root / "identity")
         self.store = Store(
@@ -400,6 +402,7 @@ class Node:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Unregister from mDNS (peers see the goodbye), stop loops, abort transfers, close."""
+        self._leaving.set()  # no hello or notify from here on: a peer must not take us back
         if self.membership is not None and self._started:
             self.membership.leave()  # a few members hear it now; gossip tells the rest
         self._stop.set()
@@ -506,7 +509,7 @@ class Node:
             self.gate.on_notify(peer_uri, source)
 
     def _notify_peers(self, epoch: int, peers: list[Peer] | None = None) -> None:
-        if self.peers is None or self._pool is None or self.server is None:
+        if self.peers is None or self._pool is None or self.server is None or self._leaving.is_set():
             return
         me = self.server.location
         timeout = self.config.intervals.health_timeout

@@ -7,7 +7,7 @@ import json
 import threading
 
 from loraflight.federation.discovery import Announcement
-from loraflight.federation.membership import ACTION_PING, SUSPECT, Membership, News, SwimParams
+from loraflight.federation.membership import ACTION_PING, LEFT, SUSPECT, Membership, News, SwimParams
 from loraflight.federation.membership.settings import Settings
 from loraflight.federation.peers import PeerInfo, PeerTable
 
@@ -73,3 +73,27 @@ def test_a_believed_peer_calling_from_another_address_is_not_believed() -> None:
     m = _membership(_table(open_fleet=True))
     m.handle(ACTION_PING, _ping_from_a_saying_b_is_suspect(), caller="ipv4:10.9.0.66:40000")
     assert m.swim.members["b"].state != SUSPECT
+
+
+def test_a_leaving_stranger_is_not_handed_to_the_peer_table() -> None:
+    """After its mDNS goodbye a stopping node's last ping (carrying its own `left`) must not bring
+    it back as a notify-learnt address."""
+    table = _table(open_fleet=True)
+    m = _membership(table)
+    body = json.dumps(
+        {
+            "from": "z",
+            "inc": 7,
+            "uri": "grpc://10.9.0.9:8815",
+            "epoch": 0,
+            "fleet": "f",
+            "news": [News(LEFT, "z", 7).to_wire()],
+        }
+    ).encode()
+    m.handle(ACTION_PING, body, caller="ipv4:10.9.0.9:40000")
+    assert table.find_uri("grpc://10.9.0.9:8815") is None
+    body = json.dumps(
+        {"from": "y", "inc": 1, "uri": "grpc://10.9.0.8:8815", "epoch": 0, "fleet": "f", "news": []}
+    )
+    m.handle(ACTION_PING, body.encode(), caller="ipv4:10.9.0.8:40000")
+    assert table.find_uri("grpc://10.9.0.8:8815") is not None  # a stranger that stays is checked as before
