@@ -211,10 +211,7 @@ def validate(cfg: NodeConfig) -> list[str]:
         p.append(f"export.path_prefix: {cfg.export.path_prefix!r} must be an absolute path")
     # intervals
     iv = cfg.intervals
-    for name in ("health", "health_timeout", "probe", "poll", "dns"):
-        v = getattr(iv, name)
-        if not (0 < v <= 86400):
-            p.append(f"intervals.{name}: {v} must be > 0 and at most 86400 seconds")
+    p += seconds_problems("intervals", iv, ("health", "health_timeout", "probe", "poll", "dns"))
     if not 1 <= iv.failures <= 1000:
         p.append(f"intervals.failures: {iv.failures} is outside 1..1000")
     lim = cfg.limits
@@ -230,10 +227,7 @@ def validate(cfg: NodeConfig) -> list[str]:
             ("puts_per_client", 1, 1024),
         ),
     )
-    for name in ("get_wait", "stall", "put_idle", "put_deadline", "read_timeout"):
-        v = getattr(lim, name)
-        if not 0 < v <= 86400:
-            p.append(f"limits.{name}: {v} must be > 0 and at most 86400 seconds")
+    p += seconds_problems("limits", lim, ("get_wait", "stall", "put_idle", "put_deadline", "read_timeout"))
     p.extend(swarm_problems(cfg))
     # metrics, log
     if not -1 <= cfg.metrics.port <= 65535:
@@ -252,6 +246,16 @@ def range_problems(section: str, keys: object, bounds: Iterable[tuple[str, int, 
         v = getattr(keys, name)
         if not low <= v <= high:
             out.append(f"{section}.{name}: {v} is outside {low}..{high}")
+    return out
+
+
+def seconds_problems(section: str, keys: object, names: Iterable[str]) -> list[str]:
+    """One line per key of a config section (`keys`) that is not a time in (0, 86400] seconds."""
+    out = []
+    for name in names:
+        v = getattr(keys, name)
+        if not 0 < v <= 86400:
+            out.append(f"{section}.{name}: {v} must be > 0 and at most 86400 seconds")
     return out
 
 
@@ -287,6 +291,7 @@ __all__ = [
     "parse_uri",
     "range_problems",
     "resolve_keys",
+    "seconds_problems",
     "swarm_problems",
     "validate",
 ]
