@@ -43,6 +43,9 @@ class SwarmConfig:
     piece_timeout_s: float = 10.0  # a piece stream that takes longer stalled (at least this)
     min_rate: float = 1e6  # bytes/s: big pieces get bytes / min_rate seconds if that is longer
     idle_timeout_s: float = 30.0  # no holder for a missing piece this long: the fetch fails
+    # no piece landed this long although holders are known (each answers busy or refers, or its
+    # slots are held): the fetch fails, and sync fetches the card whole instead
+    progress_timeout_s: float = 20.0
     fetch_timeout_s: float = 600.0
     announce_every_s: float = 0.05  # haves to peers at most this often
     max_announce: int = 32  # peers told per announcement
@@ -155,7 +158,7 @@ class SwarmFetch:
         piece_bytes = max(1, self.entry.size // n)
         timeout = max(cfg.piece_timeout_s, 1.2 * piece_bytes / cfg.min_rate)
         start = time.monotonic()
-        idle_since = start
+        idle_since = last_piece = start
         pool = cf.ThreadPoolExecutor(cfg.scheduler.total + 1, thread_name_prefix="ThreadPoolExecutor-swarm")
         futures: dict[cf.Future[tuple[str, Any, str]], Request] = {}
         dirty, last_told = False, 0.0
@@ -169,6 +172,13 @@ class SwarmFetch:
                     raise PeerError(f"{self.entry.ref}: the node is stopping; swarm fetch abandoned")
                 if now - start > cfg.fetch_timeout_s:
                     raise PeerError(f"{self.entry.ref}: swarm fetch ran past {cfg.fetch_timeout_s:.0f} s")
+                if now - last_piece > cfg.progress_timeout_s:
+                    raise PeerError(
+                        f"{self.entry.ref}: no piece arrived in {cfg.progress_timeout_s:.0f} s from "
+                        f"{len(sched.holders)} holders (requests: "
+                        + (" ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) or "none")
+                        + ")"
+                    )
                 with self._lock:
                     news, self._news = self._news, []
                 for peer, pieces, origin in news:
@@ -207,7 +217,7 @@ class SwarmFetch:
                         sched.referral_wait_s = referral_wait(took, cfg)
                         path, mapped = batch
                         if sched.finished(req, "ok", now) and partial.keep(req.piece, path, mapped):
-                            dirty = True
+                            dirty, last_piece = True, now
                             self._cancel_copies(req, futures.values())
                         else:
                             partial.drop(path)

@@ -3,6 +3,7 @@ peers that corrupt, stall or lie about pieces (hostile pyarrow.flight servers wr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -342,3 +343,19 @@ def test_a_piece_asked_of_a_fetch_that_commits_meanwhile_comes_from_the_store(fl
     swarm.unregister(entry.digest)
     sent = list(stream)
     assert len(sent) == 1 and sent[0][0].num_rows == card.batches[0].num_rows
+
+
+def test_a_fetch_that_gets_no_piece_for_its_progress_timeout_gives_up(fleet: Any) -> None:
+    """Holders that answer every piece ticket 'busy' (their upload slots never free) end the swarm
+    fetch after `progress_timeout_s` with a clear error (sync then fetches the card whole), not
+    after the whole fetch deadline."""
+    f = fleet(3)
+    card = pieced_card(pieces=3)
+    for i in (0, 1):
+        f.stores[i].add(card, published=True)
+        f.servers[i].swarm.limits = SwarmLimits(max_uploads=0, upload_wait_s=0.0)
+    entry = _listed(f)
+    cfg = dataclasses.replace(FAST, progress_timeout_s=1.0)
+    with pytest.raises(PeerError, match="no piece arrived in 1 s from 2 holders"):  # not "ran past 60 s"
+        swarm_fetch(f.servers[2].swarm, entry, f.connect(2), locations=f.uris[:2], config=cfg)
+    assert card.digest not in f.stores[2]
