@@ -3,7 +3,6 @@ with the key named (the real console script for the CLI)."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
@@ -27,11 +26,11 @@ def test_default_keys_are_the_built_in_bounds() -> None:
     assert client_bounds(cfg) == {"read_timeout": READ_TIMEOUT_S, "max_card_bytes": MAX_CARD_BYTES}
 
 
-def test_a_node_refuses_a_card_over_its_configured_size(tmp_path: Path) -> None:
+def test_a_node_refuses_a_card_over_its_configured_size(tmp_path: Path, fleet: str) -> None:
     token = "limits-write-token-0123"
     flags = {"discovery.enabled": False, "limits.max_card_bytes": 1 << 20, "limits.get_slots": 2,
              "tokens.write": [token]}  # fmt: skip
-    with Node(node_config(tmp_path / "n", f"lim{uuid.uuid4().hex[:8]}", **flags)) as n:
+    with Node(node_config(tmp_path / "n", fleet, **flags)) as n:
         assert n.server is not None and n.server.limits.max_concurrent_gets == 2
         with Client(n.uri, token) as c:
             c.publish(make_card("small", 1, nbytes=64 << 10))

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,6 @@ from loraflight.federation.node import Node
 from loraflight.testing import TINY_BASE, node_config, tiny_card, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def fleet() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def signer() -> tuple[object, str]:
-    k = keys.generate()
-    return k, keys.public_key_b64(k.public_key())
 
 
 def _engine() -> Engine:

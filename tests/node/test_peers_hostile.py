@@ -31,17 +31,6 @@ PEER_TOKEN = "peer-token-0123456789"
 
 
 @pytest.fixture
-def fleet() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def signer() -> tuple[object, str]:
-    k = keys.generate()
-    return k, keys.public_key_b64(k.public_key())
-
-
-@pytest.fixture
 def servers(tmp_path: Path):
     """make(name, cls=CardServer, **kw) -> a server on 127.0.0.1:0 over its own store."""
     made: list[tuple[CardServer, Store]] = []

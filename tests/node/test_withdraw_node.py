@@ -9,7 +9,6 @@ import logging
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,6 @@ from loraflight.federation.withdrawal import new_withdrawal
 from loraflight.testing import TINY_BASE, node_config, tiny_card, wait_for
 
 TOKEN = "withdraw-node-token-0123456789"
-
-
-@pytest.fixture
-def fleet() -> str:
-    return f"w{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def signer() -> tuple[object, str]:
-    k = keys.generate()
-    return k, keys.public_key_b64(k.public_key())
 
 
 def _engine() -> Engine:
