@@ -35,6 +35,7 @@ from loraflight.errors import (
     TrustError,
 )
 
+from .client_bundle import fetch_bundle
 from .client_io import (
     CONTROL_MESSAGE_BYTES,
     DATA_MESSAGE_BYTES,
@@ -45,6 +46,7 @@ from .client_io import (
     node_action,
     receive_to_memory,
 )
+from .connections import ConnectionPool
 from .protocol import (
     ACTION_DELETE,
     ACTION_HAVE,
@@ -61,7 +63,6 @@ from .protocol import (
     CatalogEntry,
     Criteria,
     advertised_get_many,
-    bundle_ticket,
     check_protocol,
     dedupe,
     entry_from_flight_info,
@@ -98,6 +99,7 @@ class Client:
         max_card_bytes: int = MAX_CARD_BYTES,
         read_timeout: float = READ_TIMEOUT_S,
         max_list_header_bytes: int = 256 << 20,
+        pool: ConnectionPool | None = None,
     ) -> None:
         self.uri = normalize_uri(uri, tls is not None)
         self.token = token
@@ -111,7 +113,9 @@ class Client:
         self.max_card_bytes = max_card_bytes
         self.read_timeout = read_timeout  # a stream read bringing nothing this long fails the transfer
         self.max_list_header_bytes = max_list_header_bytes  # header bytes one listing may bring in all
-        self._conn = connect(self.uri, tls, CONTROL_MESSAGE_BYTES)  # listings, infos, actions
+        # a node's kept connections (asked for at every call), else this client's own
+        self._pool = pool
+        self._own = None if pool is not None else connect(self.uri, tls, CONTROL_MESSAGE_BYTES)
         self._data_conn: flight.FlightClient | None = None  # do_get and do_put (see client_io)
         self._peers: dict[str, Client] = {}
         self._lock = threading.Lock()
@@ -127,12 +131,23 @@ class Client:
             peers, self._peers = list(self._peers.values()), {}
         for p in peers:
             p.close()
-        self._conn.close()
+        if self._own is not None:
+            self._own.close()
         if self._data_conn is not None:
             self._data_conn.close()
 
+    @property
+    def _conn(self) -> flight.FlightClient:
+        """The connection for listings, infos and actions (see client_io)."""
+        if self._pool is not None:
+            return self._pool.get(self.uri, self.tls, CONTROL_MESSAGE_BYTES)
+        assert self._own is not None
+        return self._own
+
     def _data(self) -> flight.FlightClient:
         """The connection for card bytes (larger messages allowed than on the control one)."""
+        if self._pool is not None:
+            return self._pool.get(self.uri, self.tls, DATA_MESSAGE_BYTES)
         with self._lock:
             if self._data_conn is None:
                 self._data_conn = connect(self.uri, self.tls, DATA_MESSAGE_BYTES)
@@ -164,6 +179,8 @@ class Client:
                 return fn()
             except flight.FlightError as e:
                 last = e
+                if self._pool is not None and is_transient(e):
+                    self._pool.drop(self.uri)  # the next call dials afresh
                 if not is_transient(e) or attempt == self.retries:
                     raise from_flight_error(e, f"{self.uri} {what}") from None
             except pa.ArrowException as e:
@@ -195,12 +212,23 @@ class Client:
 
     def _ensure_compatible(self) -> None:
         if not self._checked:
-            self.health()
+            recent = self._pool.recent_health(self.uri) if self._pool is not None else None
+            if recent is None:
+                self.health()
+            else:  # the peer answered `health` on this node's connection a moment ago
+                self._learn(recent)
 
     # -- actions
     def health(self) -> dict[str, Any]:
         """Liveness; also refuses a node of another protocol major version."""
         h = self._action(ACTION_HEALTH)
+        self._learn(h)
+        if self._pool is not None:
+            self._pool.remember_health(self.uri, h)
+        return h
+
+    def _learn(self, h: dict[str, Any]) -> None:
+        """What a `health` answer says about the node (protocol checked; formats, bundles, listings)."""
         check_protocol(str(h.get("protocol", "")), who=f"node {self.uri}")
         self._checked = True
         self._peer_formats = h.get("formats")
@@ -209,7 +237,6 @@ class Client:
         self._header_max = None
         if isinstance(hm, int) and not isinstance(hm, bool) and hm > 0:
             self._header_max = min(hm, LISTING_HEADER_BYTES)
-        return h
 
     def have(self, item: Any) -> dict[str, Any]:  # a swarm.HaveItem: the pieces of a card held here
         return self._action(ACTION_HAVE, item.to_dict())
@@ -400,6 +427,7 @@ class Client:
                 retries=0,
                 backoff=self.backoff,
                 fetch_timeout=self.fetch_timeout,
+                pool=self._pool,
                 read_timeout=self.read_timeout,
             )
             try:
@@ -478,9 +506,8 @@ class Client:
 
     def get_many(self) -> int:
         """How many cards per bundle this node serves (its `health` says; 0: one do_get per card)."""
-        if not self._checked:
-            with contextlib.suppress(LoraflightError):
-                self.health()
+        with contextlib.suppress(LoraflightError):
+            self._ensure_compatible()
         return self._get_many
 
     def fetch_bundle(
@@ -492,79 +519,10 @@ class Client:
         require_signed: bool = False,
         locations: dict[str, tuple[str, ...]] | None = None,
     ) -> dict[str, CatalogEntry | LoraflightError]:
-        """Fetch several listed cards from this node in one stream (a bundle) and store them as
-        one group (one directory fsync, one index transaction); per digest its stored entry or
-        the error that kept it out. No failover here: the caller retries what failed card by
-        card (`fetch_entry_stored`). A node that does not advertise bundles (`get_many`) is
-        fetched card by card here, one `DoGet` each."""
-        tset = None if trusted is None else set(trusted)
-        out: dict[str, CatalogEntry | LoraflightError] = {}
-        want: list[CatalogEntry] = []
-        for e in entries:
-            try:
-                _check_trust(e.header, tset, require_signed)
-                existing = store.check_admission(e.header)
-            except LoraflightError as err:
-                out[e.digest] = err
-                continue
-            if existing is not None:
-                out[e.digest] = existing
-            elif e.size > self.max_card_bytes:
-                out[e.digest] = PeerError(
-                    f"{self.uri} advertises {e.ref} at {e.size} bytes, more than this client's limit of "
-                    f"{self.max_card_bytes}; refused"
-                )
-            elif e.digest not in out:
-                want.append(e)
-        if not want:
-            return out
-        limit = self.get_many()
-        if not limit:  # a node from before bundles: card by card, from this node only
-            for e in want:
-                try:
-                    out[e.digest] = self._fetch_once(e, store, tset, require_signed, None)[1] or e
-                except LoraflightError as err:
-                    out[e.digest] = err
-            return {e.digest: out[e.digest] for e in entries if e.digest in out}
-        for i in range(0, len(want), limit):
-            out.update(self._bundle_once(want[i : i + limit], store, locations or {}))
-        return {e.digest: out[e.digest] for e in entries if e.digest in out}
-
-    def _bundle_once(
-        self, want: Sequence[CatalogEntry], store: Store, locations: dict[str, tuple[str, ...]]
-    ) -> dict[str, CatalogEntry | LoraflightError]:
-        locs = {e.digest: tuple(dedupe([self.uri, *e.locations, *locations.get(e.digest, ())])) for e in want}
-        deadline = time.monotonic() + self.fetch_timeout
-        total = sum(e.size for e in want)
-        opts = self._opts(timeout=self.fetch_timeout)
-        ticket = flight.Ticket(bundle_ticket([e.digest for e in want]))
-        with store.receive_bundle(want, source=self.uri, locations=locs) as rx:
-            try:
-                reader = self._call("do_get", lambda: self._data().do_get(ticket, opts))
-                try:
-                    with StallGuard(reader, self.read_timeout, f"{self.uri} bundle") as guard:
-                        for _ in range(total // 4096 + 2 * len(want) + 2):  # bounded: pieces are never tiny
-                            try:
-                                chunk = guard.read(lambda: self._call("do_get", reader.read_chunk))
-                            except StopIteration:
-                                break
-                            if chunk.data is not None:
-                                rx.write_batch(chunk.data)
-                            if time.monotonic() > deadline:
-                                raise PeerError(
-                                    f"{self.uri}: a bundle exceeded its {self.fetch_timeout:.0f} s deadline"
-                                )
-                        else:
-                            raise PeerError(f"{self.uri} sent a bundle of more pieces than its cards allow")
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        reader.cancel()
-                    raise
-            except (CardError, PeerError) as e:
-                # what was verified still commits; the rest reports the stream's error
-                for d in rx.missing():
-                    rx.errors[d] = e
-            return rx.commit()
+        """Several listed cards in one stream, stored as one group (`client_bundle.fetch_bundle`)."""
+        return fetch_bundle(
+            self, entries, store=store, trusted=trusted, require_signed=require_signed, locations=locations
+        )
 
     def _fetch_once(
         self,

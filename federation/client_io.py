@@ -30,6 +30,7 @@ import pyarrow.flight as flight
 from loraflight.engine.card import MAX_HEADER_BYTES, METADATA_KEY, CardDigest, CardHeader, LoRACard
 from loraflight.errors import CardError, PeerError
 
+from .connections import RECONNECT_OPTIONS
 from .protocol import CatalogEntry, from_flight_error
 from .security import ClientTLS, call_headers
 from .server import normalize_uri
@@ -43,7 +44,7 @@ READ_TIMEOUT_S = 30.0
 def connect(uri: str, tls: ClientTLS | None, max_message: int) -> flight.FlightClient:
     """A Flight connection to `uri` that refuses messages over `max_message` bytes."""
     kw = tls.client_kwargs() if tls is not None else {}
-    opts = [("grpc.max_receive_message_length", int(max_message))]
+    opts = [("grpc.max_receive_message_length", int(max_message)), *RECONNECT_OPTIONS]
     try:
         return flight.FlightClient(uri, generic_options=opts, **kw)
     except (pa.ArrowException, OSError) as e:

@@ -25,7 +25,9 @@ from typing import Any, TypeVar
 from loraflight.errors import ConfigError, LoraflightError, TrustError
 
 from ..client import Client
+from ..client_io import connect
 from ..config import NodeConfig
+from ..connections import ConnectionPool
 from ..fleet_auth import (
     FleetSecret,
     ReplayCache,
@@ -92,6 +94,7 @@ class PeerGate:
         self._hello_limit = RateLimiter(HELLO_RATE, HELLO_BURST)
         self._new_limit = RateLimiter(NEW_ADDRESS_RATE, NEW_ADDRESS_BURST, max_keys=1)
         self._quiet = SummaryLog(log, 10.0)
+        self.pool = ConnectionPool(connect)  # kept connections to the peers (connections.py)
 
     @property
     def open_fleet(self) -> bool:
@@ -109,7 +112,11 @@ class PeerGate:
         peers = self._peers()
         if token and not ((peers is not None and peers.vetted(dial)) or (tls is not None and self.fleet_ca)):
             token = None
-        return cls(dial, token, tls, timeout, retries=retries, **client_bounds(self.config))
+        return cls(dial, token, tls, timeout, retries=retries, pool=self.pool, **client_bounds(self.config))
+
+    def close(self) -> None:
+        """Close the kept connections (the node stops)."""
+        self.pool.close()
 
     def prove(self, client: Client, node_id: str) -> str:
         """What a peer that just answered `health` as `node_id` proves: "ca" (TLS, fleet CA),

@@ -432,6 +432,8 @@ class Node:
             self._pusher = None
         if self._exporter is not None:
             self._exporter.close()
+        if self.gate is not None:
+            self.gate.close()  # the kept connections to peers
         if self._pool is not None:  # its workers end with their reads (client read deadlines)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
