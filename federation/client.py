@@ -56,6 +56,7 @@ from .protocol import (
     ACTION_NOTIFY,
     ACTION_WITHDRAW,
     ACTION_WITHDRAWALS,
+    LIST_ACTION_KEY,
     LISTING_HEADER_BYTES,
     LISTING_HEADER_KEY,
     MAX_CARD_BYTES,
@@ -123,6 +124,7 @@ class Client:
         self._peer_formats: object = None  # the card format majors the node reads (its health says)
         self._get_many = 0  # cards per bundle the node serves (its health says; 0: card by card)
         self._header_max: int | None = None  # header bytes per listing entry, when the node truncates
+        self._list_action = False  # the node serves listings as the `list` action (its health says)
         self._unreachable = False  # as another location of a card: its `health` failed (`_peer`)
 
     # -- lifecycle
@@ -233,6 +235,7 @@ class Client:
         self._checked = True
         self._peer_formats = h.get("formats")
         self._get_many = advertised_get_many(h)
+        self._list_action = h.get(LIST_ACTION_KEY) == 1
         hm = h.get(LISTING_HEADER_KEY)
         self._header_max = None
         if isinstance(hm, int) and not isinstance(hm, bool) and hm > 0:
@@ -330,7 +333,9 @@ class Client:
         def run() -> list[CatalogEntry]:
             out: list[CatalogEntry] = []
             budget = self.max_list_header_bytes
-            for info in list_infos(self._conn, blob, self._opts(), f"{self.uri} list"):
+            for info in list_infos(
+                self._conn, blob, self._opts(), f"{self.uri} list", by_action=self._list_action
+            ):
                 if len(out) >= self.max_entries:
                     raise PeerError(
                         f"{self.uri} lists more than {self.max_entries} cards; refusing the rest "

@@ -10,9 +10,12 @@ A stream read that brings nothing for `read_timeout` seconds is cancelled by `St
 (one small thread per transfer) and fails that transfer with a clear error; other transfers
 go on.
 
-pyarrow turns a *cancelled* list_flights (gRPC cancels a call whose message is too large)
-into a simulated SIGINT (`SignalStopHandler`): in the main thread that is a KeyboardInterrupt
-whose context is the FlightCancelledError, which `list_infos` turns back into a PeerError.
+pyarrow turns a *cancelled* list_flights (gRPC cancels a call whose message is too large, a
+node stopping cancels its streams) into a simulated SIGINT (`SignalStopHandler`), which
+raises KeyboardInterrupt in the program's main thread whichever thread listed. So a node
+that serves the `list` action (protocol.LIST_ACTION_KEY) is listed through it, where a
+cancelled stream is a plain error; an older node through list_flights, where `list_infos`
+turns the main thread's KeyboardInterrupt back into a PeerError.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from loraflight.engine.card import MAX_HEADER_BYTES, METADATA_KEY, CardDigest, C
 from loraflight.errors import CardError, PeerError
 
 from .connections import RECONNECT_OPTIONS
-from .protocol import CatalogEntry, from_flight_error
+from .protocol import ACTION_LIST, CatalogEntry, from_flight_error
 from .security import ClientTLS, call_headers
 from .server import normalize_uri
 from .store import hash_batch
@@ -59,9 +62,22 @@ def was_cancelled_call(exc: BaseException) -> bool:
 
 
 def list_infos(
-    conn: flight.FlightClient, blob: bytes, opts: flight.FlightCallOptions, where: str
+    conn: flight.FlightClient,
+    blob: bytes,
+    opts: flight.FlightCallOptions,
+    where: str,
+    *,
+    by_action: bool = False,
 ) -> Iterator[Any]:
-    """The FlightInfos of a listing, one at a time (each size-capped by `conn`)."""
+    """The FlightInfos of a listing, one at a time (each size-capped by `conn`); `by_action`:
+    through the `list` action (a node that advertises it), else list_flights."""
+    if by_action:
+        for result in conn.do_action(flight.Action(ACTION_LIST, blob), opts):
+            try:
+                yield flight.FlightInfo.deserialize(result.body.to_pybytes())
+            except (pa.ArrowException, ValueError, TypeError) as e:
+                raise PeerError(f"{where}: a listing entry is not a serialized FlightInfo: {e}") from None
+        return
     try:
         yield from conn.list_flights(blob, opts)
     except KeyboardInterrupt as e:

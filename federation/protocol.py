@@ -48,6 +48,7 @@ ACTION_WITHDRAW = "withdraw"
 ACTION_WITHDRAWALS = "withdrawals"
 ACTION_HELLO = "hello"
 ACTION_HAVE = "have"  # the swarm: which pieces of a card the sender holds (federation/swarm/wire.py)
+ACTION_LIST = "list"  # the catalog as a DoAction stream (see LIST_ACTION_KEY)
 ACTIONS: dict[str, str] = {
     ACTION_HEALTH: "liveness: status, node id, protocol version, catalog epoch",
     ACTION_NODE_INFO: "node id, fleet id, software, protocol and format versions, epoch, counts, bytes",
@@ -57,7 +58,14 @@ ACTIONS: dict[str, str] = {
     ACTION_WITHDRAWALS: "every withdrawal this node keeps: one result per record (JSON)",
     ACTION_HELLO: "fleet-secret challenge both ways (HMAC over fresh nonces); body JSON, see docs/protocol.md",
     ACTION_HAVE: 'which pieces of a card a peer holds; body JSON {"digest", "peer", "pieces", "count"}',
+    ACTION_LIST: "the catalog, as list_flights gives it: body the criteria; one serialized FlightInfo per result",
 }
+# A node that serves listings as the `list` action says so in `health`: {"list_action": 1}.
+# Its clients list that way; others get list_flights. pyarrow's client turns a listing that the
+# server cancels mid-stream (a node stopping) into a simulated SIGINT when it comes through
+# list_flights (its SignalStopHandler), which stops the main thread of whatever program lists,
+# from any thread; an action stream ends with a plain error instead.
+LIST_ACTION_KEY = "list_action"
 PUBLISH_OP = "publish"
 MAX_CRITERIA_BYTES = 64 * 1024
 MAX_ACTION_BODY = 64 * 1024
@@ -608,6 +616,7 @@ __all__ = [
     "ACTION_HAVE",
     "ACTION_HEALTH",
     "ACTION_HELLO",
+    "ACTION_LIST",
     "ACTION_NODE_INFO",
     "ACTION_NOTIFY",
     "ACTION_WITHDRAW",
@@ -617,6 +626,7 @@ __all__ = [
     "GET_MANY_KEY",
     "LISTING_HEADER_BYTES",
     "LISTING_HEADER_KEY",
+    "LIST_ACTION_KEY",
     "MAX_BUNDLE_CARDS",
     "PROTOCOL_HEADER",
     "PROTOCOL_MAJOR",

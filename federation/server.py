@@ -52,12 +52,14 @@ from .protocol import (
     ACTION_HAVE,
     ACTION_HEALTH,
     ACTION_HELLO,
+    ACTION_LIST,
     ACTION_NODE_INFO,
     ACTION_NOTIFY,
     ACTION_WITHDRAW,
     ACTION_WITHDRAWALS,
     ACTIONS,
     GET_MANY_KEY,
+    LIST_ACTION_KEY,
     LISTING_HEADER_BYTES,
     LISTING_HEADER_KEY,
     MAX_BUNDLE_CARDS,
@@ -349,6 +351,10 @@ class CardServer(flight.FlightServerBase):
     # -- catalog
     @edge
     def list_flights(self, context: Any, criteria: bytes) -> Iterator[flight.FlightInfo]:
+        return self._catalog(context, criteria)
+
+    def _catalog(self, context: Any, criteria: bytes) -> Iterator[flight.FlightInfo]:
+        """The listing (list_flights, and the `list` action for nodes that advertise it)."""
         c = parse_criteria(criteria)
         limit = min(c.limit or self.limits.max_list_entries, self.limits.max_list_entries)
         entries = self.store.list(dataclasses.replace(c, limit=limit))
@@ -550,9 +556,13 @@ class CardServer(flight.FlightServerBase):
                 "formats": list(READ_MAJORS),
                 GET_MANY_KEY: MAX_BUNDLE_CARDS,
                 LISTING_HEADER_KEY: self.limits.listing_header_bytes,
+                LIST_ACTION_KEY: 1,
                 PIECES_KEY: 1,
                 "epoch": self.store.epoch,
             }
+        elif kind == ACTION_LIST:  # the catalog of list_flights, as an action stream (protocol.py)
+            infos = self._catalog(context, action.body.to_pybytes() if action.body else b"")
+            return (info.serialize() for info in infos)
         elif kind == ACTION_NODE_INFO:
             body = self.node_info()
         elif kind == ACTION_NOTIFY:
