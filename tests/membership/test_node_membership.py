@@ -152,3 +152,23 @@ def test_a_peer_without_membership_is_health_checked_and_syncs(tmp_path: Path, s
     finally:
         new.stop()
         legacy.stop()
+
+
+def test_a_node_keeps_one_connection_per_peer_for_its_pings(tmp_path: Path, signer) -> None:
+    """SWIM pings, syncs and probes reuse the node's kept connections (federation/connections.py):
+    after many pings each node has dialled each peer a few times at most, not once per ping."""
+    _, pub = signer
+    nodes = _mesh(tmp_path, 3, pub)
+    try:
+        wait_for(
+            lambda: all(n.membership is not None and n.membership.counts["acks"] >= 20 for n in nodes),
+            60,
+            "every node to have had 20 pings answered",
+        )
+        for n in nodes:
+            assert n.gate is not None and n.membership is not None
+            # two peers, a control and a data connection each at most, plus a redial or two
+            assert 1 <= n.gate.pool.dialled <= 6, (n.gate.pool.dialled, n.membership.counts)
+    finally:
+        for n in nodes:
+            n.stop()
