@@ -64,6 +64,7 @@ from .protocol import (
     CatalogEntry,
     Criteria,
     advertised_get_many,
+    advertised_get_streams,
     check_protocol,
     dedupe,
     entry_from_flight_info,
@@ -123,6 +124,7 @@ class Client:
         self._checked = False
         self._peer_formats: object = None  # the card format majors the node reads (its health says)
         self._get_many = 0  # cards per bundle the node serves (its health says; 0: card by card)
+        self._get_streams = 0  # do_get streams it lets one client run at once (0: not said)
         self._header_max: int | None = None  # header bytes per listing entry, when the node truncates
         self._list_action = False  # the node serves listings as the `list` action (its health says)
         self._unreachable = False  # as another location of a card: its `health` failed (`_peer`)
@@ -235,6 +237,7 @@ class Client:
         self._checked = True
         self._peer_formats = h.get("formats")
         self._get_many = advertised_get_many(h)
+        self._get_streams = advertised_get_streams(h)
         self._list_action = h.get(LIST_ACTION_KEY) == 1
         hm = h.get(LISTING_HEADER_KEY)
         self._header_max = None
@@ -514,6 +517,12 @@ class Client:
         with contextlib.suppress(LoraflightError):
             self._ensure_compatible()
         return self._get_many
+
+    def get_streams(self) -> int:
+        """How many do_get streams this node lets one client run at once (its `health`; 0: not said)."""
+        with contextlib.suppress(LoraflightError):
+            self._ensure_compatible()
+        return self._get_streams
 
     def fetch_bundle(
         self,

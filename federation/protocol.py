@@ -496,6 +496,20 @@ def bundle_schema() -> Any:
     )
 
 
+# ... and how many do_get streams one client may run on it at once: {"get_streams": 3}. A
+# client runs no more bundles than that to one node (a stream beyond it would wait for a slot
+# on the node, and be refused as busy after the node's wait, on a slow link).
+GET_STREAMS_KEY = "get_streams"
+
+
+def advertised_get_streams(health: Mapping[str, Any]) -> int:
+    """How many do_get streams a peer lets one client run at once, from its `health` (0: not said)."""
+    n = health.get(GET_STREAMS_KEY)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return 0
+    return min(n, 1024)
+
+
 def advertised_get_many(health: Mapping[str, Any]) -> int:
     """How many cards a peer serves per bundle, from its `health`/`node-info` (0: none, card by card)."""
     n = health.get(GET_MANY_KEY)
@@ -624,6 +638,7 @@ __all__ = [
     "BUNDLE_CHUNK_BYTES",
     "BUNDLE_PREFIX",
     "GET_MANY_KEY",
+    "GET_STREAMS_KEY",
     "LISTING_HEADER_BYTES",
     "LISTING_HEADER_KEY",
     "LIST_ACTION_KEY",
@@ -634,6 +649,7 @@ __all__ = [
     "CatalogEntry",
     "Criteria",
     "advertised_get_many",
+    "advertised_get_streams",
     "bundle_schema",
     "bundle_ticket",
     "check_protocol",

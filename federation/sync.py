@@ -296,6 +296,19 @@ def sync(
                 )
             return c
 
+    streams: dict[str, threading.BoundedSemaphore] = {}
+
+    def streams_to(uri: str) -> threading.BoundedSemaphore:
+        """Bundles in flight to `uri`: no more than its `get_streams` (a stream beyond it would
+        wait for a slot on the peer, and be refused as busy after the peer's wait)."""
+        with lock:
+            got = streams.get(uri)
+        if got is None:
+            n = client(uri).get_streams() or concurrency
+            with lock:
+                got = streams.setdefault(uri, threading.BoundedSemaphore(max(1, min(n, concurrency))))
+        return got
+
     try:
         cats: dict[str, Sequence[CatalogEntry]] = dict(catalogs or {})
         for uri in peer_list:
@@ -380,13 +393,14 @@ def sync(
                 for f in group:
                     progress(SyncProgress(f.ref, "start", 0, f.entry.size))
             try:
-                got = client(uri).fetch_bundle(
-                    [f.entry for f in group],
-                    store=store,
-                    trusted=trusted_set,
-                    require_signed=require_signed,
-                    locations={f.digest: f.locations for f in group},
-                )
+                with streams_to(uri):
+                    got = client(uri).fetch_bundle(
+                        [f.entry for f in group],
+                        store=store,
+                        trusted=trusted_set,
+                        require_signed=require_signed,
+                        locations={f.digest: f.locations for f in group},
+                    )
             except LoraflightError as e:
                 log.info("sync: bundle of %d cards from %s failed (%s); card by card", len(group), uri, e)
                 got = {}
