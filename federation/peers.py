@@ -46,6 +46,10 @@ PENDING = "pending"  # known address, never answered yet
 MAX_UNCONFIRMED = 64
 # Addresses named by a `hello` whose caller proved the fleet secret, waiting for our own probe.
 MAX_HELLO = 256
+# An address whose peer said goodbye is not taken back from a notify this long after: a
+# notify the leaving node sent just before stopping can arrive after its goodbye.
+DEPARTED_S = 10.0
+MAX_DEPARTED = 256
 _quiet = SummaryLog(log, 10.0)
 
 
@@ -144,6 +148,7 @@ class PeerTable:
         self.probe_interval = probe_interval
         self.max_failures = failures
         self.forget_after = forget_after
+        self._departed: dict[str, float] = {}  # address -> when its peer said goodbye (DEPARTED_S)
         self._on_event = on_event
         self._clock = clock
         self.open_fleet = open_fleet  # no fleet secret, no fleet CA: mDNS peers are sync sources
@@ -252,6 +257,10 @@ class PeerTable:
         with self._lock:
             holder = self.find_uri(uri)
             if holder is None:
+                left = self._departed.get(uri)
+                if source == "notify" and left is not None and self._clock() - left < DEPARTED_S:
+                    log.debug("ignoring a notify naming %s: its peer said goodbye just now", uri)
+                    return None
                 if _ephemeral(source) and not self._room(hello=source == "hello"):
                     _quiet.log(
                         logging.WARNING,
@@ -307,6 +316,11 @@ class PeerTable:
             peer.sources = {s for s in peer.sources if not _ephemeral(s)}
             if not peer.sources:
                 del self._peers[node_id]
+                now = self._clock()
+                for u in [*peer.uris, *([peer.uri] if peer.uri else [])]:
+                    self._departed[u] = now
+                while len(self._departed) > MAX_DEPARTED:
+                    self._departed.pop(next(iter(self._departed)))
                 log.info("peer %s said goodbye", node_id)
                 self._emit("removed", peer)
 

@@ -518,6 +518,8 @@ class Node:
 
         def send(peer: Peer) -> None:
             uri = peer.uri or peer.uris[0]
+            if self._leaving.is_set():  # queued before stop() began: a peer must not take us back
+                return
             try:
                 with self._client(uri, timeout) as c:
                     c.notify(me, epoch)

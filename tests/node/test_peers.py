@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loraflight.federation.discovery import Announcement
-from loraflight.federation.peers import DROPPED, LIVE, PENDING, PeerInfo, PeerTable
+from loraflight.federation.peers import DEPARTED_S, DROPPED, LIVE, PENDING, PeerInfo, PeerTable
 
 
 class Clock:
@@ -84,6 +84,22 @@ def test_goodbye_removes_at_once_unless_static() -> None:
     assert t.get("p3").sources == {"static", "mdns"}
     t.announce("removed", _ann("p3", uri="grpc://10.0.0.3:1"))
     assert t.get("p3") is not None and t.get("p3").sources == {"static"}
+
+
+def test_a_notify_just_after_a_goodbye_does_not_bring_the_peer_back() -> None:
+    """A notify the leaving node sent just before stopping can arrive after its mDNS goodbye."""
+    clock, events = Clock(), []
+    t = _table(events, clock)
+    t.announce("added", _ann("p1"))
+    t.announce("removed", _ann("p1"))
+    assert t.all() == []
+    clock.t += DEPARTED_S / 2
+    assert t.add_address("notify", "grpc://10.0.0.2:1") is None and t.all() == []
+    assert t.add_address("notify", "grpc://10.0.0.5:1") is not None  # another address: as before
+    clock.t += DEPARTED_S
+    assert t.add_address("notify", "grpc://10.0.0.2:1") is not None  # later: a new peer may be there
+    t.announce("added", _ann("p1"))  # its own mDNS record brings a restarted peer back at once
+    assert t.get("p1") is not None
 
 
 def test_other_fleets_and_self_are_ignored() -> None:
