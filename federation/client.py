@@ -70,6 +70,7 @@ from .protocol import (
     entry_from_flight_info,
     from_flight_error,
     is_transient,
+    is_unreachable,
     truncated_ref,
 )
 from .security import ClientTLS, call_headers
@@ -183,8 +184,8 @@ class Client:
                 return fn()
             except flight.FlightError as e:
                 last = e
-                if self._pool is not None and is_transient(e):
-                    self._pool.drop(self.uri)  # the next call dials afresh
+                if self._pool is not None and is_unreachable(e):
+                    self._pool.drop(self.uri)  # the next call dials afresh (a busy peer keeps its)
                 if not is_transient(e) or attempt == self.retries:
                     raise from_flight_error(e, f"{self.uri} {what}") from None
             except pa.ArrowException as e:
@@ -524,19 +525,8 @@ class Client:
             self._ensure_compatible()
         return self._get_streams
 
-    def fetch_bundle(
-        self,
-        entries: Sequence[CatalogEntry],
-        *,
-        store: Store,
-        trusted: Iterable[str] | None = None,
-        require_signed: bool = False,
-        locations: dict[str, tuple[str, ...]] | None = None,
-    ) -> dict[str, CatalogEntry | LoraflightError]:
-        """Several listed cards in one stream, stored as one group (`client_bundle.fetch_bundle`)."""
-        return fetch_bundle(
-            self, entries, store=store, trusted=trusted, require_signed=require_signed, locations=locations
-        )
+    # several listed cards in one stream, stored as one group (the method is client_bundle's)
+    fetch_bundle = fetch_bundle
 
     def _fetch_once(
         self,

@@ -66,7 +66,7 @@ class ConnectionPool:
         self._conns: OrderedDict[Key, tuple[flight.FlightClient, float]] = OrderedDict()
         self._health: dict[str, tuple[dict[str, Any], float]] = {}
         self._closed = False
-        self.dialled = 0  # connections made (for tests and the status file)
+        self.dialled = 0  # connections made (tests read it)
 
     def get(self, uri: str, tls: ClientTLS | None, max_message: int) -> flight.FlightClient:
         """The kept connection for this key, or a new one (kept from now on)."""

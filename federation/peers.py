@@ -318,6 +318,7 @@ class PeerTable:
                 del self._peers[node_id]
                 now = self._clock()
                 for u in [*peer.uris, *([peer.uri] if peer.uri else [])]:
+                    self._departed.pop(u, None)  # re-inserted: the oldest goodbye goes first
                     self._departed[u] = now
                 while len(self._departed) > MAX_DEPARTED:
                     self._departed.pop(next(iter(self._departed)))

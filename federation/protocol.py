@@ -607,11 +607,20 @@ def _short(msg: str, n: int = 400) -> str:
     return msg if len(msg) <= n else msg[:n] + "…"
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """The peer could not be reached or did not answer in time (gRPC's own error, not a
+    refusal the node sent): a kept connection to it is not worth keeping."""
+    name = type(exc).__name__
+    return name in ("FlightUnavailableError", "FlightTimedOutError") and "[lf:" not in str(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors worth a retry: the peer is unreachable, busy or slow."""
+    if is_unreachable(exc):
+        return True
     name = type(exc).__name__
     if name in ("FlightUnavailableError", "FlightTimedOutError"):
-        return "[lf:" not in str(exc) or "[lf:busy]" in str(exc)
+        return "[lf:busy]" in str(exc)
     return isinstance(exc, BusyError)
 
 
