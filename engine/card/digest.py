@@ -23,6 +23,7 @@ from loraflight.errors import CardError
 
 from .batches import BatchRun, ModuleLoRA, batch_rows, contiguous
 from .header import CardHeader, canonical_json, card_schema, schema_str
+from .helpers import submit as on_helper
 from .pieces import PieceStream, content_digest
 
 PARALLEL_VERIFY_BYTES = 16 << 20  # from this size verify scans values and hashes in parallel
@@ -246,13 +247,13 @@ class DigestJob:
             size += len(piece) if isinstance(piece, bytes) else piece.nbytes
             k += 1
         first = b"".join(pieces_[:k]) if k > 1 else (pieces_[0] if k else b"")
-        # A bare thread: threading.Thread.start() would block this thread until the new one
-        # has been scheduled, which on a busy host costs milliseconds; this way the helper
-        # starts hashing as soon as it gets a core and this thread next releases the GIL.
+        # A kept helper thread (`helpers`): no thread start per job, and no wait for a new
+        # thread to be scheduled (threading.Thread.start() blocks until it is); the helper
+        # starts hashing as soon as it is woken and this thread next releases the GIL.
         self._done = threading.Event()
         started = _thread.allocate_lock()
         started.acquire()
-        _thread.start_new_thread(self._run, (first, pieces_[k:], started))
+        on_helper(self._run, first, pieces_[k:], started)
         self._threaded = True
         # Hand the GIL over: wait (GIL released) until the helper is inside its first hash call.
         # Else it waits for this thread to release the GIL long enough, which Python code does

@@ -34,6 +34,7 @@ from loraflight.errors import CardError
 
 from .batches import BatchRun, ModuleLoRA, batch_run, contiguous, group_rows
 from .header import CardHeader, canonical_json
+from .helpers import submit as on_helper
 from .values import FINITE_CHUNK_BYTES, FiniteScan, all_finite, check_finite
 
 PIECE_DOMAIN = b"loraflight-piece-v2\x00"
@@ -344,7 +345,7 @@ class PieceJob:
         for k in range(max(1, helpers)):
             started = _thread.allocate_lock()
             started.acquire()
-            _thread.start_new_thread(self._helper, (started,))
+            on_helper(self._helper, started)
             if k == 0 and not self._finite:
                 # hand the GIL over until the first helper hashes, briefly: on a loaded machine
                 # the helper may not be scheduled for milliseconds, and the caller's own work
