@@ -4,7 +4,9 @@
 
 Runs as root inside its own `unshare -n -m` (it re-executes itself there): N hosts in network
 namespaces on one bridge, every host's uplink shaped with `tc tbf rate RATE burst 256kb
-latency 50ms` (links, not this machine's cores, are meant to be the limit), one engine-less
+latency 50ms` (links, not this machine's cores, are meant to be the limit) and
+`net.ipv4.tcp_notsent_lowat` set as deploy/ sets it (`--notsent-lowat 0`: the kernel's
+default, no limit; docs/operations.md, "A kernel setting for fast spreads"), one engine-less
 `loraflight node run` per host with every other host as a static peer, stores on tmpfs (one
 disk must not stand in for N). Per N, after one warm-up round, `--repeats` rounds each publish
 a new version of a LLaMA-7B-shape rank-16 fp16 card (8 pieces of 4 MiB) on h1 and time it
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from bench._machine import run_in_lab
+from loraflight.federation.swarm.settings import SEND_QUEUE_BYTES
 
 FLEET = "swarmbench"
 
@@ -150,7 +153,7 @@ def wipe(lab: Any, hosts: list[int]) -> None:
 
 
 def _inside(args: argparse.Namespace) -> int:
-    from loraflight.testing import Lab, new_signer
+    from loraflight.testing import Lab, new_signer, sh
 
     ns = [int(x) for x in args.ns.split(",") if x]
     key, pub = new_signer()
@@ -161,6 +164,17 @@ def _inside(args: argparse.Namespace) -> int:
             lab.setup()
             for i in range(1, max(ns) + 1):
                 lab.add_host(i, rate=args.rate)
+                if args.notsent_lowat:  # per namespace: this machine's own setting is untouched
+                    sh(
+                        "ip",
+                        "netns",
+                        "exec",
+                        f"h{i}",
+                        "sysctl",
+                        "-q",
+                        "-w",
+                        f"net.ipv4.tcp_notsent_lowat={args.notsent_lowat}",
+                    )
             version = 1
             for n in ns:
                 try:
@@ -176,7 +190,8 @@ def _inside(args: argparse.Namespace) -> int:
             lab.teardown()
     print(
         f"\nswarm: {args.rate} tbf uplinks, stores on tmpfs, engine-less nodes; medians of {args.repeats} "
-        f"rounds after a warm-up; nproc {os.cpu_count()} shared by every host"
+        f"rounds after a warm-up; nproc {os.cpu_count()} shared by every host; tcp_notsent_lowat "
+        f"{args.notsent_lowat or 'kernel default (no limit)'}"
     )
     if results:
         print(
@@ -203,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns", default="4,8,16", help="host counts, comma-separated")
     p.add_argument("--repeats", type=int, default=3, help="rounds per N after one warm-up")
     p.add_argument("--rate", default="200mbit", help="every host's uplink (tc tbf rate)")
+    p.add_argument(
+        "--notsent-lowat",
+        type=int,
+        default=SEND_QUEUE_BYTES,
+        help="net.ipv4.tcp_notsent_lowat (bytes) in every host namespace, as deploy/ sets it; "
+        "0 keeps the kernel's default (no limit)",
+    )
     p.add_argument("--workdir", default="", help="keep the nodes' logs and status files here")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     return run_in_lab("bench.bench_swarm", argv, lambda: _inside(args))
