@@ -101,6 +101,16 @@ def link_time(lab: Any, digest: str) -> float:
         return time.perf_counter() - t0
 
 
+def origin_counts(lab: Any) -> dict[str, int]:
+    """h1's swarm counters (node-info): pieces served, referred, and forced (sent again on a
+    `last` ticket), to say where an origin's bytes beyond one card went."""
+    from loraflight.federation.client import Client
+
+    with Client(lab.uri(1), timeout=30.0) as c:
+        sw = c.node_info().get("swarm", {})
+    return {k: int(sw.get(k, 0)) for k in ("served_pieces", "referred", "forced")}
+
+
 def run_n(lab: Any, n: int, repeats: int, key: Any, pub: str, version0: int) -> dict[str, Any]:
     from loraflight.testing import wait_for
 
@@ -117,7 +127,7 @@ def run_n(lab: Any, n: int, repeats: int, key: Any, pub: str, version0: int) -> 
     for r in range(repeats + 1):
         c = card(version0 + r, key)
         size = len(c.to_bytes())
-        tx0 = lab.tx_bytes(1)
+        tx0, counts0 = lab.tx_bytes(1), origin_counts(lab)
         t0 = time.perf_counter()
         lab.publish(1, c)
         t1 = time.perf_counter()
@@ -125,6 +135,7 @@ def run_n(lab: Any, n: int, repeats: int, key: Any, pub: str, version0: int) -> 
         spread = max(at.values()) + (t1 - t0)  # from the publish call on
         origin = at[1] + (t1 - t0)  # publish -> stored on h1 (not the swarm's part)
         sent = (lab.tx_bytes(1) - tx0) / size
+        counts = {k: v - counts0[k] for k, v in origin_counts(lab).items()}
         lt = link_time(lab, c.digest)
         load = os.getloadavg()[0]  # the machine's cores are shared by every host (and more)
         if r:  # the first round warms up
@@ -133,7 +144,8 @@ def run_n(lab: Any, n: int, repeats: int, key: Any, pub: str, version0: int) -> 
             )
         print(
             f"  N={n} round {r}: {spread:.2f} s (h1 stored after {origin:.2f} s), link-time {lt:.2f} s, "
-            f"h1 sent {sent:.2f} cards, load average {load:.1f}",
+            f"h1 sent {sent:.2f} cards (pieces served {counts['served_pieces']}, referred "
+            f"{counts['referred']}, of the served forced by 'last' {counts['forced']}), load average {load:.1f}",
             flush=True,
         )
     wipe(lab, hosts)
