@@ -138,8 +138,9 @@ class KeptPieces:
         now: float | None = None,
     ) -> dict[str, str]:
         """Delete the folders `refuse` names a reason for, those with no valid header or older
-        than KEPT_MAX_AGE_S, then the oldest while all together exceed `cap` bytes; never those of
-        `keep` (cards being fetched now). Returns digest -> why, for each folder deleted."""
+        than KEPT_MAX_AGE_S, then the oldest while all together exceed `cap` bytes, and in those
+        that stay every file that is not a piece or the header; never touches those of `keep`
+        (cards being fetched now). Returns digest -> why, for each folder deleted."""
         now = time.time() if now is None else now
         gone: dict[str, str] = {}
         left: list[KeptCard] = []
@@ -169,6 +170,9 @@ class KeptPieces:
         for digest, why in gone.items():
             self.drop(digest)
             log.info("kept pieces of %s… deleted: %s", digest[:16], why)
+        for k in left:  # those that stay hold whole piece files only (a kill's temp files go)
+            if k.digest not in gone and k.digest not in keep and k.header is not None:
+                self.found(k.digest, len(k.header.pieces))
         return gone
 
 
