@@ -14,10 +14,11 @@ disk (or left unsynced by a power loss: renames here are not fsynced) is dropped
 again. A folder's name is a digest checked by `check_digest` (64 lowercase hex characters);
 piece files are looked up by the indexes the header lists, never by names read from disk.
 
-Bounded (`sweep`: on every open of the store, when a swarm fetch starts and after a
-withdrawal): a folder goes when its card is stored, its name@version is withdrawn, its header
-is missing or does not hash to its name, nothing was written into it for KEPT_MAX_AGE_S, or,
-oldest first, while the folders together hold more than `kept_cap` bytes.
+Bounded (`sweep`: on every open of the store and when a swarm fetch starts): a folder goes
+when its card is stored, its name@version is withdrawn, its header is missing or does not
+hash to its name, nothing was written into it for KEPT_MAX_AGE_S, or, oldest first, while the
+folders together hold more than `kept_cap` bytes. The store also deletes a card's folder when
+it commits the card and when it honours a withdrawal of its name@version.
 """
 
 from __future__ import annotations

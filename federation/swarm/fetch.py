@@ -1,7 +1,7 @@
 """A swarm fetch: one format-2 card from several holders at once, piece by piece.
 
 The loop applies `PieceScheduler`'s rules with a small thread pool: each request is one
-piece ticket to one holder, verified as it lands (`verify_piece`, values finite), kept in a
+piece ticket to one holder, verified as it lands (`partial.check_piece`), kept in a
 `PartialCard` (served to others at once) and announced to the node's peers (`have`);
 holders that lie, corrupt or stall are avoided for the rest of the fetch. When every piece
 is in, the card goes through the store's normal receive and commit, so a kill at any point
@@ -483,8 +483,9 @@ def swarm_fetch(
     verify_signature(entry.header, None if trusted is None else set(trusted), require_signed=require_signed)
     try:
         existing = service.store.check_admission(entry.header)
-    except (ConflictError, TrustError):  # refused for good: kept pieces of it are of no use
-        service.store.pieces.drop(entry.digest)
+    except LoraflightError as e:
+        if refused_for_good(e):  # kept pieces of it are of no use
+            service.store.pieces.drop(entry.digest)
         raise
     if existing is not None:
         return existing

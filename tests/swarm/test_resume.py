@@ -27,6 +27,7 @@ from loraflight.federation.store import Store
 from loraflight.federation.store.pieces import HEADER_FILE, KEPT_MAX_AGE_S, KEPT_SHARE
 from loraflight.federation.swarm import (
     PartialCard,
+    SwarmFetch,
     SwarmLimits,
     parse_piece_ticket,
     piece_ticket,
@@ -264,6 +265,20 @@ def test_a_fetch_that_fails_keeps_its_pieces_and_a_refusal_for_good_deletes_them
     s.store.add(other)
     with pytest.raises(ConflictError, match="already exists here"):
         swarm_fetch(s.server.swarm, entry, s.connect, locations=[srv.location], config=SERIAL)
+    assert _kept(s.store, card.digest) == []
+
+
+def test_a_fetch_refused_at_its_commit_deletes_its_pieces(origin: Any, side: Any) -> None:
+    card, _store, serve = origin
+    srv = serve()
+    entry = _entry(srv.location, card.digest)
+    s = side()
+    _keep(s, entry, card, range(N))  # every piece kept: the fetch asks for none and commits
+    s.store.add(pieced_card(pieces=2, seed=5))  # name@version taken meanwhile (after admission)
+    job = SwarmFetch(s.server.swarm, entry, s.connect, holders=[srv.location], config=SERIAL)
+    with pytest.raises(ConflictError, match="already exists here"):
+        job.run()
+    assert srv.asked == [] and s.server.swarm.status()["resumed_pieces"] == N
     assert _kept(s.store, card.digest) == []
 
 
