@@ -7,7 +7,9 @@ killed: crash tests SIGKILL it there. Phases: `stage_batches` (after k batches w
 Bundles (several cards per stream, stored as one group): `bundle_after_fsync` (k: the group's
 files, all fsynced, none renamed), `group_before_rename` and `group_before_index_commit` (k: the
 store's k-th group commit), `group_renamed` (k: files of the group renamed so far),
-`serve_bundle_cards` (server sent k whole cards of a bundle).
+`serve_bundle_cards` (server sent k whole cards of a bundle). The swarm: `swarm_piece_kept`
+(k: pieces a fetch holds, its k-th just renamed into the store's kept pieces), `serve_pieces`
+(server sent k pieces).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Layout under `root`::
 
     cards/<digest>.lora.arrow   immutable card files (written to tmp/, fsynced, renamed)
     tmp/                        files being received; emptied on every open
+    pieces/<digest>/            verified pieces of a card being fetched, kept across restarts
+                                (see `pieces`; swept on every open and deleted on commit)
     index.sqlite                headers, flags, catalog epoch, known locations, trust
 
 A card enters in this order: bytes to a temp file (hashed as they arrive when the row
@@ -48,6 +50,7 @@ from .bundle import BundleReceiver, VerifiedFile
 from .disk import DirSync, disk_error
 from .eviction import choose_victims
 from .index import MAX_LOCATIONS, CardIndex
+from .pieces import KeptCard, KeptPieces, kept_cap
 from .staging import StagedCard
 
 log = logging.getLogger("loraflight.federation.store")
@@ -74,6 +77,7 @@ class Store:
         self._refused: dict[str, str] = {}  # signature -> why, for withdrawals refused (logged once)
         self.cards_dir = self.root / "cards"
         self.tmp_dir = self.root / "tmp"
+        self.pieces = KeptPieces(self.root / "pieces")
         self.max_bytes = max_bytes
         self.trust_mode = check_mode(trust)
         try:
@@ -95,6 +99,7 @@ class Store:
         self._listeners: list[Listener] = []
         self._closed = False
         self.repair()
+        self.sweep_pieces()
 
     # -- lifecycle
     def close(self) -> None:
@@ -296,6 +301,9 @@ class Store:
         for e in dropped:
             with contextlib.suppress(OSError):
                 os.unlink(self.path_of(e.digest))
+        for k in self.pieces.kept():  # a card of name@version being fetched: its pieces go too
+            if k.header is not None and (k.header.name, k.header.version) == (w.name, w.version):
+                self.pieces.drop(k.digest)
         if new:
             log.warning(
                 "withdrawal of %s by %s honoured%s: %d card(s) deleted",
@@ -398,6 +406,7 @@ class Store:
         if existing is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            self.pieces.drop(header.digest)
             same = existing.digest == header.digest  # else the upgrade pair's other card
             return self._merge_existing(existing, published, pinned, locations if same else ())
         final = self.path_of(header.digest)
@@ -417,6 +426,7 @@ class Store:
                 with contextlib.suppress(OSError):
                     os.unlink(final)
             raise
+        self.pieces.drop(entry.digest)  # kept pieces of a card being fetched are done with
         self._emit("added", entry)
         self.evict(keep=entry.digest)
         return entry
@@ -474,6 +484,7 @@ class Store:
                 out[i] = res
             added = [r for r in results if not isinstance(r, ConflictError)]
             for res in added:
+                self.pieces.drop(res.digest)
                 self._emit("added", res)
             self.evict(keep=added[-1].digest if added else None)
         return [r if r is not None else StoreError("not committed") for r in out]
@@ -512,6 +523,20 @@ class Store:
                 "store is over its cap (%d > %d bytes) but nothing is evictable", total, self.max_bytes
             )
         return removed
+
+    # -- kept pieces
+    def sweep_pieces(self, keep: Iterable[str] = ()) -> dict[str, str]:
+        """Delete kept pieces (`pieces.KeptPieces.sweep`) of cards stored or withdrawn, old ones
+        and the oldest beyond the cap; never those of `keep`. Returns digest -> why."""
+
+        def refuse(k: KeptCard) -> str | None:
+            if self._index.exists(k.digest):
+                return "its card is stored"
+            if k.header is not None and self._index.withdrawal(k.header.name, k.header.version):
+                return f"{k.header.ref} was withdrawn"
+            return None
+
+        return self.pieces.sweep(refuse, cap=kept_cap(self.max_bytes), keep=set(keep))
 
     # -- recovery
     def repair(self) -> dict[str, int]:

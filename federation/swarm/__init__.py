@@ -2,8 +2,8 @@
 and served by every node from the pieces it has verified (docs/protocol.md, "Swarm").
 
 `wire` (ticket, bitfield and have forms), `scheduler` (the pure piece picker), `partial`
-(a card's verified pieces in tmp/), `service` (a node's side: serving, who holds what,
-upload caps) and `fetch` (the fetch loop).
+(a card's verified pieces, kept in the store's pieces/ so a restarted fetch resumes),
+`service` (a node's side: serving, who holds what, upload caps) and `fetch` (the fetch loop).
 """
 
 from __future__ import annotations

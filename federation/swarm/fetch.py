@@ -1,11 +1,14 @@
 """A swarm fetch: one format-2 card from several holders at once, piece by piece.
 
 The loop applies `PieceScheduler`'s rules with a small thread pool: each request is one
-piece ticket to one holder, verified as it lands (`verify_piece`, values finite), kept in a
+piece ticket to one holder, verified as it lands (`partial.check_piece`), kept in a
 `PartialCard` (served to others at once) and announced to the node's peers (`have`);
 holders that lie, corrupt or stall are avoided for the rest of the fetch. When every piece
 is in, the card goes through the store's normal receive and commit, so a kill at any point
-leaves no partial card in the store (the piece files live in tmp/, emptied on open).
+leaves no partial card in the store. Verified pieces are kept in the store's pieces/ (see
+`partial`): a fetch of a card whose earlier fetch was killed, stopped or failed starts from
+the pieces that verify again and asks only for the rest. A fetch that fails for a reason
+that is final for the card (withdrawn, refused by the store's admission) deletes them.
 """
 
 from __future__ import annotations
@@ -23,13 +26,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from loraflight.engine.card import header_digest, verify_piece, verify_signature
-from loraflight.errors import BusyError, CardError, CardNotFound, LoraflightError, PeerError
+from loraflight.engine.card import header_digest, verify_signature
+from loraflight.errors import (
+    BusyError,
+    CardError,
+    CardNotFound,
+    ConflictError,
+    LoraflightError,
+    PeerError,
+    TrustError,
+)
 
 from ..protocol import CatalogEntry, dedupe, from_flight_error
 from ..store import Store
-from ..store.values import check_batch_finite, plain_schema
-from .partial import PartialCard
+from .partial import PartialCard, check_piece, schema_problem
 from .scheduler import PieceScheduler, Request, SchedulerConfig
 from .service import SwarmService
 from .wire import HaveItem, decode_bits, parse_piece_metadata, piece_ticket, serves_pieces
@@ -116,11 +126,15 @@ class SwarmFetch:
             for h in self._holders:
                 running.news(h, range(self.count), True)
             return running.wait(self.config.fetch_timeout_s)  # type: ignore[no-any-return]
+        final = False
         try:
+            self.store.sweep_pieces(keep=self.service.fetching())
+            self.service.count_resumed(partial.resume())
             self._result = self._run(partial)
             return self._result
         except LoraflightError as e:
             self._error = e
+            final = refused_for_good(e)
             raise
         except Exception as e:
             self._error = PeerError(f"{self.entry.ref}: swarm fetch failed: {e}")
@@ -128,7 +142,12 @@ class SwarmFetch:
         finally:
             self._done.set()
             self.service.unregister(self.entry.digest)
-            partial.discard()
+            # the commit deleted the kept pieces; a fetch that failed keeps them for the next
+            # one (a stop, no holder, a timeout), unless the card is refused here for good
+            if final:
+                partial.discard()
+            else:
+                partial.close()
 
     def _me(self) -> str:
         mine = self.service.self_uris()
@@ -140,7 +159,7 @@ class SwarmFetch:
     def _run(self, partial: PartialCard) -> CatalogEntry:
         cfg, n, d = self.config, self.count, self.entry.digest
         me = set(self.service.self_uris())
-        sched = PieceScheduler(n, config=cfg.scheduler, rng=self._rng)
+        sched = PieceScheduler(n, have=partial.has(), config=cfg.scheduler, rng=self._rng)
         talk = cf.ThreadPoolExecutor(8, thread_name_prefix="ThreadPoolExecutor-swarm-have")
         for h in self._holders:
             if h in me:
@@ -161,7 +180,7 @@ class SwarmFetch:
         idle_since = last_piece = start
         pool = cf.ThreadPoolExecutor(cfg.scheduler.total + 1, thread_name_prefix="ThreadPoolExecutor-swarm")
         futures: dict[cf.Future[tuple[str, Any, str]], Request] = {}
-        dirty, last_told = False, 0.0
+        dirty, last_told = bool(partial.resumed), 0.0  # resumed pieces are announced at once
         outcomes: dict[str, int] = {}  # how the requests ended (the log line says)
         began: dict[cf.Future[tuple[str, Any, str]], float] = {}
         took: list[float] = []  # seconds each piece that came in took
@@ -235,11 +254,12 @@ class SwarmFetch:
             # the peers hear it is complete while it commits
             self.service.fetched(self.entry.digest)
             told = self._announce(talk, partial.has(), sched)
-            sources = dedupe(sched.sources.get(i, "") for i in range(n))
+            sources = dedupe(sched.sources[i] for i in range(n) if i in sched.sources)
             from_origins = sum(1 for i in range(n) if sched.sources.get(i) in sched.origins)
             log.info(
-                "swarm %s: %d pieces from %d holders (%d from origins) in %.2f s; requests %s; avoided: %s",
-                self.entry.ref, n, len(sources), from_origins, time.monotonic() - start,
+                "swarm %s: %d pieces (%d resumed) from %d holders (%d from origins) in %.2f s; "
+                "requests %s; avoided: %s",
+                self.entry.ref, n, partial.resumed, len(sources), from_origins, time.monotonic() - start,
                 " ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
                 ", ".join(sched.avoided) or "none",
             )  # fmt: skip
@@ -311,12 +331,12 @@ class SwarmFetch:
                 i = parse_piece_metadata(meta)
                 if i != req.piece:
                     return "bad", None, f"sent piece {i} when asked for piece {req.piece}"
-                if not batch.schema.equals(plain_schema(h.dtype), check_metadata=False):
-                    return "bad", None, f"piece {i} is not a {h.dtype} card's batch"
+                why = schema_problem(h, i, batch)
+                if why is not None:
+                    return "bad", None, why
                 path, mapped = partial.write(i, batch)  # aligned: Flight's buffers often are not
                 try:
-                    verify_piece(h, i, mapped)
-                    check_batch_finite(mapped, h.dtype)
+                    check_piece(h, i, mapped)
                 except BaseException:
                     partial.drop(path)
                     raise
@@ -402,6 +422,14 @@ def read_pieces(
         raise from_flight_error(e, where) from None
 
 
+def refused_for_good(error: LoraflightError) -> bool:
+    """Whether a swarm fetch that failed with `error` deletes its kept pieces: the store's
+    admission refused the card, whatever peer sends it (withdrawn or a name@version conflict:
+    `ConflictError`; its trust policy: `TrustError`). Anything else keeps them for the next
+    fetch: a stop, timeouts, busy or unreachable holders, a full disk, a listing that lies."""
+    return isinstance(error, ConflictError | TrustError)
+
+
 def referral_wait(took: Sequence[float], config: SwarmConfig) -> float:
     """The referral wait for pieces that took `took` seconds each (see SwarmConfig)."""
     ceiling = config.scheduler.referral_wait_s
@@ -453,7 +481,12 @@ def swarm_fetch(
     if header_digest(entry.header) != entry.digest:
         raise CardError(f"{entry.ref}: the listed header does not hash to its digest; refused")
     verify_signature(entry.header, None if trusted is None else set(trusted), require_signed=require_signed)
-    existing = service.store.check_admission(entry.header)
+    try:
+        existing = service.store.check_admission(entry.header)
+    except LoraflightError as e:
+        if refused_for_good(e):  # kept pieces of it are of no use
+            service.store.pieces.drop(entry.digest)
+        raise
     if existing is not None:
         return existing
     holders = dedupe([*locations, *entry.locations])
@@ -466,6 +499,7 @@ __all__ = [
     "SwarmFetch",
     "read_pieces",
     "referral_wait",
+    "refused_for_good",
     "spreads_by_swarm",
     "swarm_fetch",
     "wants_swarm",

@@ -1,11 +1,20 @@
-"""A card being fetched piece by piece: each verified piece is kept as its own file in the
-store's tmp/ (emptied on every open, so a kill leaves nothing partial behind), served to
-other peers from there, and assembled in order into the store's normal commit when all are
-in (`Store.commit_file`: admission checks, rename, index, as any received card)."""
+"""A card being fetched piece by piece: each received piece is written to its own file in the
+store's tmp/, mapped back and verified there (`check_piece`), then renamed into the store's
+kept pieces (`<store>/pieces/<digest>/<i>.piece`, `store.pieces`), served to other peers from
+there, and assembled in order into the store's normal commit when all are in
+(`Store.commit_file`: admission checks, rename, index, as any received card; the commit
+deletes the kept pieces).
+
+A kill leaves whole verified piece files in pieces/ and garbage in tmp/ (which every open
+empties). The next fetch of that digest picks the kept pieces up (`resume`): each is mapped
+and verified again against the header before it counts; one that fails is deleted and
+fetched again. `close` keeps the verified pieces for a later fetch (a stop, a fetch that
+failed and will be retried); `discard` deletes them (the card is refused for good)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterable
@@ -13,12 +22,44 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from loraflight.engine.card import METADATA_KEY, LoRACard, card_schema
+from loraflight.engine.card import METADATA_KEY, CardHeader, LoRACard, card_schema, verify_piece
 from loraflight.errors import CardError, StoreError
 
+from ..pause import pause_point
 from ..protocol import CatalogEntry
 from ..store import Store
 from ..store.disk import disk_error
+from ..store.values import check_batch_finite, plain_schema
+
+log = logging.getLogger(__name__)
+
+
+def schema_problem(header: CardHeader, index: int, batch: pa.RecordBatch) -> str | None:
+    """Why `batch` cannot be piece `index` of a card of `header`'s dtype by its schema, or None."""
+    if batch.schema.equals(plain_schema(header.dtype), check_metadata=False):
+        return None
+    return f"piece {index} is not a {header.dtype} card's batch"
+
+
+def check_piece(header: CardHeader, index: int, batch: pa.RecordBatch) -> None:
+    """What makes a batch verified piece `index` of the card `header` describes: the card
+    schema, `verify_piece` (structure, BLAKE3 against the header) and finite values. CardError."""
+    why = schema_problem(header, index, batch)
+    if why is not None:
+        raise CardError(why)
+    verify_piece(header, index, batch)
+    check_batch_finite(batch, header.dtype)
+
+
+def open_piece(path: Path) -> pa.RecordBatch:
+    """The one record batch of a piece file, mapped (zero-copy); CardError when it is not one."""
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        if reader.num_record_batches != 1:
+            raise CardError(f"{path.name} holds {reader.num_record_batches} record batches, not 1")
+        return reader.get_batch(0)
+    except (pa.ArrowException, ValueError) as e:
+        raise CardError(f"{path.name} is not an Arrow IPC file of one batch: {e}") from None
 
 
 class PartialCard:
@@ -34,9 +75,39 @@ class PartialCard:
         self.schema = card_schema(entry.header.dtype, {METADATA_KEY: raw})
         self._paths: dict[int, Path] = {}
         self._batches: dict[int, pa.RecordBatch] = {}
-        self._loose: set[Path] = set()  # written, not (yet) kept: deleted by discard too
+        self._loose: set[Path] = set()  # written, not (yet) kept: deleted by close too
         self._lock = threading.Lock()
         self._closed = False
+        self._header_json = b""  # what pieces/<digest>/header.json holds (canonical)
+        self.resumed = 0  # pieces picked up from an earlier fetch's kept files
+        self.dropped = 0  # kept files that did not verify (deleted)
+
+    def resume(self) -> int:
+        """Pick up the pieces an earlier fetch of this digest kept in the store (after a kill,
+        a stop or a failed fetch): each file is mapped and checked again (`check_piece`) before
+        it counts; one that fails is deleted (and logged). Returns how many were picked up."""
+        e = self.entry
+        for i, path in self.store.pieces.found(e.digest, self.count).items():
+            try:
+                mapped = open_piece(path)
+                check_piece(e.header, i, mapped)
+            except (CardError, OSError) as err:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                self.dropped += 1
+                log.warning("swarm %s: kept piece %d deleted, it is fetched again: %s", e.ref, i, err)
+                continue
+            with self._lock:
+                if self._closed or i in self._paths:
+                    continue
+                self._paths[i], self._batches[i] = path, mapped
+                self.resumed += 1
+        if self.resumed or self.dropped:
+            log.info(
+                "swarm %s: resumed %d of %d pieces kept in this store (%d deleted, not verifying)",
+                e.ref, self.resumed, self.count, self.dropped,
+            )  # fmt: skip
+        return self.resumed
 
     def has(self) -> frozenset[int]:
         with self._lock:
@@ -73,15 +144,27 @@ class PartialCard:
         return path, mapped
 
     def keep(self, index: int, path: Path, mapped: pa.RecordBatch) -> bool:
-        """Keep a verified piece written by `write`; False (and its file deleted) when held already."""
+        """Keep a verified piece written by `write`: renamed into the store's kept pieces (its
+        map stays valid); False (and its file deleted) when held already."""
+        e = self.entry
         with self._lock:
             self._loose.discard(path)
-            if not self._closed and index not in self._paths:
+            new = not self._closed and index not in self._paths
+            if new:
+                try:
+                    if not self._header_json:
+                        self._header_json = e.header.to_json()
+                    path = self.store.pieces.put(e.digest, self._header_json, index, path)
+                except OSError as err:  # served and committed from tmp/ still; not resumable
+                    log.warning("swarm %s: cannot keep piece %d for a restart: %s", e.ref, index, err)
                 self._paths[index] = path
                 self._batches[index] = mapped
-                return True
-        self.drop(path)
-        return False
+                held = len(self._paths)
+        if not new:
+            self.drop(path)
+            return False
+        pause_point("swarm_piece_kept", held)
+        return True
 
     def drop(self, path: Path) -> None:
         with self._lock:
@@ -133,16 +216,22 @@ class PartialCard:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)  # renamed away on success
 
-    def discard(self) -> None:
-        """Delete every piece file (open maps stay valid until dropped)."""
+    def close(self) -> None:
+        """Stop taking pieces; the kept pieces stay in the store for a later fetch of this card
+        (`resume`), files in tmp/ are deleted (open maps stay valid until dropped)."""
         with self._lock:
             self._closed = True
-            paths, self._paths = [*self._paths.values(), *self._loose], {}
-            self._loose = set()
-            self._batches = {}
+            tmp = self.store.tmp_dir
+            paths = [p for p in self._paths.values() if p.parent == tmp] + [*self._loose]
+            self._paths, self._loose, self._batches = {}, set(), {}
         for p in paths:
             with contextlib.suppress(OSError):
                 os.unlink(p)
+
+    def discard(self) -> None:
+        """`close`, and delete the kept pieces too (the card is refused here for good)."""
+        self.close()
+        self.store.pieces.drop(self.entry.digest)
 
 
 __all__ = ["PartialCard"]

@@ -91,9 +91,10 @@ class SwarmService:
         self.served_pieces = 0
         self.referred = 0
         self.forced = 0  # pieces sent again because the asker had no other holder left
+        self.resumed_pieces = 0  # pieces fetches here picked up from the store's kept pieces
 
     def close(self) -> None:
-        """Stop: running swarm fetches end (their piece files are deleted)."""
+        """Stop: running swarm fetches end (their verified pieces stay kept in the store)."""
         self.closed = True
         with self._lock:
             self._lock.notify_all()
@@ -126,6 +127,16 @@ class SwarmService:
     def fetch_of(self, digest: str) -> Any:
         with self._lock:
             return self._fetches.get(digest)
+
+    def fetching(self) -> list[str]:
+        """The digests being fetched here now."""
+        with self._lock:
+            return list(self._partials)
+
+    def count_resumed(self, pieces: int) -> None:
+        """A fetch here started from `pieces` kept pieces (the status says how many in all)."""
+        with self._lock:
+            self.resumed_pieces += pieces
 
     # -- who holds what
     def note_have(self, item: HaveItem) -> None:
@@ -306,7 +317,7 @@ class SwarmService:
         with self._lock:
             parts = list(self._partials.items())
         fetching = {
-            d: {"have": len(h), "pieces": p.count, "bits": encode_bits(h, p.count)}
+            d: {"have": len(h), "pieces": p.count, "bits": encode_bits(h, p.count), "resumed": p.resumed}
             for d, p in parts
             for h in (p.has(),)
         }
@@ -326,6 +337,7 @@ class SwarmService:
                 "served_pieces": self.served_pieces,
                 "referred": self.referred,
                 "forced": self.forced,
+                "resumed_pieces": self.resumed_pieces,
                 "complete_peers": {
                     d: sum(1 for v in t.values() if len(v[0]) == v[1] and now - v[2] <= HAVE_TTL_S)
                     for d, t in self._haves.items()

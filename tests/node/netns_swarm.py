@@ -47,7 +47,8 @@ def _pieces(lab: Lab, i: int, digest: str, n: int) -> frozenset[int]:
 
 def swarm_spread(lab: Lab) -> dict[str, Any]:
     """8 hosts: card A from h1 reaches all 8 (h8 joins mid-spread) and h1 sends at most 1.5
-    card sizes; card C from h3 reaches all 8 although h7 is killed and restarted mid-fetch;
+    card sizes; card C from h3 reaches all 8 although h7 is killed and restarted mid-fetch (it
+    resumes from the pieces it had verified);
     card B from h2 reaches every other host although h2 is killed once the others hold each
     of its pieces between them."""
     lab.stores_on_tmpfs()
@@ -94,8 +95,12 @@ def swarm_spread(lab: Lab) -> dict[str, Any]:
     start(7)
     wait_for(lambda: all(_stored(lab, i, c.digest) for i in HOSTS), 120, "card C on all 8 hosts")
     out["spread_c_s"] = time.monotonic() - t0
+    # the restarted h7 started from the pieces it had kept, not from none
+    out["h7_resumed_pieces"] = (_info(lab, 7) or {}).get("swarm", {}).get("resumed_pieces")
     for i in HOSTS:
         assert not list((lab.store_dir(i) / "tmp").iterdir()), f"h{i} kept piece files"
+        kept = lab.store_dir(i) / "pieces"  # every card is stored: no kept pieces are left
+        assert not kept.exists() or not list(kept.iterdir()), f"h{i} kept pieces of stored cards"
 
     # B: published on h2, which is killed once the others hold every piece between them. The
     # others' uplinks are slower than h2's, so h2 has sent each piece once seconds before the
