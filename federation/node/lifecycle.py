@@ -15,7 +15,8 @@ Threads, each with a bounded wait and joined on `stop()`:
   bumps the mDNS epoch, sends `notify` to live peers, exports the card as a PEFT folder
   (`export`), hot-loads it into the engine (`loader`, by the rules of `hotload`: base model
   and engine trust policy permitting; a newer version swaps in place), calls the user's
-  callbacks, rewrites the status file (`status`).
+  callbacks, asks for a status-file rewrite;
+* ``lf-status``: rewrites the status file after changes, at most once per 0.5 s (`status`).
 
 News travels by `notify` first (milliseconds), mDNS epoch updates second (about a second),
 and the safety poll last, so a lost message delays a card but never loses it.
