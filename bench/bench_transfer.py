@@ -287,7 +287,8 @@ def catchup_row(work: Path, count: int, kib: int, concurrency: int, repeats: int
     # the HTTP side's listing: what it fetches first, as our side lists the peer's cards
     manifest = [{"file": n, "blake3": shas[n], "size": (root / "cards" / n).stat().st_size} for n in names]
     (root / "http-index.json").write_text(json.dumps({"cards": manifest}))
-    # the same grouping as ours: sync.plan_bundles' cards per bundle for one peer
+    # about the grouping ours makes for a peer that runs `concurrency` streams (sync.bundle_sizes);
+    # HTTP has no per-client stream limit, so it keeps every thread busy with `concurrency` groups
     per = max(1, min(BUNDLE_CARDS, -(-count // concurrency), max(1, BUNDLE_BYTES // file_size)))
     procs = []
     p, port = start(_card_server, str(root), None)

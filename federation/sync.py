@@ -178,18 +178,36 @@ BUNDLE_CARDS = 64  # cards per bundle (one stream, one group commit) at most
 BUNDLE_BYTES = 64 << 20  # and about this many bytes
 
 
+def bundle_sizes(
+    cards: int, nbytes: int, slots: int, *, max_cards: int = BUNDLE_CARDS, max_bytes: int = BUNDLE_BYTES
+) -> list[int]:
+    """Cards per bundle for `cards` cards of `nbytes` in all from one location that runs `slots`
+    bundles at once (pure): whole rounds of `slots` bundles, as few rounds as keep each bundle
+    within `max_cards` and (for cards of the average size) `max_bytes`, the cards split evenly
+    (sizes differ by one at most). So no bundle runs alone after the others, as a straggler would."""
+    if cards <= 0:
+        return []
+    slots = max(1, slots)
+    per = max(1, min(max_cards, max_bytes * cards // max(1, nbytes)))  # cards a bundle may hold
+    n = min(cards, slots * -(-cards // (slots * per)))
+    return [cards // n + (i < cards % n) for i in range(n)]
+
+
 def plan_bundles(
     fetches: Sequence[Fetch],
     concurrency: int,
     bundled: Callable[[str], bool],
     *,
+    streams: Callable[[str], int] | None = None,
     max_cards: int = BUNDLE_CARDS,
     max_bytes: int = BUNDLE_BYTES,
 ) -> tuple[list[Fetch], list[list[Fetch]]]:
     """Split fetches into single fetches and bundles (pure but for `bundled`, which says
-    whether a location serves bundles). A bundle holds cards of one first location, at most
-    `max_cards` and about `max_bytes`, and the work is cut into at least `concurrency`
-    bundles when there is enough of it, so every transfer slot is busy."""
+    whether a location serves bundles, and `streams`, how many bundles it lets this client run
+    at once: its `get_streams`, 0 when it does not say). A bundle holds cards of one first
+    location, at most `max_cards` and about `max_bytes`; a location's cards are cut into whole
+    rounds of as many bundles as run there at once, `min(concurrency, streams)` (`concurrency`
+    when not said), evenly (`bundle_sizes`), so every slot is busy and none runs alone."""
     by_loc: dict[str, list[Fetch]] = {}
     singles: list[Fetch] = []
     for f in fetches:
@@ -198,21 +216,26 @@ def plan_bundles(
         else:
             singles.append(f)
     groups: list[list[Fetch]] = []
-    for fs in by_loc.values():
+    for loc, fs in by_loc.items():
         if len(fs) < 2:
             singles.extend(fs)
             continue
-        per = max(1, min(max_cards, -(-len(fs) // max(1, concurrency))))
+        said = streams(loc) if streams is not None else 0
+        slots = min(max(1, concurrency), said if said > 0 else concurrency)
+        sizes = bundle_sizes(
+            len(fs), sum(f.entry.size for f in fs), slots, max_cards=max_cards, max_bytes=max_bytes
+        )
+        mine: list[list[Fetch]] = []
         group: list[Fetch] = []
         size = 0
-        for f in fs:
-            if group and (len(group) >= per or size + f.entry.size > max_bytes):
-                groups.append(group)
+        for f in fs:  # a bundle ends at its planned size, or early when the next card is too big
+            cap = sizes[len(mine)] if len(mine) < len(sizes) else max_cards
+            if group and (len(group) >= cap or size + f.entry.size > max_bytes):
+                mine.append(group)
                 group, size = [], 0
             group.append(f)
             size += f.entry.size
-        if group:
-            groups.append(group)
+        groups.extend([*mine, group])
     return singles, groups
 
 
@@ -268,7 +291,8 @@ def sync(
     withdrawals are listed too and honoured first (`pull_withdrawals`): the plan then skips
     every withdrawn name@version. A peer whose `health` advertises bundles (`get_many`) sends
     its cards in bundles of at most `bundle_cards` (one stream, one group commit each, see
-    `plan_bundles`); any other peer, and whatever a bundle did not deliver, go card by card.
+    `plan_bundles`, which sizes them to the `get_streams` its health advertises); any other
+    peer, and whatever a bundle did not deliver, go card by card.
 
     `connect(uri) -> Client` (a node's one rule for token and TLS) replaces the default client;
     `vetted` and `admits` go to `plan_sync`.
@@ -296,18 +320,25 @@ def sync(
                 )
             return c
 
+    slots: dict[str, int] = {}
     streams: dict[str, threading.BoundedSemaphore] = {}
 
-    def streams_to(uri: str) -> threading.BoundedSemaphore:
-        """Bundles in flight to `uri`: no more than its `get_streams` (a stream beyond it would
-        wait for a slot on the peer, and be refused as busy after the peer's wait)."""
+    def stream_slots(uri: str) -> int:
+        """Bundles this sync runs at once to `uri`: its `get_streams`, at most `concurrency` (a
+        stream beyond it would wait for a slot on the peer, and be refused as busy after the
+        peer's wait). `plan_bundles` sizes the bundles to it, `streams_to` holds to it."""
         with lock:
-            got = streams.get(uri)
-        if got is None:
-            n = client(uri).get_streams() or concurrency
+            n = slots.get(uri)
+        if n is None:
+            n = max(1, min(client(uri).get_streams() or concurrency, concurrency))
             with lock:
-                got = streams.setdefault(uri, threading.BoundedSemaphore(max(1, min(n, concurrency))))
-        return got
+                n = slots.setdefault(uri, n)
+        return n
+
+    def streams_to(uri: str) -> threading.BoundedSemaphore:
+        n = stream_slots(uri)
+        with lock:
+            return streams.setdefault(uri, threading.BoundedSemaphore(n))
 
     try:
         cats: dict[str, Sequence[CatalogEntry]] = dict(catalogs or {})
@@ -434,7 +465,9 @@ def sync(
             for batch in (parents, rest):
                 swarmed = [f for f in batch if wants_swarm(swarm, f.entry, f.locations)]  # never bundled
                 whole = [f for f in batch if f not in swarmed]
-                singles, groups = plan_bundles(whole, concurrency, bundled, max_cards=bundle_cards)
+                singles, groups = plan_bundles(
+                    whole, concurrency, bundled, streams=stream_slots, max_cards=bundle_cards
+                )
                 futs = [ex.submit(run_group, g) for g in groups] + [
                     ex.submit(run, f) for f in swarmed + singles
                 ]
@@ -482,6 +515,7 @@ __all__ = [
     "SyncPolicy",
     "SyncProgress",
     "SyncReport",
+    "bundle_sizes",
     "plan_bundles",
     "plan_sync",
     "pull_withdrawals",

@@ -15,7 +15,8 @@ Threads, each with a bounded wait and joined on `stop()`:
   bumps the mDNS epoch, sends `notify` to live peers, exports the card as a PEFT folder
   (`export`), hot-loads it into the engine (`loader`, by the rules of `hotload`: base model
   and engine trust policy permitting; a newer version swaps in place), calls the user's
-  callbacks, rewrites the status file (`status`).
+  callbacks, asks for a status-file rewrite;
+* ``lf-status``: rewrites the status file after changes, at most once per 0.5 s (`status`).
 
 News travels by `notify` first (milliseconds), mDNS epoch updates second (about a second),
 and the safety poll last, so a lost message delays a card but never loses it.
@@ -58,7 +59,7 @@ from .hotload import trust_refusal
 from .loader import Loader
 from .model import build_model
 from .service import NodeServer, NodeView
-from .status import build_status, engine_refusals, update_gauges, write_status_file
+from .status import StatusWriter, build_status, engine_refusals, update_gauges, write_status_file
 
 log = logging.getLogger("loraflight.federation.node")
 
@@ -136,6 +137,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._pool: ThreadPoolExecutor | None = None
         self._status_lock = threading.Lock()
+        self._status = StatusWriter(self.write_status)  # coalesces the rewrites after changes
         self._unsubscribe: Callable[[], None] | None = None
         self._started = False
         self._arrived: dict[str, float] = {}  # digest -> wall time it entered the store
@@ -241,7 +243,7 @@ class Node:
                 epoch=self.store.epoch,
                 client=lambda uri, t: gate.client(uri, t, retries=0, cls=SwimClient),
                 stop=self._stop,
-                on_change=lambda: loops.submit_quietly(self._pool, self.write_status),
+                on_change=self._status.poke,
             )
         # Before the server: a card published while the model loads is queued for the events loop.
         self._unsubscribe = self.store.subscribe(self._on_store_event)
@@ -266,7 +268,7 @@ class Node:
             fleet_id=cfg.fleet,
             on_notify_from=self._on_notify,
             on_hello=self.gate.on_hello,
-            peer_locations=self._peer_locations,
+            peer_locations=lambda digest: [],
             exchange=self._exchange,
             limits=server_limits(cfg),
             swarm_limits=swarm.limits,
@@ -362,7 +364,7 @@ class Node:
             t.start()
             self._threads.append(t)
         self._update_gauges()
-        self.write_status()
+        self._status.start()  # written now, then after changes (at most once per STATUS_DELAY)
         log.info(
             "node %s up: fleet %s, serving %s, mDNS %s, %d static peers, %d DNS peers",
             self.node_id,
@@ -416,6 +418,7 @@ class Node:
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))
         self._threads = []
+        self._status.close()  # the final status, written now
         if self.membership is not None:
             self.membership.close()
             self.membership = None
@@ -476,9 +479,6 @@ class Node:
         cfg = self.config
         return derive_locations(cfg.listen, port, tls=bool(cfg.tls.cert), interfaces=cfg.discovery.interfaces)
 
-    def _peer_locations(self, digest: str) -> list[str]:
-        return []
-
     def _client(self, uri: str, timeout: float, *, retries: int = 0) -> Client:
         """Every call to a peer: the one rule for TLS and token (`gate.PeerGate.client`)."""
         assert self.gate is not None, "node not started"
@@ -502,7 +502,7 @@ class Node:
             # Say hello: a peer that knows us only from our call learns our address too.
             self._notify_peers(self.store.epoch, [hello_to])
         self._update_gauges()
-        self.write_status()
+        self._status.poke()
 
     def _on_notify(self, peer_uri: str, source: str = "addr:?") -> None:
         """A `notify` (runs on a server thread): `gate.PeerGate.on_notify` (it adds no sync source)."""
@@ -560,7 +560,7 @@ class Node:
             )
         finally:
             self.metrics.sync_seconds.observe(time.perf_counter() - t0)
-            self.write_status()
+            self._status.poke()
         return added
 
     # ------------------------------------------------------------------ catalog changes
@@ -608,7 +608,7 @@ class Node:
             if self._exporter is not None:
                 self._exporter.remove(entry)
             self._callback(self.on_card_removed, entry)
-        self.write_status()
+        self._status.poke()
 
     def _after_load(self, entry: CatalogEntry) -> None:
         self._update_gauges()
@@ -681,7 +681,7 @@ class Node:
         return st
 
     def write_status(self) -> None:
-        """Atomically rewrite the status file (when configured)."""
+        """Atomically rewrite the status file now (when configured); changes only poke `_status`."""
         if not self.config.status_file or self.store is None:
             return
         with self._status_lock:

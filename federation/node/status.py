@@ -1,23 +1,31 @@
-"""What a node reports: the status dict (`loraflight status`, the status file) and the
-Prometheus gauges."""
+"""What a node reports: the status dict (`loraflight status`, the status file), how often the
+status file is rewritten (`StatusWriter`), and the Prometheus gauges."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loraflight.errors import LoraflightError
+from loraflight.errors import ConfigError, LoraflightError
 from loraflight.files import atomic_write
 
 from ..metrics import NodeMetrics
 from ..peers import PeerTable
 from ..protocol import PROTOCOL_VERSION
 from ..store import Store
+
+log = logging.getLogger("loraflight.federation.node")
+
+STATUS_DELAY = 0.5  # seconds: the most a change waits before the status file shows it
+_IDLE_WAIT = 60.0  # the writer's thread re-checks this often while nothing changes
+_JOIN_TIMEOUT = 10.0
 
 
 def build_status(
@@ -97,6 +105,106 @@ def write_status_file(path: str | os.PathLike[str], status: Mapping[str, Any]) -
     return atomic_write(Path(os.path.expanduser(path)), data, durable=False)
 
 
+def write_due(changed: float | None, written: float | None, delay: float) -> float | None:
+    """When the next coalesced write is due (pure; monotonic seconds): never while nothing
+    changed since the last write began (`changed` None); at once when no write began in the last
+    `delay` s; else `delay` s after the last one. A burst of changes is thus one write at its
+    start and one trailing write with the state at its end."""
+    if changed is None:
+        return None
+    return changed if written is None else max(changed, written + delay)
+
+
+class StatusWriter:
+    """Coalesces rewrites of the status file: `poke()` after every change (cheap, never blocks
+    on I/O), and one thread calls `write()` at most once per `delay` seconds, so a burst of
+    peer events costs one or two writes, and the file shows the state after the last change
+    within `delay` seconds (plus the write itself). `start()` and `close()` write at once, in
+    the caller's thread. Writes never overlap; a failing `write()` is logged and the next
+    change writes again."""
+
+    def __init__(
+        self, write: Callable[[], None], *, delay: float = STATUS_DELAY, name: str = "lf-status"
+    ) -> None:
+        if not delay > 0:
+            raise ConfigError(f"a StatusWriter delay is a positive number of seconds, not {delay!r}")
+        self._write = write
+        self.delay = delay
+        self._name = name
+        self._cond = threading.Condition()
+        self._one_write = threading.Lock()
+        self._changed: float | None = None  # when the first change not yet written came
+        self._written: float | None = None  # when the last write began
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        """Write now, then rewrite after each `poke()` until `close()`."""
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._closing = False
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self.flush()
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Something the status shows changed: write it soon (ignored unless started)."""
+        with self._cond:
+            if self._thread is None or self._closing:
+                return
+            if self._changed is None:
+                self._changed = time.monotonic()
+                self._cond.notify()
+
+    def flush(self) -> None:
+        """Write now, in this thread (a pending coalesced write is then covered)."""
+        with self._one_write:
+            with self._cond:
+                self._changed = None
+                self._written = time.monotonic()
+            self._call()
+
+    def close(self, timeout: float = _JOIN_TIMEOUT) -> None:
+        """Stop the thread and write the final status now (nothing if never started)."""
+        with self._cond:
+            thread = self._thread
+            if thread is None:
+                return
+            self._closing = True
+            self._cond.notify()
+        if thread.is_alive():
+            thread.join(timeout)
+        self.flush()
+        with self._cond:
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closing:
+                        return
+                    due = write_due(self._changed, self._written, self.delay)
+                    now = time.monotonic()
+                    if due is not None and due <= now:
+                        break
+                    self._cond.wait(_IDLE_WAIT if due is None else min(due - now, _IDLE_WAIT))
+            with self._one_write:
+                with self._cond:
+                    if self._changed is None:  # a flush wrote it meanwhile
+                        continue
+                    self._changed = None
+                    self._written = time.monotonic()
+                self._call()
+
+    def _call(self) -> None:
+        try:
+            self._write()
+        except Exception:  # the thread must outlive a bad write; the next change retries
+            log.exception("rewriting the status file failed")
+
+
 def update_gauges(metrics: NodeMetrics, peers: PeerTable | None, store: Store | None, loaded: int) -> None:
     """Peers by state, cards, store bytes, epoch, adapters loaded."""
     if peers is not None:
@@ -140,4 +248,12 @@ def engine_refusals(
     return out
 
 
-__all__ = ["build_status", "engine_refusals", "update_gauges", "write_status_file"]
+__all__ = [
+    "STATUS_DELAY",
+    "StatusWriter",
+    "build_status",
+    "engine_refusals",
+    "update_gauges",
+    "write_due",
+    "write_status_file",
+]
