@@ -85,6 +85,9 @@ MAX_LOCATIONS_TRIED = 3  # a listing may name any host:port: only a few are trie
 CONNECT_DEADLINE_S = 2.0  # a location other than the lister must answer `health` this fast
 
 
+_HELD_MAX = 8  # pooled connections one client keeps open at most (the newest)
+
+
 class Client:
     """A connection to one node (and, for failover, to the other holders it lists)."""
 
@@ -120,6 +123,7 @@ class Client:
         self._pool = pool
         self._own = None if pool is not None else connect(self.uri, tls, CONTROL_MESSAGE_BYTES)
         self._data_conn: flight.FlightClient | None = None  # do_get and do_put (see client_io)
+        self._held: dict[int, flight.FlightClient] = {}  # pooled ones this client used: kept open
         self._peers: dict[str, Client] = {}
         self._lock = threading.Lock()
         self._checked = False
@@ -136,6 +140,7 @@ class Client:
             peers, self._peers = list(self._peers.values()), {}
         for p in peers:
             p.close()
+        self._held = {}  # the pool's connections: let go (they close when nothing holds them)
         if self._own is not None:
             self._own.close()
         if self._data_conn is not None:
@@ -145,18 +150,26 @@ class Client:
     def _conn(self) -> flight.FlightClient:
         """The connection for listings, infos and actions (see client_io)."""
         if self._pool is not None:
-            return self._pool.get(self.uri, self.tls, CONTROL_MESSAGE_BYTES)
+            return self._hold(self._pool.get(self.uri, self.tls, CONTROL_MESSAGE_BYTES))
         assert self._own is not None
         return self._own
 
     def _data(self) -> flight.FlightClient:
         """The connection for card bytes (larger messages allowed than on the control one)."""
         if self._pool is not None:
-            return self._pool.get(self.uri, self.tls, DATA_MESSAGE_BYTES)
+            return self._hold(self._pool.get(self.uri, self.tls, DATA_MESSAGE_BYTES))
         with self._lock:
             if self._data_conn is None:
                 self._data_conn = connect(self.uri, self.tls, DATA_MESSAGE_BYTES)
             return self._data_conn
+
+    def _hold(self, conn: flight.FlightClient) -> flight.FlightClient:
+        """Keep a pooled connection open while this client lives: a stream it returned reads
+        from it after the call, and the pool may let go of it meanwhile (connections)."""
+        held = self._held
+        if held.setdefault(id(conn), conn) is conn and len(held) > _HELD_MAX:
+            del held[next(iter(held))]  # a long-lived client whose peer was re-dialled often
+        return conn
 
     def __enter__(self) -> Self:
         return self

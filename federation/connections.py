@@ -14,6 +14,13 @@ again: it is dropped (and the next call dials afresh) when a call to that peer f
 unreachable or timed out, when it was not asked for in `IDLE_S` (longer than any call
 lasts), and when the pool is closed. Bounded (`MAX_CONNECTIONS`, least recently used out
 first). Thread-safe: gRPC channels are.
+
+The pool never closes a connection itself: it lets go of it, and the connection closes when
+nothing holds it any more (`FlightClient.__del__` closes it). A call in progress holds its
+connection, and so does the `Client` that made the call until it is closed (a stream it
+returned reads from that connection). Closing one under a call in another thread crashed the
+process (a segfault in `do_action`: a node stopping while its probe of a peer was in flight,
+or one call's failure dropping the connection another call was using).
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ class ConnectionPool:
                     break
                 del self._conns[k]
                 stale.append(c)
-        _close_all(stale)
+        del stale  # let go outside the lock: a connection nobody holds closes now
         conn = got[0] if got is not None else self._dial(uri, tls, max_message)
         with self._lock:
             if got is None:
@@ -98,17 +105,17 @@ class ConnectionPool:
                 old = self._conns.pop(key, None)  # another thread dialled the same key meanwhile
                 self._conns[key] = (conn, now)
                 stale = [old[0]] if old is not None and old[0] is not conn else []
-        _close_all(stale)
+        del stale
         return conn
 
     def drop(self, uri: str) -> None:
         """Forget the connections to `uri` (a call failed as unreachable or timed out) and its
-        `health`: the next call dials afresh and checks again."""
+        `health`: the next call dials afresh and checks again. Calls still using them finish."""
         with self._lock:
             gone = [k for k in self._conns if k[0] == uri]
             conns = [self._conns.pop(k)[0] for k in gone]
             self._health.pop(uri, None)
-        _close_all(conns)
+        del conns  # closed as soon as no call or client holds them
 
     def remember_health(self, uri: str, answer: dict[str, Any]) -> None:
         with self._lock:
@@ -130,20 +137,13 @@ class ConnectionPool:
             return len(self._conns)
 
     def close(self) -> None:
+        """Refuse calls from now on and let go of every connection (calls in progress finish)."""
         with self._lock:
             self._closed = True
             conns = [c for c, _ in self._conns.values()]
             self._conns.clear()
             self._health.clear()
-        _close_all(conns)
-
-
-def _close_all(conns: list[flight.FlightClient]) -> None:
-    for c in conns:
-        try:
-            c.close()
-        except Exception:  # closing a dead channel must not fail the caller
-            continue
+        del conns  # closed as soon as no call or client holds them
 
 
 __all__ = ["HEALTH_TTL_S", "IDLE_S", "MAX_CONNECTIONS", "RECONNECT_OPTIONS", "ConnectionPool", "tls_key"]

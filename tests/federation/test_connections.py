@@ -129,3 +129,70 @@ def test_a_closed_pool_refuses_with_a_clear_error(make_store) -> None:
             c.health()
     finally:
         srv.stop(timeout=10)
+
+
+_RACE = r"""
+import sys, threading, time
+import pyarrow.flight as flight
+from loraflight.errors import PeerError
+from loraflight.federation.client_io import connect
+from loraflight.federation.connections import ConnectionPool
+
+class Fast(flight.FlightServerBase):
+    def do_action(self, context, action):
+        yield flight.Result(b"x")
+
+srv = Fast("grpc://127.0.0.1:0")
+uri = f"grpc://127.0.0.1:{srv.port}"
+pool = ConnectionPool(connect)
+how = sys.argv[1]
+end = time.monotonic() + 3.0
+calls, errors, refused = [0], [], [0]
+
+def call():
+    while time.monotonic() < end:
+        try:
+            conn = pool.get(uri, None, 1 << 20)
+        except PeerError:  # the pool is closed: the node is stopping
+            refused[0] += 1
+            time.sleep(0.001)
+            continue
+        try:
+            assert [r.body.to_pybytes() for r in conn.do_action(flight.Action("a", b""))] == [b"x"]
+            calls[0] += 1
+        except Exception as e:
+            errors.append(repr(e))
+
+def let_go():
+    if how == "close":
+        time.sleep(1.0)
+        pool.close()
+        return
+    while time.monotonic() < end:
+        pool.drop(uri)
+        time.sleep(0.0005)
+
+threads = [threading.Thread(target=call) for _ in range(4)] + [threading.Thread(target=let_go)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(30)
+assert calls[0] > 0 and not errors, (calls, errors[:3])
+assert how != "close" or refused[0] > 0
+srv.shutdown()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("how", ["drop", "close"])
+def test_calls_racing_the_pool_letting_go_of_their_connection_never_crash(how: str) -> None:
+    """Calls start and finish on a connection while the pool drops it (another call found the
+    peer unreachable) or closes (the node stops), over and over. The pool used to close the
+    connection under calls in other threads, which aborted the process (`bad_weak_ptr` in
+    Flight's client, a segfault in `do_action` in a CI run); now every call finishes and a
+    closed pool refuses new ones. A child process runs it, so that a crash fails this test."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _RACE, how], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-2000:])
