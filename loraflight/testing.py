@@ -476,6 +476,27 @@ class Lab:
             sys.stderr.write(f"--- h{i} log tail:\n" + "\n".join(tail) + "\n")
 
 
+def sigkill_at_pause(proc: Any, marker: Path, what: str, timeout: float = 60.0) -> None:
+    """Crash tests: wait (bounded) until the child `proc` (a multiprocessing.Process run with
+    LORAFLIGHT_TEST_PAUSE) has written its pause point's `marker`, SIGKILL it there and reap it.
+    AssertionError saying it never reached `what` when it ended or the wait ran out first."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.is_alive():
+            if marker.exists() and marker.stat().st_size > 0:
+                break
+            time.sleep(0.02)
+        if not marker.exists():
+            raise AssertionError(f"the child never reached {what} (it ended with {proc.exitcode})")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+    assert proc.exitcode == -signal.SIGKILL, f"the child ended with {proc.exitcode}, not SIGKILL"
+
+
 __all__ = [
     "BRIDGE",
     "PORT",
@@ -490,6 +511,7 @@ __all__ = [
     "node_config",
     "server_factory",
     "sh",
+    "sigkill_at_pause",
     "store_factory",
     "tiny_card",
     "wait_for",

@@ -24,7 +24,7 @@ from loraflight.federation.protocol import (
     parse_bundle_ticket,
 )
 from loraflight.federation.sync import Fetch, plan_bundles
-from loraflight.testing import make_card
+from loraflight.testing import make_card, sigkill_at_pause
 
 from . import _catchup_workers, _workers
 from .test_crash import check_consistent
@@ -197,15 +197,7 @@ def test_sigkill_at_every_group_commit_point_then_restart_finishes(tmp_path, sou
             target=_catchup_workers.catch_up, args=(str(root), srv.location, phase, str(marker), PER_BUNDLE)
         )
         p.start()
-        try:
-            assert _workers.wait_for_file(marker, 60, p), f"the syncing node never reached {phase}"
-            os.kill(p.pid, signal.SIGKILL)
-            p.join(30)
-        finally:
-            if p.is_alive():
-                p.kill()
-                p.join(10)
-        assert p.exitcode == -signal.SIGKILL
+        sigkill_at_pause(p, marker, f"{phase} (syncing node)")
         held = check_consistent(root)  # whole, verified cards only; index == files; tmp/ empty
         assert held == set(order[:held_after]), phase
         # the node restarts and finishes the catch-up

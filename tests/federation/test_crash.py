@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loraflight.federation import Client, Store
-from loraflight.testing import make_card
+from loraflight.testing import make_card, sigkill_at_pause
 
 from . import _workers
 
@@ -61,15 +61,7 @@ def test_sigkill_storing_writer_at_every_phase(tmp_path, source):
                 target=_workers.fetch_into, args=(str(root), srv.location, "crash", phase, str(marker))
             )
             p.start()
-            try:
-                assert _workers.wait_for_file(marker, 60, p), f"writer never reached {phase}"
-                os.kill(p.pid, signal.SIGKILL)
-                p.join(30)
-            finally:
-                if p.is_alive():
-                    p.kill()
-                    p.join(10)
-            assert p.exitcode == -signal.SIGKILL
+            sigkill_at_pause(p, marker, f"{phase} (writer)")
             kills[phase] += 1
             held = check_consistent(root)
             outcomes.setdefault(phase, set()).add("stored" if card.digest in held else "absent")

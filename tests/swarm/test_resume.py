@@ -11,7 +11,6 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from loraflight.federation.swarm import (
     swarm_fetch,
 )
 from loraflight.federation.withdrawal import new_withdrawal
-from loraflight.testing import new_signer, wait_for
+from loraflight.testing import new_signer, sigkill_at_pause, wait_for
 
 from .cards import pieced_card
 from .workers import SERIAL, swarm_fetch_into
@@ -139,16 +138,7 @@ def _kill_after(root: Path, uri: str, digest: str, k: int, tmp_path: Path) -> No
         target=swarm_fetch_into, args=(str(root), uri, digest, f"swarm_piece_kept:{k}", str(marker))
     )
     p.start()
-    try:
-        wait_for(lambda: marker.exists() or not p.is_alive(), 60, "the fetch to keep its pieces")
-        assert marker.exists(), f"the child fetch ended ({p.exitcode}) before keeping {k} pieces"
-        os.kill(p.pid, signal.SIGKILL)
-        p.join(30)
-    finally:
-        if p.is_alive():
-            p.kill()
-            p.join(10)
-    assert p.exitcode == -signal.SIGKILL
+    sigkill_at_pause(p, marker, f"keeping {k} pieces")
 
 
 def test_a_fetch_killed_after_k_pieces_resumes_and_asks_the_peers_only_for_the_rest(
